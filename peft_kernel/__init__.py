@@ -1,0 +1,82 @@
+"""peft-kernel: parameter-efficient fine-tuning as a pluggy microkernel, drop-in for HF PEFT.
+
+Public names load lazily, so ``import peft_kernel`` (and plugin entry modules importing
+``peft_kernel.hookimpl``) stays cheap. Config classes and extra names that plugins register
+(``LoraConfig``, ``LoraModel``...) are importable from here while their plugin is installed.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any
+
+from peft_kernel.markers import hookimpl
+
+__version__ = "0.1.0"
+
+_LAZY = {
+    "PeftConfig": "peft_kernel.config",
+    "PeftType": "peft_kernel.enums",
+    "TaskType": "peft_kernel.enums",
+    "MethodRecord": "peft_kernel.records",
+    "BackendRecord": "peft_kernel.records",
+    "AdapterLayer": "peft_kernel.layer",
+    "AdapterModel": "peft_kernel.tuner",
+    "ModulesToSaveWrapper": "peft_kernel.modules_to_save",
+    "PeftModel": "peft_kernel.model",
+    "PeftModelForCausalLM": "peft_kernel.model",
+    "PeftModelForSeq2SeqLM": "peft_kernel.model",
+    "PeftModelForSequenceClassification": "peft_kernel.model",
+    "PeftModelForTokenClassification": "peft_kernel.model",
+    "PeftModelForQuestionAnswering": "peft_kernel.model",
+    "PeftModelForFeatureExtraction": "peft_kernel.model",
+    "AutoPeftModel": "peft_kernel.auto",
+    "AutoPeftModelForCausalLM": "peft_kernel.auto",
+    "AutoPeftModelForSeq2SeqLM": "peft_kernel.auto",
+    "AutoPeftModelForSequenceClassification": "peft_kernel.auto",
+    "AutoPeftModelForTokenClassification": "peft_kernel.auto",
+    "AutoPeftModelForQuestionAnswering": "peft_kernel.auto",
+    "AutoPeftModelForFeatureExtraction": "peft_kernel.auto",
+    "get_peft_model": "peft_kernel.mapping",
+    "inject_adapter_in_model": "peft_kernel.mapping",
+    "get_peft_model_state_dict": "peft_kernel.state_dict",
+    "set_peft_model_state_dict": "peft_kernel.state_dict",
+    "hotswap_adapter": "peft_kernel.hotswap",
+    "check_if_peft_model": "peft_kernel.helpers",
+    "rescale_adapter_scale": "peft_kernel.helpers",
+    "get_registry": "peft_kernel.plugins",
+    "PeftKernelError": "peft_kernel.errors",
+    "PluginError": "peft_kernel.errors",
+    "UnknownMethodError": "peft_kernel.errors",
+    "ConfigError": "peft_kernel.errors",
+    "TargetNotFoundError": "peft_kernel.errors",
+    "CheckpointError": "peft_kernel.errors",
+    "AdapterNameError": "peft_kernel.errors",
+    "MixedBatchError": "peft_kernel.errors",
+}
+
+__all__ = ["hookimpl", "__version__", *_LAZY]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        value = getattr(importlib.import_module(_LAZY[name]), name)
+        globals()[name] = value
+        return value
+    if name.startswith("__"):
+        raise AttributeError(name)
+    from peft_kernel.plugins import get_registry
+
+    try:
+        return get_registry().export(name)
+    except AttributeError:
+        raise AttributeError(
+            f"module 'peft_kernel' has no attribute {name!r}; if it is a method's class, install the plugin "
+            "that provides it (`peft-kernel list-plugins` shows what is installed)."
+        ) from None
+
+
+def __dir__() -> list[str]:
+    from peft_kernel.plugins import get_registry
+
+    return sorted({*globals(), *_LAZY, *get_registry().exported_names()})

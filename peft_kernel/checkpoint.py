@@ -1,0 +1,149 @@
+"""Adapter checkpoints in HF PEFT's format: files, Hub resolution, atomic writes.
+
+A saved adapter is a folder with ``adapter_config.json`` and ``adapter_model.safetensors``; the
+``"default"`` adapter lives at the root of ``save_pretrained``'s folder, any other in a sub-folder
+named after it. Writes go to a temporary file in the same folder and are renamed into place, so an
+interrupted save never replaces a good file with half of one. Pickled ``adapter_model.bin`` files
+are read only with ``allow_pickle=True``.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+from peft_kernel.errors import CheckpointError
+
+WEIGHTS_NAME = "adapter_model.safetensors"
+PICKLE_WEIGHTS_NAME = "adapter_model.bin"
+
+
+def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    def write(tmp: str) -> None:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+
+    _atomic_write(Path(path), write)
+
+
+def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], safe_serialization: bool = True) -> None:
+    from safetensors.torch import save_file
+
+    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if safe_serialization:
+        clean = _untie(clean)
+        _atomic_write(Path(path), lambda tmp: save_file(clean, tmp, metadata={"format": "pt"}))
+    else:
+        _atomic_write(Path(path), lambda tmp: torch.save(clean, tmp))
+
+
+def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """safetensors refuses tensors sharing memory; clone the second and later ones."""
+    seen: set[tuple[int, int]] = set()
+    out = {}
+    for key, value in tensors.items():
+        ident = (value.untyped_storage().data_ptr(), value.storage_offset())
+        out[key] = value.clone() if ident in seen else value
+        seen.add(ident)
+    return out
+
+
+def resolve_file(
+    path_or_id: str | os.PathLike,
+    filename: str,
+    subfolder: str | None = None,
+    revision: str | None = None,
+    cache_dir: str | None = None,
+    token: str | bool | None = None,
+    local_files_only: bool | None = None,
+    missing_ok: bool = False,
+) -> Path | None:
+    """``filename`` inside a local folder or a Hub repo (downloaded, or from the cache offline)."""
+    local = Path(path_or_id) / (subfolder or "")
+    if Path(path_or_id).is_dir():
+        candidate = local / filename
+        if candidate.is_file():
+            return candidate
+        if missing_ok:
+            return None
+        raise CheckpointError(f"{candidate} does not exist: is {path_or_id!s} a saved adapter folder?")
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
+
+    try:
+        return Path(
+            hf_hub_download(
+                str(path_or_id), filename, subfolder=subfolder or None, revision=revision,
+                cache_dir=cache_dir, token=token, local_files_only=bool(local_files_only),
+            )
+        )
+    except (EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError) as exc:
+        if missing_ok and isinstance(exc, EntryNotFoundError):
+            return None
+        raise CheckpointError(
+            f"cannot find {filename!r} for {path_or_id!s}"
+            f"{f' (subfolder {subfolder!r})' if subfolder else ''}: not a local folder, and the Hub "
+            f"(or its offline cache) has no such file: {type(exc).__name__}"
+        ) from None
+    except Exception as exc:
+        if missing_ok:
+            return None
+        raise CheckpointError(f"cannot fetch {filename!r} for {path_or_id!s}: {type(exc).__name__}: {exc}") from None
+
+
+def load_adapter_weights(
+    path_or_id: str | os.PathLike,
+    subfolder: str | None = None,
+    allow_pickle: bool = False,
+    device: str | torch.device = "cpu",
+    **hub_kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """Read ``adapter_model.safetensors`` (or, with ``allow_pickle=True``, ``adapter_model.bin``)."""
+    path = resolve_file(path_or_id, WEIGHTS_NAME, subfolder=subfolder, missing_ok=True, **hub_kwargs)
+    if path is None:
+        pickle_path = resolve_file(path_or_id, PICKLE_WEIGHTS_NAME, subfolder=subfolder, missing_ok=True, **hub_kwargs)
+        if pickle_path is None:
+            raise CheckpointError(f"no {WEIGHTS_NAME} (or {PICKLE_WEIGHTS_NAME}) found for {path_or_id!s}")
+        if not allow_pickle:
+            raise CheckpointError(
+                f"{pickle_path} is a pickle file, which can run arbitrary code when loaded. Pass "
+                "allow_pickle=True if you trust its source, or re-save it as safetensors."
+            )
+        return torch.load(pickle_path, map_location=device, weights_only=True)
+    return read_safetensors(path, device)
+
+
+def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    try:
+        return load_file(str(path), device=str(device))
+    except Exception as exc:
+        raise CheckpointError(
+            f"{path} is not a readable safetensors file ({type(exc).__name__}: {exc}); it is corrupt or "
+            "truncated. Re-download it or save the adapter again."
+        ) from None
+
+
+def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> Path:
+    """Where ``save_pretrained`` writes an adapter: the root for ``"default"``, else a sub-folder."""
+    return Path(save_directory) if adapter_name == "default" else Path(save_directory) / adapter_name

@@ -1,0 +1,33 @@
+"""Exceptions raised by peft-kernel. Each message names the offending item and what to do."""
+
+
+class PeftKernelError(Exception):
+    """Base class of every error peft-kernel raises on purpose."""
+
+
+class PluginError(PeftKernelError):
+    """A plugin could not be loaded, or two plugins claim the same method, prefix or backend."""
+
+
+class UnknownMethodError(PeftKernelError, ValueError):
+    """A ``peft_type`` that no installed plugin provides."""
+
+
+class ConfigError(PeftKernelError, ValueError):
+    """An adapter config with wrong field types or values."""
+
+
+class TargetNotFoundError(PeftKernelError, ValueError):
+    """``target_modules`` matched no module of the model."""
+
+
+class CheckpointError(PeftKernelError, ValueError):
+    """An adapter checkpoint that cannot be read or does not fit the model."""
+
+
+class AdapterNameError(PeftKernelError, ValueError):
+    """An adapter name that is unknown, already used, or collides with a parameter prefix."""
+
+
+class MixedBatchError(PeftKernelError, ValueError):
+    """``adapter_names`` that cannot be served (wrong length, unknown names, training mode, merged)."""

@@ -1,0 +1,117 @@
+"""The contract between the peft-kernel core and its plugins.
+
+Every hook a plugin may implement is declared here, and each docstring is the authoritative
+description of when the core calls it, what it passes and what it expects back. Implement a hook
+with ``@peft_kernel.hookimpl`` on a function (or a method of an object) with the same name and a
+subset of the same argument names, then expose the module or object through the ``peft_kernel``
+entry-point group::
+
+    [project.entry-points.peft_kernel]
+    mymethod = "peft_kernel_mymethod.plugin"
+
+Hooks marked *first result* stop at the first implementation that returns something other than
+``None``; plugins return ``None`` for any config or layer that is not theirs.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any, Callable, Literal
+
+from peft_kernel.markers import hookspec
+
+if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    import torch
+    from torch import nn
+
+    from peft_kernel.config import PeftConfig
+    from peft_kernel.layer import AdapterLayer
+    from peft_kernel.records import BackendRecord, MethodRecord
+
+
+class PeftKernelSpecs:
+    """Hook specifications of peft-kernel (grouped in a class so pluggy can add them at once)."""
+
+    @hookspec
+    def peft_kernel_register_methods(self, register: Callable[[MethodRecord], None]) -> None:
+        """Register the PEFT methods this plugin provides.
+
+        Called once when the plugin manager is built. Call ``register(record)`` once per method,
+        with a :class:`peft_kernel.records.MethodRecord` giving the ``peft_type`` string written in
+        ``adapter_config.json`` (``"LORA"``), the config class, the state-dict prefix that marks the
+        method's parameters (``"lora_"``), and its capabilities (``mergeable``, ``mixed_batch``,
+        ``hotswap``, ``prompt_learning``...). Two plugins registering the same ``peft_type``,
+        config class name or prefix make the manager raise an error naming both distributions.
+
+        Keep this cheap: import the config class here, never torch-heavy layer code.
+        """
+
+    @hookspec
+    def peft_kernel_register_backends(self, register: Callable[[BackendRecord], None]) -> None:
+        """Register execution backends (export / compile / run targets such as Cloud AI 100).
+
+        Call ``register(record)`` with a :class:`peft_kernel.records.BackendRecord` naming the
+        backend, the public classes it exports (``{"QEffAutoLoraModelForCausalLM": "module:attr"}``,
+        imported lazily) and a one-line description shown by ``peft-kernel list-plugins``. Two
+        backends with the same name raise an error naming both distributions.
+        """
+
+    @hookspec(firstresult=True)
+    def peft_kernel_match_target(
+        self, config: PeftConfig, module_name: str, module: nn.Module, model: nn.Module
+    ) -> bool | None:
+        """Decide whether ``module`` (at dotted path ``module_name`` inside ``model``) gets an adapter.
+
+        *First result.* The core ships the standard matcher as a ``trylast`` implementation: it
+        honours ``target_modules`` (list with suffix matching, a regex string, ``"all-linear"``),
+        ``exclude_modules``, ``layers_to_transform`` and ``layers_pattern`` exactly as HF PEFT does.
+        A method with special targeting rules returns ``True`` or ``False`` for its own configs and
+        ``None`` for everything else, so the standard matcher still decides for other methods.
+        """
+
+    @hookspec(firstresult=True)
+    def peft_kernel_create_layer(
+        self, config: PeftConfig, adapter_name: str, base_layer: nn.Module, module_name: str
+    ) -> AdapterLayer | None:
+        """Build the adapter layer that wraps ``base_layer`` for a new adapter.
+
+        *First result.* Called for every module the matcher selected, unless that module already is
+        an :class:`~peft_kernel.layer.AdapterLayer` (then the core calls its ``update_layer`` to add
+        the next adapter). Return a new ``AdapterLayer`` subclass instance holding ``base_layer``
+        and the parameters of ``adapter_name`` initialised from ``config``, or ``None`` when the
+        config is not yours or the layer type is not supported. This is how a third party adds a
+        layer type to an existing method (LoRA for ``nn.LSTM``) without touching that method's
+        plugin: check ``isinstance(config, LoraConfig)`` and ``isinstance(base_layer, nn.LSTM)``.
+        Use ``@hookimpl(tryfirst=True)`` to take over a layer type another plugin already handles.
+        If every implementation returns ``None``, the core raises an error naming the module.
+        """
+
+    @hookspec(firstresult=True)
+    def peft_kernel_merge(
+        self, layer: AdapterLayer, adapter_name: str, safe_merge: bool, direction: Literal["merge", "unmerge"]
+    ) -> bool | None:
+        """Fold adapter ``adapter_name`` into (``direction="merge"``) or out of (``"unmerge"``) the
+        base weights of ``layer``.
+
+        *First result.* The core's ``trylast`` default calls ``layer.merge_into_base`` /
+        ``layer.unmerge_from_base``, which additive methods get from ``delta_weight`` and other
+        methods override. Implement this hook to merge into base layers the method's own layer
+        class cannot write (quantized or sharded weights). With ``safe_merge`` the implementation
+        must compute the result out of place and raise ``ValueError`` naming the layer if it is not
+        finite, leaving the weights untouched. Return ``True`` once handled.
+        """
+
+    @hookspec(firstresult=True)
+    def peft_kernel_map_state_dict(
+        self,
+        config: PeftConfig,
+        state_dict: dict[str, torch.Tensor],
+        direction: Literal["load", "save"],
+    ) -> dict[str, torch.Tensor] | None:
+        """Rewrite an adapter's on-disk state dict before loading or after it is built for saving.
+
+        *First result.* ``state_dict`` holds on-disk keys (``base_model.model.<module>.lora_A.weight``,
+        adapter name stripped). For ``direction="load"`` return the keys in HF PEFT's format: this
+        is where converters from foreign formats (kohya, diffusers) plug in. For ``"save"`` return
+        what should be written. Return ``None`` to leave the dict unchanged; the core then maps the
+        on-disk keys to the model's parameters itself and rejects any key that matches none.
+        """

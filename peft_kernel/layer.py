@@ -1,0 +1,220 @@
+"""``AdapterLayer``: the base every method's layer class builds on.
+
+An adapter layer holds ``base_layer`` and, per adapter name, its parameters in ``nn.ModuleDict`` /
+``nn.ParameterDict`` containers named in ``adapter_layer_names`` — so in-memory keys are
+``<module>.<container>.<adapter>[.<param>]`` and on-disk keys the same without ``.<adapter>``.
+
+A method implements ``update_layer`` (create one adapter's parameters) and either the additive
+protocol — ``delta(x, adapter)`` and ``delta_weight(adapter)`` — from which this class derives the
+forward, mixed batches, merge and unmerge; or overrides ``adapted_forward`` / ``mixed_forward`` /
+``merge_into_base`` / ``unmerge_from_base`` for non-additive methods (multiplicative, orthogonal).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Iterable
+
+import torch
+from torch import nn
+
+from peft_kernel.errors import MixedBatchError
+from peft_kernel.routing import Routing, current_routing
+
+
+class AdapterLayer(nn.Module):
+    """Wraps one base layer with any number of adapters of one method."""
+
+    adapter_layer_names: tuple[str, ...] = ()
+    """Containers (ModuleDict / ParameterDict attributes) holding each adapter's trainable tensors."""
+    other_param_names: tuple[str, ...] = ()
+    """Plain per-adapter dict attributes (``r``, ``scaling``...), removed with the adapter."""
+    peft_type: str = ""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__()
+        self.base_layer = base_layer
+        self._active_adapters: list[str] = []
+        self._disabled = False
+        self.merged_adapters: list[str] = []
+
+    # ---- what a method implements ---------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: Any, module_name: str = "") -> None:
+        """Create the parameters of ``adapter_name`` from ``config``."""
+        raise NotImplementedError
+
+    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """Additive methods: what ``adapter_name`` adds to ``base_layer(x)``."""
+        raise NotImplementedError(f"{type(self).__name__} is not additive: override adapted_forward")
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """Additive methods: the change to ``base_layer.weight`` (in its own layout) that merging applies."""
+        raise NotImplementedError(f"{type(self).__name__} cannot merge: implement delta_weight")
+
+    def delta_bias(self, adapter_name: str) -> torch.Tensor | None:
+        """Additive methods: the change to ``base_layer.bias`` on merge, if any."""
+        return None
+
+    def hotswap_update(self, adapter_name: str, config: Any, module_name: str = "") -> None:
+        """Refresh non-tensor per-adapter values (scalings) after ``hotswap_adapter`` copied new tensors."""
+
+    # ---- bookkeeping (HF PEFT's names) ------------------------------------------------------
+    @property
+    def active_adapters(self) -> list[str]:
+        return list(self._active_adapters)
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self._active_adapters[0] if len(self._active_adapters) == 1 else list(self._active_adapters)
+
+    @property
+    def disable_adapters(self) -> bool:
+        return self._disabled
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    @property
+    def weight(self) -> torch.Tensor:
+        return self.base_layer.weight
+
+    @property
+    def bias(self) -> torch.Tensor | None:
+        return getattr(self.base_layer, "bias", None)
+
+    def adapter_names(self) -> list[str]:
+        """Every adapter this layer holds, in insertion order."""
+        names: dict[str, None] = {}
+        for attr in self.adapter_layer_names:
+            names.update(dict.fromkeys(getattr(self, attr).keys()))
+        return list(names)
+
+    def has_adapter(self, adapter_name: str) -> bool:
+        return any(adapter_name in getattr(self, attr) for attr in self.adapter_layer_names)
+
+    def adapter_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
+        for attr in self.adapter_layer_names:
+            container = getattr(self, attr)
+            if adapter_name in container:
+                item = container[adapter_name]
+                yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
+
+    def set_adapter(self, adapter_names: str | list[str]) -> None:
+        """Make ``adapter_names`` active (and trainable); the others inactive and frozen."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for name in self.adapter_names():
+            for p in self.adapter_parameters(name):
+                p.requires_grad_(name in names)
+        self._active_adapters = [n for n in names if self.has_adapter(n)]
+
+    def enable_adapters(self, enabled: bool) -> None:
+        self._disabled = not enabled
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        if adapter_name in self.merged_adapters:
+            self.unmerge()
+        for attr in (*self.adapter_layer_names, *self.other_param_names):
+            container = getattr(self, attr)
+            if adapter_name in container:
+                del container[adapter_name]
+        self._active_adapters = [a for a in self._active_adapters if a != adapter_name]
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self._disabled:
+            if self.merged:
+                self.unmerge()
+            return self.base_layer(x, *args, **kwargs)
+        routing = current_routing()
+        if routing is not None:
+            if self.merged:
+                raise MixedBatchError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first.")
+            return self.mixed_forward(x, routing, *args, **kwargs)
+        if self.merged:
+            return self.base_layer(x, *args, **kwargs)
+        active = [a for a in self._active_adapters if self.has_adapter(a)]
+        if not active:
+            return self.base_layer(x, *args, **kwargs)
+        return self.adapted_forward(x, active, *args, **kwargs)
+
+    def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus each active adapter's delta (additive methods)."""
+        result = self.base_layer(x, *args, **kwargs)
+        for name in adapters:
+            result = result + self.delta(x, name).to(result.dtype)
+        return result
+
+    def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row gets the delta of its own adapter: rows are grouped once per forward and each
+        group's delta is computed on its rows only (no masks over the whole batch)."""
+        result = self.base_layer(x, *args, **kwargs)
+        for name, rows in routing.groups(x.shape[0], x.device).items():
+            if not self.has_adapter(name):
+                continue
+            delta = self.delta(x.index_select(0, rows), name).to(result.dtype)
+            result = result.index_add(0, rows, delta)
+        return result
+
+    # ---- merge ------------------------------------------------------------------------------
+    def merge_into_base(self, adapter_name: str, safe_merge: bool = False) -> None:
+        """Fold ``adapter_name`` into the base weights (additive default via ``delta_weight``)."""
+        _add_to(self.base_layer.weight, self.delta_weight(adapter_name), safe_merge, self, adapter_name)
+        bias = self.delta_bias(adapter_name)
+        if bias is not None:
+            _add_to(self.base_layer.bias, bias, safe_merge, self, adapter_name)
+
+    def unmerge_from_base(self, adapter_name: str) -> None:
+        """Take ``adapter_name`` back out of the base weights."""
+        _add_to(self.base_layer.weight, -self.delta_weight(adapter_name), False, self, adapter_name)
+        bias = self.delta_bias(adapter_name)
+        if bias is not None:
+            _add_to(self.base_layer.bias, -bias, False, self, adapter_name)
+
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        """Merge the active (or the given) adapters into the base layer, through the merge hook."""
+        from peft_kernel.plugins import get_registry
+
+        names = self._active_adapters if adapter_names is None else adapter_names
+        for name in names:
+            if name in self.merged_adapters or not self.has_adapter(name):
+                continue
+            get_registry().hook.peft_kernel_merge(layer=self, adapter_name=name, safe_merge=safe_merge, direction="merge")
+            self.merged_adapters.append(name)
+
+    def unmerge(self) -> None:
+        """Undo every merge, last merged first."""
+        from peft_kernel.plugins import get_registry
+
+        while self.merged_adapters:
+            name = self.merged_adapters.pop()
+            get_registry().hook.peft_kernel_merge(layer=self, adapter_name=name, safe_merge=False, direction="unmerge")
+
+    def extra_repr(self) -> str:
+        return f"adapters={self.adapter_names()}, active={self._active_adapters}"
+
+
+def _add_to(target: torch.Tensor, delta: torch.Tensor, safe: bool, layer: nn.Module, adapter_name: str) -> None:
+    delta = delta.to(device=target.device, dtype=target.dtype)
+    if delta.shape != target.shape:
+        raise ValueError(
+            f"{type(layer).__name__}: adapter {adapter_name!r} delta of shape {tuple(delta.shape)} does not fit "
+            f"the base tensor of shape {tuple(target.shape)}"
+        )
+    with torch.no_grad():
+        if safe:
+            merged = target + delta
+            if not torch.isfinite(merged).all():
+                raise ValueError(
+                    f"NaNs or infs detected while merging adapter {adapter_name!r} into {type(layer).__name__}; "
+                    "the adapter is broken and the base weights were left untouched."
+                )
+            target.copy_(merged)
+        else:
+            target.add_(delta)
+
+
+def adapter_layers(model: nn.Module) -> Iterable[tuple[str, AdapterLayer]]:
+    """Every adapter layer inside ``model`` with its dotted path."""
+    for name, module in model.named_modules():
+        if isinstance(module, AdapterLayer):
+            yield name, module

@@ -1,0 +1,311 @@
+"""``PeftModel`` and its task classes: HF PEFT's user-facing wrapper, method-agnostic.
+
+``PeftModel.base_model`` is an :class:`~peft_kernel.tuner.AdapterModel`; attribute lookups fall
+through to it and then to the user's model, as in HF PEFT. ``forward`` / ``generate`` accept
+``adapter_names=[...]`` (one adapter name per row, ``"__base__"`` for none) to serve a mixed batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from peft_kernel.checkpoint import WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, adapter_dir, atomic_save_tensors, load_adapter_weights
+from peft_kernel.config import PeftConfig
+from peft_kernel.enums import TaskType
+from peft_kernel.errors import AdapterNameError, MixedBatchError
+from peft_kernel.plugins import get_registry
+from peft_kernel.routing import BASE_ADAPTER, routed
+from peft_kernel.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from peft_kernel.tuner import AdapterModel, tuner_class
+
+_HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only")
+_BATCH_ARGS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "x")
+
+
+class PeftModel(nn.Module):
+    """A model with adapters, as HF PEFT's ``PeftModel``."""
+
+    task_modules_to_save: tuple[str, ...] = ()
+    """Modules every adapter of this task trains and saves in full (the classifier head)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: PeftConfig,
+        adapter_name: str = "default",
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+    ) -> None:
+        super().__init__()
+        record = get_registry().method_for_config(peft_config)
+        if record.supports("prompt_learning"):
+            raise NotImplementedError(
+                f"{record.peft_type} is a prompt-learning method; this peft-kernel core wraps layer adapters only."
+            )
+        self._add_task_modules(peft_config)
+        self.base_model: AdapterModel = tuner_class(record.tuner_name)(model, peft_config, adapter_name)
+        self.special_peft_forward_args = {"adapter_names"}
+
+    # ---- attribute plumbing -------------------------------------------------------------------
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_model":
+                raise
+            return getattr(self.base_model, name)
+
+    @property
+    def peft_config(self) -> dict[str, PeftConfig]:
+        return self.base_model.peft_config
+
+    @property
+    def active_adapter(self) -> str | list[str]:
+        return self.base_model.active_adapter
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return self.base_model.active_adapters
+
+    @property
+    def active_peft_config(self) -> PeftConfig:
+        return self.peft_config[self.active_adapters[0]]
+
+    def get_base_model(self) -> nn.Module:
+        return self.base_model.model
+
+    def _add_task_modules(self, config: PeftConfig) -> None:
+        if self.task_modules_to_save and hasattr(config, "modules_to_save"):
+            current = list(config.modules_to_save or [])
+            config.modules_to_save = current + [m for m in self.task_modules_to_save if m not in current]
+
+    # ---- forward ------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _routing(self, adapter_names: Sequence[str] | None, args: tuple, kwargs: dict) -> Iterator[None]:
+        if adapter_names is None:
+            yield
+            return
+        if self.training:
+            raise MixedBatchError("adapter_names (mixed batches) are for inference: call model.eval() first.")
+        if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
+            raise MixedBatchError(f"adapter_names must be a list of adapter names, one per row; got {adapter_names!r}")
+        unknown = sorted({n for n in adapter_names if n != BASE_ADAPTER and n not in self.peft_config})
+        if unknown:
+            raise MixedBatchError(
+                f"adapter_names has unknown adapter(s) {unknown}; loaded adapters: {sorted(self.peft_config)} "
+                f"(use {BASE_ADAPTER!r} for rows without adapter)."
+            )
+        batch = _batch_size(args, kwargs)
+        if batch is not None and batch != len(adapter_names):
+            raise MixedBatchError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows; pass one name per row."
+            )
+        if any(layer.merged for layer in self._adapter_layers()):
+            raise MixedBatchError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first.")
+        with routed(list(adapter_names)):
+            yield
+
+    def _adapter_layers(self) -> Iterator[Any]:
+        from peft_kernel.layer import adapter_layers
+
+        return (layer for _, layer in adapter_layers(self.base_model.model))
+
+    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        with self._routing(adapter_names, args, kwargs):
+            return self.base_model(*args, **kwargs)
+
+    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+        with self._routing(adapter_names, args, kwargs):
+            return self.base_model.model.generate(*args, **kwargs)
+
+    # ---- adapters -----------------------------------------------------------------------------
+    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
+        """Add a freshly initialised adapter (it does not become active)."""
+        self._add_task_modules(peft_config)
+        self.base_model.add_adapter(adapter_name, peft_config)
+
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
+        self.base_model.set_adapter(adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    @contextlib.contextmanager
+    def disable_adapter(self) -> Iterator[None]:
+        """Within the block the model computes as the base model."""
+        with self.base_model.disable_adapter():
+            yield
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+
+    def unmerge_adapter(self) -> None:
+        self.base_model.unmerge_adapter()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def unload(self) -> nn.Module:
+        return self.base_model.unload()
+
+    def get_nb_trainable_parameters(self) -> tuple[int, int]:
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        return trainable, total
+
+    def print_trainable_parameters(self) -> None:
+        trainable, total = self.get_nb_trainable_parameters()
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
+
+    # ---- save / load --------------------------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        save_embedding_layers: str | bool = "auto",
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write each adapter as HF PEFT does: ``default`` at the root, others in sub-folders."""
+        if os.path.isfile(save_directory):
+            raise ValueError(f"save_directory {save_directory!s} is a file; pass a folder.")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        self.base_model._check_names(names)
+        if not is_main_process:
+            return
+        hook = get_registry().hook
+        for name in names:
+            config = self.peft_config[name]
+            tensors = get_peft_model_state_dict(self, adapter_name=name)
+            mapped = hook.peft_kernel_map_state_dict(config=config, state_dict=tensors, direction="save")
+            out = adapter_dir(save_directory, name)
+            atomic_save_tensors(out / (WEIGHTS_NAME if safe_serialization else PICKLE_WEIGHTS_NAME),
+                                mapped if mapped is not None else tensors, safe_serialization)
+            self._saved_config(config).save_pretrained(out)
+
+    def _saved_config(self, config: PeftConfig) -> PeftConfig:
+        saved = config.copy()
+        saved.inference_mode = True
+        base = self.get_base_model()
+        if saved.base_model_name_or_path is None:
+            saved.base_model_name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None) or None
+        if saved.task_type is None and saved.auto_mapping is None:
+            saved.auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
+        return saved
+
+    def load_adapter(
+        self,
+        model_id: str | os.PathLike,
+        adapter_name: str,
+        is_trainable: bool = False,
+        torch_device: str | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        allow_pickle: bool = False,
+        **kwargs: Any,
+    ) -> Any:
+        """Add adapter ``adapter_name`` from a saved folder or Hub id; on any error it is removed again."""
+        hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
+        subfolder = kwargs.pop("subfolder", None)
+        if adapter_name not in self.peft_config:
+            config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
+            config.inference_mode = not is_trainable
+            self.add_adapter(adapter_name, config)
+        try:
+            weights = load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle,
+                                           device=torch_device or "cpu", **hub)
+            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
+                                               ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False))
+        except BaseException:
+            if len(self.peft_config) > 1:
+                self.delete_adapter(adapter_name)
+            raise
+        if self.active_adapters == [adapter_name]:
+            self.set_adapter(adapter_name)  # re-apply trainability with the loaded config
+        if not is_trainable:
+            self.eval()
+        return result
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        autocast_adapter_dtype: bool = True,
+        ephemeral_gpu_offload: bool = False,
+        low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
+        allow_pickle: bool = False,
+        **kwargs: Any,
+    ) -> PeftModel:
+        """Wrap ``model`` with the adapter saved at ``model_id`` (a folder or a Hub repo id)."""
+        hub = {k: kwargs[k] for k in (*_HUB_KWARGS, "subfolder") if k in kwargs}
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, **hub)
+        config.inference_mode = not is_trainable
+        target_cls = TASK_CLASSES.get(config.task_type, cls) if cls is PeftModel else cls
+        peft_model = target_cls(model, config, adapter_name)
+        try:
+            peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_pickle=allow_pickle, **kwargs)
+        except BaseException:
+            peft_model.base_model.unload()  # give the caller their model back untouched
+            raise
+        return peft_model
+
+
+def _batch_size(args: tuple, kwargs: dict) -> int | None:
+    for value in (*args, *(kwargs.get(k) for k in _BATCH_ARGS)):
+        if isinstance(value, torch.Tensor) and value.dim() > 0:
+            return int(value.shape[0])
+    return None
+
+
+class PeftModelForCausalLM(PeftModel):
+    """Causal language models."""
+
+
+class PeftModelForSeq2SeqLM(PeftModel):
+    """Encoder-decoder models."""
+
+
+class PeftModelForSequenceClassification(PeftModel):
+    """Sequence classification: the classifier head is trained and saved in full."""
+
+    task_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForTokenClassification(PeftModel):
+    """Token classification: the classifier head is trained and saved in full."""
+
+    task_modules_to_save = ("classifier", "score")
+
+
+class PeftModelForQuestionAnswering(PeftModel):
+    """Extractive question answering: the span head is trained and saved in full."""
+
+    task_modules_to_save = ("qa_outputs",)
+
+
+class PeftModelForFeatureExtraction(PeftModel):
+    """Feature extraction / embeddings."""
+
+
+TASK_CLASSES: dict[Any, type[PeftModel]] = {
+    TaskType.CAUSAL_LM: PeftModelForCausalLM,
+    TaskType.SEQ_2_SEQ_LM: PeftModelForSeq2SeqLM,
+    TaskType.SEQ_CLS: PeftModelForSequenceClassification,
+    TaskType.TOKEN_CLS: PeftModelForTokenClassification,
+    TaskType.QUESTION_ANS: PeftModelForQuestionAnswering,
+    TaskType.FEATURE_EXTRACTION: PeftModelForFeatureExtraction,
+}

@@ -1,0 +1,83 @@
+"""Per-forward routing of batch rows to adapters for mixed batches (``adapter_names=[...]``).
+
+``PeftModel.forward`` builds one :class:`Routing` per call and publishes it through a context
+variable; every adapter layer reads the same object, so grouping rows by adapter happens once per
+forward, not once per layer. ``"__base__"`` rows get no adapter.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+from typing import Iterator, Sequence
+
+import torch
+
+BASE_ADAPTER = "__base__"
+
+_current: contextvars.ContextVar[Routing | None] = contextvars.ContextVar("peft_kernel_routing", default=None)
+
+
+class Routing:
+    """Rows of a batch grouped by adapter name, with index tensors cached per device."""
+
+    def __init__(self, names: Sequence[str]):
+        self.names = tuple(names)
+        self.unique = tuple(dict.fromkeys(self.names))
+        self._rows = {a: [i for i, n in enumerate(self.names) if n == a] for a in self.unique}
+        self._cache: dict[tuple[torch.device, int], dict[str, torch.Tensor]] = {}
+        self._slot_cache: dict[tuple[torch.device, int, tuple[str, ...]], torch.Tensor] = {}
+
+    def __len__(self) -> int:
+        return len(self.names)
+
+    def _repeat(self, batch: int) -> int:
+        if batch % len(self.names):
+            from peft_kernel.errors import MixedBatchError
+
+            raise MixedBatchError(
+                f"adapter_names has {len(self.names)} entries but the layer sees a batch of {batch} rows; "
+                "pass one adapter name per input row."
+            )
+        return batch // len(self.names)
+
+    def groups(self, batch: int, device: torch.device) -> dict[str, torch.Tensor]:
+        """``{adapter: row indices}`` for a batch of ``batch`` rows (a multiple of the names when
+        generate expands each row into beams or several sequences)."""
+        key = (device, batch)
+        if key not in self._cache:
+            repeat = self._repeat(batch)
+            self._cache[key] = {
+                a: torch.tensor([r * repeat + k for r in rows for k in range(repeat)], device=device, dtype=torch.long)
+                for a, rows in self._rows.items()
+            }
+        return self._cache[key]
+
+    def slots(self, batch: int, device: torch.device, order: tuple[str, ...]) -> torch.Tensor:
+        """Per-row position of each row's adapter in ``order`` (``-1`` where the row's adapter is
+        not in ``order``, such as ``"__base__"``) — for stacked-weight kernels."""
+        key = (device, batch, order)
+        if key not in self._slot_cache:
+            repeat = self._repeat(batch)
+            index = {a: i for i, a in enumerate(order)}
+            ids = [index.get(n, -1) for n in self.names for _ in range(repeat)]
+            self._slot_cache[key] = torch.tensor(ids, device=device, dtype=torch.long)
+        return self._slot_cache[key]
+
+
+def current_routing() -> Routing | None:
+    """The routing of the forward in progress, or ``None`` outside a mixed batch."""
+    return _current.get()
+
+
+@contextlib.contextmanager
+def routed(names: Sequence[str] | None) -> Iterator[Routing | None]:
+    """Publish a routing for the duration of one forward (or generate) call."""
+    if names is None:
+        yield None
+        return
+    token = _current.set(Routing(names))
+    try:
+        yield _current.get()
+    finally:
+        _current.reset(token)

@@ -1,0 +1,138 @@
+"""In-memory adapter tensors <-> HF PEFT's on-disk keys.
+
+The on-disk key of a tensor is its in-memory key with the ``.<adapter>`` segment removed
+(``q_proj.lora_A.default.weight`` -> ``q_proj.lora_A.weight``); ``modules_to_save`` copies are
+saved under the plain module key; ``bias="all"`` / ``"lora_only"`` biases under their own key.
+The map is derived from the model itself, so every method and layer type gets it for free.
+"""
+
+from __future__ import annotations
+
+from typing import Any, NamedTuple
+
+import torch
+from torch import nn
+
+from peft_kernel.errors import CheckpointError
+from peft_kernel.layer import AdapterLayer
+from peft_kernel.modules_to_save import ModulesToSaveWrapper
+
+
+class LoadResult(NamedTuple):
+    """What ``set_peft_model_state_dict`` did not fill and what it could not place."""
+
+    missing_keys: list[str]
+    unexpected_keys: list[str]
+
+
+def _root_and_configs(model: nn.Module) -> tuple[nn.Module, dict[str, Any]]:
+    configs = getattr(model, "peft_config", None)
+    if configs is None:
+        configs = getattr(model, "_peft_kernel_configs", {})
+    return model, configs
+
+
+def _join(*parts: str) -> str:
+    return ".".join(p for p in parts if p)
+
+
+def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
+    """``{on-disk key: live tensor}`` for every tensor that belongs to ``adapter_name``."""
+    root, configs = _root_and_configs(model)
+    config = configs.get(adapter_name)
+    bias_mode = getattr(config, "bias", "none")
+    out: dict[str, torch.Tensor] = {}
+    for path, module in root.named_modules():
+        if isinstance(module, AdapterLayer):
+            for attr in module.adapter_layer_names:
+                container = getattr(module, attr)
+                if adapter_name not in container:
+                    continue
+                item = container[adapter_name]
+                if isinstance(item, nn.Parameter):
+                    out[_join(path, attr)] = item
+                else:
+                    for name, tensor in item.state_dict(keep_vars=True).items():
+                        out[_join(path, attr, name)] = tensor
+            if bias_mode == "lora_only" and module.has_adapter(adapter_name) and module.bias is not None:
+                out[_join(path, "base_layer.bias")] = module.bias
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            for name, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                out[_join(path, name)] = tensor
+    if bias_mode == "all":
+        taken = {id(t) for t in out.values()}
+        for name, param in root.named_parameters():
+            if name.endswith("bias") and ".modules_to_save." not in name and id(param) not in taken:
+                out.setdefault(name, param)
+    return out
+
+
+def get_peft_model_state_dict(
+    model: nn.Module,
+    state_dict: dict[str, torch.Tensor] | None = None,
+    adapter_name: str = "default",
+    unwrap_compiled: bool = False,
+    save_embedding_layers: str | bool = "auto",
+) -> dict[str, torch.Tensor]:
+    """The adapter's tensors under HF PEFT's on-disk keys (what ``adapter_model.safetensors`` holds).
+
+    Keys are relative to ``model``: ``base_model.model.<module>...`` for a ``PeftModel``, plain module
+    paths for a model returned by ``inject_adapter_in_model``.
+    """
+    if unwrap_compiled:
+        model = getattr(model, "_orig_mod", model)
+    tensors = adapter_tensors(model, adapter_name)
+    if state_dict is not None:
+        live = {id(t): k for k, t in tensors.items()}
+        by_key = {k: v for k, v in model.state_dict(keep_vars=True).items()}
+        tensors = {live[id(v)]: state_dict[k] for k, v in by_key.items() if id(v) in live and k in state_dict}
+    return {k: v.detach() for k, v in tensors.items()}
+
+
+def set_peft_model_state_dict(
+    model: nn.Module,
+    peft_model_state_dict: dict[str, torch.Tensor],
+    adapter_name: str = "default",
+    ignore_mismatched_sizes: bool = False,
+    low_cpu_mem_usage: bool = False,
+) -> LoadResult:
+    """Copy on-disk-keyed tensors into the adapter ``adapter_name``.
+
+    Keys that match no tensor of the adapter, and tensors whose shape does not fit, raise
+    :class:`CheckpointError` naming them (nothing is copied then). Returns an object with
+    ``missing_keys`` and ``unexpected_keys`` like ``nn.Module.load_state_dict``.
+    """
+    from peft_kernel.plugins import get_registry
+
+    _, configs = _root_and_configs(model)
+    config = configs.get(adapter_name)
+    if config is not None:
+        mapped = get_registry().hook.peft_kernel_map_state_dict(
+            config=config, state_dict=dict(peft_model_state_dict), direction="load"
+        )
+        if mapped is not None:
+            peft_model_state_dict = mapped
+    targets = adapter_tensors(model, adapter_name)
+    unexpected = sorted(k for k in peft_model_state_dict if k not in targets)
+    if unexpected:
+        raise CheckpointError(
+            f"{len(unexpected)} checkpoint key(s) match no tensor of adapter {adapter_name!r} in "
+            f"{type(model).__name__}: {unexpected[:8]}{' ...' if len(unexpected) > 8 else ''}. "
+            "Was the adapter trained on another base model or with other target_modules? "
+            f"Expected keys look like: {sorted(targets)[:4]}"
+        )
+    mismatched = []
+    for key, value in peft_model_state_dict.items():
+        if tuple(value.shape) != tuple(targets[key].shape):
+            mismatched.append(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(targets[key].shape)}")
+    if mismatched and not ignore_mismatched_sizes:
+        raise CheckpointError(
+            "checkpoint tensors do not fit the model (is it for another base model, or another rank?): "
+            + "; ".join(mismatched[:8])
+        )
+    with torch.no_grad():
+        for key, value in peft_model_state_dict.items():
+            if tuple(value.shape) == tuple(targets[key].shape):
+                targets[key].copy_(value.to(device=targets[key].device, dtype=targets[key].dtype))
+    missing = sorted(k for k in targets if k not in peft_model_state_dict)
+    return LoadResult(missing, unexpected)

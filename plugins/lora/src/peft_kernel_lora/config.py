@@ -1,0 +1,113 @@
+"""``LoraConfig`` with every field of HF PEFT's, same names and defaults."""
+
+from __future__ import annotations
+
+from typing import Any, Literal, Optional, Union
+
+import attrs
+
+from peft_kernel.config import PeftConfig
+from peft_kernel.enums import PeftType
+from peft_kernel.errors import ConfigError
+
+INIT_CHOICES = ("gaussian", "pissa", "olora")
+"""String values of ``init_lora_weights`` this plugin implements (plus ``pissa_niter_<n>``)."""
+
+# Fields HF PEFT has for features this plugin does not implement yet: any non-default value is
+# refused with a clear error when the adapter is injected (the config itself still loads, so
+# `peft-kernel inspect` can show it).
+UNSUPPORTED_FIELDS = {
+    "alora_invocation_tokens": None,
+    "arrow_config": None,
+    "corda_config": None,
+    "eva_config": None,
+    "kasa_config": None,
+    "layer_replication": None,
+    "lora_ga_config": None,
+    "megatron_config": None,
+    "monteclora_config": None,
+    "target_parameters": None,
+    "trainable_token_indices": None,
+    "use_bdlora": None,
+    "use_qalora": False,
+    "velora_config": None,
+    "ensure_weight_tying": False,
+}
+
+
+@attrs.define(kw_only=True)
+class LoraConfig(PeftConfig):
+    """Configuration of a LoRA adapter (HF PEFT's ``LoraConfig``)."""
+
+    peft_type: Optional[Union[PeftType, str]] = PeftType.LORA
+    r: int = 8
+    target_modules: Optional[Union[list[str], set[str], str]] = None
+    exclude_modules: Optional[Union[list[str], set[str], str]] = None
+    lora_alpha: Union[int, float] = 8
+    lora_dropout: float = 0.0
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "lora_only"] = "none"
+    use_rslora: bool = False
+    modules_to_save: Optional[list[str]] = None
+    init_lora_weights: Union[bool, str] = True
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    rank_pattern: Optional[dict[str, int]] = attrs.field(factory=dict)
+    alpha_pattern: Optional[dict[str, Union[int, float]]] = attrs.field(factory=dict)
+    megatron_config: Optional[dict] = None
+    megatron_core: Optional[str] = "megatron.core"
+    trainable_token_indices: Optional[Any] = None
+    loftq_config: Union[dict, Any] = attrs.field(factory=dict)
+    eva_config: Optional[Any] = None
+    corda_config: Optional[Any] = None
+    use_dora: bool = False
+    alora_invocation_tokens: Optional[list[int]] = None
+    use_qalora: bool = False
+    qalora_group_size: int = 16
+    layer_replication: Optional[list[list[int]]] = None
+    lora_bias: bool = False
+    target_parameters: Optional[list[str]] = None
+    arrow_config: Optional[Any] = None
+    ensure_weight_tying: bool = False
+    kasa_config: Optional[Any] = None
+    lora_ga_config: Optional[Any] = None
+    monteclora_config: Optional[Any] = None
+    use_bdlora: Optional[Any] = None
+    velora_config: Optional[Any] = None
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, set(value))
+        if self.r <= 0:
+            raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        if self.use_dora and self.lora_bias:
+            raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
+        if isinstance(self.init_lora_weights, str) and not (
+            self.init_lora_weights in INIT_CHOICES or self.init_lora_weights.startswith("pissa_niter_")
+            or self.init_lora_weights in ("eva", "corda", "loftq", "orthogonal")
+        ):
+            raise ConfigError(
+                f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not valid; use True, False, "
+                f"{', '.join(repr(c) for c in INIT_CHOICES)} or 'pissa_niter_<n>'"
+            )
+        if isinstance(self.target_modules, str):
+            if self.layers_to_transform is not None:
+                raise ConfigError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+            if self.layers_pattern is not None:
+                raise ConfigError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+
+    def unsupported(self) -> list[str]:
+        """Fields set to values this plugin cannot honour (checked when an adapter is injected)."""
+        problems = [f"{k}={getattr(self, k)!r}" for k, default in UNSUPPORTED_FIELDS.items() if getattr(self, k) != default]
+        if self.loftq_config:
+            problems.append(f"loftq_config={self.loftq_config!r}")
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights in ("eva", "corda", "loftq", "orthogonal"):
+            problems.append(f"init_lora_weights={self.init_lora_weights!r}")
+        return problems

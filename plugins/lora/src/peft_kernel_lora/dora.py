@@ -1,0 +1,68 @@
+"""DoRA: weight-decomposed LoRA. The adapted weight ``W + s·BA`` is normalised per output channel
+and rescaled by a learned magnitude ``m``; the norm is treated as a constant in the backward pass
+(DoRA paper, section 4.3), as HF PEFT does.
+
+In additive form, for input ``x`` (after dropout): ``delta = (f - 1)·W x + f·s·B A x`` with
+``f = m / ||W + s·BA||``, which is what makes DoRA work in mixed batches like plain LoRA.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+if TYPE_CHECKING:
+    from peft_kernel_lora.layers import LoraLayer
+
+
+def _is_conv(layer: LoraLayer) -> bool:
+    return getattr(layer, "ndim", 0) > 0
+
+
+def weight_norm(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+    """Per-output-channel L2 norm of ``W + s·BA`` (shape [out])."""
+    lora = layer.lora_weight(adapter_name)
+    weight = layer.base_weight().to(lora.dtype) + layer.scaling[adapter_name] * lora
+    return weight.norm(p=2, dim=tuple(range(1, weight.dim())))
+
+
+def initial_magnitude(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+    """``m`` starts as the norm, so the adapter starts as plain LoRA (shape as HF PEFT stores it)."""
+    with torch.no_grad():
+        norm = weight_norm(layer, adapter_name)
+    if _is_conv(layer):
+        return norm.view(1, -1, *([1] * layer.ndim)).clone()
+    return norm.clone()
+
+
+def factor(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+    """``m / ||W + s·BA||`` per output channel (shape [out]), norm detached."""
+    return layer.lora_magnitude_vector[adapter_name].flatten() / weight_norm(layer, adapter_name).detach()
+
+
+def delta(layer: LoraLayer, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    f = factor(layer, adapter_name)
+    if _is_conv(layer):
+        f = f.view(1, -1, *([1] * layer.ndim))
+    return (f - 1) * layer.base_output_no_bias(x) + f * layer.lora_product(x, adapter_name)
+
+
+def _per_channel(layer: LoraLayer, f: torch.Tensor) -> torch.Tensor:
+    return f.view(-1, *([1] * (layer.base_weight().dim() - 1)))
+
+
+def merged_weight(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+    """The base weight with DoRA folded in, in the base layer's own layout."""
+    lora = layer.lora_weight(adapter_name)
+    combined = layer.base_weight().to(lora.dtype) + layer.scaling[adapter_name] * lora
+    return layer.to_base_layout(_per_channel(layer, factor(layer, adapter_name)) * combined)
+
+
+def unmerge(layer: LoraLayer, adapter_name: str, merged_factor: torch.Tensor) -> None:
+    """Undo :func:`merged_weight` with the factor recorded at merge time."""
+    lora = layer.lora_weight(adapter_name)
+    merged = layer.base_weight().to(lora.dtype)
+    original = merged / _per_channel(layer, merged_factor) - layer.scaling[adapter_name] * lora
+    target = layer.base_layer.weight
+    target.copy_(layer.to_base_layout(original).to(target.dtype))

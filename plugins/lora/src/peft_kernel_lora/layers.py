@@ -1,0 +1,238 @@
+"""LoRA adapter layers: ``nn.Linear`` (and transformers ``Conv1D``), ``nn.Embedding``, ``nn.Conv1d/2d/3d``.
+
+Each adapter adds ``scaling * B(A(dropout(x)))`` to the base output; with DoRA the weight is
+re-normalised per output channel by a learned magnitude (see :mod:`peft_kernel_lora.dora`).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft_kernel.layer import AdapterLayer
+from peft_kernel.targeting import pattern_value
+from peft_kernel_lora import dora, init
+from peft_kernel_lora.config import LoraConfig
+
+
+def _adapter_dtype(base_layer: nn.Module) -> torch.dtype:
+    """Adapters train in float32 when the base is half precision (HF's autocast_adapter_dtype)."""
+    dtype = base_layer.weight.dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+class LoraLayer(AdapterLayer):
+    """State and bookkeeping shared by every LoRA layer type."""
+
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora")
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer)
+        self.fan_in_fan_out = fan_in_fan_out
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.use_dora: dict[str, bool] = {}
+        self.lora_dropout = nn.ModuleDict()
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.lora_embedding_A = nn.ParameterDict()
+        self.lora_embedding_B = nn.ParameterDict()
+        self.lora_magnitude_vector = nn.ParameterDict()
+        self._dora_factor: dict[str, torch.Tensor] = {}
+
+    # ---- creation --------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "") -> None:
+        unsupported = config.unsupported()
+        if unsupported:
+            raise NotImplementedError(
+                f"peft-kernel-lora does not implement {', '.join(unsupported)} yet (module {module_name!r}); "
+                "leave these at their defaults."
+            )
+        r = pattern_value(config.rank_pattern, module_name, config.r)
+        alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
+        if not isinstance(r, int) or r <= 0:
+            raise ValueError(f"LoRA rank for {module_name!r} must be a positive integer, got {r!r}")
+        self.r[adapter_name] = r
+        self.lora_alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = self._scaling(alpha, r, config.use_rslora)
+        self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
+        self.use_dora[adapter_name] = config.use_dora
+        self.create_adapter(adapter_name, r, config)
+        weight = self.base_layer.weight
+        for p in self.adapter_parameters(adapter_name):
+            p.data = p.data.to(device=weight.device, dtype=_adapter_dtype(self.base_layer))
+        init.initialize(self, adapter_name, config.init_lora_weights)
+        if config.use_dora:
+            self.lora_magnitude_vector[adapter_name] = nn.Parameter(dora.initial_magnitude(self, adapter_name))
+
+    @staticmethod
+    def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
+        return alpha / math.sqrt(r) if use_rslora else alpha / r
+
+    def hotswap_update(self, adapter_name: str, config: Any, module_name: str = "") -> None:
+        alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
+        self.lora_alpha[adapter_name] = alpha
+        self.scaling[adapter_name] = self._scaling(alpha, self.r[adapter_name], config.use_rslora)
+
+    def create_adapter(self, adapter_name: str, r: int, config: LoraConfig) -> None:
+        raise NotImplementedError
+
+    # ---- the low-rank product ---------------------------------------------------------------
+    def lora_weight(self, adapter_name: str) -> torch.Tensor:
+        """``B @ A`` in the base weight's [out, in, ...] orientation (unscaled)."""
+        raise NotImplementedError
+
+    def base_weight(self) -> torch.Tensor:
+        """The base weight as [out, in, ...] (Conv1D's [in, out] transposed)."""
+        weight = self.base_layer.weight
+        return weight.T if self.fan_in_fan_out else weight
+
+    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T if self.fan_in_fan_out else weight
+
+    def lora_product(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``scaling * B(A(x))`` for ``x`` already dropped out and in the adapter dtype."""
+        raise NotImplementedError
+
+    def base_output_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        """The base layer applied to ``x`` without its bias (DoRA rescales this part)."""
+        raise NotImplementedError
+
+    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        if x.is_floating_point():
+            x = self.lora_dropout[adapter_name](x.to(next(iter(self.adapter_parameters(adapter_name))).dtype))
+        if self.use_dora[adapter_name]:
+            return dora.delta(self, x, adapter_name)
+        return self.lora_product(x, adapter_name)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        if self.use_dora[adapter_name]:
+            return dora.merged_weight(self, adapter_name) - self.base_layer.weight
+        return self.to_base_layout(self.lora_weight(adapter_name) * self.scaling[adapter_name])
+
+    def merge_into_base(self, adapter_name: str, safe_merge: bool = False) -> None:
+        if self.use_dora[adapter_name]:
+            self._dora_factor[adapter_name] = dora.factor(self, adapter_name).detach()
+        super().merge_into_base(adapter_name, safe_merge)
+
+    def unmerge_from_base(self, adapter_name: str) -> None:
+        if not self.use_dora[adapter_name]:
+            return super().unmerge_from_base(adapter_name)
+        with torch.no_grad():
+            dora.unmerge(self, adapter_name, self._dora_factor.pop(adapter_name))
+
+
+class Linear(LoraLayer):
+    """LoRA for ``nn.Linear`` and transformers' ``Conv1D`` (``fan_in_fan_out``)."""
+
+    def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
+        super().__init__(base_layer, fan_in_fan_out)
+        out_features, in_features = self.base_weight().shape
+        self.in_features, self.out_features = in_features, out_features
+
+    def create_adapter(self, adapter_name: str, r: int, config: LoraConfig) -> None:
+        self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)
+        self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=config.lora_bias)
+
+    def lora_weight(self, adapter_name: str) -> torch.Tensor:
+        return self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight
+
+    def lora_product(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return self.lora_B[adapter_name](self.lora_A[adapter_name](x)) * self.scaling[adapter_name]
+
+    def base_output_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, self.base_weight().to(x.dtype))
+
+    def delta_bias(self, adapter_name: str) -> torch.Tensor | None:
+        bias = self.lora_B[adapter_name].bias
+        return None if bias is None else bias * self.scaling[adapter_name]
+
+
+class Embedding(LoraLayer):
+    """LoRA for ``nn.Embedding``: ``lora_embedding_A`` [r, vocab], ``lora_embedding_B`` [dim, r]."""
+
+    def create_adapter(self, adapter_name: str, r: int, config: LoraConfig) -> None:
+        if config.lora_bias:
+            raise ValueError("lora_bias=True is not supported for nn.Embedding layers")
+        vocab, dim = self.base_layer.weight.shape
+        self.lora_embedding_A[adapter_name] = nn.Parameter(torch.randn(r, vocab))
+        self.lora_embedding_B[adapter_name] = nn.Parameter(torch.randn(dim, r))
+
+    def _embed(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        return F.embedding(x, weight, base.padding_idx, base.max_norm, base.norm_type, base.scale_grad_by_freq, base.sparse)
+
+    def lora_weight(self, adapter_name: str) -> torch.Tensor:
+        # [dim, vocab]: the embedding table is [vocab, dim], so its "out" axis is the embedding dim
+        return self.lora_embedding_B[adapter_name] @ self.lora_embedding_A[adapter_name]
+
+    def base_weight(self) -> torch.Tensor:
+        return self.base_layer.weight.T
+
+    def to_base_layout(self, weight: torch.Tensor) -> torch.Tensor:
+        return weight.T
+
+    def lora_product(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        after_a = self._embed(x, self.lora_embedding_A[adapter_name].T)
+        return (after_a @ self.lora_embedding_B[adapter_name].T) * self.scaling[adapter_name]
+
+    def base_output_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        return self._embed(x, self.base_layer.weight)
+
+
+class ConvNd(LoraLayer):
+    """LoRA for ``nn.Conv1d/2d/3d``: ``lora_A`` has the base kernel, ``lora_B`` is 1x1."""
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        if base_layer.groups != 1:
+            raise NotImplementedError(f"LoRA for grouped convolutions (groups={base_layer.groups}) is not supported yet")
+        self.conv_class = type(base_layer)
+        self.ndim = base_layer.weight.dim() - 2
+
+    def create_adapter(self, adapter_name: str, r: int, config: LoraConfig) -> None:
+        base = self.base_layer
+        ones = (1,) * self.ndim
+        self.lora_A[adapter_name] = self.conv_class(base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False)
+        self.lora_B[adapter_name] = self.conv_class(r, base.out_channels, ones, ones, bias=config.lora_bias)
+
+    def lora_weight(self, adapter_name: str) -> torch.Tensor:
+        b = self.lora_B[adapter_name].weight.flatten(1)
+        return torch.tensordot(b, self.lora_A[adapter_name].weight, dims=1)
+
+    def lora_product(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        return self.lora_B[adapter_name](self.lora_A[adapter_name](x)) * self.scaling[adapter_name]
+
+    def base_output_no_bias(self, x: torch.Tensor) -> torch.Tensor:
+        base = self.base_layer
+        conv = getattr(F, f"conv{self.ndim}d")
+        return conv(x, base.weight.to(x.dtype), None, base.stride, base.padding, base.dilation, base.groups)
+
+    def delta_bias(self, adapter_name: str) -> torch.Tensor | None:
+        bias = self.lora_B[adapter_name].bias
+        return None if bias is None else bias * self.scaling[adapter_name]
+
+
+def make_layer(config: LoraConfig, adapter_name: str, base_layer: nn.Module, module_name: str) -> LoraLayer | None:
+    """The LoRA layer for ``base_layer``'s type with ``adapter_name`` added, or None if unsupported."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(base_layer, nn.Linear):
+        layer: LoraLayer = Linear(base_layer, fan_in_fan_out=False)
+    elif isinstance(base_layer, Conv1D):
+        config.fan_in_fan_out = True  # HF PEFT records this in the saved config
+        layer = Linear(base_layer, fan_in_fan_out=True)
+    elif isinstance(base_layer, nn.Embedding):
+        layer = Embedding(base_layer)
+    elif isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+        layer = ConvNd(base_layer)
+    else:
+        return None
+    layer.update_layer(adapter_name, config, module_name)
+    return layer

@@ -1,0 +1,58 @@
+"""Entry module of peft-kernel-lora: registers LoRA and builds its layers. Cheap to import."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from peft_kernel.markers import hookimpl
+from peft_kernel.records import MethodRecord
+from peft_kernel_lora.config import LoraConfig
+
+DEFAULT_TARGET_MODULES = {
+    "llama": ["q_proj", "v_proj"],
+    "mistral": ["q_proj", "v_proj"],
+    "mixtral": ["q_proj", "v_proj"],
+    "qwen2": ["q_proj", "v_proj"],
+    "qwen3": ["q_proj", "v_proj"],
+    "gemma": ["q_proj", "v_proj"],
+    "gemma2": ["q_proj", "v_proj"],
+    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
+    "opt": ["q_proj", "v_proj"],
+    "bart": ["q_proj", "v_proj"],
+    "gptj": ["q_proj", "v_proj"],
+    "gpt2": ["c_attn"],
+    "gpt_neox": ["query_key_value"],
+    "falcon": ["query_key_value"],
+    "bloom": ["query_key_value"],
+    "bert": ["query", "value"],
+    "roberta": ["query", "value"],
+    "xlm-roberta": ["query", "value"],
+    "distilbert": ["q_lin", "v_lin"],
+    "deberta-v2": ["query_proj", "value_proj"],
+    "t5": ["q", "v"],
+    "mt5": ["q", "v"],
+}
+
+
+@hookimpl
+def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> None:
+    register(
+        MethodRecord(
+            peft_type="LORA",
+            config_class=LoraConfig,
+            prefix="lora_",
+            capabilities={"mergeable", "mixed_batch", "hotswap", "multi_adapter"},
+            tuner_name="LoraModel",
+            default_target_modules=DEFAULT_TARGET_MODULES,
+            exports={"LoraModel": "peft_kernel_lora.tuner:LoraModel", "LoraLayer": "peft_kernel_lora.layers:LoraLayer"},
+        )
+    )
+
+
+@hookimpl
+def peft_kernel_create_layer(config: Any, adapter_name: str, base_layer: Any, module_name: str) -> Any:
+    if not isinstance(config, LoraConfig):
+        return None
+    from peft_kernel_lora.layers import make_layer
+
+    return make_layer(config, adapter_name, base_layer, module_name)
