@@ -103,6 +103,31 @@ def _make_converter() -> cattrs.Converter:
         return hook
 
     conv.register_structure_hook_factory(is_literal, literal_factory)
+
+    def is_collection(tp: Any) -> bool:
+        return typing.get_origin(tp) in (list, set, frozenset, tuple)
+
+    def collection_factory(tp: Any):
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+
+        def hook(value: Any, _: Any) -> Any:
+            if isinstance(value, (str, bytes, dict)) or not isinstance(value, (list, tuple, set, frozenset)):
+                raise _mismatch(value, tp)
+            if origin is tuple and args and args[-1] is not Ellipsis:
+                if len(value) != len(args):
+                    raise _mismatch(value, tp)
+                return tuple(_item(v, a, i, tp) for i, (v, a) in enumerate(zip(value, args)))
+            return origin(_item(v, args[0] if args else Any, i, tp) for i, v in enumerate(value))
+
+        return hook
+
+    def _item(value: Any, tp: Any, index: int, outer: Any) -> Any:
+        try:
+            return conv.structure(value, tp)
+        except Exception as exc:
+            raise _Mismatch(f"item [{index}]: {exc}") from None
+
+    conv.register_structure_hook_factory(is_collection, collection_factory)
     for enum_type in (PeftType, TaskType):
         conv.register_structure_hook(enum_type, _enum_hook(enum_type))
     conv.register_unstructure_hook(set, lambda s: sorted(s))

@@ -1,0 +1,6 @@
+"""Testing support for peft-kernel and its plugins: the conformance suite, tiny models, fixtures."""
+
+from peft_kernel.testing.conformance import CHECKS, ConformanceCase, conformance_suite
+from peft_kernel.testing.models import MODELS, make_inputs, make_model, output_tensor
+
+__all__ = ["CHECKS", "ConformanceCase", "MODELS", "conformance_suite", "make_inputs", "make_model", "output_tensor"]

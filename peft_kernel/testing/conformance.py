@@ -1,0 +1,241 @@
+"""The conformance suite every method plugin runs on its own configs.
+
+In a plugin's test module::
+
+    from peft_kernel.testing import ConformanceCase, conformance_suite
+    TestMyMethod = conformance_suite([
+        ConformanceCase("mlp", lambda: MyConfig(target_modules=["lin0", "lin1"])),
+    ])
+
+Each case runs every check; a check the method's declared capabilities do not allow (merging for a
+method without ``mergeable``, mixed batches without ``mixed_batch``) is skipped *visibly* with the
+reason. Cross-loading against HF ``peft`` is skipped visibly when ``peft`` is not installed.
+"""
+
+from __future__ import annotations
+
+import copy
+import tempfile
+from typing import Any, Callable
+
+import attrs
+import pytest
+import torch
+from torch import nn
+
+from peft_kernel.testing.models import make_inputs, make_model, output_tensor
+
+
+@attrs.define
+class ConformanceCase:
+    """One (model, config) pair to check.
+
+    ``config`` builds a fresh config each call. ``changes_base_at_init`` marks initialisations that
+    rewrite base weights (PiSSA, OLoRA): disable/unload then give the residual model, not the base.
+    ``perturb`` adds noise to adapter tensors so adapters compute something non-trivial.
+    """
+
+    model: str
+    config: Callable[[], Any]
+    id: str = ""
+    tolerance: float = 1e-5
+    changes_base_at_init: bool = False
+    perturb: bool = True
+    hf: bool = True
+
+    def __attrs_post_init__(self) -> None:
+        if not self.id:
+            self.id = self.model
+
+
+def _record(config: Any) -> Any:
+    from peft_kernel.plugins import get_registry
+
+    return get_registry().method_for_config(config)
+
+
+def _perturb(model: nn.Module, seed: int) -> None:
+    """Deterministic noise on every trainable tensor (the adapters)."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
+            if p.requires_grad:
+                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * 0.2)
+
+
+def _run(model: nn.Module, inputs: dict[str, Any], **kwargs: Any) -> torch.Tensor:
+    with torch.no_grad():
+        return output_tensor(model(**inputs, **kwargs)).detach().clone()
+
+
+def _build(case: ConformanceCase, adapter_name: str = "default", seed: int = 0) -> Any:
+    from peft_kernel import get_peft_model
+
+    model = get_peft_model(make_model(case.model), case.config(), adapter_name=adapter_name)
+    if case.perturb:
+        _perturb(model, seed)
+    return model.eval()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> None:
+    diff = (a.float() - b.float()).abs().max().item()
+    assert diff <= tol, f"{what}: max abs difference {diff:.3e} > {tol:.1e}"
+
+
+def _hf():
+    return pytest.importorskip("peft", reason="HF peft (the test oracle) is not installed")
+
+
+def _hf_config(config: Any) -> Any:
+    peft = _hf()
+    data = config.to_dict()
+    return peft.get_peft_config(data)
+
+
+class _Checks:
+    """The checks; ``conformance_suite`` parametrizes them over cases."""
+
+    def test_output_changes(self, case: ConformanceCase) -> None:
+        model = _build(case)
+        inputs = make_inputs(case.model)
+        base = _run(make_model(case.model), inputs)
+        out = _run(model, inputs)
+        assert out.shape == base.shape
+        assert not torch.allclose(out, base, atol=1e-6), "the adapter did not change the output"
+
+    def test_merge_unmerge(self, case: ConformanceCase) -> None:
+        model = _build(case)
+        if not _record(model.active_peft_config).supports("mergeable"):
+            pytest.skip(f"{model.active_peft_config.peft_type} declares no 'mergeable' capability")
+        inputs = make_inputs(case.model)
+        unmerged = _run(model, inputs)
+        model.merge_adapter()
+        _close(_run(model, inputs), unmerged, max(case.tolerance, 1e-4), "merged vs unmerged")
+        model.unmerge_adapter()
+        _close(_run(model, inputs), unmerged, max(case.tolerance, 1e-4), "after unmerge vs unmerged")
+        merged_model = model.merge_and_unload()
+        _close(_run(merged_model, inputs), unmerged, max(case.tolerance, 1e-4), "merge_and_unload vs unmerged")
+
+    def test_disable_is_base(self, case: ConformanceCase) -> None:
+        if case.changes_base_at_init:
+            pytest.skip("this initialisation rewrites the base weights")
+        model = _build(case)
+        inputs = make_inputs(case.model)
+        base = _run(make_model(case.model), inputs)
+        with model.disable_adapter():
+            _close(_run(model, inputs), base, case.tolerance, "disabled vs base")
+        assert not torch.allclose(_run(model, inputs), base, atol=1e-6), "adapter stayed disabled after the block"
+
+    def test_unload_is_base(self, case: ConformanceCase) -> None:
+        if case.changes_base_at_init:
+            pytest.skip("this initialisation rewrites the base weights")
+        model = _build(case)
+        inputs = make_inputs(case.model)
+        base_model = make_model(case.model)
+        unloaded = model.unload()
+        _close(_run(unloaded, inputs), _run(base_model, inputs), case.tolerance, "unload vs base")
+        assert set(dict(unloaded.named_parameters())) == set(dict(base_model.named_parameters()))
+
+    def test_save_load_roundtrip(self, case: ConformanceCase) -> None:
+        from peft_kernel import PeftModel
+
+        model = _build(case)
+        inputs = make_inputs(case.model)
+        expected = _run(model, inputs)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            loaded = PeftModel.from_pretrained(make_model(case.model), tmp)
+        _close(_run(loaded, inputs), expected, case.tolerance, "reloaded vs saved")
+
+    def test_hf_to_ours(self, case: ConformanceCase) -> None:
+        if not case.hf:
+            pytest.skip("no HF peft counterpart for this case")
+        peft = _hf()
+        from peft_kernel import PeftModel
+
+        hf_model = peft.get_peft_model(make_model(case.model), _hf_config(case.config()))
+        _perturb(hf_model, 0)
+        hf_model.eval()
+        inputs = make_inputs(case.model)
+        expected = _run(hf_model, inputs)
+        with tempfile.TemporaryDirectory() as tmp:
+            hf_model.save_pretrained(tmp)
+            ours = PeftModel.from_pretrained(make_model(case.model), tmp)
+        _close(_run(ours, inputs), expected, case.tolerance, "ours (loaded from HF peft) vs HF peft")
+
+    def test_ours_to_hf(self, case: ConformanceCase) -> None:
+        if not case.hf:
+            pytest.skip("no HF peft counterpart for this case")
+        peft = _hf()
+        model = _build(case)
+        inputs = make_inputs(case.model)
+        expected = _run(model, inputs)
+        with tempfile.TemporaryDirectory() as tmp:
+            model.save_pretrained(tmp)
+            hf_model = peft.PeftModel.from_pretrained(make_model(case.model), tmp).eval()
+        _close(_run(hf_model, inputs), expected, case.tolerance, "HF peft (loaded from ours) vs ours")
+
+    def test_mixed_batch_rows(self, case: ConformanceCase) -> None:
+        model = _build(case, adapter_name="first", seed=0)
+        if not _record(model.active_peft_config).supports("mixed_batch"):
+            pytest.skip(f"{model.active_peft_config.peft_type} declares no 'mixed_batch' capability")
+        model.add_adapter("second", case.config())
+        model.set_adapter("second")
+        _perturb(model, 1)
+        model.eval()
+        inputs = make_inputs(case.model)
+        singles = {}
+        for name in ("first", "second"):
+            model.set_adapter(name)
+            singles[name] = _run(model, inputs)
+        with model.disable_adapter():
+            singles["__base__"] = _run(model, inputs)
+        names = ["second", "__base__", "first", "second"][: next(iter(inputs.values())).shape[0]]
+        mixed = _run(model, inputs, adapter_names=names)
+        for row, name in enumerate(names):
+            _close(mixed[row], singles[name][row], max(case.tolerance, 1e-5), f"mixed row {row} ({name}) vs single run")
+
+    def test_delete_leaves_nothing(self, case: ConformanceCase) -> None:
+        model = _build(case)
+        before = {k: v.clone() for k, v in model.state_dict().items()}
+        model.add_adapter("extra", case.config())
+        model.delete_adapter("extra")
+        after = model.state_dict()
+        assert set(after) == set(before), f"keys left behind: {sorted(set(after) ^ set(before))[:5]}"
+        if not case.changes_base_at_init:  # PiSSA/OLoRA rewrite base weights when an adapter is added
+            changed = [k for k in before if not torch.equal(before[k], after[k])]
+            assert not changed, f"tensors changed by add + delete: {changed[:5]}"
+        assert "extra" not in model.peft_config
+        assert not [n for n, _ in model.named_modules() if n.endswith(".extra")]
+
+    def test_only_adapter_parameters_train(self, case: ConformanceCase) -> None:
+        model = _build(case)
+        model.train()
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        assert trainable, "nothing is trainable"
+        frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
+        trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
+        optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+        inputs = make_inputs(case.model)
+        for _ in range(3):
+            optimizer.zero_grad()
+            output_tensor(model(**inputs)).float().pow(2).mean().backward()
+            optimizer.step()
+        for name, value in model.named_parameters():
+            if name in frozen_before:
+                assert torch.equal(value, frozen_before[name]), f"frozen parameter {name} changed"
+        changed = [n for n, p in model.named_parameters() if n in trainable_before and not torch.equal(p, trainable_before[n])]
+        assert changed, "no trainable parameter changed after 3 optimizer steps"
+
+
+CHECKS = [name for name in vars(_Checks) if name.startswith("test_")]
+
+
+def conformance_suite(cases: list[ConformanceCase]) -> type:
+    """A pytest test class running every check on every case (assign it to a ``Test*`` name)."""
+
+    @pytest.fixture(params=cases, ids=[c.id for c in cases])
+    def case(self: Any, request: Any) -> ConformanceCase:
+        return request.param
+
+    return type("ConformanceSuite", (_Checks,), {"case": case, "__test__": True})
