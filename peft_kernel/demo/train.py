@@ -80,7 +80,7 @@ def train_adapter(
     rng = random.Random(seed)
     model.train()
     losses: list[float] = []
-    bar = tqdm(range(steps), desc=f"training {task.name:<9}", disable=not progress, leave=True, unit="step")
+    bar = tqdm(range(steps), desc=f"training {task.name:<9}", disable=not progress, leave=True, unit="step", mininterval=0.5)
     for _ in bar:
         examples = rng.sample(task.train, min(batch_size, len(task.train)))
         ids, last = tokenizer.batch([e.text for e in examples])
