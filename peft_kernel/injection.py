@@ -15,7 +15,7 @@ from peft_kernel.errors import AdapterNameError, TargetNotFoundError
 from peft_kernel.layer import AdapterLayer
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
 from peft_kernel.plugins import Registry, get_registry
-from peft_kernel.targeting import base_of, candidate_modules, expand_target_modules, no_match_error
+from peft_kernel.targeting import base_of, candidate_modules, compress_target_modules, expand_target_modules, no_match_error
 
 _NAME_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
 
@@ -66,6 +66,7 @@ def inject(model: nn.Module, config: Any, adapter_name: str, registry: Registry 
     ]
     if not matched:
         raise no_match_error(config, model)
+    compress_target_modules(config, model, [name for name, _ in matched])
     new_layers: dict[str, AdapterLayer] = {}
     for name, module in matched:
         if isinstance(module, AdapterLayer):

@@ -106,16 +106,36 @@ def expand_target_modules(config: Any, model: nn.Module, record: MethodRecord) -
         config.target_modules = set(defaults)
     elif isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
-        names = {
-            name.rsplit(".", 1)[-1]
-            for name, module in model.named_modules()
-            if is_linear(base_of(module)) and module is not output and base_of(module) is not output
-            and ".base_layer" not in name and "lora_" not in name
+        config.target_modules = {
+            name for name, module in candidate_modules(model)
+            if is_linear(base_of(module)) and base_of(module) is not output
         }
-        if output is not None:
-            out_name = next((n for n, m in model.named_modules() if m is output), "")
-            names.discard(out_name.rsplit(".", 1)[-1])
-        config.target_modules = names
+
+
+MIN_TARGETS_TO_COMPRESS = 20
+"""From this many targeted modules on, ``target_modules`` is stored as minimal suffixes (as HF PEFT does)."""
+
+
+def minimal_suffixes(targeted: list[str], all_names: list[str]) -> set[str]:
+    """The shortest dotted suffix of each targeted name that matches no other module name."""
+    chosen = set(targeted)
+    taken: set[str] = set()
+    for name in all_names:
+        if name not in chosen:
+            parts = name.split(".")
+            taken.update(".".join(parts[i:]) for i in range(len(parts)))
+    result: set[str] = set()
+    for name in targeted:
+        parts = name.split(".")
+        result.add(next((".".join(parts[i:]) for i in range(len(parts) - 1, -1, -1) if ".".join(parts[i:]) not in taken), name))
+    return result
+
+
+def compress_target_modules(config: Any, model: nn.Module, targeted: list[str]) -> None:
+    """Store long lists of targets as minimal suffixes, so the saved config stays readable."""
+    targets = getattr(config, "target_modules", None)
+    if isinstance(targets, (set, list)) and len(targeted) >= MIN_TARGETS_TO_COMPRESS:
+        config.target_modules = minimal_suffixes(targeted, [n for n, _ in candidate_modules(model)])
 
 
 def no_match_error(config: Any, model: nn.Module) -> TargetNotFoundError:

@@ -1,0 +1,68 @@
+"""Target selection equals HF PEFT's on the same models and configs."""
+
+from __future__ import annotations
+
+import pytest
+
+from peft_kernel import LoraConfig, get_peft_model
+from peft_kernel.errors import TargetNotFoundError
+from peft_kernel.layer import AdapterLayer
+from peft_kernel.testing import make_model
+
+CASES = [
+    ("llama", dict(target_modules=["q_proj", "v_proj"])),
+    ("llama", dict(target_modules="all-linear")),
+    ("llama", dict(target_modules=r".*layers\.1\.mlp\.(up|down)_proj")),
+    ("llama", dict(target_modules=["self_attn.q_proj", "mlp.down_proj"])),
+    ("llama", dict(target_modules="all-linear", exclude_modules=["o_proj", "gate_proj"])),
+    ("llama", dict(target_modules="all-linear", exclude_modules=r".*layers\.0\..*")),
+    ("llama", dict(target_modules=["q_proj", "k_proj"], layers_to_transform=1)),
+    ("llama", dict(target_modules=["q_proj", "k_proj"], layers_to_transform=[0], layers_pattern="layers")),
+    ("llama", dict(target_modules=["q_proj"], layers_to_transform=[1], layers_pattern=["blocks", "layers"])),
+    ("llama", dict()),  # model-type default targets
+    ("gpt2", dict(target_modules="all-linear")),
+    ("gpt2", dict()),
+    ("bert", dict(target_modules="all-linear")),
+    ("t5", dict(target_modules="all-linear")),
+    ("opt", dict(target_modules=["q_proj", "fc1"], layers_to_transform=[1])),
+    ("mlp", dict(target_modules=["lin0", "lin2"])),
+]
+
+
+def targeted(model) -> set[str]:
+    return {name.removeprefix("base_model.model.") for name, m in model.named_modules()
+            if isinstance(m, AdapterLayer) or type(m).__name__ in ("Linear", "Conv1D", "Embedding") and hasattr(m, "lora_A")}
+
+
+@pytest.mark.parametrize("kind, kwargs", CASES, ids=[f"{k}-{i}" for i, (k, _) in enumerate(CASES)])
+def test_same_modules_as_hf(kind, kwargs):
+    peft = pytest.importorskip("peft")
+    ours = get_peft_model(make_model(kind), LoraConfig(**kwargs))
+    theirs = peft.get_peft_model(make_model(kind), peft.LoraConfig(**kwargs))
+    ours_set = {n.removeprefix("base_model.model.") for n, m in ours.named_modules() if isinstance(m, AdapterLayer)}
+    theirs_set = {n.removeprefix("base_model.model.") for n, m in theirs.named_modules() if hasattr(m, "lora_A") and hasattr(m, "base_layer")}
+    assert ours_set == theirs_set
+    assert ours_set, "nothing targeted"
+    assert set(ours.peft_config["default"].target_modules) == set(theirs.peft_config["default"].target_modules)
+
+
+def test_no_match_lists_close_names():
+    with pytest.raises(TargetNotFoundError) as info:
+        get_peft_model(make_model("llama"), LoraConfig(target_modules=["q_prj", "v_proj_x"]))
+    message = str(info.value)
+    assert "['q_prj', 'v_proj_x']" in message and "q_proj" in message and "v_proj" in message
+
+
+def test_no_match_mentions_layer_filter():
+    with pytest.raises(TargetNotFoundError, match="layers_to_transform=\\[7\\]"):
+        get_peft_model(make_model("llama"), LoraConfig(target_modules=["q_proj"], layers_to_transform=[7]))
+
+
+def test_model_without_default_targets_asks_for_them():
+    with pytest.raises(TargetNotFoundError, match="no default for model_type None"):
+        get_peft_model(make_model("mlp"), LoraConfig())
+
+
+def test_unsupported_layer_type_is_named():
+    with pytest.raises(TargetNotFoundError, match="'model.layers.0.input_layernorm' of type LlamaRMSNorm"):
+        get_peft_model(make_model("llama"), LoraConfig(target_modules=["input_layernorm"]))
