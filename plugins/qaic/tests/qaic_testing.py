@@ -1,4 +1,4 @@
-"""Fixtures: tiny Llama / Mistral / Qwen2 models, three HF-PEFT-saved LoRA adapters each, a tokenizer."""
+"""Helpers: tiny Llama / Mistral / Qwen2 models, three HF-PEFT-saved LoRA adapters each, a tokenizer."""
 
 from __future__ import annotations
 
@@ -6,7 +6,6 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import pytest
 import torch
 
 VOCAB = 64
@@ -102,7 +101,3 @@ def hf_peft_model(model, paths):
         pm.load_adapter(str(paths[n]), adapter_name=n)
     return pm.eval()
 
-
-@pytest.fixture(scope="session")
-def tokenizer():
-    return make_tokenizer()

@@ -11,7 +11,7 @@ import time
 import numpy as np
 import pytest
 import torch
-from conftest import ADAPTER_SPECS, ARCHS, hf_peft_model, save_hf_adapters, tiny_model
+from qaic_testing import ADAPTER_SPECS, ARCHS, hf_peft_model, save_hf_adapters, tiny_model
 
 from peft_kernel_qaic import QEffAutoLoraModelForCausalLM, QEffAutoPeftModelForCausalLM
 

@@ -57,6 +57,7 @@ class QaicCausalLMBase:
         self._model_fp: str | None = None
         self._sessions: dict[str, Any] = {}
         self.last_export_seconds: float | None = None
+        self.export_dir: Path | None = None
 
     # ---- to be provided by subclasses ---------------------------------------------------------
     def _build_graph(self):  # pragma: no cover - abstract
@@ -109,13 +110,19 @@ class QaicCausalLMBase:
     ) -> str:
         """Export the ONNX graph (skipped when an identical export exists); returns its path.
 
+        ``export_dir`` (remembered for later implicit exports) defaults to
+        ``$PEFT_KERNEL_QAIC_CACHE`` or ``~/.cache/peft_kernel_qaic``; each export gets a sub-folder
+        named after the model and the export hash.
+
         The graph has symbolic ``batch_size`` / ``seq_len`` / ``ctx_len``; the static shapes the
         device runs go to ``specializations.json`` next to it (``batch_size``, ``prefill_seq_len``,
         ``ctx_len``, remembered for ``compile`` and ``generate``).
         """
         self._set_options(batch_size, prefill_seq_len, ctx_len)
         digest = self.export_hash()
-        root = Path(export_dir) if export_dir is not None else default_export_root()
+        if export_dir is not None:
+            self.export_dir = Path(export_dir)
+        root = self.export_dir if self.export_dir is not None else default_export_root()
         folder = root / f"{self.model_name}-{self._kind}-{digest[:16]}"
         found = None if force else find_export(folder, digest)
         if found is not None:
