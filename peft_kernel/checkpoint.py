@@ -86,6 +86,11 @@ def resolve_file(
         if missing_ok:
             return None
         raise CheckpointError(f"{candidate} does not exist: is {path_or_id!s} a saved adapter folder?")
+    text = str(path_or_id)
+    if Path(text).is_absolute() or text.startswith((".", "~")) or text.count("/") > 1:
+        if missing_ok:
+            return None
+        raise CheckpointError(f"{text} is not a local folder (it does not exist), and it is not a Hub repo id either.")
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import EntryNotFoundError, LocalEntryNotFoundError, RepositoryNotFoundError
 
