@@ -1,0 +1,75 @@
+"""LoHa adapter layers for ``nn.Linear``, ``nn.Conv1d`` and ``nn.Conv2d`` (what HF PEFT supports).
+
+``delta W = (w1_a @ w1_b) * (w2_a @ w2_b) * alpha / r`` (a Hadamard product of two rank-``r``
+products, so the delta can have rank up to ``r**2``). For a conv kernel the products are
+``[out, in * k...]`` reshaped to the kernel; with ``use_effective_conv2d`` (kernel larger than 1)
+each product is instead a Tucker product ``core [r, r, *k] x w_a [r, out] x w_b [r, in]``.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from peft_kernel_loha.config import LoHaConfig
+from peft_kernel_lycoris.layer import SUPPORTED_BASE_LAYERS, LycorisLayer, conv_core_shape, kaiming_uniform, tucker
+
+
+class LoHaLayer(LycorisLayer):
+    """LoHa on a Linear / Conv1d / Conv2d base layer."""
+
+    adapter_layer_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
+
+    def __init__(self, base_layer: nn.Module) -> None:
+        super().__init__(base_layer)
+        self.hada_w1_a = nn.ParameterDict()
+        self.hada_w1_b = nn.ParameterDict()
+        self.hada_w2_a = nn.ParameterDict()
+        self.hada_w2_b = nn.ParameterDict()
+        self.hada_t1 = nn.ParameterDict()
+        self.hada_t2 = nn.ParameterDict()
+
+    def create_adapter(self, adapter_name: str, r: int, config: LoHaConfig) -> None:
+        out_dim, in_dim, kernel = self.out_features, self.in_features, self.kernel_size
+        if self.is_conv and config.use_effective_conv2d and any(k != 1 for k in kernel):
+            core = conv_core_shape(r, kernel)
+            self.hada_t1[adapter_name] = nn.Parameter(torch.empty(core))
+            self.hada_t2[adapter_name] = nn.Parameter(torch.empty(core))
+            shapes = {"a": (r, out_dim), "b": (r, in_dim)}
+        else:
+            flat_in = in_dim * int(torch.Size(kernel).numel())
+            shapes = {"a": (out_dim, r), "b": (r, flat_in)}
+        self.hada_w1_a[adapter_name] = nn.Parameter(torch.empty(shapes["a"]))
+        self.hada_w1_b[adapter_name] = nn.Parameter(torch.empty(shapes["b"]))
+        self.hada_w2_a[adapter_name] = nn.Parameter(torch.empty(shapes["a"]))
+        self.hada_w2_b[adapter_name] = nn.Parameter(torch.empty(shapes["b"]))
+
+    def reset_adapter(self, adapter_name: str, init_weights: bool) -> None:
+        """Kaiming-uniform everywhere; with ``init_weights=True`` ``hada_w2_b`` starts at zero, so
+        the adapter starts as the identity (HF's choice)."""
+        with torch.no_grad():
+            for p in self.adapter_parameters(adapter_name):
+                kaiming_uniform(p)
+            if init_weights:
+                nn.init.zeros_(self.hada_w2_b[adapter_name])
+
+    def _factor(self, adapter_name: str, index: int) -> torch.Tensor:
+        w_a = getattr(self, f"hada_w{index}_a")[adapter_name]
+        w_b = getattr(self, f"hada_w{index}_b")[adapter_name]
+        core = self._param(f"hada_t{index}", adapter_name)
+        if core is not None:
+            return tucker(core, w_a, w_b)
+        return w_a @ w_b
+
+    def raw_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        product = self._factor(adapter_name, 1) * self._factor(adapter_name, 2)
+        return product.reshape(self.base_layer.weight.shape)
+
+
+def make_layer(config: LoHaConfig, adapter_name: str, base_layer: nn.Module, module_name: str) -> LoHaLayer | None:
+    """The LoHa layer for ``base_layer`` with ``adapter_name`` added, or None for unsupported types."""
+    if not isinstance(base_layer, SUPPORTED_BASE_LAYERS):
+        return None
+    layer = LoHaLayer(base_layer)
+    layer.update_layer(adapter_name, config, module_name)
+    return layer
