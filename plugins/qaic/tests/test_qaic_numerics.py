@@ -164,3 +164,10 @@ def test_swap_class_from_live_peft_model(tmp_path):
     qeff = QEffAutoPeftModelForCausalLM(lora)
     assert set(qeff.adapter_weights) == {"default"}
     assert qeff.active_adapter == "default"
+
+
+def test_verify_reports_agreement_with_pytorch_reference(setup, tokenizer):
+    # the built-in check users run without the card (reference: transformers forward + LoRA hooks)
+    report = setup["qeff"].verify(tokenizer, PROMPTS[:3], MAPPING[:3], generation_len=3)
+    assert report.ok and report.worst <= TOL, str(report)
+    assert "match" in str(report)

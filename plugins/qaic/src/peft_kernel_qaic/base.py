@@ -227,6 +227,16 @@ class QaicCausalLMBase:
             )
         return ai100_session(self.qpc_path, device_ids), read_meta(self.onnx_path)
 
+    def verify(self, tokenizer: Any = None, prompts: Any = None, prompt_to_adapter_mapping: Any = None,
+               generation_len: int | None = 8, prompt_token_ids: Any = None):
+        """Generate on ONNX Runtime and compare every step's logits and the greedy tokens with PyTorch.
+
+        Returns a :class:`~peft_kernel_qaic.verify.VerifyReport` (``worst``, ``ok``, printable).
+        """
+        from peft_kernel_qaic.verify import verify
+
+        return verify(self, tokenizer, prompts, prompt_to_adapter_mapping, generation_len, prompt_token_ids)
+
     def _tokenize(self, tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
         return [list(tokenizer(p)["input_ids"]) for p in prompts]
 
