@@ -82,7 +82,8 @@ def cmd_list_plugins(args: argparse.Namespace) -> int:
 
 # ---- inspect ----------------------------------------------------------------------------------
 _REPO_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-_HIDDEN_CONFIG_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "peft_version", "revision")
+_HIDDEN_CONFIG_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "peft_version", "revision", "inference_mode")
+"""Shown on their own lines, or always the same in a saved adapter (``inference_mode``)."""
 
 
 def _adapter_locations(path: str) -> list[tuple[str, str, str | None]]:
@@ -133,13 +134,14 @@ def _load_config(model_id: str, subfolder: str | None) -> tuple[Any, dict[str, A
 
 def _config_summary(config: Any, raw: dict[str, Any]) -> dict[str, Any]:
     """Fields whose value differs from the method's default (all of them if that is unknown)."""
-    values = config.to_dict() if config is not None else dict(raw)
+    if config is None:  # no plugin to know the defaults: show what was saved, minus empty fields
+        return {k: v for k, v in sorted(raw.items()) if k not in _HIDDEN_CONFIG_FIELDS and v is not None}
+    values = config.to_dict()
     defaults: dict[str, Any] = {}
-    if config is not None:
-        try:
-            defaults = type(config)().to_dict()
-        except Exception:  # a config class whose defaults do not validate on their own
-            defaults = {}
+    try:
+        defaults = type(config)().to_dict()
+    except Exception:  # a config class whose defaults do not validate on their own
+        defaults = {}
     return {
         k: v for k, v in sorted(values.items())
         if k not in _HIDDEN_CONFIG_FIELDS and (k not in defaults or defaults[k] != v)
@@ -159,12 +161,12 @@ def _module_of(key: str, prefix: str) -> tuple[str, bool]:
 
 
 def _collapse(modules: Sequence[str]) -> list[tuple[str, int]]:
-    """``model.layers.0.q_proj``, ``model.layers.1.q_proj`` -> ``("model.layers.*.q_proj", 2)``."""
-    counts: dict[str, int] = {}
+    """``model.layers.0.q_proj``, ``model.layers.1.q_proj`` -> ``("model.layers.*.q_proj", 2)``;
+    a pattern that stands for one module is shown by its real name."""
+    groups: dict[str, list[str]] = {}
     for name in modules:
-        pattern = re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name)
-        counts[pattern] = counts.get(pattern, 0) + 1
-    return sorted(counts.items())
+        groups.setdefault(re.sub(r"(?<=\.)\d+(?=\.|$)", "*", name), []).append(name)
+    return sorted((names[0] if len(names) == 1 else pattern, len(names)) for pattern, names in groups.items())
 
 
 def inspect_adapter(name: str, model_id: str, subfolder: str | None) -> dict[str, Any]:
@@ -203,12 +205,13 @@ def inspect_adapter(name: str, model_id: str, subfolder: str | None) -> dict[str
     task_type = raw.get("task_type")
     return {
         "adapter": name,
-        "path": str(folder) if folder.is_dir() else f"{model_id}{'/' + subfolder if subfolder else ''}",
+        "path": str(folder.resolve()) if folder.is_dir() else f"{model_id}{'/' + subfolder if subfolder else ''}",
         "peft_type": peft_type,
         "plugin": record.distribution if record is not None else None,
         "task_type": task_type,
         "base_model_name_or_path": raw.get("base_model_name_or_path"),
         "config": _config_summary(config, raw),
+        "config_defaults_known": config is not None,
         "targeted_modules": adapted,
         "full_modules": full,
         "parameters": sum(t.numel() for t in tensors.values()),
@@ -218,6 +221,10 @@ def inspect_adapter(name: str, model_id: str, subfolder: str | None) -> dict[str
         "size_on_disk": sum(files.values()),
         "notes": notes,
     }
+
+
+def _plural(n: int, word: str) -> str:
+    return f"{n:,} {word}" + ("" if n == 1 else "s")
 
 
 def _format_value(value: Any) -> str:
@@ -237,19 +244,22 @@ def format_inspection(info: dict[str, Any], show_tensors: bool = False) -> list[
     field("task type", info["task_type"] or "-")
     field("base model", info["base_model_name_or_path"] or "-")
     if info["config"]:
-        out.append("  config (non-default fields):")
+        out.append("  config (non-default fields):" if info["config_defaults_known"]
+                   else "  config (as saved; the defaults are unknown without the plugin):")
         width = max(len(k) for k in info["config"])
         out.extend(f"    {k:<{width}}  {_format_value(v)}" for k, v in info["config"].items())
     else:
         field("config", "all fields at their defaults")
     leaves = sorted({m.rsplit(".", 1)[-1] for m in info["targeted_modules"]})
     field("targeted modules", f"{len(info['targeted_modules'])} ({', '.join(leaves) or 'none'})")
-    for pattern, count in _collapse(info["targeted_modules"]):
-        out.append(f"    {pattern}" + (f"  x{count}" if count > 1 else ""))
+    collapsed = _collapse(info["targeted_modules"])
+    width = max((len(p) for p, _ in collapsed), default=0)
+    for pattern, count in collapsed:
+        out.append(f"    {pattern:<{width}}  x{count}".rstrip() if count > 1 else f"    {pattern}")
     if info["full_modules"]:
         field("saved in full", ", ".join(info["full_modules"]))
     by_dtype = ", ".join(f"{n:,} {d}" for d, n in info["parameters_by_dtype"].items())
-    field("parameters", f"{info['parameters']:,} in {len(info['tensors'])} tensors ({by_dtype or 'none'})")
+    field("parameters", f"{info['parameters']:,} in {_plural(len(info['tensors']), 'tensor')} ({by_dtype or 'none'})")
     files = ", ".join(f"{k} {human_size(v)}" for k, v in info["files"].items())
     field("size on disk", f"{human_size(info['size_on_disk'])}  ({files})")
     if show_tensors:
