@@ -1,20 +1,20 @@
 """The core's own hook implementations, registered like any external plugin (as ``core``).
 
-Each is ``trylast``: a plugin implementation for its own configs or layers runs first.
+Each is ``trylast``: a plugin implementation for its own configs or layers runs first. Heavy
+modules are imported on first call, so building the registry stays cheap.
 """
 
 from __future__ import annotations
 
 from typing import Any, Literal
 
-from torch import nn
-
 from peft_kernel.markers import hookimpl
-from peft_kernel.targeting import standard_match
 
 
 @hookimpl(trylast=True)
-def peft_kernel_match_target(config: Any, module_name: str, module: nn.Module, model: nn.Module) -> bool:
+def peft_kernel_match_target(config: Any, module_name: str, module: Any, model: Any) -> bool:
+    from peft_kernel.targeting import standard_match
+
     return standard_match(config, module_name)
 
 
