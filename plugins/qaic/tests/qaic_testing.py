@@ -13,7 +13,7 @@ ARCHS = ("llama", "mistral", "qwen2")
 
 
 def tiny_config(arch: str):
-    from transformers import LlamaConfig, MistralConfig, Qwen2Config
+    from transformers import LlamaConfig, MistralConfig, Qwen2Config, Qwen3Config
 
     common = dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -26,6 +26,8 @@ def tiny_config(arch: str):
         return MistralConfig(sliding_window=12, **common)  # exercised: prompts + generation exceed 12
     if arch == "qwen2":
         return Qwen2Config(**common)
+    if arch == "qwen3":
+        return Qwen3Config(head_dim=8, **common)
     raise ValueError(arch)
 
 

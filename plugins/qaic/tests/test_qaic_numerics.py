@@ -171,3 +171,18 @@ def test_verify_reports_agreement_with_pytorch_reference(setup, tokenizer):
     report = setup["qeff"].verify(tokenizer, PROMPTS[:3], MAPPING[:3], generation_len=3)
     assert report.ok and report.worst <= TOL, str(report)
     assert "match" in str(report)
+
+
+def test_qwen3_q_k_norm_architecture(tmp_path, tokenizer):
+    model = tiny_model("qwen3")
+    paths = save_hf_adapters(model, tmp_path / "a", specs={k: ADAPTER_SPECS[k] for k in ("gsm8k", "code")})
+    qeff = QEffAutoLoraModelForCausalLM.from_pretrained(model)
+    for name, path in paths.items():
+        qeff.load_adapter(path, name)
+    qeff.export(tmp_path / "e", batch_size=3, prefill_seq_len=8, ctx_len=32)
+    report = qeff.verify(tokenizer, PROMPTS[:3], ["code", "base", "gsm8k"], generation_len=3)
+    assert report.ok and report.worst <= TOL, str(report)
+    oracle = hf_peft_model(model, paths)
+    oracle.set_adapter("code")
+    res = qeff.generate(tokenizer, PROMPTS[:1], ["code"], generation_len=3, runtime="onnxruntime", return_logits=True)
+    assert np.abs(_oracle_logits(oracle, tokenizer, PROMPTS[0], "code", res.generated_ids[0]) - res.logits[0]).max() <= TOL

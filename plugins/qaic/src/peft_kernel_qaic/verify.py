@@ -49,6 +49,8 @@ class VerifyReport:
     max_abs_diff: list[float]
     tokens_match: list[bool]
     adapters: list[str]
+    max_abs_logit: list[float] = attrs.field(factory=list)
+    """Per prompt, the largest |logit| of the reference (to read the differences relative to it)."""
 
     @property
     def worst(self) -> float:
@@ -63,7 +65,8 @@ class VerifyReport:
             f"  prompt {i} [{a}]: max|dlogit| = {d:.2e}, greedy tokens {'match' if m else 'DIFFER'}"
             for i, (a, d, m) in enumerate(zip(self.adapters, self.max_abs_diff, self.tokens_match))
         ]
-        return "\n".join([f"ONNX Runtime vs PyTorch: worst {self.worst:.2e}", *rows])
+        scale = max(self.max_abs_logit) if self.max_abs_logit else 0.0
+        return "\n".join([f"ONNX Runtime vs PyTorch: worst {self.worst:.2e} (largest |logit| {scale:.1f})", *rows])
 
 
 def verify_generation(
@@ -74,15 +77,16 @@ def verify_generation(
     generated: Sequence[Sequence[int]],
     logits: Sequence[np.ndarray],
 ) -> VerifyReport:
-    diffs, matches = [], []
+    diffs, matches, scales = [], [], []
     for prompt, name, gen, got in zip(prompt_ids, mapping, generated, logits):
         full = torch.tensor([list(prompt) + list(gen)])
         with torch.no_grad(), lora_hooks(model, adapters.get(name)):
             ref = model(full).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(gen)].float().numpy()
         diffs.append(float(np.abs(ref - got).max()))
+        scales.append(float(np.abs(ref).max()))
         # greedy on the reference logits (teacher-forced on the same tokens) must pick the same tokens
         matches.append(ref.argmax(-1).tolist() == list(gen))
-    return VerifyReport(max_abs_diff=diffs, tokens_match=matches, adapters=list(mapping))
+    return VerifyReport(max_abs_diff=diffs, tokens_match=matches, adapters=list(mapping), max_abs_logit=scales)
 
 
 def verify(qeff: Any, tokenizer: Any = None, prompts: Sequence[str] | None = None, prompt_to_adapter_mapping=None,
