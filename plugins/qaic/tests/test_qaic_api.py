@@ -272,3 +272,34 @@ def test_apply_peft_resumes_from_checkpoint(tmp_path):
     assert any(p.requires_grad for n, p in peft_model.named_parameters() if "lora_" in n)
     # and the resumed adapter exports: the swap class reads it from the live model
     assert set(QEffAutoPeftModelForCausalLM(peft_model).adapter_weights) == {"default"}
+
+
+def test_device_style_loop_with_retained_state(small):
+    """A session that keeps the KV cache itself (as the card does) gives the same tokens and logits."""
+    import numpy as np
+
+    from peft_kernel_qaic.export import read_meta
+    from peft_kernel_qaic.runtime import generate_tokens, ort_session
+
+    qeff = small["qeff"]
+    meta = read_meta(qeff.onnx_path)
+    inner = ort_session(qeff.onnx_path)
+    state = {}
+
+    def device(feeds):
+        assert not any(k.startswith("past_") for k in feeds)
+        full = dict(feeds)
+        for name in meta["kv_inputs"]:
+            full[name] = state.get(name, np.full([2, *meta["kv_shape"][1:2], 16, meta["kv_shape"][3]], 7.0, np.float32))
+        out = inner(full)
+        for name in meta["kv_inputs"]:
+            state[name] = out.pop(f"{name}_RetainedState")
+        return out
+
+    device.retains_state = True
+    prompts = [[1, 10, 11, 12, 13, 14], [1, 20, 21], [1, 5, 6, 7, 8, 9, 10, 11, 12], [1, 30]]
+    ids = [1, 0, 2, 3]
+    got = generate_tokens(device, meta, prompts, ids, 4, None, return_logits=True, options={"batch_size": 2, "prefill_seq_len": 4, "ctx_len": 16})
+    ref = generate_tokens(inner, meta, prompts, ids, 4, None, return_logits=True, options={"batch_size": 2, "prefill_seq_len": 4, "ctx_len": 16})
+    assert got[0] == ref[0]
+    assert max(np.abs(a - b).max() for a, b in zip(got[1], ref[1])) < 1e-5

@@ -57,7 +57,11 @@ def ort_session(onnx_path: str | Path, num_threads: int | None = None) -> Sessio
 
 
 def ai100_session(qpc_path: str | Path, device_ids: Sequence[int] | None = None) -> Session:
-    """A Cloud AI 100 session over a compiled QPC, through the SDK's Python runtime."""
+    """A Cloud AI 100 session over a compiled QPC, through the SDK's Python runtime.
+
+    The KV cache stays on the device (retained state): its buffers are skipped, so the loop feeds
+    only tokens, positions, adapter ids (and swap-class weights) and reads the logits.
+    """
     try:
         from QEfficient.generation.cloud_infer import QAICInferenceSession  # type: ignore[import-not-found]
     except Exception:
@@ -67,12 +71,22 @@ def ai100_session(qpc_path: str | Path, device_ids: Sequence[int] | None = None)
             "runtime='onnxruntime' to run the same exported graph on CPU."
         ) from None
     sess = QAICInferenceSession(str(qpc_path), list(device_ids) if device_ids else None)
+    names = list(getattr(sess, "input_names", [])) + list(getattr(sess, "output_names", []))
+    kv = [n for n in names if n.startswith("past_") or n.endswith("_RetainedState")]
+    if kv:
+        sess.skip_buffers(kv)
+    inputs = set(getattr(sess, "input_names", [])) - set(kv)
 
     def run(feeds: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        feeds = {k: (v.astype(np.float16) if v.dtype == np.float32 else v) for k, v in feeds.items()}
+        feeds = {
+            k: (v.astype(np.float16) if v.dtype == np.float32 else v)
+            for k, v in feeds.items()
+            if not inputs or k in inputs
+        }
         outs = sess.run(feeds)
         return {k: np.asarray(v, dtype=np.float32) if np.asarray(v).dtype == np.float16 else v for k, v in outs.items()}
 
+    run.retains_state = True  # type: ignore[attr-defined]
     return run
 
 
@@ -127,7 +141,10 @@ def generate_tokens(
         gids = gids + [0] * (batch_size - n_real)
         lens = np.array([len(p) for p in group])
         lora = np.array(gids, dtype=np.int64).reshape(batch_size, 1)
-        past = {name: np.zeros(kv_shape, dtype=np.float32) for name in meta["kv_inputs"]}
+        # A device session keeps the cache itself (retained state); stale entries from a previous
+        # batch are harmless: every slot a row can attend to (<= its position) is rewritten first.
+        on_device = getattr(session, "retains_state", False)
+        past = {} if on_device else {name: np.zeros(kv_shape, dtype=np.float32) for name in meta["kv_inputs"]}
         first_logits = np.zeros((batch_size, 0), dtype=np.float32)
 
         t0 = time.perf_counter()
