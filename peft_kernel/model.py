@@ -34,6 +34,10 @@ class PeftModel(nn.Module):
     task_modules_to_save: tuple[str, ...] = ()
     """Modules every adapter of this task trains and saves in full (the classifier head)."""
 
+    _prompt: Any = None
+    """For ``prompt_learning`` methods, the :class:`~peft_kernel.prompt_learning.PromptLearner`
+    that owns adapters, forward and generate; ``None`` for layer adapters."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -45,9 +49,18 @@ class PeftModel(nn.Module):
         super().__init__()
         record = get_registry().method_for_config(peft_config)
         if record.supports("prompt_learning"):
-            raise NotImplementedError(
-                f"{record.peft_type} is a prompt-learning method; this peft-kernel core wraps layer adapters only."
-            )
+            from peft_kernel.prompt_learning import PromptLearner
+
+            if peft_config.modules_to_save or self.task_modules_to_save:
+                raise NotImplementedError(
+                    f"{record.peft_type} with modules_to_save (or a task head such as SEQ_CLS's classifier) is not "
+                    "supported by peft-kernel yet; use a CAUSAL_LM task."
+                )
+            self.base_model = model  # as in HF PEFT: the transformers model itself
+            self._prompt = PromptLearner(self, record)
+            self._prompt.add(adapter_name, peft_config)
+            self.special_peft_forward_args = {"adapter_names"}
+            return
         self._add_task_modules(peft_config)
         self.base_model: AdapterModel = tuner_class(record.tuner_name)(model, peft_config, adapter_name)
         self.special_peft_forward_args = {"adapter_names"}
@@ -63,14 +76,20 @@ class PeftModel(nn.Module):
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
+        if self._prompt is not None:
+            return self._prompt.configs
         return self.base_model.peft_config
 
     @property
     def active_adapter(self) -> str | list[str]:
+        if self._prompt is not None:
+            return self._prompt.active
         return self.base_model.active_adapter
 
     @property
     def active_adapters(self) -> list[str]:
+        if self._prompt is not None:
+            return [self._prompt.active] if self._prompt.active is not None else []
         return self.base_model.active_adapters
 
     @property
@@ -78,7 +97,7 @@ class PeftModel(nn.Module):
         return self.peft_config[self.active_adapters[0]]
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model.model
+        return self.base_model if self._prompt is not None else self.base_model.model
 
     def _add_task_modules(self, config: PeftConfig) -> None:
         if self.task_modules_to_save and hasattr(config, "modules_to_save"):
@@ -114,32 +133,43 @@ class PeftModel(nn.Module):
     def _adapter_layers(self) -> Iterator[Any]:
         from peft_kernel.layer import adapter_layers
 
-        return (layer for _, layer in adapter_layers(self.base_model.model))
+        return (layer for _, layer in adapter_layers(self.get_base_model()))
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         with self._routing(adapter_names, args, kwargs):
+            if self._prompt is not None:
+                return self._prompt.forward(args, kwargs, adapter_names)
             return self.base_model(*args, **kwargs)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         with self._routing(adapter_names, args, kwargs):
+            if self._prompt is not None:
+                return self._prompt.generate(args, kwargs, adapter_names)
             return self.base_model.model.generate(*args, **kwargs)
 
     # ---- adapters -----------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a freshly initialised adapter (it does not become active)."""
+        if self._prompt is not None:
+            self._prompt.add(adapter_name, peft_config)
+            return
         self._add_task_modules(peft_config)
         self.base_model.add_adapter(adapter_name, peft_config)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
+        if self._prompt is not None:
+            return self._prompt.set_active(adapter_name)
         self.base_model.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
+        if self._prompt is not None:
+            return self._prompt.delete(adapter_name)
         self.base_model.delete_adapter(adapter_name)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes as the base model."""
-        with self.base_model.disable_adapter():
+        with (self._prompt.disable() if self._prompt is not None else self.base_model.disable_adapter()):
             yield
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
@@ -177,13 +207,18 @@ class PeftModel(nn.Module):
         if os.path.isfile(save_directory):
             raise ValueError(f"save_directory {save_directory!s} is a file; pass a folder.")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        self.base_model._check_names(names)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterNameError(f"unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}.")
         if not is_main_process:
             return
         hook = get_registry().hook
         for name in names:
             config = self.peft_config[name]
-            tensors = get_peft_model_state_dict(self, adapter_name=name)
+            if self._prompt is not None:
+                tensors = self._prompt.saved_tensors(name)
+            else:
+                tensors = get_peft_model_state_dict(self, adapter_name=name)
             mapped = hook.peft_kernel_map_state_dict(config=config, state_dict=tensors, direction="save")
             out = adapter_dir(save_directory, name)
             atomic_save_tensors(out / (WEIGHTS_NAME if safe_serialization else PICKLE_WEIGHTS_NAME),
@@ -222,8 +257,11 @@ class PeftModel(nn.Module):
         try:
             weights = load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle,
                                            device=torch_device or "cpu", **hub)
-            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
-                                               ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False))
+            if self._prompt is not None:
+                result = self._prompt.load_tensors(weights, adapter_name)
+            else:
+                result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
+                                                   ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False))
         except BaseException:
             if len(self.peft_config) > 1:
                 self.delete_adapter(adapter_name)
@@ -259,7 +297,10 @@ class PeftModel(nn.Module):
         try:
             peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_pickle=allow_pickle, **kwargs)
         except BaseException:
-            peft_model.base_model.unload()  # give the caller their model back untouched
+            if peft_model._prompt is not None:
+                peft_model._prompt.release()
+            else:
+                peft_model.base_model.unload()  # give the caller their model back untouched
             raise
         return peft_model
 
