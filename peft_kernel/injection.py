@@ -35,7 +35,7 @@ def check_adapter_name(adapter_name: str, existing: dict[str, Any], registry: Re
     if adapter_name == "__base__":
         raise AdapterNameError("'__base__' is reserved: it selects the base model in mixed batches.")
     for record in registry.methods.values():
-        if record.prefix in adapter_name or adapter_name in record.prefix:
+        if record.prefix in adapter_name:
             raise AdapterNameError(
                 f"adapter name {adapter_name!r} collides with the parameter prefix {record.prefix!r} of "
                 f"{record.peft_type}; state-dict keys would become ambiguous. Pick another name."
