@@ -19,6 +19,9 @@ CASES = [
     ConformanceCase("mlp", lora(target_modules=["lin0", "lin1"], init_lora_weights="olora"), id="mlp-olora",
                     changes_base_at_init=True),
     ConformanceCase("mlp", lora(target_modules=["lin0"], init_lora_weights="gaussian", lora_dropout=0.1), id="mlp-gaussian-dropout"),
+    # bias="all"/"lora_only" train base biases too, so disable/unload no longer give the base model
+    ConformanceCase("mlp", lora(target_modules=["lin0", "lin1"], bias="all"), id="mlp-bias-all", changes_base_at_init=True),
+    ConformanceCase("conv2d", lora(target_modules=["conv0"], bias="lora_only"), id="conv2d-bias-lora-only", changes_base_at_init=True),
     ConformanceCase("conv1d", lora(target_modules=["conv0", "conv1"])),
     ConformanceCase("conv2d", lora(target_modules=["conv0", "conv1", "lin"])),
     ConformanceCase("conv2d", lora(target_modules=["conv0", "conv1"], use_dora=True), id="conv2d-dora"),
