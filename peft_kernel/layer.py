@@ -214,7 +214,22 @@ def _add_to(target: torch.Tensor, delta: torch.Tensor, safe: bool, layer: nn.Mod
 
 
 def adapter_layers(model: nn.Module) -> Iterable[tuple[str, AdapterLayer]]:
-    """Every adapter layer inside ``model`` with its dotted path."""
-    for name, module in model.named_modules():
+    """Every adapter layer inside ``model`` with its dotted path (``named_modules`` order).
+
+    The walk does not enter an adapter layer's per-adapter containers (only its ``base_layer``),
+    so its cost does not grow with the number of adapters loaded; it runs on every mixed-batch
+    forward."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", model)]
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
         if isinstance(module, AdapterLayer):
-            yield name, module
+            yield prefix, module
+            children = [("base_layer", module.base_layer)] if isinstance(module.base_layer, nn.Module) else []
+        else:
+            children = [(n, c) for n, c in module._modules.items() if c is not None]
+        for name, child in reversed(children):
+            stack.append((f"{prefix}.{name}" if prefix else name, child))

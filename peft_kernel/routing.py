@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Iterator, Sequence
+from typing import Any, Callable, Hashable, Iterator, Sequence
 
 import torch
 
@@ -27,6 +27,7 @@ class Routing:
         self._rows = {a: [i for i, n in enumerate(self.names) if n == a] for a in self.unique}
         self._cache: dict[tuple[torch.device, int], dict[str, torch.Tensor]] = {}
         self._slot_cache: dict[tuple[torch.device, int, tuple[str, ...]], torch.Tensor] = {}
+        self._memo: dict[Hashable, Any] = {}
 
     def __len__(self) -> int:
         return len(self.names)
@@ -63,6 +64,16 @@ class Routing:
             ids = [index.get(n, -1) for n in self.names for _ in range(repeat)]
             self._slot_cache[key] = torch.tensor(ids, device=device, dtype=torch.long)
         return self._slot_cache[key]
+
+    def memo(self, key: Hashable, build: Callable[[], Any]) -> Any:
+        """A value derived from this routing, built on first use and shared by every layer for the
+        rest of the forward (or generate) call: per-row metadata, validated weight stacks...
+        Keys are chosen by the caller; prefix them with the plugin's name."""
+        try:
+            return self._memo[key]
+        except KeyError:
+            value = self._memo[key] = build()
+            return value
 
 
 def current_routing() -> Routing | None:

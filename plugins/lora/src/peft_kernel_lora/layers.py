@@ -15,7 +15,7 @@ from torch import nn
 
 from peft_kernel.layer import AdapterLayer
 from peft_kernel.targeting import pattern_value
-from peft_kernel_lora import dora, init
+from peft_kernel_lora import dora, init, mixed
 from peft_kernel_lora.config import LoraConfig
 
 
@@ -45,6 +45,16 @@ class LoraLayer(AdapterLayer):
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
         self._dora_factor: dict[str, torch.Tensor] = {}
+        self._lora_revision = 0  # bumped whenever an adapter is created, replaced or removed
+
+    def has_adapter(self, adapter_name: str) -> bool:
+        # every LoRA adapter has a rank: one dict lookup instead of a scan of the containers (hot path)
+        return adapter_name in self.r
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._lora_revision += 1
+        mixed.drop_stack(self)
 
     # ---- creation --------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "") -> None:
@@ -70,6 +80,7 @@ class LoraLayer(AdapterLayer):
         init.initialize(self, adapter_name, config.init_lora_weights)
         if config.use_dora:
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(dora.initial_magnitude(self, adapter_name))
+        self._lora_revision += 1
 
     @staticmethod
     def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -79,6 +90,7 @@ class LoraLayer(AdapterLayer):
         alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
         self.lora_alpha[adapter_name] = alpha
         self.scaling[adapter_name] = self._scaling(alpha, self.r[adapter_name], config.use_rslora)
+        self._lora_revision += 1
 
     def create_adapter(self, adapter_name: str, r: int, config: LoraConfig) -> None:
         raise NotImplementedError
@@ -152,6 +164,24 @@ class Linear(LoraLayer):
     def delta_bias(self, adapter_name: str) -> torch.Tensor | None:
         bias = self.lora_B[adapter_name].bias
         return None if bias is None else bias * self.scaling[adapter_name]
+
+    # ---- fast forwards (see peft_kernel_lora.mixed) -------------------------------------------
+    def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not x.is_floating_point():
+            return super().adapted_forward(x, adapters, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        for name in adapters:
+            if self.use_dora[name] or (self.training and not isinstance(self.lora_dropout[name], nn.Identity)):
+                result = result + self.delta(x, name).to(result.dtype)
+            else:
+                result = mixed.add_single(self, result, x, name)
+        return result
+
+    def mixed_forward(self, x: torch.Tensor, routing: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result = mixed.mixed_forward(self, x, routing, *args, **kwargs)
+        if result is None:
+            return super().mixed_forward(x, routing, *args, **kwargs)
+        return result
 
 
 class Embedding(LoraLayer):

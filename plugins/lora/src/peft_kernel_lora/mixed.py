@@ -1,0 +1,318 @@
+"""Fast LoRA forwards for ``nn.Linear``: one adapter, and mixed batches of many adapters.
+
+Mixed batch (``adapter_names=[...]``, one adapter per row). Every plain-LoRA adapter of a layer is
+kept in a *stack*, rank-padded with zeros (padding adds exact zeros, so results do not change):
+
+- ``A``  ``[S, r_max, in]``   — ``lora_A`` weights, slot ``S - 1`` all zeros (rows with no adapter)
+- ``Bt`` ``[S, r_max, out]``  — ``scaling * lora_B.weight.T``
+- ``bias`` ``[S, out]``       — ``scaling * lora_B.bias`` when any adapter has ``lora_bias``
+
+The stack is rebuilt only when an adapter changed (see :func:`get_stack`); freshness is checked
+once per forward per layer (memoised on the forward's :class:`~peft_kernel.routing.Routing`), never per
+token. The per-row metadata (slot per row, sort order, masks) is also built once per forward and
+shared by every layer holding the same adapters.
+
+Kernels, all exact rewrites of ``sum_rows scaling * B(A(x))``:
+
+- ``bmm``     gather each row's ``A`` / ``Bt`` from the stack, ``bmm`` then ``baddbmm_`` into the
+  base output. Cost: the LoRA FLOPs plus copying ``rows * r * (in + out)`` weights. Default.
+- ``concat``  one shrink GEMM against every adapter's ``A`` at once, a mask keeps each row's own
+  block, one expand GEMM (``addmm_``) into the base output. Costs ``S`` times the LoRA FLOPs but no
+  gathers: best for decode-sized inputs when the stack is small.
+- ``grouped`` sort rows by adapter and run ``torch._grouped_mm`` segment matmuls (measured slower
+  than ``bmm`` on CPU; kept selectable for other devices and for the benchmark).
+- ``loop``    the core's group-by-adapter loop (reference path).
+
+DoRA adapters, training with dropout and autograd through adapter weights use the generic path
+(DoRA rows only; the other rows still take the stacked kernel).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import TYPE_CHECKING, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:
+    from peft_kernel.routing import Routing
+    from peft_kernel_lora.layers import Linear
+
+STRATEGIES = ("auto", "bmm", "concat", "grouped", "loop")
+strategy: str = os.environ.get("PEFT_KERNEL_LORA_MIXED", "auto")
+"""Which mixed-batch kernel to use: ``auto`` (chosen per shape) or one of :data:`STRATEGIES`."""
+
+CONCAT_MAX_RANK = 64
+"""``auto`` uses ``concat`` when the stack's total padded rank is at most this..."""
+CONCAT_MAX_TOKENS = 64
+"""...and the batch has at most this many tokens (decode)."""
+
+
+# ---- one adapter ------------------------------------------------------------------------------
+def can_add_inplace(result: torch.Tensor) -> bool:
+    """Whether the adapter output may be accumulated into ``result`` in place."""
+    return not torch.is_grad_enabled() and result.is_contiguous()
+
+
+def add_single(layer: Linear, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
+    """``result + scaling * B(A(x))`` with no dropout: one shrink GEMM and one fused ``addmm``."""
+    lin_a = layer.lora_A[name]
+    lin_b = layer.lora_B[name]
+    a = lin_a.weight
+    if x.dtype != a.dtype:
+        x = x.to(a.dtype)
+    u = F.linear(x, a)
+    b = lin_b.weight
+    scale = layer.scaling[name]
+    if result.dtype == b.dtype and can_add_inplace(result):
+        out2d = result.view(-1, result.shape[-1])
+        out2d.addmm_(u.reshape(-1, u.shape[-1]), b.t(), alpha=scale)
+        if lin_b.bias is not None:
+            result.add_(lin_b.bias, alpha=scale)
+        return result
+    return result + (F.linear(u, b, lin_b.bias) * scale).to(result.dtype)
+
+
+# ---- stacks -----------------------------------------------------------------------------------
+class Stack:
+    """The stacked, rank-padded weights of one layer's plain-LoRA adapters."""
+
+    __slots__ = ("revision", "names", "slot", "A", "Bt", "bias", "r", "zero", "refs", "versions", "ptrs", "scalings")
+
+    def __init__(self, layer: Linear, names: tuple[str, ...]) -> None:
+        self.revision = layer._lora_revision
+        self.names = names
+        self.slot = {n: i for i, n in enumerate(names)}
+        self.zero = len(names)
+        first = layer.lora_A[names[0]].weight
+        device, dtype = first.device, first.dtype
+        self.r = max(layer.r[n] for n in names)
+        size = len(names) + 1
+        self.A = torch.zeros(size, self.r, layer.in_features, device=device, dtype=dtype)
+        self.Bt = torch.zeros(size, self.r, layer.out_features, device=device, dtype=dtype)
+        has_bias = any(layer.lora_B[n].bias is not None for n in names)
+        self.bias = torch.zeros(size, layer.out_features, device=device, dtype=dtype) if has_bias else None
+        self.refs: list[torch.Tensor] = []
+        self.scalings = [layer.scaling[n] for n in names]
+        with torch.no_grad():
+            for i, n in enumerate(names):
+                a, lin_b = layer.lora_A[n].weight, layer.lora_B[n]
+                r, s = a.shape[0], layer.scaling[n]
+                self.A[i, :r].copy_(a)
+                self.Bt[i, :r].copy_(lin_b.weight.t() * s)
+                if lin_b.bias is not None:
+                    self.bias[i].copy_(lin_b.bias * s)
+                self.refs.extend(p for p in (a, lin_b.weight, lin_b.bias) if p is not None)
+        self.versions = [t._version for t in self.refs]
+        self.ptrs = [t.data_ptr() for t in self.refs]
+
+    def fresh(self, layer: Linear) -> bool:
+        """True while no adapter of the layer was added, removed, rescaled, moved or written to."""
+        return (
+            self.revision == layer._lora_revision
+            and [t._version for t in self.refs] == self.versions
+            and [t.data_ptr() for t in self.refs] == self.ptrs
+            and [layer.scaling[n] for n in self.names] == self.scalings
+        )
+
+    def needs_grad(self) -> bool:
+        return torch.is_grad_enabled() and any(t.requires_grad for t in self.refs)
+
+
+def stack_names(layer: Linear) -> tuple[str, ...]:
+    """The layer's adapters that go into the stack: plain LoRA (DoRA takes the generic path)."""
+    use_dora = layer.use_dora
+    return tuple(n for n in layer.r if not use_dora[n] and n in layer.lora_A)
+
+
+def get_stack(layer: Linear) -> Stack | None:
+    """The layer's current stack, rebuilt if any adapter changed since it was built.
+
+    Freshness: the layer's revision (bumped by ``update_layer`` / ``delete_adapter`` /
+    ``hotswap_update``), each tensor's ``_version`` (bumped by every in-place write: optimizer
+    steps, ``copy_`` from ``load_adapter`` / ``hotswap_adapter``) and ``data_ptr`` (``.to()``,
+    ``.data =``), and the scalings (``rescale_adapter_scale``)."""
+    stack = layer.__dict__.get("_lora_stack")
+    if stack is not None and stack.fresh(layer):
+        return stack
+    names = stack_names(layer)
+    if not names:
+        return None
+    dtypes = {layer.lora_A[n].weight.dtype for n in names} | {layer.lora_B[n].weight.dtype for n in names}
+    devices = {layer.lora_A[n].weight.device for n in names} | {layer.lora_B[n].weight.device for n in names}
+    if len(dtypes) != 1 or len(devices) != 1:
+        return None
+    stack = Stack(layer, names)
+    layer.__dict__["_lora_stack"] = stack  # a plain attribute: not a buffer, not in the state dict
+    return stack
+
+
+def drop_stack(layer: nn.Module) -> None:
+    """Forget a layer's stack (it is rebuilt on the next mixed batch)."""
+    layer.__dict__.pop("_lora_stack", None)
+
+
+# ---- per-forward routing metadata ---------------------------------------------------------------
+class Plan:
+    """How the rows of one forward map onto a stack's slots (built once per forward and stack)."""
+
+    def __init__(self, names: tuple[str, ...], routing: Routing, batch: int, device: torch.device) -> None:
+        slot = {n: i for i, n in enumerate(names)}
+        zero = len(names)
+        repeat = batch // len(routing.names)
+        per_row = [slot.get(n, zero) for n in routing.names for _ in range(repeat)]
+        self.batch = batch
+        self.device = device
+        self.slots_list = per_row
+        self.slots = torch.tensor(per_row, device=device, dtype=torch.long)
+        used = sorted({s for s in per_row if s != zero})
+        self.used = used
+        self.all_in = zero not in per_row
+        order = sorted((s, i) for i, s in enumerate(per_row) if s != zero)
+        self.n_in = len(order)
+        self.perm = torch.tensor([i for _, i in order], device=device, dtype=torch.long)
+        counts = [0] * zero
+        for s, _ in order:
+            counts[s] += 1
+        self.counts = counts
+        self.zero = zero
+        self._offs: dict[int, torch.Tensor] = {}
+        self._masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def offs(self, tokens: int) -> torch.Tensor:
+        if tokens not in self._offs:
+            ends, total = [], 0
+            for c in self.counts:
+                total += c * tokens
+                ends.append(total)
+            self._offs[tokens] = torch.tensor(ends, device=self.device, dtype=torch.int32)
+        return self._offs[tokens]
+
+    def mask(self, r: int, dtype: torch.dtype) -> torch.Tensor:
+        """``[batch, zero * r]``: 1 on each row's own adapter block."""
+        key = (r, dtype)
+        if key not in self._masks:
+            mask = torch.zeros(self.batch, self.zero, r, dtype=dtype)
+            for row, s in enumerate(self.slots_list):
+                if s != self.zero:
+                    mask[row, s] = 1
+            self._masks[key] = mask.view(self.batch, self.zero * r).to(self.device)
+        return self._masks[key]
+
+
+def _plan(routing: Routing, names: tuple[str, ...], batch: int, device: torch.device) -> Plan:
+    return routing.memo(("peft_kernel_lora.plan", names, batch, device), lambda: Plan(names, routing, batch, device))
+
+
+def _forward_stack(layer: Linear, routing: Routing) -> Stack | None:
+    """The layer's stack, validated once per forward (weights cannot change inside one forward)."""
+    return routing.memo(("peft_kernel_lora.stack", id(layer)), lambda: get_stack(layer))
+
+
+def choose(plan: Plan, stack: Stack, tokens: int) -> str:
+    if strategy != "auto":
+        return strategy
+    if len(plan.used) == 1 and plan.all_in:
+        return "single"
+    if plan.n_in * tokens <= CONCAT_MAX_TOKENS and stack.zero * stack.r <= CONCAT_MAX_RANK:
+        return "concat"
+    return "bmm"
+
+
+# ---- mixed batch ------------------------------------------------------------------------------
+def mixed_forward(layer: Linear, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The mixed-batch output of ``layer``, or ``None`` where the generic path must run instead."""
+    if strategy == "loop" or args or kwargs:
+        return None
+    stack = _forward_stack(layer, routing)
+    if stack is None or stack.needs_grad():
+        return None
+    if layer.training and any(not isinstance(layer.lora_dropout[n], nn.Identity) for n in stack.names):
+        return None
+    if x.dim() < 2 or not x.is_floating_point():
+        return None
+    batch = x.shape[0]
+    routing._repeat(batch)  # the core's check: a clear error when rows and names disagree
+    plan = _plan(routing, stack.names, batch, x.device)
+    result = layer.base_layer(x)
+    if plan.used:
+        tokens = x.numel() // (batch * x.shape[-1]) if batch else 0
+        how = choose(plan, stack, tokens)
+        if how == "single":
+            result = add_single(layer, result, x, stack.names[plan.used[0]])
+        else:
+            result = _KERNELS[how](stack, plan, result, x, tokens)
+    return _add_generic_rows(layer, result, x, routing, stack)
+
+
+def _add_generic_rows(layer: Linear, result: torch.Tensor, x: torch.Tensor, routing: Routing, stack: Stack) -> torch.Tensor:
+    """Rows whose adapter this layer holds but the stack does not (DoRA): the generic delta."""
+    if len(stack.names) == len(layer.r):
+        return result
+    for name, rows in routing.groups(x.shape[0], x.device).items():
+        if name in stack.slot or name not in layer.r:
+            continue
+        delta = layer.delta(x.index_select(0, rows), name).to(result.dtype)
+        result = result.index_add(0, rows, delta)
+    return result
+
+
+def _accumulate(result3: torch.Tensor, delta3: torch.Tensor) -> torch.Tensor:
+    if can_add_inplace(result3) and delta3.dtype == result3.dtype:
+        return result3.add_(delta3)
+    return result3 + delta3.to(result3.dtype)
+
+
+def _add_bias(stack: Stack, plan: Plan, result3: torch.Tensor) -> torch.Tensor:
+    if stack.bias is None:
+        return result3
+    return _accumulate(result3, stack.bias.index_select(0, plan.slots).unsqueeze(1))
+
+
+def _bmm(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, tokens: int) -> torch.Tensor:
+    batch = plan.batch
+    x3 = x.reshape(batch, tokens, x.shape[-1]).to(stack.A.dtype)
+    a_rows = stack.A.index_select(0, plan.slots)  # [batch, r, in]
+    u = torch.bmm(x3, a_rows.transpose(1, 2))  # [batch, tokens, r]
+    b_rows = stack.Bt.index_select(0, plan.slots)  # [batch, r, out]
+    result3 = result.view(batch, tokens, result.shape[-1])
+    if can_add_inplace(result3) and result3.dtype == b_rows.dtype:
+        result3.baddbmm_(u, b_rows)
+    else:
+        result3 = result3 + torch.bmm(u, b_rows).to(result3.dtype)
+    return _add_bias(stack, plan, result3).view(result.shape)
+
+
+def _concat(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, tokens: int) -> torch.Tensor:
+    batch, n, r = plan.batch, stack.zero, stack.r
+    x3 = x.reshape(batch, tokens, x.shape[-1]).to(stack.A.dtype)
+    u = F.linear(x3, stack.A[:n].reshape(n * r, x.shape[-1]))  # [batch, tokens, n * r]
+    u.mul_(plan.mask(r, u.dtype).unsqueeze(1))
+    b_all = stack.Bt[:n].reshape(n * r, -1)
+    result3 = result.view(batch, tokens, result.shape[-1])
+    if can_add_inplace(result3) and result3.dtype == b_all.dtype:
+        result3.view(batch * tokens, -1).addmm_(u.view(batch * tokens, n * r), b_all)
+    else:
+        result3 = result3 + (u @ b_all).to(result3.dtype)
+    return _add_bias(stack, plan, result3).view(result.shape)
+
+
+def _grouped(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, tokens: int) -> torch.Tensor:
+    batch, n = plan.batch, stack.zero
+    d_in, d_out = x.shape[-1], result.shape[-1]
+    x3 = x.reshape(batch, tokens, d_in).to(stack.A.dtype)
+    xs = x3.index_select(0, plan.perm).reshape(plan.n_in * tokens, d_in)
+    offs = plan.offs(tokens)
+    u = torch._grouped_mm(xs, stack.A[:n].transpose(1, 2), offs=offs)
+    d = torch._grouped_mm(u, stack.Bt[:n], offs=offs).view(plan.n_in, tokens, d_out)
+    result3 = result.view(batch, tokens, d_out)
+    if can_add_inplace(result3) and result3.dtype == d.dtype:
+        result3.index_add_(0, plan.perm, d)
+    else:
+        result3 = result3.index_add(0, plan.perm, d.to(result3.dtype))
+    return _add_bias(stack, plan, result3).view(result.shape)
+
+
+_KERNELS = {"bmm": _bmm, "concat": _concat, "grouped": _grouped}
