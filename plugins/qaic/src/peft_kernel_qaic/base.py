@@ -40,6 +40,10 @@ def load_causal_lm(path_or_model: Any, **kwargs: Any) -> nn.Module:
         kwargs.setdefault("dtype", torch.float32)
         model = AutoModelForCausalLM.from_pretrained(path_or_model, **kwargs)
     check_architecture(model)
+    if any(p.dtype != torch.float32 for p in model.parameters()):
+        # the graph is exported in float32 (the compiler converts to fp16 with -convert-to-fp16; ONNX
+        # Runtime on CPU needs float32)
+        model = model.to(torch.float32)
     return model.eval()
 
 
@@ -238,6 +242,8 @@ class QaicCausalLMBase:
         return verify(self, tokenizer, prompts, prompt_to_adapter_mapping, generation_len, prompt_token_ids)
 
     def _tokenize(self, tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
+        if tokenizer is None:
+            raise ValueError("text prompts need a tokenizer (or pass prompt_token_ids=[[...], ...])")
         return [list(tokenizer(p)["input_ids"]) for p in prompts]
 
     def _run_generate(
