@@ -14,7 +14,10 @@ from peft_kernel.demo.tasks import Task, WordTokenizer
 
 def build_base_model(vocab_size: int, seed: int) -> nn.Module:
     """A 2-layer Llama with random weights; the same ``seed`` always gives the same weights."""
-    from transformers import LlamaConfig, LlamaForCausalLM
+    # the model's own modules, not ``from transformers import ...``: the top-level lazy module
+    # scans every model family on first attribute access, which costs seconds on a small CPU
+    from transformers.models.llama.configuration_llama import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaForCausalLM
 
     config = LlamaConfig(
         vocab_size=vocab_size,
