@@ -25,7 +25,8 @@ if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
 
     from peft_kernel.config import PeftConfig
     from peft_kernel.layer import AdapterLayer
-    from peft_kernel.prompt_learning import PromptEncoder, PromptLearningConfig
+    from peft_kernel.prompt_learner import PromptEncoder
+    from peft_kernel.prompt_learning import PromptLearningConfig
     from peft_kernel.records import BackendRecord, MethodRecord
 
 
@@ -133,7 +134,7 @@ class PeftKernelSpecs:
         ``word_embeddings`` its input embedding module (for initialising virtual tokens from
         vocabulary embeddings). The hook may fill further method-specific fields of ``config``.
 
-        Return a :class:`~peft_kernel.prompt_learning.PromptEncoder` whose ``forward()`` gives the
+        Return a :class:`~peft_kernel.prompt_learner.PromptEncoder` whose ``forward()`` gives the
         adapter's virtual tokens as ``[num_virtual_tokens * num_transformer_submodules, width]``,
         where ``width`` follows the record's ``prompt_injection``: ``token_dim`` for
         ``"inputs_embeds"`` (prepended to the input embeddings), ``num_layers * 2 * token_dim`` for

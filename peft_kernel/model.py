@@ -35,7 +35,7 @@ class PeftModel(nn.Module):
     """Modules every adapter of this task trains and saves in full (the classifier head)."""
 
     _prompt: Any = None
-    """For ``prompt_learning`` methods, the :class:`~peft_kernel.prompt_learning.PromptLearner`
+    """For ``prompt_learning`` methods, the :class:`~peft_kernel.prompt_learner.PromptLearner`
     that owns adapters, forward and generate; ``None`` for layer adapters."""
 
     def __init__(
@@ -49,7 +49,7 @@ class PeftModel(nn.Module):
         super().__init__()
         record = get_registry().method_for_config(peft_config)
         if record.supports("prompt_learning"):
-            from peft_kernel.prompt_learning import PromptLearner
+            from peft_kernel.prompt_learner import PromptLearner
 
             if peft_config.modules_to_save or self.task_modules_to_save:
                 raise NotImplementedError(

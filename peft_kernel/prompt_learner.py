@@ -1,0 +1,373 @@
+"""The torch side of prompt learning: :class:`PromptEncoder` (what plugins build) and
+:class:`PromptLearner` (what drives a ``PeftModel`` of a prompt-learning method). The mechanism is
+described in :mod:`peft_kernel.prompt_learning`."""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import warnings
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
+
+import torch
+from torch import nn
+
+from peft_kernel.config import PeftConfig
+from peft_kernel.enums import TaskType
+from peft_kernel.errors import AdapterNameError, CheckpointError, ConfigError, MixedBatchError
+from peft_kernel.prompt_learning import SAVED_KEY, PromptLearningConfig, text_config_of, fill_config
+from peft_kernel.routing import BASE_ADAPTER
+
+if TYPE_CHECKING:  # pragma: no cover
+    from peft_kernel.records import MethodRecord
+
+_ARG_NAMES = ("input_ids", "attention_mask", "inputs_embeds", "labels")
+"""HF PEFT's positional order of the task forwards."""
+
+
+class PromptEncoder(nn.Module):
+    """The per-adapter module of a prompt-learning method.
+
+    ``forward()`` takes no input and returns the adapter's virtual tokens,
+    ``[total_virtual_tokens, width]``: ``width`` is ``token_dim`` for ``"inputs_embeds"`` injection and
+    ``num_layers * 2 * token_dim`` for ``"past_key_values"``. The core saves ``saved_prompt()`` as
+    ``prompt_embeddings`` and hands that tensor back to ``load_saved_prompt`` when loading.
+    Subclasses usually hold an ``embedding`` (``nn.Embedding``) as HF PEFT's encoders do, and
+    override ``load_saved_prompt`` when their trainable form differs from the saved one.
+    """
+
+    def forward(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def saved_prompt(self) -> torch.Tensor:
+        return self().detach()
+
+    def load_saved_prompt(self, tensor: torch.Tensor) -> None:
+        weight = getattr(getattr(self, "embedding", None), "weight", None)
+        if weight is None:
+            raise CheckpointError(f"{type(self).__name__} has no `embedding` to load {SAVED_KEY!r} into.")
+        if tuple(tensor.shape) != tuple(weight.shape):
+            raise CheckpointError(
+                f"{SAVED_KEY!r} has shape {tuple(tensor.shape)} but the adapter expects {tuple(weight.shape)}: "
+                "was it saved for another base model or another num_virtual_tokens?"
+            )
+        with torch.no_grad():
+            weight.copy_(tensor.to(device=weight.device, dtype=weight.dtype))
+
+
+def word_embeddings_of(model: nn.Module) -> nn.Module:
+    """The base model's input embedding module."""
+    getter = getattr(model, "get_input_embeddings", None)
+    if getter is not None:
+        try:
+            module = getter()
+        except Exception:
+            module = None
+        if module is not None:
+            return module
+    vocab = getattr(text_config_of(model), "vocab_size", None)
+    for module in model.modules():
+        if isinstance(module, nn.Embedding) and (vocab is None or module.num_embeddings == vocab):
+            return module
+    raise ValueError(f"cannot find the input embeddings of {type(model).__name__}; prompt learning needs them.")
+
+
+def prefix_to_cache(prompts: torch.Tensor, config: PromptLearningConfig, model_config: Any, cache: Any = None) -> Any:
+    """Turn ``[batch, n, num_layers * 2 * token_dim]`` virtual tokens into a transformers ``Cache``
+    holding a key/value prefix of length ``n`` in every layer (filled into ``cache`` when given)."""
+    from transformers import DynamicCache
+
+    batch, n, width = prompts.shape
+    heads, layers = config.num_attention_heads, config.num_layers
+    if width != layers * 2 * config.token_dim or config.token_dim % heads:
+        raise ConfigError(
+            f"virtual tokens of width {width} cannot be split into {layers} layers x (key, value) x "
+            f"{heads} heads of token_dim {config.token_dim}; check num_layers / token_dim / num_attention_heads."
+        )
+    kv = prompts.reshape(batch, n, layers * 2, heads, config.token_dim // heads).permute(2, 0, 3, 1, 4)
+    if cache is None:
+        cache = DynamicCache(config=model_config) if model_config is not None else DynamicCache()
+    for layer in range(layers):
+        cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
+    return cache
+
+
+# ---- the engine behind PeftModel for prompt-learning methods -----------------------------------
+class PromptLearner:
+    """Adapter bookkeeping, forward and generate of a ``PeftModel`` whose method learns prompts.
+
+    Lives in the ``PeftModel``'s ``__dict__`` (not a module). The ``PeftModel`` holds the pieces
+    users see in HF PEFT: ``base_model`` (the transformers model itself), ``prompt_encoder`` (an
+    ``nn.ModuleDict`` of :class:`PromptEncoder` per adapter), ``prompt_tokens`` and
+    ``word_embeddings``.
+    """
+
+    def __init__(self, peft_model: nn.Module, record: MethodRecord) -> None:
+        self.owner = peft_model
+        self.record = record
+        self.configs: dict[str, PromptLearningConfig] = {}
+        self.active: str | None = None
+        self.disabled = False
+        base = peft_model.base_model
+        self._grad_flags = {name: p.requires_grad for name, p in base.named_parameters()}
+        for p in base.parameters():
+            p.requires_grad_(False)
+        peft_model.prompt_encoder = nn.ModuleDict()
+        object.__setattr__(peft_model, "prompt_tokens", {})
+        object.__setattr__(peft_model, "word_embeddings", word_embeddings_of(base))
+
+    @property
+    def base(self) -> nn.Module:
+        return self.owner.base_model
+
+    @property
+    def injection(self) -> str:
+        return self.record.prompt_injection
+
+    # ---- lifecycle --------------------------------------------------------------------------
+    def add(self, adapter_name: str, config: PeftConfig) -> None:
+        from peft_kernel.injection import check_adapter_name
+        from peft_kernel.plugins import get_registry
+
+        registry = get_registry()
+        check_adapter_name(adapter_name, self.configs, registry)
+        record = registry.method_for_config(config)
+        if record.peft_type != self.record.peft_type:
+            raise AdapterNameError(
+                f"this model holds {self.record.peft_type} adapters; a {record.peft_type} adapter cannot join "
+                "them in one model."
+            )
+        if not isinstance(config, PromptLearningConfig):
+            raise ConfigError(f"{type(config).__name__} must subclass peft_kernel.prompt_learning.PromptLearningConfig.")
+        if config.task_type == TaskType.SEQ_2_SEQ_LM or getattr(getattr(self.base, "config", None), "is_encoder_decoder", False):
+            raise NotImplementedError(
+                f"{record.peft_type} on encoder-decoder models (SEQ_2_SEQ_LM) is not supported by peft-kernel yet; "
+                "use a decoder-only (CAUSAL_LM) or encoder (SEQ_CLS) model."
+            )
+        fill_config(config, self.base, self.injection)
+        config.check_ready()
+        encoder = registry.hook.peft_kernel_create_prompt_encoder(
+            config=config, adapter_name=adapter_name, model=self.base, word_embeddings=self.owner.word_embeddings
+        )
+        if encoder is None:
+            raise NotImplementedError(f"no installed plugin builds a prompt encoder for {type(config).__name__}.")
+        if not isinstance(encoder, PromptEncoder):
+            raise TypeError(f"peft_kernel_create_prompt_encoder returned {type(encoder).__name__}, expected a PromptEncoder.")
+        device = self.owner.word_embeddings.weight.device
+        self.owner.prompt_encoder[adapter_name] = encoder.to(device)
+        total = config.num_virtual_tokens * config.num_transformer_submodules
+        self.owner.prompt_tokens[adapter_name] = torch.arange(total).long()
+        self.configs[adapter_name] = config
+        if self.active is None:
+            self.active = adapter_name
+
+    def set_active(self, adapter_name: str | list[str]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        unknown = [n for n in names if n not in self.configs]
+        if unknown:
+            raise AdapterNameError(f"unknown adapter(s) {unknown}; this model has {sorted(self.configs)}.")
+        if len(names) != 1:
+            raise AdapterNameError(
+                f"{self.record.peft_type} activates one adapter at a time (got {names}); to serve several in one "
+                "batch pass adapter_names=[...] (one name per row) to forward/generate."
+            )
+        self.active = names[0]
+
+    def delete(self, adapter_name: str) -> None:
+        if adapter_name not in self.configs:
+            raise AdapterNameError(f"unknown adapter {adapter_name!r}; this model has {sorted(self.configs)}.")
+        del self.owner.prompt_encoder[adapter_name]
+        del self.owner.prompt_tokens[adapter_name]
+        del self.configs[adapter_name]
+        if self.active == adapter_name:
+            self.active = next(iter(self.configs), None)
+
+    def release(self) -> None:
+        """Give the base model back as it came (used when loading fails)."""
+        for name, p in self.base.named_parameters():
+            p.requires_grad_(self._grad_flags.get(name, p.requires_grad))
+
+    @contextlib.contextmanager
+    def disable(self) -> Iterator[None]:
+        old, self.disabled = self.disabled, True
+        try:
+            yield
+        finally:
+            self.disabled = old
+
+    # ---- save / load ------------------------------------------------------------------------
+    def saved_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        return {SAVED_KEY: self.owner.prompt_encoder[adapter_name].saved_prompt().detach().cpu()}
+
+    def load_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> Any:
+        from peft_kernel.plugins import get_registry
+        from peft_kernel.state_dict import LoadResult
+
+        mapped = get_registry().hook.peft_kernel_map_state_dict(
+            config=self.configs[adapter_name], state_dict=dict(tensors), direction="load"
+        )
+        tensors = mapped if mapped is not None else tensors
+        unexpected = sorted(k for k in tensors if k != SAVED_KEY)
+        if unexpected or SAVED_KEY not in tensors:
+            raise CheckpointError(
+                f"a {self.record.peft_type} checkpoint holds exactly one tensor, {SAVED_KEY!r}; "
+                f"got keys {sorted(tensors)[:8]}."
+            )
+        self.owner.prompt_encoder[adapter_name].load_saved_prompt(tensors[SAVED_KEY])
+        return LoadResult([], [])
+
+    # ---- virtual tokens ---------------------------------------------------------------------
+    def _row_adapters(self, batch: int, adapter_names: Sequence[str] | None) -> list[str]:
+        if adapter_names is None:
+            if self.active is None:
+                raise AdapterNameError("this model has no adapter left; add one first.")
+            return [self.active] * batch
+        if batch % len(adapter_names):
+            raise MixedBatchError(
+                f"adapter_names has {len(adapter_names)} entries but the batch has {batch} rows; pass one name per row."
+            )
+        repeat = batch // len(adapter_names)
+        rows = [name for name in adapter_names for _ in range(repeat)]
+        if BASE_ADAPTER in rows:
+            raise MixedBatchError(
+                f"{self.record.peft_type} cannot mix {BASE_ADAPTER!r} rows with adapter rows: a row without virtual "
+                "tokens has another sequence length. Run base rows in a separate call (or inside disable_adapter())."
+            )
+        counts = {n: self.configs[n].num_virtual_tokens for n in dict.fromkeys(rows)}
+        if len(set(counts.values())) > 1:
+            raise MixedBatchError(
+                f"adapters in one mixed batch must have the same num_virtual_tokens; got {counts}. "
+                "Group rows by adapter length and run one call per group."
+            )
+        return rows
+
+    def prompts(self, batch: int, adapter_names: Sequence[str] | None = None) -> tuple[torch.Tensor, PromptLearningConfig]:
+        """``[batch, n, width]`` virtual tokens (each row from its adapter) and the config of row 0."""
+        rows = self._row_adapters(batch, adapter_names)
+        unique = list(dict.fromkeys(rows))
+        encoders = self.owner.prompt_encoder
+        if len(unique) == 1:
+            prompt = encoders[unique[0]]()
+            out = prompt.unsqueeze(0).expand(batch, *prompt.shape)
+        else:
+            stack = torch.stack([encoders[name]() for name in unique])
+            index = torch.tensor([unique.index(n) for n in rows], device=stack.device)
+            out = stack.index_select(0, index)
+        return out, self.configs[unique[0]]
+
+    # ---- forward ----------------------------------------------------------------------------
+    def _task(self) -> Any:
+        return self.configs[self.active].task_type if self.active in self.configs else None
+
+    def forward(self, args: tuple, kwargs: dict, adapter_names: Sequence[str] | None) -> Any:
+        if self.disabled:
+            return self.base(*args, **kwargs)
+        if len(args) > len(_ARG_NAMES):
+            raise TypeError(f"pass at most {len(_ARG_NAMES)} positional arguments ({', '.join(_ARG_NAMES)}); use keywords.")
+        for name, value in zip(_ARG_NAMES, args):
+            if name in kwargs:
+                raise TypeError(f"forward() got multiple values for argument {name!r}")
+            kwargs[name] = value
+        input_ids = kwargs.pop("input_ids", None)
+        inputs_embeds = kwargs.pop("inputs_embeds", None)
+        source = input_ids if input_ids is not None else inputs_embeds
+        if source is None:
+            raise ValueError("pass input_ids or inputs_embeds.")
+        batch = source.shape[0]
+        prompts, config = self.prompts(batch, adapter_names)
+        n = prompts.shape[1] if self.injection == "inputs_embeds" else config.num_virtual_tokens
+        self._drop_unsupported(kwargs, n, batch, source.device)
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = _prepend(mask, n, 1)
+        if self.injection == "past_key_values":
+            dtype = _float_dtype(self.base)
+            kwargs["past_key_values"] = prefix_to_cache(prompts.to(dtype), config, getattr(self.base, "config", None))
+            return self.base(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+        if inputs_embeds is None:
+            inputs_embeds = self.owner.word_embeddings(input_ids)
+        labels = kwargs.get("labels")
+        if labels is not None and self._task() in (None, TaskType.CAUSAL_LM):
+            kwargs["labels"] = _prepend(labels, n, -100)
+        inputs_embeds = torch.cat([prompts.to(inputs_embeds.dtype), inputs_embeds], dim=1)
+        return self.base(inputs_embeds=inputs_embeds, **kwargs)
+
+    def _drop_unsupported(self, kwargs: dict, n: int, batch: int, device: torch.device) -> None:
+        if kwargs.get("position_ids") is not None:
+            warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.",
+                          UserWarning, stacklevel=4)
+            kwargs["position_ids"] = None
+        token_types = kwargs.get("token_type_ids")
+        if token_types is not None:
+            if self.injection == "inputs_embeds" and self._task() not in (None, TaskType.CAUSAL_LM):
+                kwargs["token_type_ids"] = _prepend(token_types, n, 0)
+            elif self.injection == "past_key_values" and self._task() not in (None, TaskType.CAUSAL_LM):
+                pass  # real tokens keep their types; the prefix has none
+            else:
+                warnings.warn("Token type ids are not supported for parameter efficient tuning. Ignoring token type ids",
+                              UserWarning, stacklevel=4)
+                kwargs["token_type_ids"] = None
+
+    # ---- generate ---------------------------------------------------------------------------
+    def generate(self, args: tuple, kwargs: dict, adapter_names: Sequence[str] | None) -> Any:
+        base = self.base
+        if self.disabled:
+            return base.generate(*args, **kwargs)
+        if kwargs.get("position_ids") is not None:
+            warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.",
+                          UserWarning, stacklevel=3)
+            kwargs.pop("position_ids")
+        original = base.prepare_inputs_for_generation
+        learner = self
+
+        @functools.wraps(original)  # generate() validates kwargs against this signature
+        def prepare(input_ids: Any, *p_args: Any, **p_kwargs: Any) -> dict:
+            cache = p_kwargs.get("past_key_values")
+            fresh = cache is None or not cache.get_seq_length()
+            inputs = original(input_ids, *p_args, **p_kwargs)
+            ids = inputs.get("input_ids")
+            embeds = inputs.get("inputs_embeds")
+            batch = (ids if ids is not None else embeds).shape[0]
+            prompts, config = learner.prompts(batch, adapter_names)
+            n = prompts.shape[1] if learner.injection == "inputs_embeds" else config.num_virtual_tokens
+            mask = inputs.get("attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                inputs["attention_mask"] = _prepend(mask, n, 1)
+            elif mask is not None:
+                raise NotImplementedError("prompt learning in generate() needs a 2D attention mask (no static cache).")
+            inputs.pop("position_ids", None)
+            if fresh and learner.injection == "past_key_values":
+                inputs["past_key_values"] = prefix_to_cache(
+                    prompts.to(_float_dtype(base)), config, getattr(base, "config", None), cache=cache
+                )
+            elif fresh:
+                if embeds is None:
+                    embeds = learner.owner.word_embeddings(ids)
+                inputs["inputs_embeds"] = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)
+                inputs["input_ids"] = None
+            return inputs
+
+        shadowed = base.__dict__.get("prepare_inputs_for_generation")
+        base.prepare_inputs_for_generation = prepare
+        try:
+            return base.generate(*args, **kwargs)
+        finally:
+            if shadowed is None:
+                del base.prepare_inputs_for_generation
+            else:
+                base.prepare_inputs_for_generation = shadowed
+
+
+def _prepend(tensor: torch.Tensor, n: int, value: int) -> torch.Tensor:
+    pad = torch.full((tensor.shape[0], n), value, dtype=tensor.dtype, device=tensor.device)
+    return torch.cat([pad, tensor], dim=1)
+
+
+def _float_dtype(model: nn.Module) -> torch.dtype:
+    dtype = getattr(model, "dtype", None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        return dtype
+    for p in model.parameters():
+        if p.is_floating_point():
+            return p.dtype
+    return torch.float32

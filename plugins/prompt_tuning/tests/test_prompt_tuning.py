@@ -1,0 +1,257 @@
+"""Prompt tuning against HF PEFT (the oracle) on tiny Llama and GPT-2 models, plus mixed batches.
+
+The conformance suite targets layer adapters (merge, unload, per-layer checks); prompt learning
+runs the equivalent checks here: cross-loading both ways, save/load round trip, disable == base,
+only prompt parameters train, mixed-batch rows == single-adapter runs, generate, bad configs.
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import peft_kernel
+from peft_kernel import PeftConfig, PeftModel, get_peft_model
+from peft_kernel.errors import CheckpointError, ConfigError, MixedBatchError
+from peft_kernel.testing import make_model
+from peft_kernel_prompt_tuning import PromptTuningConfig, PromptTuningInit
+
+peft = pytest.importorskip("peft", reason="HF peft (the test oracle) is not installed")
+
+MODELS = ["llama", "gpt2"]
+IDS = torch.tensor([[5, 6, 7, 8, 9], [3, 4, 11, 12, 13], [0, 0, 21, 22, 23], [7, 7, 7, 8, 9]])
+MASK = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 1, 1, 1], [0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+TOL = 1e-5
+
+
+def _perturb(module: torch.nn.Module, seed: int) -> None:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for _, p in sorted(module.named_parameters()):
+            p.add_(torch.randn(p.shape, generator=g) * 0.5)
+
+
+def _ours(kind: str, seed: int = 0, name: str = "default", **kw) -> PeftModel:
+    model = get_peft_model(make_model(kind), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3, **kw), name)
+    _perturb(model.prompt_encoder, seed)
+    return model.eval()
+
+
+def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a.float() - b.float()).abs().max().item()
+
+
+def _logits(model, **inputs) -> torch.Tensor:
+    with torch.no_grad():
+        return model(**inputs).logits
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_hf_saved_adapter_loads_with_equal_outputs(kind, tmp_path):
+    hf = peft.get_peft_model(make_model(kind), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+    _perturb(hf.prompt_encoder, 1)
+    hf.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(make_model(kind), tmp_path)
+    assert type(ours).__name__ == "PeftModelForCausalLM" and type(ours.base_model) is type(make_model(kind))
+    with torch.no_grad():
+        a = hf(input_ids=IDS, attention_mask=MASK, labels=IDS)
+        b = ours(input_ids=IDS, attention_mask=MASK, labels=IDS)
+    assert a.logits.shape == b.logits.shape == (4, 9, 64)
+    assert _max_diff(a.logits, b.logits) <= TOL and abs(a.loss.item() - b.loss.item()) <= TOL
+    assert _max_diff(_logits(hf, input_ids=IDS), _logits(ours, input_ids=IDS)) <= TOL
+    kw = dict(max_new_tokens=4, do_sample=False)
+    assert torch.equal(hf.generate(input_ids=IDS[:2], **kw), ours.generate(input_ids=IDS[:2], **kw))
+    assert torch.equal(hf.generate(input_ids=IDS, attention_mask=MASK, **kw),
+                       ours.generate(input_ids=IDS, attention_mask=MASK, **kw))
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_our_adapter_loads_in_hf_with_equal_outputs(kind, tmp_path):
+    ours = _ours(kind)
+    ours.save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    hf = peft.PeftModel.from_pretrained(make_model(kind), tmp_path)
+    assert saved == json.loads(json.dumps(hf.peft_config["default"].to_dict(), default=str)) | {
+        "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "prompt_tuning_init": "RANDOM"}
+    assert saved["token_dim"] == 16 and saved["num_layers"] == 2 and saved["num_transformer_submodules"] == 1
+    assert _max_diff(_logits(hf, input_ids=IDS, attention_mask=MASK), _logits(ours, input_ids=IDS, attention_mask=MASK)) <= TOL
+
+
+def test_state_dict_format_and_round_trip(tmp_path):
+    from safetensors.torch import load_file
+
+    ours = _ours("llama")
+    ours.add_adapter("other", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    ours.save_pretrained(tmp_path)
+    tensors = load_file(tmp_path / "adapter_model.safetensors")
+    assert list(tensors) == ["prompt_embeddings"] and tensors["prompt_embeddings"].shape == (3, 16)
+    assert load_file(tmp_path / "other" / "adapter_model.safetensors")["prompt_embeddings"].shape == (2, 16)
+    loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path)
+    loaded.load_adapter(tmp_path / "other", "other")
+    assert _max_diff(_logits(loaded, input_ids=IDS), _logits(ours, input_ids=IDS)) == 0
+    ours.set_adapter("other")
+    loaded.set_adapter("other")
+    assert _max_diff(_logits(loaded, input_ids=IDS), _logits(ours, input_ids=IDS)) == 0
+    assert not loaded.training and loaded.peft_config["default"].inference_mode
+
+
+def test_load_rejects_foreign_checkpoint(tmp_path):
+    ours = _ours("llama")
+    ours.save_pretrained(tmp_path)
+    other = _ours("llama")
+    other.add_adapter("x", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    with pytest.raises(CheckpointError, match=r"shape \(3, 16\).*\(5, 16\)"):
+        other.load_adapter(tmp_path, "x")
+    assert list(other.peft_config) == ["default"]  # the failed adapter is removed again
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_disable_is_base_and_output_changes(kind):
+    ours = _ours(kind)
+    base = make_model(kind)
+    n = 3
+    out = _logits(ours, input_ids=IDS, attention_mask=MASK)
+    with ours.disable_adapter():
+        assert _max_diff(_logits(ours, input_ids=IDS, attention_mask=MASK), _logits(base, input_ids=IDS, attention_mask=MASK)) == 0
+        assert torch.equal(ours.generate(input_ids=IDS[:1], max_new_tokens=3, do_sample=False),
+                           base.generate(input_ids=IDS[:1], max_new_tokens=3, do_sample=False))
+    assert out.shape[1] == IDS.shape[1] + n
+    assert _max_diff(out[:, n:], _logits(base, input_ids=IDS, attention_mask=MASK)) > 1e-3
+
+
+def test_only_prompt_parameters_train():
+    model = get_peft_model(make_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3)).train()
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {"prompt_encoder.default.embedding.weight"}
+    trainable_count, total = model.get_nb_trainable_parameters()
+    assert trainable_count == 3 * 16 and total > trainable_count
+    model(input_ids=IDS, attention_mask=MASK, labels=IDS).loss.backward()
+    assert model.prompt_encoder["default"].embedding.weight.grad.abs().sum() > 0
+    assert all(p.grad is None for n, p in model.named_parameters() if n.startswith("base_model."))
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_mixed_batch_rows_equal_single_adapter_runs(kind):
+    model = _ours(kind)
+    model.add_adapter("other", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    _perturb(model.prompt_encoder["other"], 7)
+    model.eval()
+    names = ["default", "other", "other", "default"]
+    mixed = _logits(model, input_ids=IDS, attention_mask=MASK, adapter_names=names)
+    for row, name in enumerate(names):
+        model.set_adapter(name)
+        single = _logits(model, input_ids=IDS[row : row + 1], attention_mask=MASK[row : row + 1])
+        assert _max_diff(mixed[row : row + 1], single) <= TOL, (row, name)
+    assert _max_diff(mixed[0], mixed[1]) > 1e-3  # the two adapters differ
+    kw = dict(max_new_tokens=4, do_sample=False)
+    generated = model.generate(input_ids=IDS, attention_mask=MASK, adapter_names=names, **kw)
+    for row, name in enumerate(names):
+        model.set_adapter(name)
+        assert torch.equal(generated[row : row + 1], model.generate(input_ids=IDS[row : row + 1], attention_mask=MASK[row : row + 1], **kw))
+
+
+def test_mixed_batch_refusals():
+    model = _ours("llama")
+    model.add_adapter("longer", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    model.eval()
+    with pytest.raises(MixedBatchError, match="same num_virtual_tokens"):
+        model(input_ids=IDS[:2], adapter_names=["default", "longer"])
+    with pytest.raises(MixedBatchError, match="__base__"):
+        model(input_ids=IDS[:2], adapter_names=["default", "__base__"])
+    with pytest.raises(MixedBatchError, match="unknown adapter"):
+        model(input_ids=IDS[:2], adapter_names=["default", "nope"])
+    with pytest.raises(MixedBatchError, match="2 entries but the batch has 4"):
+        model(input_ids=IDS, adapter_names=["default", "default"])
+
+
+def test_adapter_lifecycle():
+    model = _ours("llama")
+    model.add_adapter("other", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    assert model.active_adapter == "default" and sorted(model.prompt_encoder) == ["default", "other"]
+    model.set_adapter("other")
+    assert model.active_adapters == ["other"] and _logits(model, input_ids=IDS).shape[1] == 7
+    model.delete_adapter("other")
+    assert model.active_adapter == "default" and list(model.prompt_encoder) == ["default"]
+    assert list(model.prompt_tokens) == ["default"]
+    with pytest.raises(ValueError, match="unknown adapter"):
+        model.set_adapter("other")
+
+
+def test_position_and_token_type_ids_are_ignored_with_a_warning():
+    model = _ours("llama")
+    expected = _logits(model, input_ids=IDS)
+    with pytest.warns(UserWarning, match="Position ids are not supported"):
+        out = _logits(model, input_ids=IDS, position_ids=torch.arange(5).expand(4, 5))
+    assert _max_diff(out, expected) == 0
+
+
+def test_text_init_matches_hf(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {w: i for i, w in enumerate(["<pad>", "<unk>", "classify", "the", "tweet", "as", "a", "complaint"])}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>").save_pretrained(tmp_path)
+    kw = dict(task_type="CAUSAL_LM", prompt_tuning_init="TEXT", prompt_tuning_init_text="classify the tweet",
+              tokenizer_name_or_path=str(tmp_path))
+    for n in (2, 7):  # cut and repeated
+        ours = get_peft_model(make_model("llama"), PromptTuningConfig(num_virtual_tokens=n, **kw))
+        hf = peft.get_peft_model(make_model("llama"), peft.PromptTuningConfig(num_virtual_tokens=n, **kw))
+        weight = ours.prompt_encoder["default"].embedding.weight
+        assert torch.equal(weight, hf.prompt_encoder["default"].embedding.weight)
+        emb = make_model("llama").get_input_embeddings().weight
+        assert torch.equal(weight[0], emb[2]) and torch.equal(weight[-1], emb[[2, 3, 4][(n - 1) % 3]])
+    sampled = get_peft_model(make_model("llama"), PromptTuningConfig(num_virtual_tokens=4, prompt_tuning_init="SAMPLE_VOCAB"))
+    emb = make_model("llama").get_input_embeddings().weight
+    rows = sampled.prompt_encoder["default"].embedding.weight
+    assert all((emb == row).all(dim=1).any() for row in rows)
+
+
+def test_config_fields_and_defaults_match_hf():
+    import dataclasses
+
+    ours = PromptTuningConfig().to_dict()
+    hf = {f.name: f.default for f in dataclasses.fields(peft.PromptTuningConfig)}
+    assert set(ours) == set(hf)
+    assert ours["prompt_tuning_init"] == "RANDOM" and ours["num_virtual_tokens"] is None
+    assert PromptTuningConfig().prompt_tuning_init is PromptTuningInit.RANDOM
+    assert peft_kernel.PromptTuningConfig is PromptTuningConfig and peft_kernel.PromptTuningInit is PromptTuningInit
+    loaded = PeftConfig.from_dict(peft.PromptTuningConfig(num_virtual_tokens=3, task_type="CAUSAL_LM").to_dict() | {"peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "prompt_tuning_init": "RANDOM"})
+    assert isinstance(loaded, PromptTuningConfig) and loaded.num_virtual_tokens == 3
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(prompt_tuning_init="TEXT", prompt_tuning_init_text="hi"), "tokenizer_name_or_path can't be None"),
+        (dict(prompt_tuning_init="TEXT", tokenizer_name_or_path="x"), "prompt_tuning_init_text can't be None"),
+        (dict(tokenizer_kwargs={"a": 1}), "tokenizer_kwargs only valid"),
+        (dict(prompt_tuning_init="WORDS"), "prompt_tuning_init must be one of"),
+    ],
+)
+def test_bad_configs(kwargs, message):
+    with pytest.raises(ConfigError, match=message):
+        PromptTuningConfig(num_virtual_tokens=3, **kwargs)
+
+
+def test_bad_configs_at_model_build_and_load():
+    with pytest.raises(ConfigError, match="num_virtual_tokens must be a positive int"):
+        get_peft_model(make_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM"))
+    with pytest.raises(ConfigError, match=r"\$.num_virtual_tokens: expected"):
+        PeftConfig.from_dict({"peft_type": "PROMPT_TUNING", "num_virtual_tokens": "3"})
+    with pytest.raises(NotImplementedError, match="SEQ_2_SEQ_LM"):
+        get_peft_model(make_model("t5"), PromptTuningConfig(task_type="SEQ_2_SEQ_LM", num_virtual_tokens=3))
+
+
+def test_listed_by_the_cli(capsys):
+    from peft_kernel.cli import main
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        main(["list-plugins"])
+    out = capsys.readouterr().out
+    assert "peft-kernel-prompt-tuning" in out and "PROMPT_TUNING" in out
