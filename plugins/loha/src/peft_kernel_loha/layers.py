@@ -44,6 +44,11 @@ class LoHaLayer(LycorisLayer):
         self.hada_w2_a[adapter_name] = nn.Parameter(torch.empty(shapes["a"]))
         self.hada_w2_b[adapter_name] = nn.Parameter(torch.empty(shapes["b"]))
 
+    def rescales_rank_dropout(self, config: LoHaConfig) -> bool:
+        """LoHa has no ``rank_dropout_scale`` field: HF PEFT always divides its rank-dropout mask by
+        the mask's mean (LyCORIS's behaviour), so this does too."""
+        return True
+
     def reset_adapter(self, adapter_name: str, init_weights: bool) -> None:
         """Kaiming-uniform everywhere; with ``init_weights=True`` ``hada_w2_b`` starts at zero, so
         the adapter starts as the identity (HF's choice)."""

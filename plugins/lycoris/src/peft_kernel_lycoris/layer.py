@@ -86,7 +86,7 @@ class LycorisLayer(AdapterLayer):
         self.scaling[adapter_name] = alpha / r
         self.rank_dropout[adapter_name] = config.rank_dropout
         self.module_dropout[adapter_name] = config.module_dropout
-        self.rank_dropout_scale[adapter_name] = bool(getattr(config, "rank_dropout_scale", False))
+        self.rank_dropout_scale[adapter_name] = self.rescales_rank_dropout(config)
         self.create_adapter(adapter_name, r, config)
         weight = self.base_layer.weight
         for p in self.adapter_parameters(adapter_name):
@@ -99,7 +99,11 @@ class LycorisLayer(AdapterLayer):
         self.scaling[adapter_name] = alpha / self.r[adapter_name]
         self.rank_dropout[adapter_name] = config.rank_dropout
         self.module_dropout[adapter_name] = config.module_dropout
-        self.rank_dropout_scale[adapter_name] = bool(getattr(config, "rank_dropout_scale", False))
+        self.rank_dropout_scale[adapter_name] = self.rescales_rank_dropout(config)
+
+    def rescales_rank_dropout(self, config: Any) -> bool:
+        """Whether the rank-dropout mask is divided by its mean (``rank_dropout_scale``)."""
+        return bool(getattr(config, "rank_dropout_scale", False))
 
     def _param(self, container: str, adapter_name: str) -> torch.Tensor | None:
         params = getattr(self, container)
