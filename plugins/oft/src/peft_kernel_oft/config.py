@@ -1,0 +1,75 @@
+"""``OFTConfig`` with every field of HF PEFT's (0.21.2), same names and defaults.
+
+No ``from __future__ import annotations`` here: the core's cattrs converter reads these
+annotations as real types.
+"""
+
+from typing import Literal, Optional, Union
+
+import attrs
+
+from peft_kernel.config import PeftConfig
+from peft_kernel.enums import PeftType
+from peft_kernel.errors import ConfigError
+
+BIAS_CHOICES = ("none", "all", "oft_only")
+
+
+@attrs.define(kw_only=True)
+class OFTConfig(PeftConfig):
+    """Configuration of an OFT adapter (HF PEFT's ``OFTConfig``).
+
+    Each targeted layer's input features are split into ``r`` blocks of ``oft_block_size``
+    (give exactly one of the two; the other follows from the layer's size, and a value that does
+    not divide it is moved to the nearest divisor with a warning, as HF PEFT does). Each block is
+    rotated by the Cayley transform of a learned skew-symmetric matrix.
+    """
+
+    peft_type: Optional[Union[PeftType, str]] = PeftType.OFT
+    r: int = 0
+    oft_block_size: int = 32
+    module_dropout: float = 0.0
+    target_modules: Optional[Union[list[str], set[str], str]] = None
+    fan_in_fan_out: bool = False
+    bias: Literal["none", "all", "oft_only"] = "none"
+    exclude_modules: Optional[Union[list[str], set[str], str]] = None
+    init_weights: bool = True
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+    modules_to_save: Optional[list[str]] = None
+    coft: bool = False
+    eps: float = 6e-05
+    block_share: bool = False
+    use_cayley_neumann: bool = True
+    num_cayley_neumann_terms: int = 5
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, set(value))
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+        if self.r < 0 or self.oft_block_size < 0:
+            raise ConfigError(
+                f"OFTConfig.r and oft_block_size must be >= 0, got r={self.r}, oft_block_size={self.oft_block_size}"
+            )
+        if self.r == 0 and self.oft_block_size == 0:
+            raise ConfigError(
+                f"Either `r` or `oft_block_size` must be non-zero. Currently, r = {self.r} and "
+                f"oft_block_size = {self.oft_block_size}."
+            )
+        if self.r != 0 and self.oft_block_size != 0:
+            raise ConfigError(
+                f"You can only specify either r ({self.r}) or oft_block_size ({self.oft_block_size}), but not both "
+                "simultaneously, because r x oft_block_size == in_features."
+            )
+        if not 0.0 <= self.module_dropout < 1.0:
+            raise ConfigError(f"OFTConfig.module_dropout must be in [0, 1), got {self.module_dropout}")
+        if self.bias not in BIAS_CHOICES:
+            raise ConfigError(f"OFTConfig.bias must be one of {list(BIAS_CHOICES)}, got {self.bias!r}")
+        if self.num_cayley_neumann_terms < 0:
+            raise ConfigError(f"OFTConfig.num_cayley_neumann_terms must be >= 0, got {self.num_cayley_neumann_terms}")
+        if self.eps < 0:
+            raise ConfigError(f"OFTConfig.eps must be >= 0, got {self.eps}")

@@ -1,0 +1,237 @@
+"""OFT adapter layers: ``nn.Linear``, ``nn.Conv2d`` and ``nn.Embedding`` (HF PEFT's layer types).
+
+An OFT adapter multiplies the base weight by a block-diagonal rotation ``R``:
+
+* Linear: ``y = base(x R)`` -- the input features are rotated; merged weight ``W R^T``.
+* Conv2d: the rotation acts on the flattened ``in_channels * kh * kw`` patch features, applied to
+  the weight: ``W' = W.flatten(1) R^T``, then the base convolution with ``W'``. This is HF PEFT's
+  merged weight; HF 0.21.2's *unmerged* Conv2d forward does not compute it (it changes the output
+  even for an identity rotation), so here unmerged, merged and HF-merged outputs agree.
+* Embedding: the embedding vectors are rotated, ``y = base(x) R``; merged table ``E R``.
+
+Several active adapters apply in order (``x R_a R_b`` for Linear, as HF PEFT); merging folds them
+in the matching order so merged and unmerged outputs agree (HF PEFT's merge does not for several
+adapters). Mixed batches rotate each row with its own adapter: one gather of per-row blocks when
+the layer's adapters share a block size, otherwise one rotation per adapter group; the base
+layer still runs once over the whole batch (Conv2d: one convolution per adapter group).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from peft_kernel.layer import AdapterLayer
+from peft_kernel.routing import Routing
+from peft_kernel_oft.config import OFTConfig
+from peft_kernel_oft.rotation import OFTRotationModule, apply_blocks, apply_row_blocks, block_layout
+
+
+def _adapter_dtype(base_layer: nn.Module) -> torch.dtype:
+    """Adapters live in float32 when the base is half precision (HF's autocast_adapter_dtype)."""
+    dtype = base_layer.weight.dtype
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def _transposed(blocks: torch.Tensor) -> torch.Tensor:
+    return blocks.transpose(-1, -2)
+
+
+class OFTLayer(AdapterLayer):
+    """State and bookkeeping shared by every OFT layer type."""
+
+    adapter_layer_names = ("oft_R", "oft_embedding_R")
+    other_param_names = ("r", "oft_block_size")
+    container = "oft_R"
+    merge_reversed = True
+    """Whether adapters fold into the weight last-first (right-multiplied weights: Linear, Conv)."""
+
+    def __init__(self, base_layer: nn.Module, in_features: int) -> None:
+        super().__init__(base_layer)
+        self.in_features = in_features
+        self.oft_R = nn.ModuleDict()
+        self.oft_embedding_R = nn.ModuleDict()
+        self.r: dict[str, int] = {}
+        self.oft_block_size: dict[str, int] = {}
+
+    # ---- creation --------------------------------------------------------------------------
+    def update_layer(self, adapter_name: str, config: OFTConfig, module_name: str = "") -> None:
+        if config.bias == "oft_only":
+            raise NotImplementedError(
+                "OFTConfig(bias='oft_only') is not supported by peft-kernel-oft yet: the core trains and saves "
+                "adapter-layer biases only for bias='lora_only'. Use bias='none' or bias='all'."
+            )
+        r, block_size = block_layout(self.in_features, config.r, config.oft_block_size)
+        weight = self.base_layer.weight
+        getattr(self, self.container)[adapter_name] = OFTRotationModule(
+            r,
+            block_size,
+            block_share=config.block_share,
+            coft=config.coft,
+            eps=config.eps,
+            use_cayley_neumann=config.use_cayley_neumann,
+            num_cayley_neumann_terms=config.num_cayley_neumann_terms,
+            dropout=config.module_dropout,
+            init_weights=config.init_weights,
+            device=weight.device,
+            dtype=_adapter_dtype(self.base_layer),
+        )
+        self.r[adapter_name] = r
+        self.oft_block_size[adapter_name] = block_size
+
+    def rotation(self, adapter_name: str) -> OFTRotationModule:
+        return getattr(self, self.container)[adapter_name]
+
+    def blocks(self, adapter_name: str, dropout: bool = True) -> torch.Tensor:
+        return self.rotation(adapter_name).blocks(dropout)
+
+    def _dtype(self) -> torch.dtype:
+        return _adapter_dtype(self.base_layer)
+
+    # ---- rotating features ------------------------------------------------------------------
+    def rotate(self, t: torch.Tensor, adapters: list[str]) -> torch.Tensor:
+        """``t[..., in_features]`` rotated by each adapter in turn."""
+        h = t.to(self._dtype())
+        for name in adapters:
+            h = apply_blocks(h, self.blocks(name))
+        return h.to(t.dtype)
+
+    def rotate_rows(self, t: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """``t[B, ..., in_features]`` with each row rotated by its own adapter (identity for
+        ``"__base__"`` rows and adapters this layer does not hold)."""
+        order = tuple(getattr(self, self.container).keys())
+        if not order:
+            return t
+        h = t.to(self._dtype())
+        if len({self.oft_block_size[a] for a in order}) == 1:
+            stacked = torch.stack([self.blocks(a) for a in order])  # [n, r, b, b]
+            eye = torch.eye(stacked.shape[-1], device=stacked.device, dtype=stacked.dtype)
+            stacked = torch.cat([stacked, eye.expand_as(stacked[:1])])
+            slots = routing.slots(t.shape[0], t.device, order) % stacked.shape[0]
+            return apply_row_blocks(h, stacked.index_select(0, slots)).to(t.dtype)
+        out = h.clone()
+        for name, rows in routing.groups(t.shape[0], t.device).items():
+            if name in order:
+                out.index_copy_(0, rows, apply_blocks(h.index_select(0, rows), self.blocks(name)))
+        return out.to(t.dtype)
+
+    # ---- merge ------------------------------------------------------------------------------
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+        names = list(self._active_adapters if adapter_names is None else adapter_names)
+        super().merge(safe_merge=safe_merge, adapter_names=names[::-1] if self.merge_reversed else names)
+
+    def fold(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        """The base weight with one adapter's ``blocks`` folded in."""
+        raise NotImplementedError
+
+    def _write(self, adapter_name: str, blocks: torch.Tensor, safe_merge: bool) -> None:
+        weight = self.base_layer.weight
+        with torch.no_grad():
+            new = self.fold(weight.to(blocks.dtype), blocks).to(weight.dtype)
+            if safe_merge and not torch.isfinite(new).all():
+                raise ValueError(
+                    f"NaNs or infs detected while merging adapter {adapter_name!r} into {type(self).__name__}; "
+                    "the adapter is broken and the base weights were left untouched."
+                )
+            weight.copy_(new)
+
+    def merge_into_base(self, adapter_name: str, safe_merge: bool = False) -> None:
+        with torch.no_grad():
+            blocks = self.blocks(adapter_name, dropout=False).detach()
+        self._write(adapter_name, blocks, safe_merge)
+
+    def unmerge_from_base(self, adapter_name: str) -> None:
+        # the Neumann rotation is only nearly orthogonal: undo it with the true inverse
+        with torch.no_grad():
+            inverse = torch.linalg.inv(self.blocks(adapter_name, dropout=False).detach().double()).to(self._dtype())
+        self._write(adapter_name, inverse, False)
+
+
+class Linear(OFTLayer):
+    """OFT for ``nn.Linear``: the input is rotated before the base layer."""
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__(base_layer, base_layer.in_features)
+        self.out_features = base_layer.out_features
+
+    def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.base_layer(self.rotate(x, adapters), *args, **kwargs)
+
+    def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.base_layer(self.rotate_rows(x, routing), *args, **kwargs)
+
+    def fold(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        return apply_blocks(weight, _transposed(blocks))  # W R^T
+
+
+class Embedding(OFTLayer):
+    """OFT for ``nn.Embedding``: the looked-up vectors are rotated (``oft_embedding_R``)."""
+
+    container = "oft_embedding_R"
+    merge_reversed = False
+
+    def __init__(self, base_layer: nn.Embedding) -> None:
+        super().__init__(base_layer, base_layer.embedding_dim)
+
+    def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.rotate(self.base_layer(x, *args, **kwargs), adapters)
+
+    def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self.rotate_rows(self.base_layer(x, *args, **kwargs), routing)
+
+    def fold(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        return apply_blocks(weight, blocks)  # E R
+
+
+class Conv2d(OFTLayer):
+    """OFT for ``nn.Conv2d``: the rotation acts on the ``in_channels * kh * kw`` patch features,
+    folded into the kernel for each forward."""
+
+    def __init__(self, base_layer: nn.Conv2d) -> None:
+        if base_layer.groups != 1:
+            raise NotImplementedError(f"OFT for grouped convolutions (groups={base_layer.groups}) is not supported")
+        kh, kw = base_layer.kernel_size
+        super().__init__(base_layer, base_layer.in_channels * kh * kw)
+
+    def fold(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
+        return apply_blocks(weight.flatten(1), _transposed(blocks)).reshape(weight.shape)
+
+    def effective_weight(self, adapters: list[str]) -> torch.Tensor:
+        weight = self.base_layer.weight
+        w = weight.to(self._dtype())
+        for name in reversed(adapters):  # patches rotated by R_a then R_b == kernel W R_b^T R_a^T
+            w = self.fold(w, self.blocks(name))
+        return w.to(weight.dtype)
+
+    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
+
+    def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        return self._conv(x, self.effective_weight(adapters))
+
+    def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
+        result: torch.Tensor | None = None
+        for name, rows in routing.groups(x.shape[0], x.device).items():
+            weight = self.effective_weight([name]) if self.has_adapter(name) else self.base_layer.weight
+            part = self._conv(x.index_select(0, rows), weight)
+            if result is None:
+                result = part.new_empty((x.shape[0], *part.shape[1:]))
+            result.index_copy_(0, rows, part)
+        assert result is not None
+        return result
+
+
+def make_layer(config: OFTConfig, adapter_name: str, base_layer: nn.Module, module_name: str) -> OFTLayer | None:
+    """The OFT layer for ``base_layer``'s type with ``adapter_name`` added, or None if unsupported."""
+    if isinstance(base_layer, nn.Linear):
+        layer: OFTLayer = Linear(base_layer)
+    elif isinstance(base_layer, nn.Conv2d):
+        layer = Conv2d(base_layer)
+    elif isinstance(base_layer, nn.Embedding):
+        layer = Embedding(base_layer)
+    else:
+        return None
+    layer.update_layer(adapter_name, config, module_name)
+    return layer
