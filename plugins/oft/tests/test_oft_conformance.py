@@ -5,8 +5,13 @@ Conv2d OFT forward does not compute its own merged weight (it changes the output
 identity rotation). ``test_oft_config.py`` checks our Conv2d against HF's merged model instead.
 """
 
+import pytest
+
 from peft_kernel.testing import ConformanceCase, conformance_suite
 from peft_kernel_oft import OFTConfig
+
+
+pytestmark = pytest.mark.filterwarnings("ignore:Invalid .*Adjusted:UserWarning")
 
 
 def oft(**kwargs):

@@ -3,8 +3,9 @@
 ``OFTRotationModule.weight`` ([r, b(b-1)/2], or [1, ...] with ``block_share``) holds the strict
 upper triangle, row by row, of one skew-symmetric ``b x b`` matrix ``Q`` per block. Each block's
 rotation is the Cayley transform ``R = (I + Q)^-1 (I - Q)``, or with ``use_cayley_neumann`` a
-truncated power series in ``Q`` (cheaper, no inverse) whose terms are those HF PEFT 0.21.2 uses,
-so outputs agree with it. COFT keeps each block's parameters inside a ball of radius
+truncated power series in ``Q`` (cheaper, no inverse). The series approximates
+``(I + Q)(I - Q)^-1`` -- the Cayley transform of ``-Q``, i.e. ``R^T`` -- and its terms are exactly
+those HF PEFT 0.21.2 uses, so outputs agree with HF in both modes. COFT keeps each block's parameters inside a ball of radius
 ``eps / sqrt(2 * rows)``, projecting the stored parameter in place as HF PEFT does.
 
 A tensor ``M[..., r * b]`` is rotated block by block: ``M_i @ R_i`` for every block ``i``.
