@@ -36,10 +36,10 @@ def bigger_llama():
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def run(name, model, tmp, tok, ctx_len=64, gen=16, with_adapters=True):
+def run(name, model, tmp, tok, ctx_len=64, gen=16, with_adapters=True, std=0.3):
     qeff = QEffAutoLoraModelForCausalLM.from_pretrained(model)
     if with_adapters:
-        for n, p in save_hf_adapters(model, tmp / f"{name}-adapters").items():
+        for n, p in save_hf_adapters(model, tmp / f"{name}-adapters", std=std).items():
             qeff.load_adapter(p, n)
     mapping = MAPPING if with_adapters else ["base"] * len(PROMPTS)
     t = time.perf_counter()
@@ -64,7 +64,9 @@ def main():
         run(f"tiny {arch} + 3 adapters", tiny_model(arch), tmp, tok)
     big = bigger_llama()
     run("llama h512 L4 no adapters", big, tmp, tok, ctx_len=128, with_adapters=False)
-    qeff = run("llama h512 L4 + 3 adapters", big, tmp, tok, ctx_len=128)
+    # LoRA weights ~N(0, 0.05): with 0.3 the h512 residual stream reaches ~1e5 and float32 rounding
+    # alone (PyTorch HF PEFT vs PyTorch reference) differs by ~1e-5 in the logits
+    qeff = run("llama h512 L4 + 3 adapters", big, tmp, tok, ctx_len=128, std=0.05)
     extra = save_hf_adapters(big, tmp / "extra", specs={"late": dict(r=16, target_modules=["k_proj", "up_proj"])})
     qeff.load_adapter(extra["late"], "late")
     t = time.perf_counter()

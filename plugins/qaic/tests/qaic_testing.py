@@ -71,7 +71,7 @@ ADAPTER_SPECS = {
 }
 
 
-def save_hf_adapters(model, folder, specs=ADAPTER_SPECS, seed: int = 1):
+def save_hf_adapters(model, folder, specs=ADAPTER_SPECS, seed: int = 1, std: float = 0.3):
     """Save each adapter with HF PEFT (the oracle) after giving it non-zero B weights."""
     import copy
 
@@ -84,7 +84,7 @@ def save_hf_adapters(model, folder, specs=ADAPTER_SPECS, seed: int = 1):
         with torch.no_grad():
             for n, p in peft_model.named_parameters():
                 if "lora_" in n:
-                    p.normal_(0, 0.3)
+                    p.normal_(0, std)
         path = folder / name
         peft_model.save_pretrained(str(path))
         paths[name] = path
