@@ -51,11 +51,7 @@ class PeftModel(nn.Module):
         if record.supports("prompt_learning"):
             from peft_kernel.prompt_learner import PromptLearner
 
-            if peft_config.modules_to_save or self.task_modules_to_save:
-                raise NotImplementedError(
-                    f"{record.peft_type} with modules_to_save (or a task head such as SEQ_CLS's classifier) is not "
-                    "supported by peft-kernel yet; use a CAUSAL_LM task."
-                )
+            self._add_task_modules(peft_config)
             self.base_model = model  # as in HF PEFT: the transformers model itself
             self._prompt = PromptLearner(self, record)
             self._prompt.add(adapter_name, peft_config)
@@ -150,10 +146,10 @@ class PeftModel(nn.Module):
     # ---- adapters -----------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a freshly initialised adapter (it does not become active)."""
+        self._add_task_modules(peft_config)
         if self._prompt is not None:
             self._prompt.add(adapter_name, peft_config)
             return
-        self._add_task_modules(peft_config)
         self.base_model.add_adapter(adapter_name, peft_config)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:

@@ -16,6 +16,8 @@ from peft_kernel.config import PeftConfig
 from peft_kernel.enums import TaskType
 from peft_kernel.errors import AdapterNameError, CheckpointError, ConfigError, MixedBatchError
 from peft_kernel.prompt_learning import SAVED_KEY, PromptLearningConfig, text_config_of, fill_config
+from peft_kernel.injection import replace_with_base, wrap_modules_to_save
+from peft_kernel.modules_to_save import ModulesToSaveWrapper
 from peft_kernel.routing import BASE_ADAPTER
 
 if TYPE_CHECKING:  # pragma: no cover
@@ -157,9 +159,22 @@ class PromptLearner:
         self.owner.prompt_encoder[adapter_name] = encoder.to(device)
         total = config.num_virtual_tokens * config.num_transformer_submodules
         self.owner.prompt_tokens[adapter_name] = torch.arange(total).long()
+        wrap_modules_to_save(self.base, config.modules_to_save, adapter_name)
         self.configs[adapter_name] = config
         if self.active is None:
             self.active = adapter_name
+        self._sync_heads()
+
+    def _heads(self) -> Iterator[tuple[str, ModulesToSaveWrapper]]:
+        """The ``modules_to_save`` copies (task heads such as SEQ_CLS's classifier) in the base model."""
+        for path, module in self.base.named_modules():
+            if isinstance(module, ModulesToSaveWrapper):
+                yield path, module
+
+    def _sync_heads(self) -> None:
+        for _, head in self._heads():
+            if self.active is not None:
+                head.set_adapter(self.active)
 
     def set_active(self, adapter_name: str | list[str]) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
@@ -172,6 +187,7 @@ class PromptLearner:
                 "batch pass adapter_names=[...] (one name per row) to forward/generate."
             )
         self.active = names[0]
+        self._sync_heads()
 
     def delete(self, adapter_name: str) -> None:
         if adapter_name not in self.configs:
@@ -179,25 +195,44 @@ class PromptLearner:
         del self.owner.prompt_encoder[adapter_name]
         del self.owner.prompt_tokens[adapter_name]
         del self.configs[adapter_name]
+        for _, head in self._heads():
+            head.delete_adapter(adapter_name)
         if self.active == adapter_name:
             self.active = next(iter(self.configs), None)
+        self._sync_heads()
 
     def release(self) -> None:
         """Give the base model back as it came (used when loading fails)."""
+        replace_with_base(self.base, keep_trained_copies=False)
         for name, p in self.base.named_parameters():
             p.requires_grad_(self._grad_flags.get(name, p.requires_grad))
 
     @contextlib.contextmanager
     def disable(self) -> Iterator[None]:
         old, self.disabled = self.disabled, True
+        for _, head in self._heads():
+            head.enable_adapters(False)
         try:
             yield
         finally:
             self.disabled = old
+            for _, head in self._heads():
+                head.enable_adapters(not old)
 
     # ---- save / load ------------------------------------------------------------------------
+    def _head_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+        """``{on-disk key: live tensor}`` of the adapter's head copies (``base_model.<module>.<param>``)."""
+        out = {}
+        for path, head in self._heads():
+            if adapter_name in head.modules_to_save:
+                for name, tensor in head.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
+                    out[f"base_model.{path}.{name}"] = tensor
+        return out
+
     def saved_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
-        return {SAVED_KEY: self.owner.prompt_encoder[adapter_name].saved_prompt().detach().cpu()}
+        tensors = {k: v.detach().cpu() for k, v in self._head_tensors(adapter_name).items()}
+        tensors[SAVED_KEY] = self.owner.prompt_encoder[adapter_name].saved_prompt().detach().cpu()
+        return tensors
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> Any:
         from peft_kernel.plugins import get_registry
@@ -207,14 +242,23 @@ class PromptLearner:
             config=self.configs[adapter_name], state_dict=dict(tensors), direction="load"
         )
         tensors = mapped if mapped is not None else tensors
-        unexpected = sorted(k for k in tensors if k != SAVED_KEY)
+        heads = self._head_tensors(adapter_name)
+        unexpected = sorted(k for k in tensors if k != SAVED_KEY and k not in heads)
         if unexpected or SAVED_KEY not in tensors:
             raise CheckpointError(
-                f"a {self.record.peft_type} checkpoint holds exactly one tensor, {SAVED_KEY!r}; "
-                f"got keys {sorted(tensors)[:8]}."
+                f"a {self.record.peft_type} checkpoint holds {SAVED_KEY!r} (and the adapter's modules_to_save "
+                f"{sorted(heads) or 'none'}); got unexpected keys {unexpected[:8]}"
+                f"{'' if SAVED_KEY in tensors else f' and no {SAVED_KEY!r}'}."
             )
+        for key, value in tensors.items():
+            if key in heads and tuple(value.shape) != tuple(heads[key].shape):
+                raise CheckpointError(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(heads[key].shape)}.")
         self.owner.prompt_encoder[adapter_name].load_saved_prompt(tensors[SAVED_KEY])
-        return LoadResult([], [])
+        with torch.no_grad():
+            for key, value in tensors.items():
+                if key in heads:
+                    heads[key].copy_(value.to(device=heads[key].device, dtype=heads[key].dtype))
+        return LoadResult(sorted(k for k in heads if k not in tensors), [])
 
     # ---- virtual tokens ---------------------------------------------------------------------
     def _row_adapters(self, batch: int, adapter_names: Sequence[str] | None) -> list[str]:
