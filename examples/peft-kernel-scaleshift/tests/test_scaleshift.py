@@ -34,6 +34,15 @@ def test_plugin_is_installed():
     assert record.prefix == "ss_" and record.distribution == "peft-kernel-scaleshift"
 
 
+def test_default_targets_and_exports():
+    import peft_kernel
+
+    model = get_peft_model(make_model("llama"), ScaleShiftConfig())  # target_modules=None: the record's default
+    assert model.peft_config["default"].target_modules == {"down_proj"}
+    assert type(model.base_model).__name__ == "ScaleShiftModel"
+    assert peft_kernel.ScaleShiftConfig is ScaleShiftConfig and peft_kernel.ScaleShiftLinear is ScaleShiftLinear
+
+
 def test_formula_and_identity_init():
     base = make_model("mlp")
     x = make_inputs("mlp")["x"]
