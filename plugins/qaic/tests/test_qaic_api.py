@@ -303,3 +303,20 @@ def test_device_style_loop_with_retained_state(small):
     ref = generate_tokens(inner, meta, prompts, ids, 4, None, return_logits=True, options={"batch_size": 2, "prefill_seq_len": 4, "ctx_len": 16})
     assert got[0] == ref[0]
     assert max(np.abs(a - b).max() for a, b in zip(got[1], ref[1])) < 1e-5
+
+
+def test_from_pretrained_folder_and_swap_base_from_adapter_config(tmp_path):
+    import peft_kernel
+
+    model = tiny_model("qwen2")
+    model.save_pretrained(tmp_path / "base")
+    qeff = peft_kernel.QEffAutoLoraModelForCausalLM.from_pretrained(str(tmp_path / "base"))
+    assert qeff.model.config.model_type == "qwen2"
+    # the swap class finds the base model through adapter_config.json's base_model_name_or_path
+    from peft import LoraConfig, get_peft_model
+
+    base = tiny_model("qwen2")
+    base.name_or_path = str(tmp_path / "base")  # what HF PEFT writes as base_model_name_or_path
+    get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"])).save_pretrained(str(tmp_path / "ad"))
+    swap = QEffAutoPeftModelForCausalLM.from_pretrained(tmp_path / "ad", "ad")
+    assert swap.active_adapter == "ad" and swap.signature[0] == ("model.layers.0.self_attn.q_proj", 2)
