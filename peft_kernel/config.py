@@ -212,18 +212,19 @@ class PeftConfig:
         return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in raw.items()}
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any], *, source: str = "$") -> PeftConfig:
+    def from_dict(cls, data: dict[str, Any], *, source: str = "") -> PeftConfig:
         """Build the config from a dict as found in ``adapter_config.json``.
 
         Unknown keys are dropped with a warning; wrong types raise :class:`ConfigError` naming the
         JSON path. Called on ``PeftConfig`` itself, dispatches on ``peft_type`` to the plugin's class.
         """
+        where = f"{source}: " if source else ""
         if not isinstance(data, dict):
-            raise ConfigError(f"{source}: expected a JSON object, got {type(data).__name__}")
+            raise ConfigError(f"{where}$: expected a JSON object, got {type(data).__name__}")
         target = cls
         if cls is PeftConfig or not cls._declares_peft_type():
             if "peft_type" not in data:
-                raise ConfigError(f"{source}.peft_type: required field missing (which PEFT method is this?)")
+                raise ConfigError(f"{where}$.peft_type: required field missing (which PEFT method is this?)")
             from peft_kernel.plugins import get_registry
 
             target = get_registry().method(data["peft_type"]).config_class
@@ -231,7 +232,7 @@ class PeftConfig:
         unknown = sorted(set(data) - known)
         if unknown:
             warnings.warn(
-                f"{source}: dropping config keys unknown to {target.__name__} "
+                f"{where}dropping config keys unknown to {target.__name__} "
                 f"(written by a newer HF PEFT?): {', '.join(unknown)}",
                 UserWarning,
                 stacklevel=2,
@@ -240,9 +241,9 @@ class PeftConfig:
         try:
             return converter.structure(clean, target)
         except cattrs.ClassValidationError as exc:
-            problems = cattrs.transform_error(exc, path=source, format_exception=_format)
+            problems = cattrs.transform_error(exc, path="$", format_exception=_format)
             raise ConfigError(
-                f"invalid {target.__name__}: " + "; ".join(_path_first(p) for p in problems)
+                f"{where}invalid {target.__name__}: " + "; ".join(_path_first(p) for p in problems)
             ) from None
 
     @classmethod

@@ -216,7 +216,7 @@ def test_inspect_bad_config_json(capsys, ours):
     assert code == 1 and "is not valid JSON" in err
     (ours / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": "8"}))
     code, _, err = run_cli(capsys, "inspect", str(ours))
-    assert code == 1 and "adapter_config.json.r: expected int, got str '8'" in err
+    assert code == 1 and "adapter_config.json: invalid LoraConfig: $.r: expected int, got str '8'" in err
 
 
 def test_inspect_missing_weights(capsys, ours):

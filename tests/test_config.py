@@ -68,7 +68,7 @@ def test_wrong_field_types_name_the_json_path(field, value, expected):
 def test_errors_in_a_file_name_the_file(tmp_path):
     data = {**LoraConfig().to_dict(), "r": "eight"}
     (tmp_path / "adapter_config.json").write_text(json.dumps(data))
-    with pytest.raises(ConfigError, match=r"adapter_config.json\.r: expected int"):
+    with pytest.raises(ConfigError, match=r"adapter_config.json: invalid LoraConfig: \$\.r: expected int"):
         PeftConfig.from_pretrained(tmp_path)
     (tmp_path / "adapter_config.json").write_text("{not json")
     with pytest.raises(ConfigError, match="not valid JSON"):

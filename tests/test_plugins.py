@@ -196,3 +196,16 @@ def test_every_hookspec_is_documented_and_tested():
         doc = inspect.getdoc(getattr(PeftKernelSpecs, name)) or ""
         assert len(doc) > 200, f"hook spec {name} needs a full docstring (it is the plugin authors' contract)"
         assert name in tests_text, f"hook spec {name} is not exercised by any test under tests/"
+
+
+def test_import_and_registry_stay_light():
+    """`import peft_kernel` and building the registry (what list-plugins does) import no torch."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, peft_kernel; from peft_kernel.plugins import get_registry; r = get_registry(); "
+        "assert 'LORA' in r.methods; print('torch' in sys.modules)"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert result.stdout.strip() == "False", result.stderr
