@@ -20,8 +20,9 @@ from peft_kernel.targeting import base_of, candidate_modules, compress_target_mo
 _NAME_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
 
 
-def check_adapter_name(adapter_name: str, existing: dict[str, Any], registry: Registry) -> None:
-    """Refuse names that are taken, that break module paths, or that contain a method prefix."""
+def check_adapter_name(adapter_name: str, existing: dict[str, Any], registry: Registry, config: Any = None) -> None:
+    """Refuse names that are taken, that break module paths, or that contain the prefix of
+    ``config``'s method (HF PEFT's rule: ``lora_x`` is no name for a LoRA adapter)."""
     if not isinstance(adapter_name, str) or not _NAME_OK.match(adapter_name):
         raise AdapterNameError(
             f"adapter name {adapter_name!r} is not usable: use letters, digits, '_' or '-' (no dots), "
@@ -34,12 +35,12 @@ def check_adapter_name(adapter_name: str, existing: dict[str, Any], registry: Re
         )
     if adapter_name == "__base__":
         raise AdapterNameError("'__base__' is reserved: it selects the base model in mixed batches.")
-    for record in registry.methods.values():
-        if record.prefix in adapter_name:
-            raise AdapterNameError(
-                f"adapter name {adapter_name!r} collides with the parameter prefix {record.prefix!r} of "
-                f"{record.peft_type}; state-dict keys would become ambiguous. Pick another name."
-            )
+    record = registry.method_for_config(config) if config is not None else None
+    if record is not None and record.prefix in adapter_name:
+        raise AdapterNameError(
+            f"adapter name {adapter_name!r} collides with the parameter prefix {record.prefix!r} of "
+            f"{record.peft_type}; state-dict keys would become ambiguous. Pick another name."
+        )
 
 
 def _set_module(root: nn.Module, path: str, module: nn.Module) -> None:

@@ -44,7 +44,7 @@ def inject_adapter_in_model(
     """Inject adapter layers into ``model`` in place, without a ``PeftModel`` wrapper."""
     configs: dict[str, PeftConfig] = model.__dict__.setdefault(CONFIGS_ATTR, {})
     registry = get_registry()
-    check_adapter_name(adapter_name, configs, registry)
+    check_adapter_name(adapter_name, configs, registry, peft_config)
     inject(model, peft_config, adapter_name, registry)
     configs[adapter_name] = peft_config
     set_trainable(model, [adapter_name], configs)

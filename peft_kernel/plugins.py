@@ -157,9 +157,18 @@ def _add_records(registry: Registry, status: PluginStatus, plugin: object) -> No
         status.backends.append(record.name)
 
 
+def _check_hook_names(pm: pluggy.PluginManager, plugin: object) -> None:
+    """A hookimpl with no spec is a typo (``peft_kernel_create_layers``): it would never run."""
+    unknown = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [] if caller.spec is None)
+    if unknown:
+        specs = sorted(n for n in dir(PeftKernelSpecs) if n.startswith("peft_kernel_"))
+        raise PluginError(f"implements unknown hook(s) {unknown}; known hooks: {specs}")
+
+
 def _register(registry: Registry, status: PluginStatus, plugin: object) -> None:
     try:
         registry.pm.register(plugin, name=status.name)
+        _check_hook_names(registry.pm, plugin)
         _add_records(registry, status, plugin)
     except Exception as exc:  # a broken plugin is reported, never fatal
         if registry.pm.is_registered(plugin):

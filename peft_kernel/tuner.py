@@ -63,7 +63,7 @@ class AdapterModel(nn.Module):
     # ---- lifecycle --------------------------------------------------------------------------
     def inject_adapter(self, model: nn.Module, adapter_name: str, peft_config: Any) -> None:
         registry = get_registry()
-        check_adapter_name(adapter_name, self.peft_config, registry)
+        check_adapter_name(adapter_name, self.peft_config, registry, peft_config)
         if self.peft_config:
             first = next(iter(self.peft_config.values()))
             if registry.method_for_config(first).peft_type != registry.method_for_config(peft_config).peft_type:

@@ -113,6 +113,7 @@ def test_interrupted_save_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
         ("default", "already exists"),
         ("my.adapter", "no dots"),
         ("lora_x", "collides with the parameter prefix 'lora_'"),
+        ("my.adapter", "no dots"),
         ("__base__", "reserved"),
         ("", "not usable"),
     ],
@@ -178,3 +179,8 @@ def test_adapter_of_another_method_cannot_join():
 
     with pytest.raises(Exception, match="SOMETHING_ELSE"):
         model.add_adapter("other", Unknown())
+
+
+def test_other_methods_prefixes_do_not_restrict_lora_adapter_names():
+    model = get_peft_model(make_model("mlp"), LoraConfig(target_modules=["lin0"]), adapter_name="ia3_head")
+    assert list(model.peft_config) == ["ia3_head"]
