@@ -88,7 +88,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
 @hookimpl(tryfirst=True)
 def peft_kernel_match_target(config: Any, module_name: str, module: Any, model: Any) -> bool | None:
     """Resolve ``feedforward_modules=None`` to HF PEFT's per-architecture default before the first
-    module is matched (the core has no "prepare config" hook; see the plugin README), then let the
+    module is matched (the core has no "prepare config against the model" hook; see README.md), then let the
     standard matcher decide."""
     if isinstance(config, IA3Config) and config.feedforward_modules is None:
         from peft_kernel.errors import ConfigError
