@@ -137,3 +137,9 @@ def test_bf16_base():
 
 def test_merge_in_training_is_reversible():
     lt.check_merge_in_training_is_reversible(LoHaConfig(r=2, target_modules=["lin0", "lin1"], rank_dropout=0.5), "mlp")
+
+
+def test_two_active_adapters_and_safe_merge():
+    lt.check_two_active_adapters_match_hf(lambda: hf_config(r=2, target_modules=["conv0", "lin"], use_effective_conv2d=True),
+                                          lambda: LoHaConfig(r=2, target_modules=["conv0", "lin"], use_effective_conv2d=True),
+                                          "conv2d")

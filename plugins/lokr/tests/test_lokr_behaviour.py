@@ -158,3 +158,8 @@ def test_bf16_base():
 
 def test_merge_in_training_is_reversible():
     lt.check_merge_in_training_is_reversible(LoKrConfig(r=2, target_modules=["lin0", "lin1"], rank_dropout=0.5), "mlp")
+
+
+def test_two_active_adapters_and_safe_merge():
+    lt.check_two_active_adapters_match_hf(lambda: hf_config(r=1, target_modules=["lin0", "lin1"], decompose_both=True),
+                                          lambda: LoKrConfig(r=1, target_modules=["lin0", "lin1"], decompose_both=True), "mlp")

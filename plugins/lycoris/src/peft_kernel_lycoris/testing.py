@@ -264,3 +264,35 @@ def check_listed_by_cli(capsys: Any, distribution: str, peft_type: str) -> None:
     row = next((line for line in out.splitlines() if distribution in line.split()), None)
     assert row is not None, out
     assert peft_type in row and "loaded" in row
+
+
+def check_two_active_adapters_match_hf(hf_config_factory: Any, our_config_factory: Any, kind: str) -> None:
+    """Two adapters active at once add up as in HF; merging both (safely) keeps the output, and a
+    broken adapter is refused by ``safe_merge`` with the base left untouched."""
+    peft = hf_peft()
+    from peft_kernel import get_peft_model
+
+    hf_model = peft.get_peft_model(make_model(kind), hf_config_factory(), adapter_name="one")
+    hf_model.add_adapter("two", hf_config_factory())
+    hf_model.base_model.set_adapter(["one", "two"])
+    perturb(hf_model)
+    ours = get_peft_model(make_model(kind), our_config_factory(), adapter_name="one")
+    ours.add_adapter("two", our_config_factory())
+    ours.load_state_dict(hf_model.state_dict())
+    ours.set_adapter(["one", "two"])
+    hf_model.eval()
+    ours.eval()
+    inputs = make_inputs(kind)
+    with torch.no_grad():
+        expected = output_tensor(hf_model(**inputs))
+        got = output_tensor(ours(**inputs))
+        assert (got - expected).abs().max() <= 1e-5
+        ours.merge_adapter(safe_merge=True)
+        assert (output_tensor(ours(**inputs)) - expected).abs().max() <= 1e-4
+        ours.unmerge_adapter()
+        before = {n: p.clone() for n, p in ours.named_parameters() if "base_layer" in n}
+        next(p for n, p in ours.named_parameters() if ".two" in n).fill_(float("nan"))
+        with pytest.raises(ValueError, match="NaN"):
+            ours.merge_adapter(adapter_names=["two"], safe_merge=True)
+        after = dict(ours.named_parameters())
+        assert all(torch.equal(before[n], after[n]) for n in before)
