@@ -11,8 +11,8 @@ STAMP := $(VENV)/.installed
 
 $(STAMP): pyproject.toml $(wildcard plugins/*/pyproject.toml examples/*/pyproject.toml)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
-	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)"
-	$(VENV)/bin/python -m pip install -q -e ".[test]" $(foreach p,$(PACKAGES),-e ./$(p))
+	$(VENV)/bin/python -m pip install -q "$(TORCH_SPEC)" "setuptools>=70"
+	$(VENV)/bin/python -m pip install -q --no-build-isolation -e ".[test]" $(foreach p,$(PACKAGES),-e ./$(p))
 	touch $(STAMP)
 
 setup: $(STAMP)

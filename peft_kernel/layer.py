@@ -82,6 +82,16 @@ class AdapterLayer(nn.Module):
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes the wrapped layer has (``in_features``, ``batch_first``...) read through, as
+        model code often inspects its layers."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "base_layer":
+                raise
+            return getattr(self.base_layer, name)
+
     def adapter_names(self) -> list[str]:
         """Every adapter this layer holds, in insertion order."""
         names: dict[str, None] = {}

@@ -35,9 +35,11 @@ class ConformanceCase:
     ``perturb`` adds noise to adapter tensors so adapters compute something non-trivial.
     """
 
-    model: str
+    model: str | Callable[[], nn.Module]
     config: Callable[[], Any]
     id: str = ""
+    inputs: Callable[[], dict[str, Any]] | None = None
+    """Keyword inputs for a plugin's own model (``model`` given as a factory); built-in kinds have theirs."""
     tolerance: float = 1e-5
     changes_base_at_init: bool = False
     perturb: bool = True
@@ -45,7 +47,19 @@ class ConformanceCase:
 
     def __attrs_post_init__(self) -> None:
         if not self.id:
-            self.id = self.model
+            self.id = self.model if isinstance(self.model, str) else getattr(self.model, "__name__", "custom")
+        if not isinstance(self.model, str) and self.inputs is None:
+            raise ValueError(f"ConformanceCase {self.id!r}: a model factory needs an `inputs` factory too")
+
+    def make_model(self) -> nn.Module:
+        """A fresh base model, identical on every call."""
+        if isinstance(self.model, str):
+            return make_model(self.model)
+        torch.manual_seed(0)
+        return self.model().eval()
+
+    def make_inputs(self) -> dict[str, Any]:
+        return self.inputs() if self.inputs is not None else make_inputs(self.model)
 
 
 def _record(config: Any) -> Any:
@@ -71,7 +85,7 @@ def _run(model: nn.Module, inputs: dict[str, Any], **kwargs: Any) -> torch.Tenso
 def _build(case: ConformanceCase, adapter_name: str = "default", seed: int = 0) -> Any:
     from peft_kernel import get_peft_model
 
-    model = get_peft_model(make_model(case.model), case.config(), adapter_name=adapter_name)
+    model = get_peft_model(case.make_model(), case.config(), adapter_name=adapter_name)
     if case.perturb:
         _perturb(model, seed)
     return model.eval()
@@ -97,8 +111,8 @@ class _Checks:
 
     def test_output_changes(self, case: ConformanceCase) -> None:
         model = _build(case)
-        inputs = make_inputs(case.model)
-        base = _run(make_model(case.model), inputs)
+        inputs = case.make_inputs()
+        base = _run(case.make_model(), inputs)
         out = _run(model, inputs)
         assert out.shape == base.shape
         assert not torch.allclose(out, base, atol=1e-6), "the adapter did not change the output"
@@ -107,7 +121,7 @@ class _Checks:
         model = _build(case)
         if not _record(model.active_peft_config).supports("mergeable"):
             pytest.skip(f"{model.active_peft_config.peft_type} declares no 'mergeable' capability")
-        inputs = make_inputs(case.model)
+        inputs = case.make_inputs()
         unmerged = _run(model, inputs)
         model.merge_adapter()
         _close(_run(model, inputs), unmerged, max(case.tolerance, 1e-4), "merged vs unmerged")
@@ -120,8 +134,8 @@ class _Checks:
         if case.changes_base_at_init:
             pytest.skip("this initialisation rewrites the base weights")
         model = _build(case)
-        inputs = make_inputs(case.model)
-        base = _run(make_model(case.model), inputs)
+        inputs = case.make_inputs()
+        base = _run(case.make_model(), inputs)
         with model.disable_adapter():
             _close(_run(model, inputs), base, case.tolerance, "disabled vs base")
         assert not torch.allclose(_run(model, inputs), base, atol=1e-6), "adapter stayed disabled after the block"
@@ -130,8 +144,8 @@ class _Checks:
         if case.changes_base_at_init:
             pytest.skip("this initialisation rewrites the base weights")
         model = _build(case)
-        inputs = make_inputs(case.model)
-        base_model = make_model(case.model)
+        inputs = case.make_inputs()
+        base_model = case.make_model()
         unloaded = model.unload()
         _close(_run(unloaded, inputs), _run(base_model, inputs), case.tolerance, "unload vs base")
         assert set(dict(unloaded.named_parameters())) == set(dict(base_model.named_parameters()))
@@ -140,11 +154,11 @@ class _Checks:
         from peft_kernel import PeftModel
 
         model = _build(case)
-        inputs = make_inputs(case.model)
+        inputs = case.make_inputs()
         expected = _run(model, inputs)
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            loaded = PeftModel.from_pretrained(make_model(case.model), tmp)
+            loaded = PeftModel.from_pretrained(case.make_model(), tmp)
         _close(_run(loaded, inputs), expected, case.tolerance, "reloaded vs saved")
 
     def test_hf_to_ours(self, case: ConformanceCase) -> None:
@@ -153,14 +167,14 @@ class _Checks:
         peft = _hf()
         from peft_kernel import PeftModel
 
-        hf_model = peft.get_peft_model(make_model(case.model), _hf_config(case.config()))
+        hf_model = peft.get_peft_model(case.make_model(), _hf_config(case.config()))
         _perturb(hf_model, 0)
         hf_model.eval()
-        inputs = make_inputs(case.model)
+        inputs = case.make_inputs()
         expected = _run(hf_model, inputs)
         with tempfile.TemporaryDirectory() as tmp:
             hf_model.save_pretrained(tmp)
-            ours = PeftModel.from_pretrained(make_model(case.model), tmp)
+            ours = PeftModel.from_pretrained(case.make_model(), tmp)
         _close(_run(ours, inputs), expected, case.tolerance, "ours (loaded from HF peft) vs HF peft")
 
     def test_ours_to_hf(self, case: ConformanceCase) -> None:
@@ -168,11 +182,11 @@ class _Checks:
             pytest.skip("no HF peft counterpart for this case")
         peft = _hf()
         model = _build(case)
-        inputs = make_inputs(case.model)
+        inputs = case.make_inputs()
         expected = _run(model, inputs)
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            hf_model = peft.PeftModel.from_pretrained(make_model(case.model), tmp).eval()
+            hf_model = peft.PeftModel.from_pretrained(case.make_model(), tmp).eval()
         _close(_run(hf_model, inputs), expected, case.tolerance, "HF peft (loaded from ours) vs ours")
 
     def test_mixed_batch_rows(self, case: ConformanceCase) -> None:
@@ -183,7 +197,7 @@ class _Checks:
         model.set_adapter("second")
         _perturb(model, 1)
         model.eval()
-        inputs = make_inputs(case.model)
+        inputs = case.make_inputs()
         singles = {}
         for name in ("first", "second"):
             model.set_adapter(name)
@@ -216,7 +230,7 @@ class _Checks:
         frozen_before = {n: p.detach().clone() for n, p in model.named_parameters() if not p.requires_grad}
         trainable_before = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}
         optimizer = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
-        inputs = make_inputs(case.model)
+        inputs = case.make_inputs()
         for _ in range(3):
             optimizer.zero_grad()
             output_tensor(model(**inputs)).float().pow(2).mean().backward()
