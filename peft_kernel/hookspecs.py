@@ -57,6 +57,18 @@ class PeftKernelSpecs:
         backends with the same name raise an error naming both distributions.
         """
 
+    @hookspec
+    def peft_kernel_prepare_config(self, config: PeftConfig, model: nn.Module) -> None:
+        """Fill in fields of ``config`` that depend on the model, before any module is matched.
+
+        Called once each time an adapter is added (``get_peft_model``, ``add_adapter``,
+        ``load_adapter``, ``inject_adapter_in_model``), after the core resolved ``target_modules``
+        (model-type defaults, ``"all-linear"``). Mutate ``config`` in place for your own config
+        classes only (IA3 resolves ``feedforward_modules`` to its per-architecture default here) and
+        raise a :class:`peft_kernel.errors.ConfigError` naming the field when the model leaves it
+        undecidable. The return value is ignored; every implementation runs.
+        """
+
     @hookspec(firstresult=True)
     def peft_kernel_match_target(
         self, config: PeftConfig, module_name: str, module: nn.Module, model: nn.Module

@@ -59,6 +59,7 @@ def inject(model: nn.Module, config: Any, adapter_name: str, registry: Registry 
     record = registry.method_for_config(config)
     expand_target_modules(config, model, record)
     hook = registry.hook
+    hook.peft_kernel_prepare_config(config=config, model=model)
     matched = [
         (name, module)
         for name, module in candidate_modules(model)
@@ -138,7 +139,7 @@ def set_trainable(model: nn.Module, active: list[str], configs: dict[str, Any]) 
             for pname, param in model.named_parameters():
                 if pname.endswith("bias") and ".modules_to_save." not in pname:
                     param.requires_grad_(True)
-        elif bias == "lora_only":
+        elif bias.endswith("_only"):  # "lora_only", "oft_only"...: the biases of this adapter's layers
             for module in model.modules():
                 if isinstance(module, AdapterLayer) and module.has_adapter(name) and module.bias is not None:
                     module.bias.requires_grad_(True)

@@ -70,12 +70,6 @@ class Registry:
     def method_for_config(self, config: Any) -> MethodRecord:
         return self.method(config.peft_type)
 
-    def method_for_prefix(self, key: str) -> MethodRecord | None:
-        for record in self.methods.values():
-            if record.prefix in key:
-                return record
-        return None
-
     def export(self, name: str) -> Any:
         """A public name provided by a plugin (config classes and ``exports``), or AttributeError."""
         for record in self.methods.values():

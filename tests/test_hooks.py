@@ -173,3 +173,18 @@ def test_register_hooks_reach_the_registry(isolated_registry):
     registry = isolated_registry(disabled=[], extra_plugins={"be": types.SimpleNamespace(peft_kernel_register_backends=peft_kernel_register_backends)})
     assert "cpu-sim" in registry.backends
     assert "LORA" in registry.methods  # peft_kernel_register_methods of the installed LoRA plugin
+
+
+def test_prepare_config_hook_sees_the_model_before_matching(isolated_registry):
+    seen = []
+
+    @hookimpl
+    def peft_kernel_prepare_config(config, model):
+        seen.append(type(model).__name__)
+        if isinstance(config, LoraConfig) and config.r == 3:
+            config.r = 2  # a model-dependent decision
+
+    isolated_registry(disabled=[], extra_plugins={"prep": types.SimpleNamespace(peft_kernel_prepare_config=peft_kernel_prepare_config)})
+    model = get_peft_model(make_model("mlp"), LoraConfig(target_modules=["lin0"], r=3))
+    assert seen == ["MLP"]
+    assert model.base_model.model.lin0.lora_A["default"].weight.shape[0] == 2

@@ -66,9 +66,14 @@ def test_invalid_values_are_errors(kwargs, match):
         OFTConfig(**kwargs)
 
 
-def test_bias_oft_only_is_refused_clearly():
-    with pytest.raises(NotImplementedError, match="oft_only"):
-        get_peft_model(make_model("mlp"), OFTConfig(target_modules=["lin1"], oft_block_size=4, bias="oft_only"))
+def test_bias_oft_only_trains_and_saves_the_adapted_layers_biases():
+    from peft_kernel import get_peft_model_state_dict
+
+    model = get_peft_model(make_model("mlp"), OFTConfig(target_modules=["lin1"], oft_block_size=4, bias="oft_only"))
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert "base_model.model.lin1.base_layer.bias" in trainable
+    assert "base_model.model.lin0.bias" not in trainable
+    assert "base_model.model.lin1.base_layer.bias" in get_peft_model_state_dict(model)
 
 
 def test_unsupported_layer_type_is_a_clear_error():

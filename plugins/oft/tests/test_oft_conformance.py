@@ -24,6 +24,8 @@ CASES = [
     ConformanceCase("mlp", oft(target_modules=["lin0", "lin1"], block_share=True, coft=True, eps=1e-2,
                                 modules_to_save=["lin2"]), id="mlp-coft-block-share-modules-to-save"),
     # bias="all" trains (and perturbs) the base biases, so disable/unload no longer give the base model
+    ConformanceCase("mlp", oft(target_modules=["lin1"], bias="oft_only"), id="mlp-bias-oft-only",
+                    changes_base_at_init=True),
     ConformanceCase("mlp", oft(target_modules="lin[01]", bias="all"), id="mlp-regex-bias-all",
                     changes_base_at_init=True),
     ConformanceCase("conv2d", oft(target_modules=["conv0", "conv1", "lin"], oft_block_size=3), hf=False),

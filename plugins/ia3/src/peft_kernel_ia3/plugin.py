@@ -85,11 +85,9 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
     )
 
 
-@hookimpl(tryfirst=True)
-def peft_kernel_match_target(config: Any, module_name: str, module: Any, model: Any) -> bool | None:
-    """Resolve ``feedforward_modules=None`` to HF PEFT's per-architecture default before the first
-    module is matched (the core has no "prepare config against the model" hook; see README.md), then let the
-    standard matcher decide."""
+@hookimpl
+def peft_kernel_prepare_config(config: Any, model: Any) -> None:
+    """Resolve ``feedforward_modules=None`` to HF PEFT's per-architecture default."""
     if isinstance(config, IA3Config) and config.feedforward_modules is None:
         from peft_kernel.errors import ConfigError
 
@@ -101,7 +99,6 @@ def peft_kernel_match_target(config: Any, module_name: str, module: Any, model: 
                 f"{model_type!r}. Pass feedforward_modules=[...] (a subset of target_modules, possibly empty)."
             )
         config.feedforward_modules = set(defaults)
-    return None
 
 
 @hookimpl

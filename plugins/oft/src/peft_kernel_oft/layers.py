@@ -58,11 +58,6 @@ class OFTLayer(AdapterLayer):
 
     # ---- creation --------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: OFTConfig, module_name: str = "") -> None:
-        if config.bias == "oft_only":
-            raise NotImplementedError(
-                "OFTConfig(bias='oft_only') is not supported by peft-kernel-oft yet: the core trains and saves "
-                "adapter-layer biases only for bias='lora_only'. Use bias='none' or bias='all'."
-            )
         r, block_size = block_layout(self.in_features, config.r, config.oft_block_size)
         weight = self.base_layer.weight
         getattr(self, self.container)[adapter_name] = OFTRotationModule(
