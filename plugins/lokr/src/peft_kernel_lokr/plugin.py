@@ -6,7 +6,7 @@ from typing import Any, Callable
 
 from peft_kernel.markers import hookimpl
 from peft_kernel.records import MethodRecord
-from peft_kernel_lycoris.targets import DEFAULT_TARGET_MODULES
+from peft_kernel.model_defaults import DEFAULT_TARGET_MODULES
 from peft_kernel_lokr.config import LoKrConfig
 
 

@@ -5,33 +5,10 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from peft_kernel.markers import hookimpl
+from peft_kernel.model_defaults import DEFAULT_TARGET_MODULES
 from peft_kernel.records import MethodRecord
 from peft_kernel_lora.config import LoraConfig
 
-DEFAULT_TARGET_MODULES = {
-    "llama": ["q_proj", "v_proj"],
-    "mistral": ["q_proj", "v_proj"],
-    "mixtral": ["q_proj", "v_proj"],
-    "qwen2": ["q_proj", "v_proj"],
-    "qwen3": ["q_proj", "v_proj"],
-    "gemma": ["q_proj", "v_proj"],
-    "gemma2": ["q_proj", "v_proj"],
-    "phi": ["q_proj", "v_proj", "fc1", "fc2"],
-    "opt": ["q_proj", "v_proj"],
-    "bart": ["q_proj", "v_proj"],
-    "gptj": ["q_proj", "v_proj"],
-    "gpt2": ["c_attn"],
-    "gpt_neox": ["query_key_value"],
-    "falcon": ["query_key_value"],
-    "bloom": ["query_key_value"],
-    "bert": ["query", "value"],
-    "roberta": ["query", "value"],
-    "xlm-roberta": ["query", "value"],
-    "distilbert": ["q_lin", "v_lin"],
-    "deberta-v2": ["query_proj", "value_proj"],
-    "t5": ["q", "v"],
-    "mt5": ["q", "v"],
-}
 
 
 @hookimpl
