@@ -284,3 +284,49 @@ def test_sequence_classification_with_bert_cross_loads_both_ways(tmp_path):
     fresh = get_peft_model(make_model("bert"), PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
     assert {n for n, p in fresh.named_parameters() if p.requires_grad} >= {
         "base_model.classifier.modules_to_save.default.weight", "base_model.classifier.modules_to_save.default.bias"}
+
+
+def test_third_party_method_through_peft_kernel_create_prompt_encoder(isolated_registry):
+    """The core mechanism is generic: an inline plugin adds a prompt-learning method with one hook."""
+    import types
+
+    import attrs
+    from torch import nn
+
+    from peft_kernel import hookimpl
+    from peft_kernel.prompt_learner import PromptEncoder
+    from peft_kernel.prompt_learning import PromptLearningConfig
+    from peft_kernel.records import MethodRecord
+
+    @attrs.define(kw_only=True)
+    class FixedPromptConfig(PromptLearningConfig):
+        peft_type: str = "FIXED_PROMPT"
+
+    class FixedPrompt(PromptEncoder):
+        def __init__(self, config):
+            super().__init__()
+            self.embedding = nn.Embedding(config.num_virtual_tokens, config.token_dim)
+
+        def forward(self):
+            return self.embedding.weight
+
+    calls = []
+
+    @hookimpl
+    def peft_kernel_register_methods(register):
+        register(MethodRecord(peft_type="FIXED_PROMPT", config_class=FixedPromptConfig, prefix="fixed_prompt_",
+                              capabilities={"prompt_learning"}, prompt_injection="inputs_embeds"))
+
+    @hookimpl
+    def peft_kernel_create_prompt_encoder(config, adapter_name, model, word_embeddings):
+        if isinstance(config, FixedPromptConfig):
+            calls.append((adapter_name, config.token_dim, config.num_layers))
+            return FixedPrompt(config)
+        return None
+
+    plugin = types.SimpleNamespace(peft_kernel_register_methods=peft_kernel_register_methods,
+                                   peft_kernel_create_prompt_encoder=peft_kernel_create_prompt_encoder)
+    isolated_registry(entry_points=[], extra_plugins={"fixed": plugin})
+    model = get_peft_model(make_model("gpt2"), FixedPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
+    assert calls == [("default", 16, 2)]
+    assert _logits(model, input_ids=IDS).shape == (4, 7, 64)
