@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
@@ -168,17 +167,28 @@ class PeftModel(nn.Module):
         with (self._prompt.disable() if self._prompt is not None else self.base_model.disable_adapter()):
             yield
 
+    def _layer_adapters(self, operation: str) -> AdapterModel:
+        """The layer-adapter model, or a clear error for prompt-learning methods (nothing to fold)."""
+        if self._prompt is not None:
+            raise NotImplementedError(
+                f"{operation}() needs adapters inside layers; {self.active_peft_config.peft_type} adds virtual "
+                "tokens instead, which cannot be merged into the base weights. Use get_base_model() for the plain model."
+            )
+        return self.base_model
+
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        self.base_model.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        self._layer_adapters("merge_adapter").merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        self.base_model.unmerge_adapter()
+        self._layer_adapters("unmerge_adapter").unmerge_adapter()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        return self.base_model.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
+        return self._layer_adapters("merge_and_unload").merge_and_unload(
+            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
+        )
 
     def unload(self) -> nn.Module:
-        return self.base_model.unload()
+        return self._layer_adapters("unload").unload()
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)

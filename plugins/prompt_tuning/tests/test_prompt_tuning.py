@@ -330,3 +330,10 @@ def test_third_party_method_through_peft_kernel_create_prompt_encoder(isolated_r
     model = get_peft_model(make_model("gpt2"), FixedPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     assert calls == [("default", 16, 2)]
     assert _logits(model, input_ids=IDS).shape == (4, 7, 64)
+
+
+def test_merge_and_unload_are_clear_errors_for_virtual_tokens():
+    model = get_peft_model(make_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    for call in (model.merge_adapter, model.merge_and_unload, model.unload, model.unmerge_adapter):
+        with pytest.raises(NotImplementedError, match="virtual tokens instead"):
+            call()
