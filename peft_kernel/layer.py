@@ -112,9 +112,13 @@ class AdapterLayer(nn.Module):
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Make ``adapter_names`` active (and trainable); the others inactive and frozen."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        for name in self.adapter_names():
-            for p in self.adapter_parameters(name):
-                p.requires_grad_(name in names)
+        wanted = set(names)
+        for attr in self.adapter_layer_names:  # one pass over the containers (cheap with many adapters)
+            for name, item in getattr(self, attr).items():
+                flag = name in wanted
+                for p in [item] if isinstance(item, nn.Parameter) else item.parameters():
+                    if p.requires_grad != flag:
+                        p.requires_grad_(flag)
         self._active_adapters = [n for n in names if self.has_adapter(n)]
 
     def enable_adapters(self, enabled: bool) -> None:

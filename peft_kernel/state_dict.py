@@ -2,13 +2,13 @@
 
 The on-disk key of a tensor is its in-memory key with the ``.<adapter>`` segment removed
 (``q_proj.lora_A.default.weight`` -> ``q_proj.lora_A.weight``); ``modules_to_save`` copies are
-saved under the plain module key; ``bias="all"`` / ``"lora_only"`` biases under their own key.
+saved under the plain module key; ``bias="all"`` / ``"<method>_only"`` biases under their own key.
 The map is derived from the model itself, so every method and layer type gets it for free.
 """
 
 from __future__ import annotations
 
-from typing import Any, NamedTuple
+from typing import Any, Iterator, NamedTuple
 
 import torch
 from torch import nn
@@ -36,13 +36,32 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
+def _adapter_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
+    """``named_modules`` order, but inside an adapter layer only its ``base_layer`` is visited (the
+    per-adapter containers hold no adapter layers), so the walk does not grow with adapters."""
+    seen: set[int] = set()
+    stack: list[tuple[str, nn.Module]] = [("", root)]
+    while stack:
+        prefix, module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield prefix, module
+        if isinstance(module, AdapterLayer):
+            children = [("base_layer", module.base_layer)] if isinstance(module.base_layer, nn.Module) else []
+        else:
+            children = [(n, c) for n, c in module._modules.items() if c is not None]
+        for name, child in reversed(children):
+            stack.append((f"{prefix}.{name}" if prefix else name, child))
+
+
 def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """``{on-disk key: live tensor}`` for every tensor that belongs to ``adapter_name``."""
     root, configs = _root_and_configs(model)
     config = configs.get(adapter_name)
     bias_mode = getattr(config, "bias", "none")
     out: dict[str, torch.Tensor] = {}
-    for path, module in root.named_modules():
+    for path, module in _adapter_modules(root):
         if isinstance(module, AdapterLayer):
             for attr in module.adapter_layer_names:
                 container = getattr(module, attr)
@@ -54,7 +73,7 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
                 else:
                     for name, tensor in item.state_dict(keep_vars=True).items():
                         out[_join(path, attr, name)] = tensor
-            if bias_mode == "lora_only" and module.has_adapter(adapter_name) and module.bias is not None:
+            if str(bias_mode).endswith("_only") and module.has_adapter(adapter_name) and module.bias is not None:
                 out[_join(path, "base_layer.bias")] = module.bias
         elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
             for name, tensor in module.modules_to_save[adapter_name].state_dict(keep_vars=True).items():
@@ -81,6 +100,9 @@ def get_peft_model_state_dict(
     """
     if unwrap_compiled:
         model = getattr(model, "_orig_mod", model)
+    prompt = getattr(model, "_prompt", None)
+    if prompt is not None:  # virtual-token methods keep their tensors in the prompt learner
+        return prompt.saved_tensors(adapter_name)
     tensors = adapter_tensors(model, adapter_name)
     if state_dict is not None:
         live = {id(t): k for k, t in tensors.items()}
@@ -104,6 +126,9 @@ def set_peft_model_state_dict(
     """
     from peft_kernel.plugins import get_registry
 
+    prompt = getattr(model, "_prompt", None)
+    if prompt is not None:
+        return prompt.load_tensors(peft_model_state_dict, adapter_name)
     _, configs = _root_and_configs(model)
     config = configs.get(adapter_name)
     if config is not None:

@@ -76,17 +76,26 @@ def base_of(module: nn.Module) -> nn.Module:
 
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every module a config could target: adapter layers themselves, never their insides."""
+    """Every module a config could target: adapter layers themselves, never their insides.
+
+    Walks in ``named_modules`` order without entering adapter layers or ``modules_to_save``
+    wrappers, so the cost does not grow with the number of adapters loaded."""
     from peft_kernel.layer import AdapterLayer
     from peft_kernel.modules_to_save import ModulesToSaveWrapper
 
-    skip: list[str] = []
-    for name, module in model.named_modules():
-        if not name or any(name.startswith(s + ".") for s in skip):
+    seen = {id(model)}
+    stack = [(name, child) for name, child in reversed(list(model._modules.items())) if child is not None]
+    while stack:
+        name, module = stack.pop()
+        if id(module) in seen:
             continue
-        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-            skip.append(name)
+        seen.add(id(module))
         yield name, module
+        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
+            continue
+        for child_name, child in reversed(list(module._modules.items())):
+            if child is not None:
+                stack.append((f"{name}.{child_name}", child))
 
 
 def expand_target_modules(config: Any, model: nn.Module, record: MethodRecord) -> None:

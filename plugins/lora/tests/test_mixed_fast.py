@@ -75,6 +75,13 @@ def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     return request.param
 
 
+@pytest.fixture(params=["bmm", "concat", "grouped"])
+def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The stacked kernels only (``auto`` picks among them; ``loop`` is the reference)."""
+    monkeypatch.setattr(mixed, "strategy", request.param)
+    return request.param
+
+
 @pytest.fixture(scope="module")
 def models() -> tuple[torch.nn.Module, torch.nn.Module]:
     return build(ADAPTERS)
@@ -105,10 +112,11 @@ def single_rows(ours: torch.nn.Module, input_ids: torch.Tensor, names: list[str]
     return torch.cat(rows)
 
 
-def check(hf: torch.nn.Module, ours: torch.nn.Module, names: list[str], seq: int = 7, seed: int = 0) -> None:
+def check(hf: torch.nn.Module | None, ours: torch.nn.Module, names: list[str], seq: int = 7, seed: int = 0) -> None:
     x = ids(len(names), seq, seed)
     got = logits(ours, x, adapter_names=names)
-    torch.testing.assert_close(got, logits(hf, x, adapter_names=names), atol=ATOL, rtol=0)
+    if hf is not None:
+        torch.testing.assert_close(got, logits(hf, x, adapter_names=names), atol=ATOL, rtol=0)
     torch.testing.assert_close(got, single_rows(ours, x, names), atol=ATOL, rtol=0)
 
 
@@ -134,7 +142,7 @@ def test_decode_shape_rows_of_one_token(models, strategy):
     check(hf, ours, ["a", "b", "c", "d", "e", "__base__", "a", "c"], seq=1)
 
 
-def test_adapters_make_a_difference(models, strategy):
+def test_adapters_make_a_difference(models, kernel):
     hf, ours = models
     x = ids(3)
     with ours.disable_adapter():
@@ -175,11 +183,18 @@ def test_dora_adapters_in_mixed_batches(strategy):
         "plain2": dict(r=8, lora_alpha=8, target_modules=["q_proj", "down_proj"]),
     }
     hf, ours = build(adapters)
-    check(hf, ours, ["dora", "plain", "__base__", "plain2", "dora"])
-    check(hf, ours, ["dora", "dora"])
+    # HF peft refuses adapter_names with DoRA: rows are checked against single-adapter runs, which
+    # the LoRA conformance suite checks against HF
+    check(None, ours, ["dora", "plain", "__base__", "plain2", "dora"])
+    check(None, ours, ["dora", "dora"])
+    x = ids(1)
+    for name in adapters:
+        hf.set_adapter(name)
+        ours.set_adapter(name)
+        torch.testing.assert_close(logits(ours, x), logits(hf, x), atol=ATOL, rtol=0)
 
 
-def test_stacks_follow_adapter_changes(strategy, tmp_path):
+def test_stacks_follow_adapter_changes(kernel, tmp_path):
     hf, ours = build({k: ADAPTERS[k] for k in ("a", "b", "c")})
     names = ["a", "b", "c", "__base__", "a"]
     check(hf, ours, names)
@@ -242,7 +257,7 @@ def test_stacks_follow_adapter_changes(strategy, tmp_path):
     torch.testing.assert_close(full, single_rows(ours, x, ["a", "b"]), atol=ATOL, rtol=0)
 
 
-def test_generate_with_adapter_names(models, strategy):
+def test_generate_with_adapter_names(models, kernel):
     hf, ours = models
     x = ids(4, seq=5, seed=3)
     names = ["a", "__base__", "c", "d"]
