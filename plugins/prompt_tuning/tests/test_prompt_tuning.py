@@ -337,3 +337,16 @@ def test_merge_and_unload_are_clear_errors_for_virtual_tokens():
     for call in (model.merge_adapter, model.merge_and_unload, model.unload, model.unmerge_adapter):
         with pytest.raises(NotImplementedError, match="virtual tokens instead"):
             call()
+
+
+def test_state_dict_functions_match_hf():
+    peft = pytest.importorskip("peft")
+    from peft_kernel import get_peft_model_state_dict, set_peft_model_state_dict
+
+    config = dict(task_type="CAUSAL_LM", num_virtual_tokens=4)
+    ours = get_peft_model(make_model("llama"), PromptTuningConfig(**config))
+    theirs = peft.get_peft_model(make_model("llama"), peft.PromptTuningConfig(**config))
+    theirs_sd = peft.get_peft_model_state_dict(theirs)
+    assert set(get_peft_model_state_dict(ours)) == set(theirs_sd) == {"prompt_embeddings"}
+    set_peft_model_state_dict(ours, theirs_sd)
+    torch.testing.assert_close(get_peft_model_state_dict(ours)["prompt_embeddings"], theirs_sd["prompt_embeddings"])
