@@ -42,8 +42,10 @@ class AdapterLayer(nn.Module):
         """Create the parameters of ``adapter_name`` from ``config``."""
         raise NotImplementedError
 
-    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        """Additive methods: what ``adapter_name`` adds to ``base_layer(x)``."""
+    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        """Additive methods: what ``adapter_name`` adds to ``base_layer(x)``. ``None`` means the
+        adapter adds nothing on this forward (module dropout in training): it is skipped and gets no
+        gradient, which optimizers such as Adam treat differently from a zero gradient."""
         raise NotImplementedError(f"{type(self).__name__} is not additive: override adapted_forward")
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
@@ -155,7 +157,9 @@ class AdapterLayer(nn.Module):
         """Base output plus each active adapter's delta (additive methods)."""
         result = self.base_layer(x, *args, **kwargs)
         for name in adapters:
-            result = result + self.delta(x, name).to(result.dtype)
+            delta = self.delta(x, name)
+            if delta is not None:
+                result = result + delta.to(result.dtype)
         return result
 
     def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -165,8 +169,9 @@ class AdapterLayer(nn.Module):
         for name, rows in routing.groups(x.shape[0], x.device).items():
             if not self.has_adapter(name):
                 continue
-            delta = self.delta(x.index_select(0, rows), name).to(result.dtype)
-            result = result.index_add(0, rows, delta)
+            delta = self.delta(x.index_select(0, rows), name)
+            if delta is not None:
+                result = result.index_add(0, rows, delta.to(result.dtype))
         return result
 
     # ---- merge ------------------------------------------------------------------------------

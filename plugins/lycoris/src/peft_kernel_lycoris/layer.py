@@ -11,7 +11,8 @@ shape (``raw_delta_weight``); this base adds
   mean) and ``module_dropout`` (skip the whole adapter) — both only in training mode, drawing
   random numbers in the same order as HF PEFT, so a seeded training step gives HF's numbers,
 * merge / unmerge through ``delta_weight`` (always without dropout, so unmerge restores exactly),
-* mixed batches through the core's grouped path (each row gets its own adapter).
+* mixed batches through the core's grouped path (each row gets its own adapter); a dropped module
+  makes ``delta`` return ``None``, which the core skips.
 """
 
 from __future__ import annotations
@@ -24,7 +25,6 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.layer import AdapterLayer
-from peft_kernel.routing import Routing
 from peft_kernel.targeting import pattern_value
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
@@ -132,7 +132,9 @@ class LycorisLayer(AdapterLayer):
         conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
         return conv(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
 
-    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor | None:
+        if not self._module_kept(adapter_name):
+            return None
         weight = self._rank_dropped(self.delta_weight(adapter_name), adapter_name)
         if x.is_floating_point() and x.dtype != weight.dtype:
             x = x.to(weight.dtype)
@@ -144,23 +146,6 @@ class LycorisLayer(AdapterLayer):
         if not self.training:
             return True
         return bool(torch.rand(1) > self.module_dropout[adapter_name])
-
-    # ---- forward (the core's, plus module dropout) -------------------------------------------
-    def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for name in adapters:
-            if self._module_kept(name):
-                result = result + self.delta(x, name).to(result.dtype)
-        return result
-
-    def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = self.base_layer(x, *args, **kwargs)
-        for name, rows in routing.groups(x.shape[0], x.device).items():
-            if not self.has_adapter(name) or not self._module_kept(name):
-                continue
-            delta = self.delta(x.index_select(0, rows), name).to(result.dtype)
-            result = result.index_add(0, rows, delta)
-        return result
 
     def extra_repr(self) -> str:
         return f"{super().extra_repr()}, r={self.r}, alpha={self.alpha}"
