@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch import nn
 
+from peft_kernel.testing.hf_oracle import perturb, run
 from peft_kernel.testing.models import make_inputs, make_model, output_tensor
 
 
@@ -68,26 +69,12 @@ def _record(config: Any) -> Any:
     return get_registry().method_for_config(config)
 
 
-def _perturb(model: nn.Module, seed: int) -> None:
-    """Deterministic noise on every trainable tensor (the adapters)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(model.named_parameters(), key=lambda kv: kv[0]):
-            if p.requires_grad:
-                p.add_(torch.randn(p.shape, generator=g, dtype=torch.float32).to(p.dtype) * 0.2)
-
-
-def _run(model: nn.Module, inputs: dict[str, Any], **kwargs: Any) -> torch.Tensor:
-    with torch.no_grad():
-        return output_tensor(model(**inputs, **kwargs)).detach().clone()
-
-
 def _build(case: ConformanceCase, adapter_name: str = "default", seed: int = 0) -> Any:
     from peft_kernel import get_peft_model
 
     model = get_peft_model(case.make_model(), case.config(), adapter_name=adapter_name)
     if case.perturb:
-        _perturb(model, seed)
+        perturb(model, seed)
     return model.eval()
 
 
@@ -112,8 +99,8 @@ class _Checks:
     def test_output_changes(self, case: ConformanceCase) -> None:
         model = _build(case)
         inputs = case.make_inputs()
-        base = _run(case.make_model(), inputs)
-        out = _run(model, inputs)
+        base = run(case.make_model(), inputs)
+        out = run(model, inputs)
         assert out.shape == base.shape
         assert not torch.allclose(out, base, atol=1e-6), "the adapter did not change the output"
 
@@ -122,23 +109,23 @@ class _Checks:
         if not _record(model.active_peft_config).supports("mergeable"):
             pytest.skip(f"{model.active_peft_config.peft_type} declares no 'mergeable' capability")
         inputs = case.make_inputs()
-        unmerged = _run(model, inputs)
+        unmerged = run(model, inputs)
         model.merge_adapter()
-        _close(_run(model, inputs), unmerged, max(case.tolerance, 1e-4), "merged vs unmerged")
+        _close(run(model, inputs), unmerged, max(case.tolerance, 1e-4), "merged vs unmerged")
         model.unmerge_adapter()
-        _close(_run(model, inputs), unmerged, max(case.tolerance, 1e-4), "after unmerge vs unmerged")
+        _close(run(model, inputs), unmerged, max(case.tolerance, 1e-4), "after unmerge vs unmerged")
         merged_model = model.merge_and_unload()
-        _close(_run(merged_model, inputs), unmerged, max(case.tolerance, 1e-4), "merge_and_unload vs unmerged")
+        _close(run(merged_model, inputs), unmerged, max(case.tolerance, 1e-4), "merge_and_unload vs unmerged")
 
     def test_disable_is_base(self, case: ConformanceCase) -> None:
         if case.changes_base_at_init:
             pytest.skip("this initialisation rewrites the base weights")
         model = _build(case)
         inputs = case.make_inputs()
-        base = _run(case.make_model(), inputs)
+        base = run(case.make_model(), inputs)
         with model.disable_adapter():
-            _close(_run(model, inputs), base, case.tolerance, "disabled vs base")
-        assert not torch.allclose(_run(model, inputs), base, atol=1e-6), "adapter stayed disabled after the block"
+            _close(run(model, inputs), base, case.tolerance, "disabled vs base")
+        assert not torch.allclose(run(model, inputs), base, atol=1e-6), "adapter stayed disabled after the block"
 
     def test_unload_is_base(self, case: ConformanceCase) -> None:
         if case.changes_base_at_init:
@@ -147,7 +134,7 @@ class _Checks:
         inputs = case.make_inputs()
         base_model = case.make_model()
         unloaded = model.unload()
-        _close(_run(unloaded, inputs), _run(base_model, inputs), case.tolerance, "unload vs base")
+        _close(run(unloaded, inputs), run(base_model, inputs), case.tolerance, "unload vs base")
         assert set(dict(unloaded.named_parameters())) == set(dict(base_model.named_parameters()))
 
     def test_save_load_roundtrip(self, case: ConformanceCase) -> None:
@@ -155,11 +142,11 @@ class _Checks:
 
         model = _build(case)
         inputs = case.make_inputs()
-        expected = _run(model, inputs)
+        expected = run(model, inputs)
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             loaded = PeftModel.from_pretrained(case.make_model(), tmp)
-        _close(_run(loaded, inputs), expected, case.tolerance, "reloaded vs saved")
+        _close(run(loaded, inputs), expected, case.tolerance, "reloaded vs saved")
 
     def test_hf_to_ours(self, case: ConformanceCase) -> None:
         if not case.hf:
@@ -168,14 +155,14 @@ class _Checks:
         from peft_kernel import PeftModel
 
         hf_model = peft.get_peft_model(case.make_model(), _hf_config(case.config()))
-        _perturb(hf_model, 0)
+        perturb(hf_model, 0)
         hf_model.eval()
         inputs = case.make_inputs()
-        expected = _run(hf_model, inputs)
+        expected = run(hf_model, inputs)
         with tempfile.TemporaryDirectory() as tmp:
             hf_model.save_pretrained(tmp)
             ours = PeftModel.from_pretrained(case.make_model(), tmp)
-        _close(_run(ours, inputs), expected, case.tolerance, "ours (loaded from HF peft) vs HF peft")
+        _close(run(ours, inputs), expected, case.tolerance, "ours (loaded from HF peft) vs HF peft")
 
     def test_ours_to_hf(self, case: ConformanceCase) -> None:
         if not case.hf:
@@ -183,11 +170,11 @@ class _Checks:
         peft = _hf()
         model = _build(case)
         inputs = case.make_inputs()
-        expected = _run(model, inputs)
+        expected = run(model, inputs)
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
             hf_model = peft.PeftModel.from_pretrained(case.make_model(), tmp).eval()
-        _close(_run(hf_model, inputs), expected, case.tolerance, "HF peft (loaded from ours) vs ours")
+        _close(run(hf_model, inputs), expected, case.tolerance, "HF peft (loaded from ours) vs ours")
 
     def test_mixed_batch_rows(self, case: ConformanceCase) -> None:
         model = _build(case, adapter_name="first", seed=0)
@@ -195,17 +182,17 @@ class _Checks:
             pytest.skip(f"{model.active_peft_config.peft_type} declares no 'mixed_batch' capability")
         model.add_adapter("second", case.config())
         model.set_adapter("second")
-        _perturb(model, 1)
+        perturb(model, 1)
         model.eval()
         inputs = case.make_inputs()
         singles = {}
         for name in ("first", "second"):
             model.set_adapter(name)
-            singles[name] = _run(model, inputs)
+            singles[name] = run(model, inputs)
         with model.disable_adapter():
-            singles["__base__"] = _run(model, inputs)
+            singles["__base__"] = run(model, inputs)
         names = ["second", "__base__", "first", "second"][: next(iter(inputs.values())).shape[0]]
-        mixed = _run(model, inputs, adapter_names=names)
+        mixed = run(model, inputs, adapter_names=names)
         for row, name in enumerate(names):
             _close(mixed[row], singles[name][row], max(case.tolerance, 1e-5), f"mixed row {row} ({name}) vs single run")
 

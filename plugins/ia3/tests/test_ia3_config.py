@@ -2,21 +2,16 @@
 HF peft single-adapter runs, several active adapters."""
 
 import json
-import tempfile
 
 import pytest
 import torch
 
 from peft_kernel import ConfigError, PeftModel, get_peft_model
-from peft_kernel.testing.models import make_inputs, make_model, output_tensor
+from peft_kernel.testing import check_mixed_batch_against_hf, run
+from peft_kernel.testing.models import make_inputs, make_model
 from peft_kernel_ia3 import IA3Config
 
 peft = pytest.importorskip("peft")
-
-
-def _run(model, inputs, **kwargs):
-    with torch.no_grad():
-        return output_tensor(model(**inputs, **kwargs))
 
 
 def _randomize(model, seed):
@@ -77,29 +72,8 @@ def test_unsupported_layer_type_is_a_clear_error():
     ("llama", dict()),
 ])
 def test_mixed_batch_rows_equal_hf_single_adapter_runs(kind, kwargs):
-    """HF peft ignores adapter_names for IA3; ours honours it. Each row must equal HF's output with
-    that row's adapter active."""
-    inputs = make_inputs(kind)
-    hf = peft.get_peft_model(make_model(kind), peft.IA3Config(**kwargs), adapter_name="first")
-    hf.add_adapter("second", peft.IA3Config(**kwargs))
-    _randomize(hf, 3)
-    hf.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        expected = {}
-        for name in ("first", "second"):
-            hf.set_adapter(name)
-            expected[name] = _run(hf, inputs)
-        with hf.disable_adapter():
-            expected["__base__"] = _run(hf, inputs)
-        # HF writes non-default adapters to sub-folders named after them
-        ours = PeftModel.from_pretrained(make_model(kind), f"{tmp}/first", adapter_name="first")
-        ours.load_adapter(f"{tmp}/second", adapter_name="second")
-    ours.eval()
-    names = ["second", "__base__", "first", "second"]
-    mixed = _run(ours, inputs, adapter_names=names)
-    for row, name in enumerate(names):
-        torch.testing.assert_close(mixed[row], expected[name][row], atol=1e-5, rtol=0)
+    """HF peft ignores adapter_names for this method; ours honours it."""
+    check_mixed_batch_against_hf(kind, lambda: peft.IA3Config(**kwargs), randomize=_randomize)
 
 
 def test_mixed_batch_with_adapters_on_different_modules_and_sides():
@@ -114,9 +88,9 @@ def test_mixed_batch_with_adapters_on_different_modules_and_sides():
     singles = {}
     for name in ("first", "second", "third"):
         model.set_adapter(name)
-        singles[name] = _run(model, inputs)
+        singles[name] = run(model, inputs)
     names = ["third", "first", "second", "first"]
-    mixed = _run(model, inputs, adapter_names=names)
+    mixed = run(model, inputs, adapter_names=names)
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], singles[name][row], atol=1e-6, rtol=0)
 
@@ -133,12 +107,12 @@ def test_several_active_adapters_multiply_like_hf_and_merge_consistently():
     hf.base_model.set_adapter(["first", "second"])
     ours.set_adapter(["first", "second"])
     hf.eval(), ours.eval()
-    expected = _run(hf, inputs)
-    torch.testing.assert_close(_run(ours, inputs), expected, atol=1e-5, rtol=0)
+    expected = run(hf, inputs)
+    torch.testing.assert_close(run(ours, inputs), expected, atol=1e-5, rtol=0)
     ours.merge_adapter()
-    torch.testing.assert_close(_run(ours, inputs), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(run(ours, inputs), expected, atol=1e-5, rtol=0)
     ours.unmerge_adapter()
-    torch.testing.assert_close(_run(ours.unload(), inputs), _run(make_model("mlp"), inputs), atol=1e-5, rtol=0)
+    torch.testing.assert_close(run(ours.unload(), inputs), run(make_model("mlp"), inputs), atol=1e-5, rtol=0)
 
 
 def test_safe_merge_refuses_non_finite_vectors():

@@ -11,18 +11,14 @@ import torch
 from torch import nn
 
 from peft_kernel import ConfigError, PeftModel, get_peft_model
-from peft_kernel.testing.models import make_inputs, make_model, output_tensor
+from peft_kernel.testing import check_mixed_batch_against_hf, run
+from peft_kernel.testing.models import make_inputs, make_model
 from peft_kernel_oft import OFTConfig
 from peft_kernel_oft.rotation import OFTRotationModule, block_layout, cayley
 
 peft = pytest.importorskip("peft")
 
 pytestmark = pytest.mark.filterwarnings("ignore:Invalid .*Adjusted:UserWarning")
-
-
-def _run(model, inputs, **kwargs):
-    with torch.no_grad():
-        return output_tensor(model(**inputs, **kwargs))
 
 
 def _randomize(model, seed, scale=0.3):
@@ -120,7 +116,7 @@ def test_coft_projects_the_parameter_in_place_like_hf():
     _randomize(ours, 1, scale=1.0)
     _randomize(hf, 1, scale=1.0)
     inputs = make_inputs("mlp")
-    torch.testing.assert_close(_run(ours.eval(), inputs), _run(hf.eval(), inputs), atol=1e-5, rtol=0)
+    torch.testing.assert_close(run(ours.eval(), inputs), run(hf.eval(), inputs), atol=1e-5, rtol=0)
     torch.testing.assert_close(ours.base_model.model.lin1.oft_R["default"].weight,
                                hf.base_model.model.lin1.oft_R["default"].weight, atol=1e-7, rtol=0)
 
@@ -130,10 +126,10 @@ def test_module_dropout_only_in_training():
     _randomize(model, 2)
     inputs = make_inputs("mlp")
     model.eval()
-    assert torch.equal(_run(model, inputs), _run(model, inputs))
+    assert torch.equal(run(model, inputs), run(model, inputs))
     model.train()
     torch.manual_seed(0)
-    outs = {tuple(_run(model, inputs).flatten().tolist()) for _ in range(4)}
+    outs = {tuple(run(model, inputs).flatten().tolist()) for _ in range(4)}
     assert len(outs) > 1
 
 
@@ -155,8 +151,8 @@ def test_conv2d_matches_hf_merged_weights(direction):
             ours.save_pretrained(tmp)
             hf = peft.PeftModel.from_pretrained(make_model("conv2d"), tmp).eval()
             ours.eval()
-        expected = _run(hf.merge_and_unload(), inputs)
-    torch.testing.assert_close(_run(ours, inputs), expected, atol=1e-5, rtol=0)
+        expected = run(hf.merge_and_unload(), inputs)
+    torch.testing.assert_close(run(ours, inputs), expected, atol=1e-5, rtol=0)
 
 
 # ---- mixed batches vs HF peft single-adapter runs -------------------------------------------
@@ -166,27 +162,8 @@ def test_conv2d_matches_hf_merged_weights(direction):
     ("llama", dict(target_modules=["q_proj", "v_proj", "down_proj"], oft_block_size=4)),
 ])
 def test_mixed_batch_rows_equal_hf_single_adapter_runs(kind, kwargs):
-    inputs = make_inputs(kind)
-    hf = peft.get_peft_model(make_model(kind), peft.OFTConfig(**kwargs), adapter_name="first")
-    hf.add_adapter("second", peft.OFTConfig(**kwargs))
-    _randomize(hf, 3)
-    hf.eval()
-    with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        expected = {}
-        for name in ("first", "second"):
-            hf.set_adapter(name)
-            expected[name] = _run(hf, inputs)
-        with hf.disable_adapter():
-            expected["__base__"] = _run(hf, inputs)
-        # HF writes non-default adapters to sub-folders named after them
-        ours = PeftModel.from_pretrained(make_model(kind), f"{tmp}/first", adapter_name="first")
-        ours.load_adapter(f"{tmp}/second", adapter_name="second")
-    ours.eval()
-    names = ["second", "__base__", "first", "second"]
-    mixed = _run(ours, inputs, adapter_names=names)
-    for row, name in enumerate(names):
-        torch.testing.assert_close(mixed[row], expected[name][row], atol=1e-5, rtol=0)
+    """HF peft ignores adapter_names for this method; ours honours it."""
+    check_mixed_batch_against_hf(kind, lambda: peft.OFTConfig(**kwargs), randomize=_randomize)
 
 
 @pytest.mark.parametrize("kind,first,second", [
@@ -202,11 +179,11 @@ def test_mixed_batch_with_different_block_sizes_and_targets(kind, first, second)
     singles = {}
     for name in ("first", "second"):
         model.set_adapter(name)
-        singles[name] = _run(model, inputs)
+        singles[name] = run(model, inputs)
     with model.disable_adapter():
-        singles["__base__"] = _run(model, inputs)
+        singles["__base__"] = run(model, inputs)
     names = ["second", "first", "__base__", "second"]
-    mixed = _run(model, inputs, adapter_names=names)
+    mixed = run(model, inputs, adapter_names=names)
     for row, name in enumerate(names):
         torch.testing.assert_close(mixed[row], singles[name][row], atol=1e-5, rtol=0)
 
@@ -227,13 +204,13 @@ def test_several_active_adapters_compose_like_hf_and_merge_consistently(kind, kw
     hf.base_model.set_adapter(["first", "second"])
     ours.set_adapter(["first", "second"])
     hf.eval(), ours.eval()
-    expected = _run(hf, inputs)
-    torch.testing.assert_close(_run(ours, inputs), expected, atol=1e-5, rtol=0)
+    expected = run(hf, inputs)
+    torch.testing.assert_close(run(ours, inputs), expected, atol=1e-5, rtol=0)
     ours.merge_adapter()
-    torch.testing.assert_close(_run(ours, inputs), expected, atol=1e-4, rtol=0)
+    torch.testing.assert_close(run(ours, inputs), expected, atol=1e-4, rtol=0)
     ours.unmerge_adapter()
-    torch.testing.assert_close(_run(ours, inputs), expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(_run(ours.unload(), inputs), _run(make_model(kind), inputs), atol=1e-5, rtol=0)
+    torch.testing.assert_close(run(ours, inputs), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(run(ours.unload(), inputs), run(make_model(kind), inputs), atol=1e-5, rtol=0)
 
 
 def test_safe_merge_refuses_non_finite_rotations():
