@@ -61,3 +61,36 @@ def check_mixed_batch_against_hf(
     for row, name in enumerate(names):
         diff = (mixed[row] - expected[name][row]).abs().max().item()
         assert diff <= tolerance, f"mixed row {row} ({name}) vs HF single-adapter run: {diff:.2e}"
+
+
+def check_seq_cls_cross_load(our_config: Callable[[], Any], hf_config: Callable[[], Any], folder: Any, tolerance: float = 1e-5) -> None:
+    """Sequence classification on tiny BERT, both ways: HF saves → ours loads (equal logits and
+    loss), ours saves → HF loads; the classifier head is saved in full as ``base_model.classifier.*``
+    and trains, and ``disable_adapter`` gives the base model."""
+    peft = pytest.importorskip("peft", reason="HF peft (the test oracle) is not installed")
+    from safetensors.torch import load_file
+
+    from peft_kernel import PeftModel, get_peft_model
+
+    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
+    inputs = dict(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
+                  token_type_ids=torch.tensor([[0, 0, 1], [0, 1, 1]]), labels=torch.tensor([0, 2]))
+    hf = peft.get_peft_model(make_model("bert"), hf_config())
+    perturb(hf, 3, scale=0.5)
+    hf.save_pretrained(f"{folder}/hf")
+    hf = peft.PeftModel.from_pretrained(make_model("bert"), f"{folder}/hf")
+    ours = PeftModel.from_pretrained(make_model("bert"), f"{folder}/hf")
+    assert type(ours).__name__ == "PeftModelForSequenceClassification"
+    with torch.no_grad():
+        a, b = hf(**inputs), ours(**inputs)
+    assert (a.logits - b.logits).abs().max().item() <= tolerance and abs(a.loss.item() - b.loss.item()) <= tolerance
+    ours.save_pretrained(f"{folder}/ours")
+    saved = load_file(f"{folder}/ours/adapter_model.safetensors")
+    assert {"base_model.classifier.bias", "base_model.classifier.weight"} <= set(saved)
+    back = peft.PeftModel.from_pretrained(make_model("bert"), f"{folder}/ours")
+    assert (run(back, inputs) - run(ours, inputs)).abs().max().item() <= tolerance
+    with ours.disable_adapter():
+        assert torch.equal(run(ours, {"input_ids": ids}), run(make_model("bert"), {"input_ids": ids}))
+    fresh = get_peft_model(make_model("bert"), our_config())
+    assert {n for n, p in fresh.named_parameters() if p.requires_grad} >= {
+        "base_model.classifier.modules_to_save.default.weight", "base_model.classifier.modules_to_save.default.bias"}

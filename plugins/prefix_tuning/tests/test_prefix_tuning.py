@@ -16,7 +16,10 @@ import torch
 import peft_kernel
 from peft_kernel import PeftConfig, PeftModel, get_peft_model
 from peft_kernel.errors import CheckpointError, ConfigError, MixedBatchError
-from peft_kernel.testing import make_model
+from safetensors.torch import load_file
+
+from peft_kernel.testing import make_model, perturb
+from peft_kernel.testing.hf_oracle import check_seq_cls_cross_load
 from peft_kernel_prefix_tuning import PrefixTuningConfig
 
 peft = pytest.importorskip("peft", reason="HF peft (the test oracle) is not installed")
@@ -29,11 +32,7 @@ IDS_OF = [f"{k}{'-projection' if kw else ''}" for k, kw in CASES]
 
 
 def _perturb(module: torch.nn.Module, seed: int) -> None:
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for _, p in sorted(module.named_parameters()):
-            if p.requires_grad:  # the adapter's tensors only
-                p.add_(torch.randn(p.shape, generator=g) * 0.5)
+    perturb(module, seed, scale=0.5)
 
 
 def _ours(kind: str, seed: int = 0, **kw) -> PeftModel:
@@ -86,7 +85,6 @@ def test_our_adapter_loads_in_hf_with_equal_outputs(kind, kw, tmp_path):
 
 
 def test_saved_tensor_layout(tmp_path):
-    from safetensors.torch import load_file
 
     ours = _ours("llama", prefix_projection=True)
     ours.save_pretrained(tmp_path)
@@ -195,27 +193,7 @@ def test_bad_configs_at_model_build():
 
 def test_sequence_classification_with_bert_cross_loads_both_ways(tmp_path):
     """SEQ_CLS: the classifier head is a modules_to_save copy, saved as base_model.classifier.*."""
-    from safetensors.torch import load_file
-
-    ids = torch.tensor([[5, 6, 7], [8, 9, 0]])
-    inputs = dict(input_ids=ids, attention_mask=torch.tensor([[1, 1, 1], [1, 1, 0]]),
-                  token_type_ids=torch.tensor([[0, 0, 1], [0, 1, 1]]), labels=torch.tensor([0, 2]))
-    hf = peft.get_peft_model(make_model("bert"), peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
-    _perturb(hf, 3)
-    hf.save_pretrained(tmp_path / "hf")
-    hf = peft.PeftModel.from_pretrained(make_model("bert"), tmp_path / "hf")
-    ours = PeftModel.from_pretrained(make_model("bert"), tmp_path / "hf")
-    assert type(ours).__name__ == "PeftModelForSequenceClassification"
-    with torch.no_grad():
-        a, b = hf(**inputs), ours(**inputs)
-    assert _max_diff(a.logits, b.logits) <= TOL and abs(a.loss.item() - b.loss.item()) <= TOL
-    ours.save_pretrained(tmp_path / "ours")
+    check_seq_cls_cross_load(lambda: PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
+                             lambda: peft.PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3), tmp_path)
     saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
     assert sorted(saved) == ["base_model.classifier.bias", "base_model.classifier.weight", "prompt_embeddings"]
-    back = peft.PeftModel.from_pretrained(make_model("bert"), tmp_path / "ours")
-    assert _max_diff(_logits(back, **inputs), _logits(ours, **inputs)) <= TOL
-    with ours.disable_adapter():
-        assert _max_diff(_logits(ours, input_ids=ids), _logits(make_model("bert"), input_ids=ids)) == 0
-    fresh = get_peft_model(make_model("bert"), PrefixTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3))
-    assert {n for n, p in fresh.named_parameters() if p.requires_grad} >= {
-        "base_model.classifier.modules_to_save.default.weight", "base_model.classifier.modules_to_save.default.bias"}
