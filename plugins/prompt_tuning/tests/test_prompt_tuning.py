@@ -12,12 +12,11 @@ import warnings
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 import peft_kernel
 from peft_kernel import PeftConfig, PeftModel, get_peft_model
 from peft_kernel.errors import CheckpointError, ConfigError, MixedBatchError
-from safetensors.torch import load_file
-
 from peft_kernel.testing import make_model, perturb
 from peft_kernel.testing.hf_oracle import check_seq_cls_cross_load
 from peft_kernel_prompt_tuning import PromptTuningConfig, PromptTuningInit
