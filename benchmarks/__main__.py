@@ -267,7 +267,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-results", help="folder for results.json / results.png / results.md")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per shape (median taken)")
     parser.add_argument("--strategies", action="store_true", help="also time each mixed-batch kernel at the headline shape")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["sweep", "loading"], help="parts to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["headline", "sweep", "loading"], help="parts to leave out")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -277,12 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     if args.quick:
         headline = Shape(hidden=128, layers=2, rank=8, rows=8, prompt=16, vocab=256)
-        plan = [(headline, [2, 16], ["prefill", "decode"], args.rounds or 2, 3, args.strategies)]
+        plan = [] if "headline" in args.skip else [(headline, [2, 16], ["prefill", "decode"], args.rounds or 2, 3, args.strategies)]
         load_shape, load_count = Shape(hidden=128, layers=2, rank=8), 10
     else:
         headline = Shape()
         rounds = args.rounds or 5
-        plan = [(headline, [2, 16, 64], ["prefill", "decode"], rounds, 5, args.strategies)]
+        plan = [] if "headline" in args.skip else [(headline, [2, 16, 64], ["prefill", "decode"], rounds, 5, args.strategies)]
         if "sweep" not in args.skip:
             for shape in (Shape(rank=8, prompt=32), Shape(rank=64, prompt=32), Shape(hidden=1024, prompt=16)):
                 plan.append((shape, [16], ["prefill", "decode"], max(3, rounds - 2), 3, False))

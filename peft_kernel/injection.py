@@ -115,11 +115,34 @@ def wrap_modules_to_save(model: nn.Module, names: Any, adapter_name: str) -> Non
             _set_module(model, path, ModulesToSaveWrapper(module, adapter_name))
 
 
+def _modules_outside_adapter_containers(model: nn.Module):
+    """``model.modules()`` (each module once) without the insides of adapter layers' per-adapter
+    containers (``adapter_layer_names``)."""
+    seen: set[int] = set()
+    stack = [model]
+    while stack:
+        module = stack.pop()
+        if id(module) in seen:
+            continue
+        seen.add(id(module))
+        yield module
+        skip = set(module.adapter_layer_names) if isinstance(module, AdapterLayer) else ()
+        for name, child in reversed(list(module._modules.items())):
+            if child is not None and name not in skip:
+                stack.append(child)
+
+
 def set_trainable(model: nn.Module, active: list[str], configs: dict[str, Any]) -> None:
-    """Freeze everything but the active adapters (and the biases their configs ask for)."""
-    for param in model.parameters():
-        param.requires_grad_(False)
-    for module in model.modules():
+    """Freeze everything but the active adapters (and the biases their configs ask for).
+
+    Adapter layers' per-adapter containers are not walked for the freeze: ``set_adapter`` sets
+    every tensor in them, so adding the n-th adapter does not cost n times the first."""
+    modules = list(_modules_outside_adapter_containers(model))
+    for module in modules:
+        for param in module._parameters.values():
+            if param is not None and param.requires_grad:
+                param.requires_grad_(False)
+    for module in modules:
         if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
             module.set_adapter(active)
     for name in active:
@@ -127,7 +150,7 @@ def set_trainable(model: nn.Module, active: list[str], configs: dict[str, Any]) 
         if config is None:
             continue
         if getattr(config, "inference_mode", False):
-            for module in model.modules():
+            for module in modules:
                 if isinstance(module, AdapterLayer):
                     for p in module.adapter_parameters(name):
                         p.requires_grad_(False)
@@ -140,7 +163,7 @@ def set_trainable(model: nn.Module, active: list[str], configs: dict[str, Any]) 
                 if pname.endswith("bias") and ".modules_to_save." not in pname:
                     param.requires_grad_(True)
         elif bias.endswith("_only"):  # "lora_only", "oft_only"...: the biases of this adapter's layers
-            for module in model.modules():
+            for module in modules:
                 if isinstance(module, AdapterLayer) and module.has_adapter(name) and module.bias is not None:
                     module.bias.requires_grad_(True)
 

@@ -118,7 +118,13 @@ class AdapterLayer(nn.Module):
         for attr in self.adapter_layer_names:  # one pass over the containers (cheap with many adapters)
             for name, item in getattr(self, attr).items():
                 flag = name in wanted
-                for p in [item] if isinstance(item, nn.Parameter) else item.parameters():
+                if isinstance(item, nn.Parameter):
+                    params: Iterable[Any] = [item]
+                elif not item._modules:  # a leaf module (nn.Linear...): its own tensors, no recursion
+                    params = [p for p in item._parameters.values() if p is not None]
+                else:
+                    params = item.parameters()
+                for p in params:
                     if p.requires_grad != flag:
                         p.requires_grad_(flag)
         self._active_adapters = [n for n in names if self.has_adapter(n)]
