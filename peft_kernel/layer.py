@@ -129,6 +129,17 @@ class AdapterLayer(nn.Module):
                         p.requires_grad_(flag)
         self._active_adapters = [n for n in names if self.has_adapter(n)]
 
+    def train(self, mode: bool = True) -> AdapterLayer:
+        """``nn.Module.train``, faster with many adapters: the per-adapter leaf modules (plain
+        ``nn.Module.train``, no children) get their flag set directly instead of a recursive call."""
+        if not isinstance(mode, bool):
+            raise ValueError("training mode is expected to be boolean")
+        self.training = mode
+        for child in self._modules.values():
+            if child is not None:
+                _train_fast(child, mode)
+        return self
+
     def enable_adapters(self, enabled: bool) -> None:
         self._disabled = not enabled
 
@@ -216,6 +227,21 @@ class AdapterLayer(nn.Module):
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self._active_adapters}"
+
+
+def _train_fast(module: nn.Module, mode: bool) -> None:
+    if type(module).train is not nn.Module.train:
+        module.train(mode)
+        return
+    module.training = mode
+    for child in module._modules.values():
+        if child is None:
+            continue
+        if not child._modules and type(child).train is nn.Module.train:
+            if child.training is not mode:
+                child.training = mode
+        else:
+            _train_fast(child, mode)
 
 
 def _add_to(target: torch.Tensor, delta: torch.Tensor, safe: bool, layer: nn.Module, adapter_name: str) -> None:
