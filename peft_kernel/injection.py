@@ -168,6 +168,20 @@ def set_trainable(model: nn.Module, active: list[str], configs: dict[str, Any]) 
                     module.bias.requires_grad_(True)
 
 
+def settle_new_adapter(model: nn.Module, adapter_name: str) -> None:
+    """Freeze, and match to the model's train/eval mode, the tensors and modules of an adapter that
+    was just added and is not active — touching that adapter only, so adding the 100th adapter
+    costs what adding the 2nd did. (Everything else is already as ``set_trainable`` left it.)"""
+    for module in _modules_outside_adapter_containers(model):
+        if isinstance(module, AdapterLayer) and module.has_adapter(adapter_name):
+            for param in module.adapter_parameters(adapter_name):
+                param.requires_grad_(False)
+            for item in module.adapter_modules(adapter_name):
+                item.train(module.training)
+        elif isinstance(module, ModulesToSaveWrapper) and adapter_name in module.modules_to_save:
+            module.modules_to_save[adapter_name].requires_grad_(False).train(module.training)
+
+
 def replace_with_base(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
     """Swap every adapter layer back for its base layer (merge first if that is wanted), and every
     ``modules_to_save`` wrapper for its active trained copy or, without ``keep_trained_copies``,

@@ -140,6 +140,15 @@ class AdapterLayer(nn.Module):
                 _train_fast(child, mode)
         return self
 
+    def adapter_modules(self, adapter_name: str) -> list[nn.Module]:
+        """The modules that belong to ``adapter_name`` alone (its entries in every ModuleDict)."""
+        modules = []
+        for attr in (*self.adapter_layer_names, *self.other_param_names):
+            container = getattr(self, attr)
+            if isinstance(container, nn.ModuleDict) and adapter_name in container:
+                modules.append(container[adapter_name])
+        return modules
+
     def enable_adapters(self, enabled: bool) -> None:
         self._disabled = not enabled
 

@@ -274,8 +274,8 @@ class PeftModel(nn.Module):
             raise
         if self.active_adapters == [adapter_name]:
             self.set_adapter(adapter_name)  # re-apply trainability with the loaded config
-        if not is_trainable:
-            self.eval()
+        if not is_trainable and (self.training or self._prompt is not None):
+            self.eval()  # an eval-mode model already put the new adapter's modules in eval mode
         return result
 
     @classmethod

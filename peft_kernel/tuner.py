@@ -16,7 +16,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peft_kernel.errors import AdapterNameError
-from peft_kernel.injection import check_adapter_name, inject, replace_with_base, set_trainable
+from peft_kernel.injection import check_adapter_name, inject, replace_with_base, set_trainable, settle_new_adapter
 from peft_kernel.layer import AdapterLayer, adapter_layers
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
 from peft_kernel.plugins import get_registry
@@ -73,7 +73,10 @@ class AdapterModel(nn.Module):
                 )
         inject(model, peft_config, adapter_name, registry)
         self.peft_config[adapter_name] = peft_config
-        set_trainable(self.model, self._active, self.peft_config)
+        if adapter_name in self._active:
+            set_trainable(self.model, self._active, self.peft_config)
+        else:  # an extra, inactive adapter: only its own tensors need settling
+            settle_new_adapter(self.model, adapter_name)
 
     def add_adapter(self, adapter_name: str, peft_config: Any) -> None:
         self.inject_adapter(self.model, adapter_name, peft_config)
