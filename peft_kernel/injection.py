@@ -12,7 +12,7 @@ from typing import Any
 from torch import nn
 
 from peft_kernel.errors import AdapterNameError, TargetNotFoundError
-from peft_kernel.layer import AdapterLayer
+from peft_kernel.layer import AdapterLayer, walk_modules
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
 from peft_kernel.plugins import Registry, get_registry
 from peft_kernel.targeting import base_of, candidate_modules, compress_target_modules, expand_target_modules, no_match_error
@@ -115,29 +115,12 @@ def wrap_modules_to_save(model: nn.Module, names: Any, adapter_name: str) -> Non
             _set_module(model, path, ModulesToSaveWrapper(module, adapter_name))
 
 
-def _modules_outside_adapter_containers(model: nn.Module):
-    """``model.modules()`` (each module once) without the insides of adapter layers' per-adapter
-    containers (``adapter_layer_names``)."""
-    seen: set[int] = set()
-    stack = [model]
-    while stack:
-        module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield module
-        skip = set(module.adapter_layer_names) if isinstance(module, AdapterLayer) else ()
-        for name, child in reversed(list(module._modules.items())):
-            if child is not None and name not in skip:
-                stack.append(child)
-
-
 def set_trainable(model: nn.Module, active: list[str], configs: dict[str, Any]) -> None:
     """Freeze everything but the active adapters (and the biases their configs ask for).
 
     Adapter layers' per-adapter containers are not walked for the freeze: ``set_adapter`` sets
     every tensor in them, so adding the n-th adapter does not cost n times the first."""
-    modules = list(_modules_outside_adapter_containers(model))
+    modules = [m for _, m in walk_modules(model)]
     for module in modules:
         for param in module._parameters.values():
             if param is not None and param.requires_grad:
@@ -172,7 +155,7 @@ def settle_new_adapter(model: nn.Module, adapter_name: str) -> None:
     """Freeze, and match to the model's train/eval mode, the tensors and modules of an adapter that
     was just added and is not active — touching that adapter only, so adding the 100th adapter
     costs what adding the 2nd did. (Everything else is already as ``set_trainable`` left it.)"""
-    for module in _modules_outside_adapter_containers(model):
+    for _, module in walk_modules(model):
         if isinstance(module, AdapterLayer) and module.has_adapter(adapter_name):
             for param in module.adapter_parameters(adapter_name):
                 param.requires_grad_(False)

@@ -12,7 +12,7 @@ forward, mixed batches, merge and unmerge; or overrides ``adapted_forward`` / ``
 
 from __future__ import annotations
 
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -273,23 +273,27 @@ def _add_to(target: torch.Tensor, delta: torch.Tensor, safe: bool, layer: nn.Mod
             target.add_(delta)
 
 
-def adapter_layers(model: nn.Module) -> Iterable[tuple[str, AdapterLayer]]:
-    """Every adapter layer inside ``model`` with its dotted path (``named_modules`` order).
-
-    The walk does not enter an adapter layer's per-adapter containers (only its ``base_layer``),
-    so its cost does not grow with the number of adapters loaded; it runs on every mixed-batch
-    forward."""
+def walk_modules(root: nn.Module, stop: tuple[type, ...] = ()) -> Iterator[tuple[str, nn.Module]]:
+    """``(path, module)`` in ``named_modules`` order, each module once, without entering adapter
+    layers' per-adapter containers (``adapter_layer_names`` / ``other_param_names``) nor modules of
+    the ``stop`` types (which are yielded themselves). Its cost does not grow with the number of
+    adapters loaded, which matters: it runs on loads and on every mixed-batch forward."""
     seen: set[int] = set()
-    stack: list[tuple[str, nn.Module]] = [("", model)]
+    stack: list[tuple[str, nn.Module]] = [("", root)]
     while stack:
-        prefix, module = stack.pop()
+        path, module = stack.pop()
         if id(module) in seen:
             continue
         seen.add(id(module))
-        if isinstance(module, AdapterLayer):
-            yield prefix, module
-            children = [("base_layer", module.base_layer)] if isinstance(module.base_layer, nn.Module) else []
-        else:
-            children = [(n, c) for n, c in module._modules.items() if c is not None]
-        for name, child in reversed(children):
-            stack.append((f"{prefix}.{name}" if prefix else name, child))
+        yield path, module
+        if path and isinstance(module, stop):
+            continue
+        skip = (*module.adapter_layer_names, *module.other_param_names) if isinstance(module, AdapterLayer) else ()
+        for name, child in reversed(list(module._modules.items())):
+            if child is not None and name not in skip:
+                stack.append((f"{path}.{name}" if path else name, child))
+
+
+def adapter_layers(model: nn.Module) -> Iterator[tuple[str, AdapterLayer]]:
+    """Every adapter layer inside ``model`` with its dotted path."""
+    return ((path, m) for path, m in walk_modules(model) if isinstance(m, AdapterLayer))

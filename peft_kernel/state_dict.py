@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from peft_kernel.errors import CheckpointError
-from peft_kernel.layer import AdapterLayer
+from peft_kernel.layer import AdapterLayer, walk_modules
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
 
 
@@ -36,32 +36,13 @@ def _join(*parts: str) -> str:
     return ".".join(p for p in parts if p)
 
 
-def _adapter_modules(root: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """``named_modules`` order, but inside an adapter layer only its ``base_layer`` is visited (the
-    per-adapter containers hold no adapter layers), so the walk does not grow with adapters."""
-    seen: set[int] = set()
-    stack: list[tuple[str, nn.Module]] = [("", root)]
-    while stack:
-        prefix, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield prefix, module
-        if isinstance(module, AdapterLayer):
-            children = [("base_layer", module.base_layer)] if isinstance(module.base_layer, nn.Module) else []
-        else:
-            children = [(n, c) for n, c in module._modules.items() if c is not None]
-        for name, child in reversed(children):
-            stack.append((f"{prefix}.{name}" if prefix else name, child))
-
-
 def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tensor]:
     """``{on-disk key: live tensor}`` for every tensor that belongs to ``adapter_name``."""
     root, configs = _root_and_configs(model)
     config = configs.get(adapter_name)
     bias_mode = getattr(config, "bias", "none")
     out: dict[str, torch.Tensor] = {}
-    for path, module in _adapter_modules(root):
+    for path, module in walk_modules(root):
         if isinstance(module, AdapterLayer):
             for attr in module.adapter_layer_names:
                 container = getattr(module, attr)

@@ -76,26 +76,12 @@ def base_of(module: nn.Module) -> nn.Module:
 
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """Every module a config could target: adapter layers themselves, never their insides.
-
-    Walks in ``named_modules`` order without entering adapter layers or ``modules_to_save``
-    wrappers, so the cost does not grow with the number of adapters loaded."""
-    from peft_kernel.layer import AdapterLayer
+    """Every module a config could target: adapter layers and ``modules_to_save`` wrappers
+    themselves, never their insides (the model itself excluded)."""
+    from peft_kernel.layer import AdapterLayer, walk_modules
     from peft_kernel.modules_to_save import ModulesToSaveWrapper
 
-    seen = {id(model)}
-    stack = [(name, child) for name, child in reversed(list(model._modules.items())) if child is not None]
-    while stack:
-        name, module = stack.pop()
-        if id(module) in seen:
-            continue
-        seen.add(id(module))
-        yield name, module
-        if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
-            continue
-        for child_name, child in reversed(list(module._modules.items())):
-            if child is not None:
-                stack.append((f"{name}.{child_name}", child))
+    return ((path, m) for path, m in walk_modules(model, stop=(AdapterLayer, ModulesToSaveWrapper)) if path)
 
 
 def expand_target_modules(config: Any, model: nn.Module, record: MethodRecord) -> None:

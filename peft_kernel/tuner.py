@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from peft_kernel.errors import AdapterNameError
 from peft_kernel.injection import check_adapter_name, inject, replace_with_base, set_trainable, settle_new_adapter
-from peft_kernel.layer import AdapterLayer, adapter_layers
+from peft_kernel.layer import AdapterLayer, adapter_layers, walk_modules
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
 from peft_kernel.plugins import get_registry
 
@@ -97,7 +97,7 @@ class AdapterModel(nn.Module):
         set_trainable(self.model, names, self.peft_config)
 
     def _adapter_modules(self) -> Iterator[AdapterLayer | ModulesToSaveWrapper]:
-        for module in self.model.modules():
+        for _, module in walk_modules(self.model, stop=(ModulesToSaveWrapper,)):
             if isinstance(module, (AdapterLayer, ModulesToSaveWrapper)):
                 yield module
 
