@@ -42,15 +42,6 @@ class LoraLSTM(AdapterLayer):
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
 
-    def __getattr__(self, name: str) -> Any:
-        """Models read their LSTM's settings (``self.lstm.batch_first``): fall through to the base."""
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            if name == "base_layer":
-                raise
-            return getattr(self.base_layer, name)
-
     # ---- creation --------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: Any, module_name: str = "") -> None:
         problems = list(config.unsupported())
