@@ -147,3 +147,26 @@ def no_match_error(config: Any, model: nn.Module) -> TargetNotFoundError:
         f"Target modules {wanted}{layer_note} not found in the base model {type(model).__name__}.{hint} "
         f"Leaf module names in this model include: {leaves[:25]}."
     )
+
+
+def linear_fan_in_fan_out(config: Any, base_layer: nn.Module) -> bool | None:
+    """For a linear-like ``base_layer``: whether its weight is stored [in, out] (transformers'
+    ``Conv1D``), recording the answer in ``config.fan_in_fan_out`` with HF PEFT's warnings when the
+    config said otherwise. ``None`` when ``base_layer`` is not linear-like."""
+    import warnings
+
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(base_layer, Conv1D):
+        if not getattr(config, "fan_in_fan_out", True):
+            warnings.warn("fan_in_fan_out is set to False but the target module is `Conv1D`. "
+                          "Setting fan_in_fan_out to True.", UserWarning, stacklevel=3)
+        config.fan_in_fan_out = True
+        return True
+    if isinstance(base_layer, nn.Linear):
+        if getattr(config, "fan_in_fan_out", False):
+            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
+                          "Setting fan_in_fan_out to False.", UserWarning, stacklevel=3)
+            config.fan_in_fan_out = False
+        return False
+    return None

@@ -13,13 +13,13 @@ multiply whatever the number of adapters.
 
 from __future__ import annotations
 
-import warnings
 from typing import Any
 
 import torch
 from torch import nn
 
 from peft_kernel.layer import AdapterLayer
+from peft_kernel.targeting import linear_fan_in_fan_out
 from peft_kernel.routing import Routing
 from peft_kernel_ia3.config import IA3Config
 
@@ -188,17 +188,9 @@ class ConvNd(IA3Layer):
 
 def make_layer(config: IA3Config, adapter_name: str, base_layer: nn.Module, module_name: str) -> IA3Layer | None:
     """The (IA)^3 layer for ``base_layer``'s type with ``adapter_name`` added, or None if unsupported."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(base_layer, nn.Linear):
-        if config.fan_in_fan_out:
-            warnings.warn("fan_in_fan_out is set to True but the target module is `torch.nn.Linear`. "
-                          "Setting fan_in_fan_out to False.", UserWarning, stacklevel=2)
-            config.fan_in_fan_out = False
-        layer: IA3Layer = Linear(base_layer, fan_in_fan_out=False)
-    elif isinstance(base_layer, Conv1D):
-        config.fan_in_fan_out = True  # HF PEFT records this in the saved config
-        layer = Linear(base_layer, fan_in_fan_out=True)
+    fan_in_fan_out = linear_fan_in_fan_out(config, base_layer)
+    if fan_in_fan_out is not None:
+        layer: IA3Layer = Linear(base_layer, fan_in_fan_out=fan_in_fan_out)
     elif isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
         layer = ConvNd(base_layer)
     else:

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.layer import AdapterLayer
-from peft_kernel.targeting import pattern_value
+from peft_kernel.targeting import linear_fan_in_fan_out, pattern_value
 from peft_kernel_lora import dora, init, mixed
 from peft_kernel_lora.config import LoraConfig
 
@@ -251,13 +251,9 @@ class ConvNd(LoraLayer):
 
 def make_layer(config: LoraConfig, adapter_name: str, base_layer: nn.Module, module_name: str) -> LoraLayer | None:
     """The LoRA layer for ``base_layer``'s type with ``adapter_name`` added, or None if unsupported."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(base_layer, nn.Linear):
-        layer: LoraLayer = Linear(base_layer, fan_in_fan_out=False)
-    elif isinstance(base_layer, Conv1D):
-        config.fan_in_fan_out = True  # HF PEFT records this in the saved config
-        layer = Linear(base_layer, fan_in_fan_out=True)
+    fan_in_fan_out = linear_fan_in_fan_out(config, base_layer)
+    if fan_in_fan_out is not None:
+        layer: LoraLayer = Linear(base_layer, fan_in_fan_out=fan_in_fan_out)
     elif isinstance(base_layer, nn.Embedding):
         layer = Embedding(base_layer)
     elif isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
