@@ -66,6 +66,9 @@ def inject(model: nn.Module, config: Any, adapter_name: str, registry: Registry 
         if not isinstance(module, ModulesToSaveWrapper)
         and hook.peft_kernel_match_target(config=config, module_name=name, module=module, model=model)
     ]
+    saved_whole = [name for name, _ in candidate_modules(model) if _matches(getattr(config, "modules_to_save", None) or (), name)]
+    # modules_to_save take precedence (HF PEFT's rule): nothing inside a module saved whole gets an adapter
+    matched = [(name, m) for name, m in matched if not any(name == w or name.startswith(w + ".") for w in saved_whole)]
     if not matched:
         raise no_match_error(config, model)
     compress_target_modules(config, model, [name for name, _ in matched])
@@ -168,12 +171,11 @@ def settle_new_adapter(model: nn.Module, adapter_name: str) -> None:
 def replace_with_base(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
     """Swap every adapter layer back for its base layer (merge first if that is wanted), and every
     ``modules_to_save`` wrapper for its active trained copy or, without ``keep_trained_copies``,
-    for the original module."""
-    for path, module in list(model.named_modules()):
-        if isinstance(module, AdapterLayer):
-            _set_module(model, path, base_of(module))
-        elif isinstance(module, ModulesToSaveWrapper):
-            active = module.active_adapter
-            keep = keep_trained_copies and active is not None
-            _set_module(model, path, module.modules_to_save[active] if keep else module.original_module)
+    for the original module. Adapter layers go first: a wrapper's swap changes the paths below it."""
+    for path, module in [(p, m) for p, m in walk_modules(model) if isinstance(m, AdapterLayer)]:
+        _set_module(model, path, base_of(module))
+    for path, module in [(p, m) for p, m in walk_modules(model) if isinstance(m, ModulesToSaveWrapper)]:
+        active = module.active_adapter
+        keep = keep_trained_copies and active is not None
+        _set_module(model, path, module.modules_to_save[active] if keep else module.original_module)
     return model

@@ -224,7 +224,7 @@ class PeftModel(nn.Module):
             if self._prompt is not None:
                 tensors = self._prompt.saved_tensors(name)
             else:
-                tensors = get_peft_model_state_dict(self, adapter_name=name)
+                tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
             mapped = hook.peft_kernel_map_state_dict(config=config, state_dict=tensors, direction="save")
             out = adapter_dir(save_directory, name)
             atomic_save_tensors(out / (WEIGHTS_NAME if safe_serialization else PICKLE_WEIGHTS_NAME),

@@ -67,6 +67,29 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
     return out
 
 
+EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
+"""With ``save_embedding_layers="auto"``, targeting a module of these names saves the embedding
+layers' full weights with the adapter (HF PEFT's rule: a LoRA on resized embeddings needs them)."""
+
+
+def embedding_tensors(model: nn.Module, wrapped_only: bool) -> dict[str, torch.Tensor]:
+    """The input and output embedding layers' own tensors (``<path>.base_layer.weight`` when wrapped
+    by an adapter; with ``wrapped_only`` the unwrapped ones are left out, as HF PEFT does when the
+    embeddings are among the targets)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    wanted = set()
+    for getter in ("get_input_embeddings", "get_output_embeddings"):
+        layer = getattr(base, getter)() if hasattr(base, getter) else None
+        if layer is not None:
+            wanted.add(id(layer))
+    out: dict[str, torch.Tensor] = {}
+    for path, module in walk_modules(model):
+        if id(module) in wanted and (isinstance(module, AdapterLayer) or not wrapped_only):
+            inner, prefix = (module.base_layer, f"{path}.base_layer") if isinstance(module, AdapterLayer) else (module, path)
+            out.update({f"{prefix}.{name}": t for name, t in inner.state_dict(keep_vars=True).items()})
+    return out
+
+
 def get_peft_model_state_dict(
     model: nn.Module,
     state_dict: dict[str, torch.Tensor] | None = None,
@@ -85,6 +108,13 @@ def get_peft_model_state_dict(
     if prompt is not None:  # virtual-token methods keep their tensors in the prompt learner
         return prompt.saved_tensors(adapter_name)
     tensors = adapter_tensors(model, adapter_name)
+    config = _root_and_configs(model)[1].get(adapter_name)
+    targets = getattr(config, "target_modules", None) or ()
+    embeddings_targeted = any(name in targets for name in EMBEDDING_LAYER_NAMES)
+    if save_embedding_layers == "auto":
+        save_embedding_layers = embeddings_targeted
+    if save_embedding_layers:
+        tensors.update(embedding_tensors(model, wrapped_only=embeddings_targeted))
     if state_dict is not None:
         live = {id(t): k for k, t in tensors.items()}
         by_key = {k: v for k, v in model.state_dict(keep_vars=True).items()}
@@ -120,6 +150,10 @@ def set_peft_model_state_dict(
             peft_model_state_dict = mapped
     targets = adapter_tensors(model, adapter_name)
     unexpected = sorted(k for k in peft_model_state_dict if k not in targets)
+    if unexpected:  # keys of the model's own tensors (embedding layers saved with the adapter) load too, as in HF
+        own = dict(model.state_dict(keep_vars=True))
+        targets.update({k: own[k] for k in unexpected if k in own})
+        unexpected = [k for k in unexpected if k not in own]
     if unexpected:
         raise CheckpointError(
             f"{len(unexpected)} checkpoint key(s) match no tensor of adapter {adapter_name!r} in "

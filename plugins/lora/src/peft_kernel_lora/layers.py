@@ -210,10 +210,12 @@ class Embedding(LoraLayer):
 
     def lora_product(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         after_a = self._embed(x, self.lora_embedding_A[adapter_name].T)
-        return (after_a @ self.lora_embedding_B[adapter_name].T) * self.scaling[adapter_name]
+        out = (after_a @ self.lora_embedding_B[adapter_name].T) * self.scaling[adapter_name]
+        embed_scale = getattr(self.base_layer, "embed_scale", None)  # scaled embeddings (Gemma...)
+        return out if embed_scale is None else out * embed_scale.to(out.dtype)
 
     def base_output_no_bias(self, x: torch.Tensor) -> torch.Tensor:
-        return self._embed(x, self.base_layer.weight)
+        return self.base_layer(x)
 
 
 class ConvNd(LoraLayer):
