@@ -94,3 +94,33 @@ def check_seq_cls_cross_load(our_config: Callable[[], Any], hf_config: Callable[
     fresh = get_peft_model(make_model("bert"), our_config())
     assert {n for n, p in fresh.named_parameters() if p.requires_grad} >= {
         "base_model.classifier.modules_to_save.default.weight", "base_model.classifier.modules_to_save.default.bias"}
+
+
+def check_active_adapters_against_hf(
+    kind: str,
+    hf_config: Callable[[], Any],
+    our_config: Callable[[], Any],
+    randomize: Callable[[nn.Module, int], None] = perturb,
+    merge_tolerance: float = 1e-5,
+) -> None:
+    """Two adapters active at once compose as in HF peft; merging them keeps the output, unmerging
+    restores it, and unloading gives the base model back."""
+    peft = pytest.importorskip("peft", reason="HF peft (the test oracle) is not installed")
+    from peft_kernel import get_peft_model
+
+    inputs = make_inputs(kind)
+    hf = peft.get_peft_model(make_model(kind), hf_config(), adapter_name="first")
+    hf.add_adapter("second", hf_config())
+    ours = get_peft_model(make_model(kind), our_config(), adapter_name="first")
+    ours.add_adapter("second", our_config())
+    randomize(hf, 7)
+    randomize(ours, 7)
+    hf.base_model.set_adapter(["first", "second"])
+    ours.set_adapter(["first", "second"])
+    expected = run(hf.eval(), inputs)
+    torch.testing.assert_close(run(ours.eval(), inputs), expected, atol=1e-5, rtol=0)
+    ours.merge_adapter()
+    torch.testing.assert_close(run(ours, inputs), expected, atol=merge_tolerance, rtol=0)
+    ours.unmerge_adapter()
+    torch.testing.assert_close(run(ours, inputs), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(run(ours.unload(), inputs), run(make_model(kind), inputs), atol=1e-5, rtol=0)

@@ -8,6 +8,7 @@ import torch
 
 from peft_kernel import ConfigError, PeftModel, get_peft_model
 from peft_kernel.testing import check_mixed_batch_against_hf, run
+from peft_kernel.testing.hf_oracle import check_active_adapters_against_hf
 from peft_kernel.testing.models import make_inputs, make_model
 from peft_kernel_ia3 import IA3Config
 
@@ -97,22 +98,7 @@ def test_mixed_batch_with_adapters_on_different_modules_and_sides():
 
 def test_several_active_adapters_multiply_like_hf_and_merge_consistently():
     kwargs = dict(target_modules=["lin0", "lin1"], feedforward_modules=["lin1"])
-    inputs = make_inputs("mlp")
-    hf = peft.get_peft_model(make_model("mlp"), peft.IA3Config(**kwargs), adapter_name="first")
-    hf.add_adapter("second", peft.IA3Config(**kwargs))
-    ours = get_peft_model(make_model("mlp"), IA3Config(**kwargs), adapter_name="first")
-    ours.add_adapter("second", IA3Config(**kwargs))
-    _randomize(hf, 7)
-    _randomize(ours, 7)
-    hf.base_model.set_adapter(["first", "second"])
-    ours.set_adapter(["first", "second"])
-    hf.eval(), ours.eval()
-    expected = run(hf, inputs)
-    torch.testing.assert_close(run(ours, inputs), expected, atol=1e-5, rtol=0)
-    ours.merge_adapter()
-    torch.testing.assert_close(run(ours, inputs), expected, atol=1e-5, rtol=0)
-    ours.unmerge_adapter()
-    torch.testing.assert_close(run(ours.unload(), inputs), run(make_model("mlp"), inputs), atol=1e-5, rtol=0)
+    check_active_adapters_against_hf("mlp", lambda: peft.IA3Config(**kwargs), lambda: IA3Config(**kwargs), randomize=_randomize)
 
 
 def test_safe_merge_refuses_non_finite_vectors():

@@ -12,6 +12,7 @@ from torch import nn
 
 from peft_kernel import ConfigError, PeftModel, get_peft_model
 from peft_kernel.testing import check_mixed_batch_against_hf, run
+from peft_kernel.testing.hf_oracle import check_active_adapters_against_hf
 from peft_kernel.testing.models import make_inputs, make_model
 from peft_kernel_oft import OFTConfig
 from peft_kernel_oft.rotation import OFTRotationModule, block_layout, cayley
@@ -194,23 +195,8 @@ def test_mixed_batch_with_different_block_sizes_and_targets(kind, first, second)
     ("embedding", dict(target_modules=["emb"], oft_block_size=4)),
 ])
 def test_several_active_adapters_compose_like_hf_and_merge_consistently(kind, kwargs):
-    inputs = make_inputs(kind)
-    hf = peft.get_peft_model(make_model(kind), peft.OFTConfig(**kwargs), adapter_name="first")
-    hf.add_adapter("second", peft.OFTConfig(**kwargs))
-    ours = get_peft_model(make_model(kind), OFTConfig(**kwargs), adapter_name="first")
-    ours.add_adapter("second", OFTConfig(**kwargs))
-    _randomize(hf, 7)
-    _randomize(ours, 7)
-    hf.base_model.set_adapter(["first", "second"])
-    ours.set_adapter(["first", "second"])
-    hf.eval(), ours.eval()
-    expected = run(hf, inputs)
-    torch.testing.assert_close(run(ours, inputs), expected, atol=1e-5, rtol=0)
-    ours.merge_adapter()
-    torch.testing.assert_close(run(ours, inputs), expected, atol=1e-4, rtol=0)
-    ours.unmerge_adapter()
-    torch.testing.assert_close(run(ours, inputs), expected, atol=1e-5, rtol=0)
-    torch.testing.assert_close(run(ours.unload(), inputs), run(make_model(kind), inputs), atol=1e-5, rtol=0)
+    check_active_adapters_against_hf(kind, lambda: peft.OFTConfig(**kwargs), lambda: OFTConfig(**kwargs),
+                                     randomize=_randomize, merge_tolerance=1e-4)
 
 
 def test_safe_merge_refuses_non_finite_rotations():
