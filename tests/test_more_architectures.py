@@ -60,3 +60,26 @@ def test_embedding_layers_are_saved_when_targeted(tmp_path):
     assert "base_model.model.model.embed_tokens.base_layer.weight" in load_file(tmp_path / "auto" / "adapter_model.safetensors")
     model.save_pretrained(tmp_path / "off", save_embedding_layers=False)
     assert not any("base_layer" in k for k in load_file(tmp_path / "off" / "adapter_model.safetensors"))
+
+
+@pytest.mark.parametrize("task, cls", [("TOKEN_CLS", "BertForTokenClassification"), ("QUESTION_ANS", "BertForQuestionAnswering")])
+def test_task_heads_cross_load_both_ways(task, cls, tmp_path):
+    import transformers as tf
+
+    def make_bert():
+        torch.manual_seed(0)
+        return getattr(tf, cls)(tf.BertConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                              num_labels=2, vocab_size=64, pad_token_id=0)).eval()
+
+    inputs = {"input_ids": torch.randint(1, 64, (3, 5), generator=torch.Generator().manual_seed(1))}
+    config = dict(task_type=task, target_modules=["query", "value", "dense"], use_dora=True, r=2)
+    hf = peft.get_peft_model(make_bert(), peft.LoraConfig(**config))
+    perturb(hf, 0)
+    expected = run(hf.eval(), inputs)
+    hf.save_pretrained(tmp_path / "hf")
+    ours = PeftModel.from_pretrained(make_bert(), tmp_path / "hf")
+    assert type(ours).__name__ == type(hf).__name__
+    torch.testing.assert_close(run(ours, inputs), expected, atol=1e-5, rtol=0)
+    ours.save_pretrained(tmp_path / "ours")
+    back = peft.PeftModel.from_pretrained(make_bert(), tmp_path / "ours").eval()
+    torch.testing.assert_close(run(back, inputs), expected, atol=1e-5, rtol=0)

@@ -124,7 +124,7 @@ def output_tensor(output: Any) -> torch.Tensor:
     """The main tensor of a model output (logits for transformers models)."""
     if isinstance(output, torch.Tensor):
         return output
-    for name in ("logits", "last_hidden_state"):
+    for name in ("logits", "start_logits", "last_hidden_state"):
         if getattr(output, name, None) is not None:
             return getattr(output, name)
     raise TypeError(f"cannot find the main tensor in {type(output).__name__}")
