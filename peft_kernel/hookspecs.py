@@ -15,7 +15,7 @@ Hooks marked *first result* stop at the first implementation that returns someth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Callable, Literal
+from typing import TYPE_CHECKING, Callable, Literal
 
 from peft_kernel.markers import hookspec
 

@@ -29,7 +29,7 @@ This module is light (no torch) so plugin entry modules can import the config ba
 
 from __future__ import annotations
 
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 import attrs
 
@@ -37,6 +37,9 @@ from peft_kernel.config import PeftConfig
 from peft_kernel.enums import TaskType
 from peft_kernel.errors import ConfigError
 from peft_kernel.records import PROMPT_INJECTIONS as INJECTIONS
+
+if TYPE_CHECKING:  # annotations only: this module stays free of torch at import
+    from torch import nn
 
 __all__ = ["INJECTIONS", "SAVED_KEY", "PromptLearningConfig", "fill_config"]
 

@@ -8,7 +8,7 @@ The map is derived from the model itself, so every method and layer type gets it
 
 from __future__ import annotations
 
-from typing import Any, Iterator, NamedTuple
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn

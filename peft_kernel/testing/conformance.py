@@ -14,7 +14,6 @@ reason. Cross-loading against HF ``peft`` is skipped visibly when ``peft`` is no
 
 from __future__ import annotations
 
-import copy
 import tempfile
 from typing import Any, Callable
 

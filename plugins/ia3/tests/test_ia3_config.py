@@ -6,7 +6,7 @@ import json
 import pytest
 import torch
 
-from peft_kernel import ConfigError, PeftModel, get_peft_model
+from peft_kernel import ConfigError, get_peft_model
 from peft_kernel.testing import check_mixed_batch_against_hf, run
 from peft_kernel.testing.hf_oracle import check_active_adapters_against_hf
 from peft_kernel.testing.models import make_inputs, make_model

@@ -2,7 +2,6 @@
 Conv2d against HF's merged model, mixed batches against HF peft single-adapter runs, several
 active adapters."""
 
-import copy
 import json
 import tempfile
 
