@@ -37,6 +37,12 @@ class PeftModel(nn.Module):
     """For ``prompt_learning`` methods, the :class:`~peft_kernel.prompt_learner.PromptLearner`
     that owns adapters, forward and generate; ``None`` for layer adapters."""
 
+    @property
+    def _host(self) -> Any:
+        """What owns the adapters: the ``PromptLearner`` of a prompt-learning method, else the
+        ``AdapterModel`` in ``base_model``. Both offer the same interface, so nothing below branches."""
+        return self._prompt if self._prompt is not None else self.base_model
+
     def __init__(
         self,
         model: nn.Module,
@@ -53,7 +59,7 @@ class PeftModel(nn.Module):
             self._add_task_modules(peft_config)
             self.base_model = model  # as in HF PEFT: the transformers model itself
             self._prompt = PromptLearner(self, record)
-            self._prompt.add(adapter_name, peft_config)
+            self._prompt.add_adapter(adapter_name, peft_config)
             self.special_peft_forward_args = {"adapter_names"}
             return
         self._add_task_modules(peft_config)
@@ -71,28 +77,22 @@ class PeftModel(nn.Module):
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
-        if self._prompt is not None:
-            return self._prompt.configs
-        return self.base_model.peft_config
+        return self._host.peft_config
 
     @property
     def active_adapter(self) -> str | list[str]:
-        if self._prompt is not None:
-            return self._prompt.active
-        return self.base_model.active_adapter
+        return self._host.active_adapter
 
     @property
     def active_adapters(self) -> list[str]:
-        if self._prompt is not None:
-            return [self._prompt.active] if self._prompt.active is not None else []
-        return self.base_model.active_adapters
+        return self._host.active_adapters
 
     @property
     def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self.active_adapters[0]]
 
     def get_base_model(self) -> nn.Module:
-        return self.base_model if self._prompt is not None else self.base_model.model
+        return self._host.plain_model
 
     def _add_task_modules(self, config: PeftConfig) -> None:
         if self.task_modules_to_save and hasattr(config, "modules_to_save"):
@@ -132,63 +132,41 @@ class PeftModel(nn.Module):
 
     def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         with self._routing(adapter_names, args, kwargs):
-            if self._prompt is not None:
-                return self._prompt.forward(args, kwargs, adapter_names)
-            return self.base_model(*args, **kwargs)
+            return self._host.serve(args, kwargs, adapter_names)
 
     def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
         with self._routing(adapter_names, args, kwargs):
-            if self._prompt is not None:
-                return self._prompt.generate(args, kwargs, adapter_names)
-            return self.base_model.model.generate(*args, **kwargs)
+            return self._host.serve_generate(args, kwargs, adapter_names)
 
     # ---- adapters -----------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
         """Add a freshly initialised adapter (it does not become active)."""
         self._add_task_modules(peft_config)
-        if self._prompt is not None:
-            self._prompt.add(adapter_name, peft_config)
-            return
-        self.base_model.add_adapter(adapter_name, peft_config)
+        self._host.add_adapter(adapter_name, peft_config)
 
     def set_adapter(self, adapter_name: str | list[str]) -> None:
-        if self._prompt is not None:
-            return self._prompt.set_active(adapter_name)
-        self.base_model.set_adapter(adapter_name)
+        self._host.set_adapter(adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
-        if self._prompt is not None:
-            return self._prompt.delete(adapter_name)
-        self.base_model.delete_adapter(adapter_name)
+        self._host.delete_adapter(adapter_name)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes as the base model."""
-        with (self._prompt.disable() if self._prompt is not None else self.base_model.disable_adapter()):
+        with self._host.disable_adapter():
             yield
 
-    def _layer_adapters(self, operation: str) -> AdapterModel:
-        """The layer-adapter model, or a clear error for prompt-learning methods (nothing to fold)."""
-        if self._prompt is not None:
-            raise NotImplementedError(
-                f"{operation}() needs adapters inside layers; {self.active_peft_config.peft_type} adds virtual "
-                "tokens instead, which cannot be merged into the base weights. Use get_base_model() for the plain model."
-            )
-        return self.base_model
-
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        self._layer_adapters("merge_adapter").merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
+        self._host.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
 
     def unmerge_adapter(self) -> None:
-        self._layer_adapters("unmerge_adapter").unmerge_adapter()
+        self._host.unmerge_adapter()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
-        return self._layer_adapters("merge_and_unload").merge_and_unload(
-            progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names
-        )
+        return self._host.merge_and_unload(progressbar=progressbar, safe_merge=safe_merge, adapter_names=adapter_names)
 
     def unload(self) -> nn.Module:
-        return self._layer_adapters("unload").unload()
+        return self._host.unload()
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
         trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
@@ -221,10 +199,7 @@ class PeftModel(nn.Module):
         hook = get_registry().hook
         for name in names:
             config = self.peft_config[name]
-            if self._prompt is not None:
-                tensors = self._prompt.saved_tensors(name)
-            else:
-                tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
+            tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
             mapped = hook.peft_kernel_map_state_dict(config=config, state_dict=tensors, direction="save")
             out = adapter_dir(save_directory, name)
             atomic_save_tensors(out / (WEIGHTS_NAME if safe_serialization else PICKLE_WEIGHTS_NAME),
@@ -263,18 +238,15 @@ class PeftModel(nn.Module):
         try:
             weights = load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle,
                                            device=torch_device or "cpu", **hub)
-            if self._prompt is not None:
-                result = self._prompt.load_tensors(weights, adapter_name)
-            else:
-                result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
-                                                   ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False))
+            result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
+                                               ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False))
         except BaseException:
             if len(self.peft_config) > 1:
                 self.delete_adapter(adapter_name)
             raise
         if self.active_adapters == [adapter_name]:
             self.set_adapter(adapter_name)  # re-apply trainability with the loaded config
-        if not is_trainable and (self.training or self._prompt is not None):
+        if not is_trainable and self.training:
             self.eval()  # an eval-mode model already put the new adapter's modules in eval mode
         return result
 
@@ -303,10 +275,7 @@ class PeftModel(nn.Module):
         try:
             peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_pickle=allow_pickle, **kwargs)
         except BaseException:
-            if peft_model._prompt is not None:
-                peft_model._prompt.release()
-            else:
-                peft_model.base_model.unload()  # give the caller their model back untouched
+            peft_model._host.release()  # give the caller their model back untouched
             raise
         return peft_model
 

@@ -126,8 +126,43 @@ class PromptLearner:
     def injection(self) -> str:
         return self.record.prompt_injection
 
+    # ---- the adapter-host interface PeftModel delegates to (AdapterModel has the same) ---------
+    @property
+    def plain_model(self) -> nn.Module:
+        return self.base
+
+    @property
+    def peft_config(self) -> dict[str, PromptLearningConfig]:
+        return self.configs
+
+    @property
+    def active_adapter(self) -> str | None:
+        return self.active
+
+    @property
+    def active_adapters(self) -> list[str]:
+        return [self.active] if self.active is not None else []
+
+    def _cannot_fold(self, operation: str) -> NotImplementedError:
+        return NotImplementedError(
+            f"{operation}() needs adapters inside layers; {self.record.peft_type} adds virtual tokens instead, "
+            "which cannot be merged into the base weights. Use get_base_model() for the plain model."
+        )
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        raise self._cannot_fold("merge_adapter")
+
+    def unmerge_adapter(self) -> None:
+        raise self._cannot_fold("unmerge_adapter")
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None) -> nn.Module:
+        raise self._cannot_fold("merge_and_unload")
+
+    def unload(self) -> nn.Module:
+        raise self._cannot_fold("unload")
+
     # ---- lifecycle --------------------------------------------------------------------------
-    def add(self, adapter_name: str, config: PeftConfig) -> None:
+    def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
         from peft_kernel.injection import check_adapter_name
         from peft_kernel.plugins import get_registry
 
@@ -156,7 +191,7 @@ class PromptLearner:
         if not isinstance(encoder, PromptEncoder):
             raise TypeError(f"peft_kernel_create_prompt_encoder returned {type(encoder).__name__}, expected a PromptEncoder.")
         device = self.owner.word_embeddings.weight.device
-        self.owner.prompt_encoder[adapter_name] = encoder.to(device)
+        self.owner.prompt_encoder[adapter_name] = encoder.to(device).train(self.owner.training)
         total = config.num_virtual_tokens * config.num_transformer_submodules
         self.owner.prompt_tokens[adapter_name] = torch.arange(total).long()
         wrap_modules_to_save(self.base, config.modules_to_save, adapter_name)
@@ -176,7 +211,7 @@ class PromptLearner:
             if self.active is not None:
                 head.set_adapter(self.active)
 
-    def set_active(self, adapter_name: str | list[str]) -> None:
+    def set_adapter(self, adapter_name: str | list[str]) -> None:
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.configs]
         if unknown:
@@ -189,7 +224,7 @@ class PromptLearner:
         self.active = names[0]
         self._sync_heads()
 
-    def delete(self, adapter_name: str) -> None:
+    def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.configs:
             raise AdapterNameError(f"unknown adapter {adapter_name!r}; this model has {sorted(self.configs)}.")
         del self.owner.prompt_encoder[adapter_name]
@@ -208,7 +243,7 @@ class PromptLearner:
             p.requires_grad_(self._grad_flags.get(name, p.requires_grad))
 
     @contextlib.contextmanager
-    def disable(self) -> Iterator[None]:
+    def disable_adapter(self) -> Iterator[None]:
         old, self.disabled = self.disabled, True
         for _, head in self._heads():
             head.enable_adapters(False)
@@ -303,7 +338,7 @@ class PromptLearner:
     def _task(self) -> Any:
         return self.configs[self.active].task_type if self.active in self.configs else None
 
-    def forward(self, args: tuple, kwargs: dict, adapter_names: Sequence[str] | None) -> Any:
+    def serve(self, args: tuple, kwargs: dict, adapter_names: Sequence[str] | None) -> Any:
         if self.disabled:
             return self.base(*args, **kwargs)
         if len(args) > len(_ARG_NAMES):
@@ -353,7 +388,7 @@ class PromptLearner:
                 kwargs["token_type_ids"] = None
 
     # ---- generate ---------------------------------------------------------------------------
-    def generate(self, args: tuple, kwargs: dict, adapter_names: Sequence[str] | None) -> Any:
+    def serve_generate(self, args: tuple, kwargs: dict, adapter_names: Sequence[str] | None) -> Any:
         base = self.base
         if self.disabled:
             return base.generate(*args, **kwargs)

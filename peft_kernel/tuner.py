@@ -57,6 +57,22 @@ class AdapterModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
+    # ---- the adapter-host interface PeftModel delegates to (PromptLearner has the same) --------
+    @property
+    def plain_model(self) -> nn.Module:
+        return self.model
+
+    def serve(self, args: tuple, kwargs: dict, adapter_names: Any) -> Any:
+        """Forward; mixed-batch routing is already published by ``PeftModel`` for the layers."""
+        return self.model(*args, **kwargs)
+
+    def serve_generate(self, args: tuple, kwargs: dict, adapter_names: Any) -> Any:
+        return self.model.generate(*args, **kwargs)
+
+    def release(self) -> None:
+        """Give the user's model back as it came (used when loading fails)."""
+        self.unload()
+
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.generate(*args, **kwargs)
 
