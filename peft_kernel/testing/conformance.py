@@ -22,7 +22,7 @@ import pytest
 import torch
 from torch import nn
 
-from peft_kernel.testing.hf_oracle import perturb, run
+from peft_kernel.testing.hf_oracle import max_abs_diff, perturb, run
 from peft_kernel.testing.models import make_inputs, make_model, output_tensor
 
 
@@ -78,7 +78,7 @@ def _build(case: ConformanceCase, adapter_name: str = "default", seed: int = 0) 
 
 
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> None:
-    diff = (a.float() - b.float()).abs().max().item()
+    diff = max_abs_diff(a, b)
     assert diff <= tol, f"{what}: max abs difference {diff:.3e} > {tol:.1e}"
 
 

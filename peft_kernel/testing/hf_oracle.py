@@ -27,6 +27,11 @@ def run(model: nn.Module, inputs: dict[str, Any], **kwargs: Any) -> torch.Tensor
         return output_tensor(model(**inputs, **kwargs)).detach().clone()
 
 
+def max_abs_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Largest absolute elementwise difference, in float32."""
+    return (a.float() - b.float()).abs().max().item()
+
+
 def check_mixed_batch_against_hf(
     kind: str,
     hf_config: Callable[[], Any],
@@ -59,7 +64,7 @@ def check_mixed_batch_against_hf(
         ours.load_adapter(f"{tmp}/second", adapter_name="second")
     mixed = run(ours.eval(), inputs, adapter_names=list(names))
     for row, name in enumerate(names):
-        diff = (mixed[row] - expected[name][row]).abs().max().item()
+        diff = max_abs_diff(mixed[row], expected[name][row])
         assert diff <= tolerance, f"mixed row {row} ({name}) vs HF single-adapter run: {diff:.2e}"
 
 

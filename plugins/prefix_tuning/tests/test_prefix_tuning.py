@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import peft_kernel
 from peft_kernel import PeftConfig, PeftModel, get_peft_model
 from peft_kernel.errors import CheckpointError, ConfigError, MixedBatchError
-from peft_kernel.testing import make_model, perturb
+from peft_kernel.testing import make_model, max_abs_diff, perturb, run
 from peft_kernel.testing.hf_oracle import check_seq_cls_cross_load
 from peft_kernel_prefix_tuning import PrefixTuningConfig
 
@@ -40,13 +40,8 @@ def _ours(kind: str, seed: int = 0, **kw) -> PeftModel:
     return model.eval()
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
 def _logits(model, **inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
+    return run(model, inputs)
 
 
 @pytest.mark.parametrize("kind, kw", CASES, ids=IDS_OF)
@@ -61,9 +56,9 @@ def test_hf_saved_adapter_loads_with_equal_outputs(kind, kw, tmp_path):
         a = hf(input_ids=IDS, attention_mask=MASK, labels=IDS)
         b = ours(input_ids=IDS, attention_mask=MASK, labels=IDS)
     assert a.logits.shape == b.logits.shape == (4, 5, 64)
-    assert _max_diff(a.logits, b.logits) <= TOL and abs(a.loss.item() - b.loss.item()) <= TOL
+    assert max_abs_diff(a.logits, b.logits) <= TOL and abs(a.loss.item() - b.loss.item()) <= TOL
     assert a.past_key_values.get_seq_length() == b.past_key_values.get_seq_length() == 9
-    assert _max_diff(_logits(hf, input_ids=IDS), _logits(ours, input_ids=IDS)) <= TOL
+    assert max_abs_diff(_logits(hf, input_ids=IDS), _logits(ours, input_ids=IDS)) <= TOL
     gen = dict(max_new_tokens=4, do_sample=False)
     assert torch.equal(hf.generate(input_ids=IDS[:2], **gen), ours.generate(input_ids=IDS[:2], **gen))
 
@@ -80,7 +75,7 @@ def test_our_adapter_loads_in_hf_with_equal_outputs(kind, kw, tmp_path):
     hf = peft.PeftModel.from_pretrained(make_model(kind), tmp_path)
     reloaded = PeftModel.from_pretrained(make_model(kind), tmp_path)
     for other in (hf, reloaded):
-        assert _max_diff(_logits(other, input_ids=IDS, attention_mask=MASK), _logits(ours, input_ids=IDS, attention_mask=MASK)) <= TOL
+        assert max_abs_diff(_logits(other, input_ids=IDS, attention_mask=MASK), _logits(ours, input_ids=IDS, attention_mask=MASK)) <= TOL
 
 
 def test_saved_tensor_layout(tmp_path):
@@ -101,8 +96,8 @@ def test_disable_is_base_and_output_changes(kind):
     base = make_model(kind)
     expected = _logits(base, input_ids=IDS, attention_mask=MASK)
     with ours.disable_adapter():
-        assert _max_diff(_logits(ours, input_ids=IDS, attention_mask=MASK), expected) == 0
-    assert _max_diff(_logits(ours, input_ids=IDS, attention_mask=MASK), expected) > 1e-3
+        assert max_abs_diff(_logits(ours, input_ids=IDS, attention_mask=MASK), expected) == 0
+    assert max_abs_diff(_logits(ours, input_ids=IDS, attention_mask=MASK), expected) > 1e-3
 
 
 def test_only_prefix_parameters_train():
@@ -136,8 +131,8 @@ def test_mixed_batch_rows_equal_single_adapter_runs(kind):
     for row, name in enumerate(names):
         model.set_adapter(name)
         single = _logits(model, input_ids=IDS[row : row + 1], attention_mask=MASK[row : row + 1])
-        assert _max_diff(mixed[row : row + 1], single) <= TOL, (row, name)
-    assert _max_diff(mixed[0], mixed[1]) > 1e-3
+        assert max_abs_diff(mixed[row : row + 1], single) <= TOL, (row, name)
+    assert max_abs_diff(mixed[0], mixed[1]) > 1e-3
     gen = dict(max_new_tokens=3, do_sample=False)
     generated = model.generate(input_ids=IDS, attention_mask=MASK, adapter_names=names, **gen)
     for row, name in enumerate(names):

@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 import peft_kernel
 from peft_kernel import PeftConfig, PeftModel, get_peft_model
 from peft_kernel.errors import CheckpointError, ConfigError, MixedBatchError
-from peft_kernel.testing import make_model, perturb
+from peft_kernel.testing import make_model, max_abs_diff, perturb, run
 from peft_kernel.testing.hf_oracle import check_seq_cls_cross_load
 from peft_kernel_prompt_tuning import PromptTuningConfig, PromptTuningInit
 
@@ -39,13 +39,8 @@ def _ours(kind: str, seed: int = 0, name: str = "default", **kw) -> PeftModel:
     return model.eval()
 
 
-def _max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
-    return (a.float() - b.float()).abs().max().item()
-
-
 def _logits(model, **inputs) -> torch.Tensor:
-    with torch.no_grad():
-        return model(**inputs).logits
+    return run(model, inputs)
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -59,8 +54,8 @@ def test_hf_saved_adapter_loads_with_equal_outputs(kind, tmp_path):
         a = hf(input_ids=IDS, attention_mask=MASK, labels=IDS)
         b = ours(input_ids=IDS, attention_mask=MASK, labels=IDS)
     assert a.logits.shape == b.logits.shape == (4, 9, 64)
-    assert _max_diff(a.logits, b.logits) <= TOL and abs(a.loss.item() - b.loss.item()) <= TOL
-    assert _max_diff(_logits(hf, input_ids=IDS), _logits(ours, input_ids=IDS)) <= TOL
+    assert max_abs_diff(a.logits, b.logits) <= TOL and abs(a.loss.item() - b.loss.item()) <= TOL
+    assert max_abs_diff(_logits(hf, input_ids=IDS), _logits(ours, input_ids=IDS)) <= TOL
     kw = dict(max_new_tokens=4, do_sample=False)
     assert torch.equal(hf.generate(input_ids=IDS[:2], **kw), ours.generate(input_ids=IDS[:2], **kw))
     assert torch.equal(hf.generate(input_ids=IDS, attention_mask=MASK, **kw),
@@ -76,7 +71,7 @@ def test_our_adapter_loads_in_hf_with_equal_outputs(kind, tmp_path):
     assert saved == json.loads(json.dumps(hf.peft_config["default"].to_dict(), default=str)) | {
         "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "prompt_tuning_init": "RANDOM"}
     assert saved["token_dim"] == 16 and saved["num_layers"] == 2 and saved["num_transformer_submodules"] == 1
-    assert _max_diff(_logits(hf, input_ids=IDS, attention_mask=MASK), _logits(ours, input_ids=IDS, attention_mask=MASK)) <= TOL
+    assert max_abs_diff(_logits(hf, input_ids=IDS, attention_mask=MASK), _logits(ours, input_ids=IDS, attention_mask=MASK)) <= TOL
 
 
 def test_state_dict_format_and_round_trip(tmp_path):
@@ -90,10 +85,10 @@ def test_state_dict_format_and_round_trip(tmp_path):
     assert load_file(tmp_path / "other" / "adapter_model.safetensors")["prompt_embeddings"].shape == (2, 16)
     loaded = PeftModel.from_pretrained(make_model("llama"), tmp_path)
     loaded.load_adapter(tmp_path / "other", "other")
-    assert _max_diff(_logits(loaded, input_ids=IDS), _logits(ours, input_ids=IDS)) == 0
+    assert max_abs_diff(_logits(loaded, input_ids=IDS), _logits(ours, input_ids=IDS)) == 0
     ours.set_adapter("other")
     loaded.set_adapter("other")
-    assert _max_diff(_logits(loaded, input_ids=IDS), _logits(ours, input_ids=IDS)) == 0
+    assert max_abs_diff(_logits(loaded, input_ids=IDS), _logits(ours, input_ids=IDS)) == 0
     assert not loaded.training and loaded.peft_config["default"].inference_mode
 
 
@@ -114,11 +109,11 @@ def test_disable_is_base_and_output_changes(kind):
     n = 3
     out = _logits(ours, input_ids=IDS, attention_mask=MASK)
     with ours.disable_adapter():
-        assert _max_diff(_logits(ours, input_ids=IDS, attention_mask=MASK), _logits(base, input_ids=IDS, attention_mask=MASK)) == 0
+        assert max_abs_diff(_logits(ours, input_ids=IDS, attention_mask=MASK), _logits(base, input_ids=IDS, attention_mask=MASK)) == 0
         assert torch.equal(ours.generate(input_ids=IDS[:1], max_new_tokens=3, do_sample=False),
                            base.generate(input_ids=IDS[:1], max_new_tokens=3, do_sample=False))
     assert out.shape[1] == IDS.shape[1] + n
-    assert _max_diff(out[:, n:], _logits(base, input_ids=IDS, attention_mask=MASK)) > 1e-3
+    assert max_abs_diff(out[:, n:], _logits(base, input_ids=IDS, attention_mask=MASK)) > 1e-3
 
 
 def test_only_prompt_parameters_train():
@@ -143,8 +138,8 @@ def test_mixed_batch_rows_equal_single_adapter_runs(kind):
     for row, name in enumerate(names):
         model.set_adapter(name)
         single = _logits(model, input_ids=IDS[row : row + 1], attention_mask=MASK[row : row + 1])
-        assert _max_diff(mixed[row : row + 1], single) <= TOL, (row, name)
-    assert _max_diff(mixed[0], mixed[1]) > 1e-3  # the two adapters differ
+        assert max_abs_diff(mixed[row : row + 1], single) <= TOL, (row, name)
+    assert max_abs_diff(mixed[0], mixed[1]) > 1e-3  # the two adapters differ
     kw = dict(max_new_tokens=4, do_sample=False)
     generated = model.generate(input_ids=IDS, attention_mask=MASK, adapter_names=names, **kw)
     for row, name in enumerate(names):
@@ -184,7 +179,7 @@ def test_position_and_token_type_ids_are_ignored_with_a_warning():
     expected = _logits(model, input_ids=IDS)
     with pytest.warns(UserWarning, match="Position ids are not supported"):
         out = _logits(model, input_ids=IDS, position_ids=torch.arange(5).expand(4, 5))
-    assert _max_diff(out, expected) == 0
+    assert max_abs_diff(out, expected) == 0
 
 
 def test_text_init_matches_hf(tmp_path):
