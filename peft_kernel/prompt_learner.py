@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import inspect
 import warnings
 from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
@@ -92,6 +93,20 @@ def prefix_to_cache(prompts: torch.Tensor, config: PromptLearningConfig, model_c
     for layer in range(layers):
         cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
     return cache
+
+
+CACHE_KWARGS = ("cache", "past_key_values")
+"""The keywords transformers has used for the key/value cache: ``cache`` from 5.24 on (where
+``past_key_values`` is deprecated and loses to ``cache`` when both are given), ``past_key_values`` before."""
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword ``model.forward`` takes its key/value cache under (``cache`` or ``past_key_values``)."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
+        params = {}
+    return "cache" if "cache" in params else "past_key_values"
 
 
 # ---- the engine behind PeftModel for prompt-learning methods -----------------------------------
@@ -361,7 +376,9 @@ class PromptLearner:
             kwargs["attention_mask"] = _prepend(mask, n, 1)
         if self.injection == "past_key_values":
             dtype = _float_dtype(self.base)
-            kwargs["past_key_values"] = prefix_to_cache(prompts.to(dtype), config, getattr(self.base, "config", None))
+            for name in CACHE_KWARGS:
+                kwargs.pop(name, None)
+            kwargs[cache_kwarg(self.base)] = prefix_to_cache(prompts.to(dtype), config, getattr(self.base, "config", None))
             return self.base(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.owner.word_embeddings(input_ids)
@@ -401,7 +418,10 @@ class PromptLearner:
 
         @functools.wraps(original)  # generate() validates kwargs against this signature
         def prepare(input_ids: Any, *p_args: Any, **p_kwargs: Any) -> dict:
-            cache = p_kwargs.get("past_key_values")
+            # transformers >= 5.24 hands the cache over as `cache`, older releases as `past_key_values`
+            cache = next((p_kwargs[k] for k in CACHE_KWARGS if p_kwargs.get(k) is not None), None)
+            if p_kwargs.get("use_cache") is False:
+                cache = None  # every step runs the whole sequence; a cache some models hand back anyway is stale
             fresh = cache is None or not cache.get_seq_length()
             inputs = original(input_ids, *p_args, **p_kwargs)
             ids = inputs.get("input_ids")
@@ -416,7 +436,13 @@ class PromptLearner:
                 raise NotImplementedError("prompt learning in generate() needs a 2D attention mask (no static cache).")
             inputs.pop("position_ids", None)
             if fresh and learner.injection == "past_key_values":
-                inputs["past_key_values"] = prefix_to_cache(
+                # the prefix goes in under the keyword the model reads (the one prepare used, else the
+                # forward's): under a deprecated name it is dropped in favour of `cache` and the
+                # prefill step would run the plain base model
+                key = next((k for k in CACHE_KWARGS if k in inputs), None) or cache_kwarg(base)
+                for name in CACHE_KWARGS:
+                    inputs.pop(name, None)
+                inputs[key] = prefix_to_cache(
                     prompts.to(_float_dtype(base)), config, getattr(base, "config", None), cache=cache
                 )
             elif fresh:
