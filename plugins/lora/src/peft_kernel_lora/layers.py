@@ -45,6 +45,7 @@ class LoraLayer(AdapterLayer):
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
         self._dora_factor: dict[str, torch.Tensor] = {}
+        self._unmerged_weight: torch.Tensor | None = None  # set while a DoRA merge needs the bare base weight
         self._lora_revision = 0  # bumped whenever an adapter is created, replaced or removed
 
     def has_adapter(self, adapter_name: str) -> bool:
@@ -116,22 +117,61 @@ class LoraLayer(AdapterLayer):
         """The base layer applied to ``x`` without its bias (DoRA rescales this part)."""
         raise NotImplementedError
 
-    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+    def without_bias(self, result: torch.Tensor) -> torch.Tensor:
+        """The layer's output ``result`` minus the base layer's bias (what DoRA rescales)."""
+        bias = getattr(self.base_layer, "bias", None)
+        return result if bias is None else result - bias.to(result.dtype)
+
+    def delta(self, x: torch.Tensor, adapter_name: str, result: torch.Tensor | None = None) -> torch.Tensor:
+        """``adapter_name``'s addition to the output. ``result`` (optional) is the output so far;
+        DoRA rescales it as HF PEFT does when several adapters are active (see ``dora``)."""
         if x.is_floating_point():
-            x = self.lora_dropout[adapter_name](x.to(next(iter(self.adapter_parameters(adapter_name))).dtype))
+            dropout = self.lora_dropout[adapter_name]
+            if result is not None and self.training and not isinstance(dropout, nn.Identity):
+                result = None  # live dropout: DoRA rescales W·dropout(x), not the output so far (HF)
+            x = dropout(x.to(next(iter(self.adapter_parameters(adapter_name))).dtype))
         if self.use_dora[adapter_name]:
-            return dora.delta(self, x, adapter_name)
+            return dora.delta(self, x, adapter_name, None if result is None else self.without_bias(result))
         return self.lora_product(x, adapter_name)
+
+    def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus each adapter in turn; a DoRA adapter sees the output so far."""
+        result = self.base_layer(x, *args, **kwargs)
+        for name in adapters:
+            result = result + self.delta(x, name, result).to(result.dtype)
+        return result
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         if self.use_dora[adapter_name]:
-            return dora.merged_weight(self, adapter_name) - self.base_layer.weight
+            return dora.merged_weight(self, adapter_name, self._dora_factor.get(adapter_name)) - self.base_layer.weight
         return self.to_base_layout(self.lora_weight(adapter_name) * self.scaling[adapter_name])
 
+    def unmerged_base_weight(self) -> torch.Tensor:
+        """The base weight ([out, in, ...]) without the adapters merged into it, the one DoRA's norm
+        is taken on (as in the forward). Merged adapters are taken out and put back through the
+        merge hook, so a plugin that merges into quantized or sharded weights is respected."""
+        if self._unmerged_weight is not None:
+            return self._unmerged_weight
+        merged = list(self.merged_adapters)
+        if not merged:
+            return self.base_weight().detach()
+        self.unmerge()
+        self._unmerged_weight = self.base_weight().detach().clone()
+        try:
+            self.merge(adapter_names=merged)  # DoRA adapters among them reuse the weight just taken
+            return self._unmerged_weight
+        finally:
+            self._unmerged_weight = None
+
     def merge_into_base(self, adapter_name: str, safe_merge: bool = False) -> None:
-        if self.use_dora[adapter_name]:
-            self._dora_factor[adapter_name] = dora.factor(self, adapter_name).detach()
-        super().merge_into_base(adapter_name, safe_merge)
+        if not self.use_dora[adapter_name]:
+            return super().merge_into_base(adapter_name, safe_merge)
+        self._dora_factor[adapter_name] = dora.factor(self, adapter_name, self.unmerged_base_weight()).detach()
+        try:
+            super().merge_into_base(adapter_name, safe_merge)
+        except BaseException:
+            self._dora_factor.pop(adapter_name, None)
+            raise
 
     def unmerge_from_base(self, adapter_name: str) -> None:
         if not self.use_dora[adapter_name]:
@@ -172,7 +212,7 @@ class Linear(LoraLayer):
         result = self.base_layer(x, *args, **kwargs)
         for name in adapters:
             if self.use_dora[name] or (self.training and not isinstance(self.lora_dropout[name], nn.Identity)):
-                result = result + self.delta(x, name).to(result.dtype)
+                result = result + self.delta(x, name, result).to(result.dtype)
             else:
                 result = mixed.add_single(self, result, x, name)
         return result
@@ -240,6 +280,10 @@ class ConvNd(LoraLayer):
 
     def lora_product(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         return self.lora_B[adapter_name](self.lora_A[adapter_name](x)) * self.scaling[adapter_name]
+
+    def without_bias(self, result: torch.Tensor) -> torch.Tensor:
+        bias = self.base_layer.bias
+        return result if bias is None else result - bias.to(result.dtype).view(1, -1, *([1] * self.ndim))
 
     def base_output_no_bias(self, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
