@@ -1,9 +1,13 @@
 """Which modules adapters target by default, per transformers ``model_type`` (the attention
 projections, mostly query and value). Method-agnostic data that method plugins hand to the core as
 their ``MethodRecord.default_target_modules``; HF PEFT shares one such table between its low-rank and
-orthogonal methods, so plugins of those families use this one."""
+orthogonal methods, so plugins of those families use this one.
 
-DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
+A value is a list of module-name suffixes or, as HF PEFT has for ``gemma4``, one regex string that
+must match the full module name; ``target_modules=None`` becomes a set of the former or the string
+itself."""
+
+DEFAULT_TARGET_MODULES: dict[str, list[str] | str] = {
     't5': ['q', 'v'],
     'mt5': ['q', 'v'],
     'bart': ['q_proj', 'v_proj'],
@@ -38,7 +42,7 @@ DEFAULT_TARGET_MODULES: dict[str, list[str]] = {
     'gemma': ['q_proj', 'v_proj'],
     'gemma2': ['q_proj', 'v_proj'],
     'gemma3_text': ['q_proj', 'v_proj'],
-    'gemma4': ['.', '*', 'l', 'a', 'n', 'g', 'u', 'a', 'g', 'e', '_', 'm', 'o', 'd', 'e', 'l', '\\', '.', '.', '*', '\\', '.', '(', 'q', '_', 'p', 'r', 'o', 'j', '|', 'v', '_', 'p', 'r', 'o', 'j', ')'],
+    'gemma4': r'.*language_model\..*\.(q_proj|v_proj)',  # a regex, as in HF PEFT (the vision tower's q/v stay out)
     'qwen2': ['q_proj', 'v_proj'],
     'qwen3': ['q_proj', 'v_proj'],
     'nemotron_h': ['q_proj', 'k_proj', 'v_proj', 'o_proj'],

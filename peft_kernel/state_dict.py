@@ -122,6 +122,30 @@ def get_peft_model_state_dict(
     return {k: v.detach() for k, v in tensors.items()}
 
 
+def hf_trained_copy_duplicates(model: nn.Module, keys: Any) -> set[str]:
+    """The keys among ``keys`` that are HF PEFT's redundant copies of ``modules_to_save`` biases.
+
+    With ``bias="all"`` HF PEFT saves every ``*.bias`` of the model, its adapter's trained copy of a
+    saved module included, under the key its adapter-name stripping leaves: ``<head>.modules_to_save.bias``
+    for a one-layer head, ``<head>.modules_to_save.<adapter>.<sub>.bias`` for a deeper one. The same
+    tensor is also saved under the plain key ``<head>.bias``, which is what HF PEFT loads: the duplicate
+    lands nowhere there (or is overwritten by the plain key's value), so it is skipped here too. Our
+    own checkpoints do not write it.
+    """
+    found: set[str] = set()
+    for path, module in walk_modules(model):
+        if not isinstance(module, ModulesToSaveWrapper):
+            continue
+        head = _join(path, "modules_to_save") + "."
+        own = set(module.original_module.state_dict())
+        for key in keys:
+            if key.startswith(head):
+                rest = key[len(head):]
+                if rest in own or rest.partition(".")[2] in own:
+                    found.add(key)
+    return found
+
+
 def set_peft_model_state_dict(
     model: nn.Module,
     peft_model_state_dict: dict[str, torch.Tensor],
@@ -133,7 +157,9 @@ def set_peft_model_state_dict(
 
     Keys that match no tensor of the adapter, and tensors whose shape does not fit, raise
     :class:`CheckpointError` naming them (nothing is copied then). Returns an object with
-    ``missing_keys`` and ``unexpected_keys`` like ``nn.Module.load_state_dict``.
+    ``missing_keys`` and ``unexpected_keys`` like ``nn.Module.load_state_dict``; the unexpected keys
+    are HF PEFT's redundant ``modules_to_save`` bias copies (:func:`hf_trained_copy_duplicates`),
+    skipped as HF PEFT skips them.
     """
     from peft_kernel.plugins import get_registry
 
@@ -149,6 +175,9 @@ def set_peft_model_state_dict(
         if mapped is not None:
             peft_model_state_dict = mapped
     targets = adapter_tensors(model, adapter_name)
+    ignored = hf_trained_copy_duplicates(model, peft_model_state_dict)
+    if ignored:
+        peft_model_state_dict = {k: v for k, v in peft_model_state_dict.items() if k not in ignored}
     unexpected = sorted(k for k in peft_model_state_dict if k not in targets)
     if unexpected:  # keys of the model's own tensors (embedding layers saved with the adapter) load too, as in HF
         own = dict(model.state_dict(keep_vars=True))
@@ -175,4 +204,4 @@ def set_peft_model_state_dict(
             if tuple(value.shape) == tuple(targets[key].shape):
                 targets[key].copy_(value.to(device=targets[key].device, dtype=targets[key].dtype))
     missing = sorted(k for k in targets if k not in peft_model_state_dict)
-    return LoadResult(missing, unexpected)
+    return LoadResult(missing, sorted(ignored))

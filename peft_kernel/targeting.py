@@ -98,7 +98,7 @@ def expand_target_modules(config: Any, model: nn.Module, record: MethodRecord) -
                 f"model_type {model_type!r}; pass target_modules=[...] (module names such as 'q_proj') "
                 f"or target_modules='all-linear'."
             )
-        config.target_modules = set(defaults)
+        config.target_modules = defaults if isinstance(defaults, str) else set(defaults)  # a regex stays one
     elif isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         config.target_modules = {

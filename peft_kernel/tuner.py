@@ -70,8 +70,11 @@ class AdapterModel(nn.Module):
         return self.model.generate(*args, **kwargs)
 
     def release(self) -> None:
-        """Give the user's model back as it came (used when loading fails)."""
-        self.unload()
+        """Give the user's model back as it came (used when loading fails): unlike ``unload``, a
+        ``modules_to_save`` wrapper gives back its original module, not the trained copy."""
+        for _, layer in adapter_layers(self.model):
+            layer.unmerge()
+        replace_with_base(self.model, keep_trained_copies=False)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.generate(*args, **kwargs)
@@ -167,10 +170,15 @@ class AdapterModel(nn.Module):
         return replace_with_base(self.model, keep_trained_copies=True)
 
     def unload(self) -> nn.Module:
-        """Remove every adapter without merging and return the original model."""
+        """Remove every adapter without merging and return the base model.
+
+        As in HF PEFT, a ``modules_to_save`` module (a classifier head) is replaced by the active
+        adapter's trained copy, not by the original: ``unload`` and ``merge_and_unload`` differ only in
+        whether the adapter layers are merged. A wrapper whose copies all belong to inactive adapters
+        gives back its original module."""
         for _, layer in adapter_layers(self.model):
             layer.unmerge()
-        return replace_with_base(self.model, keep_trained_copies=False)
+        return replace_with_base(self.model, keep_trained_copies=True)
 
 
 @lru_cache(maxsize=None)

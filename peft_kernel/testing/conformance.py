@@ -14,6 +14,7 @@ reason. Cross-loading against HF ``peft`` is skipped visibly when ``peft`` is no
 
 from __future__ import annotations
 
+import copy
 import tempfile
 from typing import Any, Callable
 
@@ -77,6 +78,17 @@ def _build(case: ConformanceCase, adapter_name: str = "default", seed: int = 0) 
     return model.eval()
 
 
+def _trained_copies(model: Any) -> dict[str, nn.Module]:
+    """``{path in the base model: the active adapter's copy}`` for every ``modules_to_save`` wrapper."""
+    from peft_kernel.modules_to_save import ModulesToSaveWrapper
+
+    return {
+        path: module.modules_to_save[module.active_adapter]
+        for path, module in model.get_base_model().named_modules()
+        if isinstance(module, ModulesToSaveWrapper) and module.active_adapter is not None
+    }
+
+
 def _close(a: torch.Tensor, b: torch.Tensor, tol: float, what: str) -> None:
     diff = max_abs_diff(a, b)
     assert diff <= tol, f"{what}: max abs difference {diff:.3e} > {tol:.1e}"
@@ -127,13 +139,20 @@ class _Checks:
         assert not torch.allclose(run(model, inputs), base, atol=1e-6), "adapter stayed disabled after the block"
 
     def test_unload_is_base(self, case: ConformanceCase) -> None:
+        """``unload`` gives the base model, except that a ``modules_to_save`` module is the active
+        adapter's trained copy (as in HF PEFT): the reference is the base model with those copies in."""
         if case.changes_base_at_init:
             pytest.skip("this initialisation rewrites the base weights")
         model = _build(case)
         inputs = case.make_inputs()
         base_model = case.make_model()
+        trained = _trained_copies(model)
+        for path, module in trained.items():
+            base_model.set_submodule(path, copy.deepcopy(module))
         unloaded = model.unload()
-        _close(run(unloaded, inputs), run(base_model, inputs), case.tolerance, "unload vs base")
+        for path, module in trained.items():
+            assert unloaded.get_submodule(path) is module, f"unload did not keep the active adapter's copy of {path!r}"
+        _close(run(unloaded, inputs), run(base_model, inputs), case.tolerance, "unload vs base (saved modules: trained copies)")
         assert set(dict(unloaded.named_parameters())) == set(dict(base_model.named_parameters()))
 
     def test_save_load_roundtrip(self, case: ConformanceCase) -> None:
