@@ -7,6 +7,7 @@ re-normalised per output channel by a learned magnitude (see :mod:`peft_kernel_l
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Any
 
 import torch
@@ -259,20 +260,43 @@ class Embedding(LoraLayer):
 
 
 class ConvNd(LoraLayer):
-    """LoRA for ``nn.Conv1d/2d/3d``: ``lora_A`` has the base kernel, ``lora_B`` is 1x1."""
+    """LoRA for ``nn.Conv1d/2d/3d``: ``lora_A`` has the base kernel, ``lora_B`` is 1x1.
+
+    Grouped convolutions (``groups > 1``), as HF PEFT: ``lora_A`` is an ungrouped conv, ``lora_B``
+    has the base layer's groups, so the rank must be divisible by ``groups``. The product then
+    connects every input channel to every output, which a grouped base weight cannot hold: such
+    adapters cannot be merged (HF refuses too), and DoRA, whose norm needs ``W + s·BA`` as one
+    weight, is refused (HF computes it on ``B @ A`` reshaped to the grouped weight's shape)."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__(base_layer)
-        if base_layer.groups != 1:
-            raise NotImplementedError(f"LoRA for grouped convolutions (groups={base_layer.groups}) is not supported yet")
         self.conv_class = type(base_layer)
         self.ndim = base_layer.weight.dim() - 2
+        if base_layer.groups > 1:
+            warnings.warn("LoRA adapter added to ConvNd layer with groups > 1. Merging is not supported.", UserWarning, stacklevel=2)
 
     def create_adapter(self, adapter_name: str, r: int, config: LoraConfig) -> None:
         base = self.base_layer
+        groups = base.groups
+        if r % groups != 0:
+            raise ValueError(
+                f"Targeting a {type(base).__name__} with groups={groups} and rank {r}. Currently, support is limited "
+                "to conv layers where the rank is divisible by groups. Either choose a different rank or do not "
+                "target this specific layer."
+            )
+        if groups > 1 and config.use_dora:
+            raise ValueError(
+                f"DoRA is not supported for grouped convolutions ({type(base).__name__} with groups={groups}): the "
+                "LoRA product of such a layer has no grouped weight to normalise. Use plain LoRA for this layer."
+            )
         ones = (1,) * self.ndim
         self.lora_A[adapter_name] = self.conv_class(base.in_channels, r, base.kernel_size, base.stride, base.padding, bias=False)
-        self.lora_B[adapter_name] = self.conv_class(r, base.out_channels, ones, ones, bias=config.lora_bias)
+        self.lora_B[adapter_name] = self.conv_class(r, base.out_channels, ones, ones, groups=groups, bias=config.lora_bias)
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        if self.base_layer.groups > 1:
+            raise NotImplementedError("Merging is not supported for _ConvNd layers with groups > 1!")
+        return super().delta_weight(adapter_name)
 
     def lora_weight(self, adapter_name: str) -> torch.Tensor:
         b = self.lora_B[adapter_name].weight.flatten(1)
