@@ -172,16 +172,16 @@ def test_gemma4_default_targets_match_hf(peft_type, tmp_path):
 
 
 # ---- 3. unload() with modules_to_save ------------------------------------------------------------
-def _two_adapters(lib, kind="bert", b_config=None):
-    model = lib.get_peft_model(seq_cls(kind), lib.LoraConfig(task_type="SEQ_CLS"), adapter_name="a")
+def _two_adapters(lib, kind="bert"):
+    model = lib.get_peft_model(seq_cls(kind), lib.LoraConfig(task_type="SEQ_CLS"), adapter_name="first")
     perturb(model, 0)
-    model.add_adapter("b", b_config(lib) if b_config else lib.LoraConfig(task_type="SEQ_CLS"))
-    model.set_adapter("b")
+    model.add_adapter("second", lib.LoraConfig(task_type="SEQ_CLS"))
+    model.set_adapter("second")
     perturb(model, 1)
     return model.eval()
 
 
-@pytest.mark.parametrize("active", ["a", "b"])
+@pytest.mark.parametrize("active", ["first", "second"])
 @pytest.mark.parametrize("how", ["unload", "merge_and_unload"])
 def test_unload_keeps_the_active_trained_copy(how, active):
     outputs, heads = {}, {}
@@ -202,7 +202,7 @@ def test_unload_inside_disable_adapter_keeps_the_trained_copy():
     outputs = {}
     for lib in (peft, pk):
         model = _two_adapters(lib)
-        model.set_adapter("a")
+        model.set_adapter("first")
         with model.disable_adapter():
             plain = model.unload()
         outputs[lib] = run(plain, INPUTS)
@@ -210,14 +210,14 @@ def test_unload_inside_disable_adapter_keeps_the_trained_copy():
 
 
 def test_unload_gives_the_original_when_the_active_adapter_saves_no_module():
-    """Adapter ``b`` saves the classifier, the active adapter ``a`` does not: the original stays."""
+    """Adapter ``second`` saves the classifier, the active adapter ``first`` does not: the original stays."""
     outputs = {}
     for lib in (peft, pk):
-        model = lib.get_peft_model(seq_cls("bert"), lib.LoraConfig(target_modules=["query"]), adapter_name="a")
-        model.add_adapter("b", lib.LoraConfig(target_modules=["value"], modules_to_save=["classifier"]))
-        model.set_adapter("b")
+        model = lib.get_peft_model(seq_cls("bert"), lib.LoraConfig(target_modules=["query"]), adapter_name="first")
+        model.add_adapter("second", lib.LoraConfig(target_modules=["value"], modules_to_save=["classifier"]))
+        model.set_adapter("second")
         perturb(model, 1)
-        model.set_adapter("a")
+        model.set_adapter("first")
         perturb(model, 0)
         outputs[lib] = run(model.eval().unload(), INPUTS)
     torch.testing.assert_close(outputs[pk], outputs[peft], atol=1e-5, rtol=0)
