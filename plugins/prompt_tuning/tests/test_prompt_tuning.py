@@ -18,7 +18,8 @@ import peft_kernel
 from peft_kernel import PeftConfig, PeftModel, get_peft_model
 from peft_kernel.errors import CheckpointError, ConfigError, MixedBatchError
 from peft_kernel.testing import make_model, max_abs_diff, perturb, run
-from peft_kernel.testing.hf_oracle import check_seq_cls_cross_load
+from peft_kernel.testing.generation import check_generate_matches_greedy, greedy_decode
+from peft_kernel.testing.hf_oracle import check_seq_cls_cross_load, hf_oracle
 from peft_kernel_prompt_tuning import PromptTuningConfig, PromptTuningInit
 
 peft = pytest.importorskip("peft", reason="HF peft (the test oracle) is not installed")
@@ -45,21 +46,28 @@ def _logits(model, **inputs) -> torch.Tensor:
 
 @pytest.mark.parametrize("kind", MODELS)
 def test_hf_saved_adapter_loads_with_equal_outputs(kind, tmp_path):
-    hf = peft.get_peft_model(make_model(kind), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
-    _perturb(hf.prompt_encoder, 1)
-    hf.save_pretrained(tmp_path)
+    """HF saves, ours loads: equal logits and loss, and equal greedy decoding through each library's
+    forward (padded rows included). Our generate is checked against greedy decoding through our own
+    forward, not against HF peft's generate, which is no independent oracle."""
+    with hf_oracle("HF peft building and saving a prompt"):
+        hf = peft.get_peft_model(make_model(kind), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=4)).eval()
+        _perturb(hf.prompt_encoder, 1)
+        hf.save_pretrained(tmp_path)
     ours = PeftModel.from_pretrained(make_model(kind), tmp_path)
     assert type(ours).__name__ == "PeftModelForCausalLM" and type(ours.base_model) is type(make_model(kind))
     with torch.no_grad():
-        a = hf(input_ids=IDS, attention_mask=MASK, labels=IDS)
         b = ours(input_ids=IDS, attention_mask=MASK, labels=IDS)
-    assert a.logits.shape == b.logits.shape == (4, 9, 64)
+    assert b.logits.shape == (4, 9, 64)
+    tokens = check_generate_matches_greedy(ours, IDS, MASK, max_new_tokens=4)
+    with hf_oracle("HF peft running the prompt it saved"):
+        with torch.no_grad():
+            a = hf(input_ids=IDS, attention_mask=MASK, labels=IDS)
+        hf_plain = _logits(hf, input_ids=IDS)
+        hf_tokens, hf_steps = greedy_decode(hf, IDS, MASK, max_new_tokens=4)
     assert max_abs_diff(a.logits, b.logits) <= TOL and abs(a.loss.item() - b.loss.item()) <= TOL
-    assert max_abs_diff(_logits(hf, input_ids=IDS), _logits(ours, input_ids=IDS)) <= TOL
-    kw = dict(max_new_tokens=4, do_sample=False)
-    assert torch.equal(hf.generate(input_ids=IDS[:2], **kw), ours.generate(input_ids=IDS[:2], **kw))
-    assert torch.equal(hf.generate(input_ids=IDS, attention_mask=MASK, **kw),
-                       ours.generate(input_ids=IDS, attention_mask=MASK, **kw))
+    assert max_abs_diff(hf_plain, _logits(ours, input_ids=IDS)) <= TOL
+    assert torch.equal(hf_tokens, tokens)
+    assert max_abs_diff(hf_steps, greedy_decode(ours, IDS, MASK, max_new_tokens=4)[1]) <= TOL
 
 
 @pytest.mark.parametrize("kind", MODELS)
@@ -67,7 +75,10 @@ def test_our_adapter_loads_in_hf_with_equal_outputs(kind, tmp_path):
     ours = _ours(kind)
     ours.save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
-    hf = peft.PeftModel.from_pretrained(make_model(kind), tmp_path)
+    with hf_oracle("HF peft building and running its own prompt (the control)"):
+        reference = peft.get_peft_model(make_model(kind), peft.PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+        _logits(reference.eval(), input_ids=IDS, attention_mask=MASK)
+    hf = peft.PeftModel.from_pretrained(make_model(kind), tmp_path)  # HF reading our files: the check itself
     assert saved == json.loads(json.dumps(hf.peft_config["default"].to_dict(), default=str)) | {
         "peft_type": "PROMPT_TUNING", "task_type": "CAUSAL_LM", "prompt_tuning_init": "RANDOM"}
     assert saved["token_dim"] == 16 and saved["num_layers"] == 2 and saved["num_transformer_submodules"] == 1
@@ -75,8 +86,6 @@ def test_our_adapter_loads_in_hf_with_equal_outputs(kind, tmp_path):
 
 
 def test_state_dict_format_and_round_trip(tmp_path):
-    from safetensors.torch import load_file
-
     ours = _ours("llama")
     ours.add_adapter("other", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     ours.save_pretrained(tmp_path)
@@ -145,6 +154,19 @@ def test_mixed_batch_rows_equal_single_adapter_runs(kind):
     for row, name in enumerate(names):
         model.set_adapter(name)
         assert torch.equal(generated[row : row + 1], model.generate(input_ids=IDS[row : row + 1], attention_mask=MASK[row : row + 1], **kw))
+
+
+@pytest.mark.parametrize("kind", MODELS)
+def test_generate_equals_greedy_decoding_through_forward(kind):
+    """generate (cached and uncached) == argmax decoding through our own forward, token by token and
+    logits within 1e-4 at every step; padded rows and mixed batches (adapter_names) included."""
+    model = _ours(kind)
+    model.add_adapter("other", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    _perturb(model.prompt_encoder["other"], 7)
+    model.eval()
+    check_generate_matches_greedy(model, IDS, MASK, max_new_tokens=5)
+    check_generate_matches_greedy(model, IDS[:2], max_new_tokens=5)
+    check_generate_matches_greedy(model, IDS, MASK, max_new_tokens=5, adapter_names=["other", "default", "default", "other"])
 
 
 def test_mixed_batch_refusals():
@@ -254,9 +276,8 @@ def test_listed_by_the_cli(capsys):
 def test_sequence_classification_with_bert_cross_loads_both_ways(tmp_path):
     """SEQ_CLS: the classifier head is a modules_to_save copy, saved as base_model.classifier.*."""
     check_seq_cls_cross_load(lambda: PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3),
-                             lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3), tmp_path)
-    saved = load_file(tmp_path / "ours" / "adapter_model.safetensors")
-    assert sorted(saved) == ["base_model.classifier.bias", "base_model.classifier.weight", "prompt_embeddings"]
+                             lambda: peft.PromptTuningConfig(task_type="SEQ_CLS", num_virtual_tokens=3), tmp_path,
+                             saved_keys=["base_model.classifier.bias", "base_model.classifier.weight", "prompt_embeddings"])
 
 
 def test_third_party_method_through_peft_kernel_create_prompt_encoder(isolated_registry):
