@@ -20,7 +20,8 @@ Kernels, all exact rewrites of ``sum_rows scaling * B(A(x))``:
   block, one expand GEMM (``addmm_``) into the base output. Costs ``S`` times the LoRA FLOPs but no
   gathers: best for decode-sized inputs when the stack is small.
 - ``grouped`` sort rows by adapter and run ``torch._grouped_mm`` segment matmuls (measured slower
-  than ``bmm`` on CPU; kept selectable for other devices and for the benchmark).
+  than ``bmm`` on CPU; kept selectable for other devices and for the benchmark). Where
+  ``_grouped_mm`` cannot take the operands (float64, rows not 16-byte aligned) ``bmm`` runs instead.
 - ``loop``    the core's group-by-adapter loop (reference path).
 
 DoRA adapters, training with dropout and autograd through adapter weights use the generic path
@@ -79,7 +80,7 @@ def add_single(layer: Linear, result: torch.Tensor, x: torch.Tensor, name: str) 
 class Stack:
     """The stacked, rank-padded weights of one layer's plain-LoRA adapters."""
 
-    __slots__ = ("revision", "names", "slot", "A", "Bt", "bias", "r", "zero", "refs", "versions", "ptrs", "scalings")
+    __slots__ = ("revision", "names", "slot", "A", "Bt", "bias", "r", "zero", "refs", "pins", "versions", "ptrs", "scalings")
 
     def __init__(self, layer: Linear, names: tuple[str, ...]) -> None:
         self.revision = layer._lora_revision
@@ -94,7 +95,6 @@ class Stack:
         self.Bt = torch.zeros(size, self.r, layer.out_features, device=device, dtype=dtype)
         has_bias = any(layer.lora_B[n].bias is not None for n in names)
         self.bias = torch.zeros(size, layer.out_features, device=device, dtype=dtype) if has_bias else None
-        self.refs: list[torch.Tensor] = []
         self.scalings = [layer.scaling[n] for n in names]
         with torch.no_grad():
             for i, n in enumerate(names):
@@ -104,21 +104,43 @@ class Stack:
                 self.Bt[i, :r].copy_(lin_b.weight.t() * s)
                 if lin_b.bias is not None:
                     self.bias[i].copy_(lin_b.bias * s)
-                self.refs.extend(p for p in (a, lin_b.weight, lin_b.bias) if p is not None)
+        self.refs = _stacked_tensors(layer, names)
+        # aliases of the stacked tensors' storages, kept alive so that a storage replaced behind our
+        # back (``p.data = new``, ``.to()``) cannot be freed and its address handed to the new one,
+        # which would make ``data_ptr`` look unchanged
+        self.pins = [t.detach() for t in self.refs]
         self.versions = [t._version for t in self.refs]
         self.ptrs = [t.data_ptr() for t in self.refs]
 
     def fresh(self, layer: Linear) -> bool:
-        """True while no adapter of the layer was added, removed, rescaled, moved or written to."""
+        """True while no adapter of the layer was added, removed, rescaled, replaced, moved or
+        written to. The tensors are looked up in the layer again: ``load_state_dict(assign=True)``
+        puts new ``Parameter`` objects in place of the stacked ones."""
+        if self.revision != layer._lora_revision:
+            return False
+        current = _stacked_tensors(layer, self.names)
         return (
-            self.revision == layer._lora_revision
-            and [t._version for t in self.refs] == self.versions
-            and [t.data_ptr() for t in self.refs] == self.ptrs
+            len(current) == len(self.refs)
+            and all(t is ref for t, ref in zip(current, self.refs))
+            and [t._version for t in current] == self.versions
+            and [t.data_ptr() for t in current] == self.ptrs
             and [layer.scaling[n] for n in self.names] == self.scalings
         )
 
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.refs)
+
+
+def _stacked_tensors(layer: Linear, names: tuple[str, ...]) -> list[torch.Tensor]:
+    """The layer's current tensors behind a stack of ``names``, in a fixed order."""
+    tensors = []
+    for n in names:
+        lin_b = layer.lora_B[n]
+        tensors.append(layer.lora_A[n].weight)
+        tensors.append(lin_b.weight)
+        if lin_b.bias is not None:
+            tensors.append(lin_b.bias)
+    return tensors
 
 
 def stack_names(layer: Linear) -> tuple[str, ...]:
@@ -131,9 +153,11 @@ def get_stack(layer: Linear) -> Stack | None:
     """The layer's current stack, rebuilt if any adapter changed since it was built.
 
     Freshness: the layer's revision (bumped by ``update_layer`` / ``delete_adapter`` /
-    ``hotswap_update``), each tensor's ``_version`` (bumped by every in-place write: optimizer
-    steps, ``copy_`` from ``load_adapter`` / ``hotswap_adapter``) and ``data_ptr`` (``.to()``,
-    ``.data =``), and the scalings (``rescale_adapter_scale``)."""
+    ``hotswap_update``), each tensor's identity (``load_state_dict(assign=True)`` swaps in new
+    ``Parameter`` objects), ``_version`` (bumped by every in-place write: optimizer steps,
+    ``copy_`` from ``load_adapter`` / ``hotswap_adapter``) and ``data_ptr`` (``.to()``,
+    ``.data =``; the old storages are pinned so their addresses cannot be reused), and the
+    scalings (``rescale_adapter_scale``)."""
     stack = layer.__dict__.get("_lora_stack")
     if stack is not None and stack.fresh(layer):
         return stack
@@ -299,9 +323,21 @@ def _concat(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, tok
     return _add_bias(stack, plan, result3).view(result.shape)
 
 
+_GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _grouped_ok(stack: Stack, d_in: int, d_out: int) -> bool:
+    """Whether ``torch._grouped_mm`` takes these operands: float32/16 and bfloat16 only, and every
+    matrix's row stride a multiple of 16 bytes."""
+    size = stack.A.element_size()
+    return stack.A.dtype in _GROUPED_DTYPES and all(d * size % 16 == 0 for d in (d_in, stack.r, d_out))
+
+
 def _grouped(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, tokens: int) -> torch.Tensor:
     batch, n = plan.batch, stack.zero
     d_in, d_out = x.shape[-1], result.shape[-1]
+    if not _grouped_ok(stack, d_in, d_out):
+        return _bmm(stack, plan, result, x, tokens)  # same rows, another kernel
     x3 = x.reshape(batch, tokens, d_in).to(stack.A.dtype)
     xs = x3.index_select(0, plan.perm).reshape(plan.n_in * tokens, d_in)
     offs = plan.offs(tokens)
