@@ -12,6 +12,7 @@ forward, mixed batches, merge and unmerge; or overrides ``adapted_forward`` / ``
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Iterable, Iterator
 
 import torch
@@ -220,6 +221,13 @@ class AdapterLayer(nn.Module):
         from peft_kernel.plugins import get_registry
 
         names = self._active_adapters if adapter_names is None else adapter_names
+        if self.merged_adapters:  # HF PEFT's warnings: nothing is folded in twice
+            more = [n for n in names if n not in self.merged_adapters]
+            if more:
+                warnings.warn(f"Already following adapters were merged {','.join(self.merged_adapters)}. "
+                              f"You are now additionally merging {','.join(more)}.", UserWarning, stacklevel=2)
+            else:
+                warnings.warn("All adapters are already merged, nothing to do.", UserWarning, stacklevel=2)
         for name in names:
             if name in self.merged_adapters or not self.has_adapter(name):
                 continue
