@@ -4,7 +4,8 @@ A saved adapter is a folder with ``adapter_config.json`` and ``adapter_model.saf
 ``"default"`` adapter lives at the root of ``save_pretrained``'s folder, any other in a sub-folder
 named after it. Writes go to a temporary file in the same folder and are renamed into place, so an
 interrupted save never replaces a good file with half of one. Pickled ``adapter_model.bin`` files
-are read only with ``allow_pickle=True``.
+are read only with ``allow_pickle=True``, and then still with ``weights_only=True``: tensors in a
+dict, never arbitrary objects.
 """
 
 from __future__ import annotations
@@ -133,8 +134,37 @@ def load_adapter_weights(
                 f"{pickle_path} is a pickle file, which can run arbitrary code when loaded. Pass "
                 "allow_pickle=True if you trust its source, or re-save it as safetensors."
             )
-        return torch.load(pickle_path, map_location=device, weights_only=True)
+        return read_pickle(pickle_path, device)
     return read_safetensors(path, device)
+
+
+def read_pickle(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """A pickled state dict, read with ``weights_only=True`` even when pickles are allowed: a pickle
+    that needs anything but tensors and plain containers (a class, a function: code) is refused."""
+    import pickle
+
+    try:
+        state = torch.load(path, map_location=device, weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{path} cannot be read as a plain pickled state dict with weights_only=True "
+            f"({type(exc).__name__}: {_unpickling_reason(exc)}). peft-kernel never unpickles arbitrary objects, "
+            "even with allow_pickle=True; re-save the adapter as safetensors where it was made."
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state.items()):
+        raise CheckpointError(
+            f"{path} does not hold a state dict (a dict of names to tensors) but {type(state).__name__}; "
+            "it is not an adapter checkpoint."
+        )
+    return state
+
+
+def _unpickling_reason(exc: BaseException) -> str:
+    """The informative line of ``torch.load``'s long weights_only message (the blocked global...)."""
+    lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+    boilerplate = ("Weights only load failed", "Check the documentation", "Please file an issue")
+    specific = [line for line in lines if not line.startswith(boilerplate)]
+    return (specific or lines or [type(exc).__name__])[-1]
 
 
 def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
