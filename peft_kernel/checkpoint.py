@@ -23,12 +23,32 @@ WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux tells it (``/proc/self/status``)."""
+    try:
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: the classic read-by-setting, restored at once
+    os.umask(mask)
+    return mask
+
+
+def new_file_mode() -> int:
+    """The mode ``open(path, "w")`` would give a new file: ``0o666`` less the umask (0644 usually)."""
+    return 0o666 & ~_umask()
+
+
 def _atomic_write(path: Path, write: Callable[[str], None]) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
+        os.chmod(tmp, new_file_mode())  # mkstemp makes 0600; the saved file gets a normal file's mode
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
@@ -182,3 +202,30 @@ def read_safetensors(path: Path, device: str | torch.device = "cpu") -> dict[str
 def adapter_dir(save_directory: str | os.PathLike, adapter_name: str) -> Path:
     """Where ``save_pretrained`` writes an adapter: the root for ``"default"``, else a sub-folder."""
     return Path(save_directory) if adapter_name == "default" else Path(save_directory) / adapter_name
+
+
+def check_save_target(save_directory: str | os.PathLike, adapter_names: list[str]) -> None:
+    """Refuse, before anything is written, a save that could only fail half-way: a ``save_directory``
+    (or an adapter's sub-folder, or a folder above them) that exists as a file, a file to write that
+    exists as a folder, or a folder that cannot be written to."""
+    from peft_kernel.config import CONFIG_NAME
+
+    root = Path(save_directory)
+    if root.exists() and not root.is_dir():
+        raise CheckpointError(f"save_directory {root} is a file; pass a folder.")
+    for name in adapter_names:
+        folder = adapter_dir(root, name)
+        for part in [folder, *folder.parents]:
+            if part.exists():
+                if not part.is_dir():
+                    raise CheckpointError(
+                        f"cannot save adapter {name!r} into {folder}: {part} is a file, not a folder. Nothing was written."
+                    )
+                if not os.access(part, os.W_OK | os.X_OK):
+                    raise CheckpointError(f"cannot save adapter {name!r}: {part} is not writable. Nothing was written.")
+                break
+        for filename in (CONFIG_NAME, WEIGHTS_NAME, PICKLE_WEIGHTS_NAME):
+            if (folder / filename).is_dir():
+                raise CheckpointError(
+                    f"cannot save adapter {name!r}: {folder / filename} is a folder. Nothing was written."
+                )

@@ -1,14 +1,16 @@
 """``peft-kernel``: the command line.
 
 ``list-plugins``  what is installed: each plugin's distribution, version, what it provides and
-                  whether it loaded (a broken plugin is listed as failed with its error).
+                  whether it loaded (a broken plugin is listed as failed with its error; one whose
+                  hook raised at run time in this process as failing).
 ``inspect PATH``  what a saved adapter folder holds: method, non-default config fields, targeted
                   modules, parameter count, files and sizes (sub-folder adapters included).
 ``demo``          train two LoRA adapters on a tiny built-in model, save, reload, serve one
                   mixed batch and print per-adapter accuracy.
 
 Human-readable output by default, ``--json`` for machines. Bad input ends with a one-line
-``peft-kernel: error: ...`` on stderr and exit status 1, never a traceback. This module imports
+``peft-kernel: error: ...`` on stderr and exit status 1, never a traceback; output piped into a
+reader that stops early (``| head``) ends quietly with status 141, as Unix tools do. This module imports
 nothing heavy at import time; ``torch`` is loaded only by the commands that need it.
 """
 
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import sys
 import warnings
@@ -73,8 +76,8 @@ def cmd_list_plugins(args: argparse.Namespace) -> int:
     if problems:
         print()
     for s in problems:
-        if s.status == "failed":
-            print(f"{s.name}: failed: {s.error}")
+        if s.status in ("failed", "failing"):
+            print(f"{s.name}: {s.status}: {s.error}")
         else:
             print(f"{s.name}: blocked by {DISABLE_ENV}")
     return 0
@@ -337,7 +340,18 @@ def main(argv: Sequence[str] | None = None) -> int:
     from peft_kernel.errors import PeftKernelError
 
     try:
-        return args.func(args)
+        status = args.func(args)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return status
+    except BrokenPipeError:
+        # the reader went away (`peft-kernel inspect DIR | head`): stop quietly, as Unix tools do,
+        # and keep Python from reporting the pipe again when it flushes stdout at exit
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):  # stdout without a file descriptor (captured)
+            pass
+        return 128 + 13  # 141: what a shell reports for a command ended by SIGPIPE
     except (CliError, PeftKernelError, OSError) as exc:
         message = str(exc) if not isinstance(exc, OSError) else f"{exc.strerror or exc}: {exc.filename or ''}".rstrip(": ")
         print(f"{PROG} {args.command}: error: {message}", file=sys.stderr)

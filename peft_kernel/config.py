@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import enum
 import json
+import math
 import types
 import typing
 import warnings
@@ -19,7 +20,7 @@ import attrs
 import cattrs
 
 from peft_kernel.enums import PeftType, TaskType
-from peft_kernel.errors import ConfigError
+from peft_kernel.errors import ConfigError, PeftKernelError
 
 CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = "0.21.2"
@@ -44,7 +45,11 @@ class _Mismatch(TypeError):
 
 
 def _mismatch(value: Any, tp: Any) -> _Mismatch:
-    return _Mismatch(f"expected {_type_name(tp)}, got {type(value).__name__} {value!r}")
+    try:
+        shown = _short(value)
+    except RecursionError:
+        shown = "(nested too deeply to show)"
+    return _Mismatch(f"expected {_type_name(tp)}, got {type(value).__name__} {shown}")
 
 
 def _strict_scalar(tp: type):
@@ -76,11 +81,14 @@ def _make_converter() -> cattrs.Converter:
                 if _NONE in members:
                     return None
                 raise _mismatch(value, tp)
-            for member in members:
-                if member is _NONE:
-                    continue
+            real = [m for m in members if m is not _NONE]
+            for member in real:
                 try:
                     return conv.structure(value, member)
+                except _Mismatch as exc:
+                    if len(real) == 1 and str(exc).startswith("item "):
+                        raise  # Optional[dict[str, int]]: say which item is wrong
+                    continue
                 except Exception:
                     continue
             raise _mismatch(value, tp)
@@ -128,6 +136,28 @@ def _make_converter() -> cattrs.Converter:
             raise _Mismatch(f"item [{index}]: {exc}") from None
 
     conv.register_structure_hook_factory(is_collection, collection_factory)
+
+    def is_mapping(tp: Any) -> bool:
+        return tp is dict or typing.get_origin(tp) is dict
+
+    def mapping_factory(tp: Any):
+        args = typing.get_args(tp)
+        key_type, value_type = args if len(args) == 2 else (Any, Any)
+
+        def hook(value: Any, _: Any) -> Any:
+            if not isinstance(value, dict):
+                raise _mismatch(value, tp)
+            out = {}
+            for key, item in value.items():
+                try:
+                    out[conv.structure(key, key_type)] = conv.structure(item, value_type)
+                except Exception as exc:
+                    raise _Mismatch(f"item [{key!r}]: {exc}") from None
+            return out
+
+        return hook
+
+    conv.register_structure_hook_factory(is_mapping, mapping_factory)
     for enum_type in (PeftType, TaskType):
         conv.register_structure_hook(enum_type, _enum_hook(enum_type))
     conv.register_unstructure_hook(set, lambda s: sorted(s))
@@ -155,6 +185,96 @@ def _enum_hook(enum_type: type[enum.Enum]):
 
 converter = _make_converter()
 
+MAX_SIZE = 1 << 16
+"""Upper bound of ranks, block sizes and counts (virtual tokens, layers, heads): 65,536. Nothing
+real comes near it; a larger value is a typo or a hostile file and would only exhaust memory."""
+MAX_WIDTH = 1 << 20
+"""Upper bound of widths (``token_dim``, ``encoder_hidden_size``): 1,048,576."""
+
+
+def check_range(owner: str, path: str, value: Any, low: int, high: int, hint: str = "") -> None:
+    """Raise :class:`ConfigError` (``"LoraConfig: $.r must be ..."``) unless ``low <= value <= high``
+    for an int ``value``. Plugins call it for their size fields."""
+    if isinstance(value, bool) or not isinstance(value, int) or not low <= value <= high:
+        raise ConfigError(f"{owner}: $.{path} must be an integer from {low} to {high:,}, got {_short(value)}{hint}")
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) > 10**12:
+        return f"an integer of {len(str(abs(value)))} digits" if abs(value) < 10**4000 else "an integer too large to print"
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+_FIELD_TYPES: dict[type, list[tuple[str, Any]]] = {}
+
+
+def _field_types(cls: type) -> list[tuple[str, Any]]:
+    """``(name, resolved type)`` of every init field of ``cls`` (``Any`` where a type does not resolve)."""
+    cached = _FIELD_TYPES.get(cls)
+    if cached is None:
+        try:
+            hints = typing.get_type_hints(cls)
+        except Exception:  # a locally defined config class naming local types: check what resolves
+            hints = {}
+        cached = [(f.name, hints.get(f.name, Any if isinstance(f.type, str) or f.type is None else f.type))
+                  for f in attrs.fields(cls) if f.init]
+        _FIELD_TYPES[cls] = cached
+    return cached
+
+
+def _non_finite(value: Any, depth: int = 0) -> bool:
+    if isinstance(value, float):
+        return not math.isfinite(value)
+    if depth < 8 and isinstance(value, (list, tuple, set, frozenset)):
+        return any(_non_finite(v, depth + 1) for v in value)
+    if depth < 8 and isinstance(value, dict):
+        return any(_non_finite(v, depth + 1) for v in value.values())
+    return False
+
+
+MAX_NESTING = 32
+"""How deeply a config value may nest lists and dicts (HF PEFT's deepest field nests 3 levels)."""
+
+
+def _too_deep(value: Any) -> bool:
+    """Whether ``value`` nests containers more than :data:`MAX_NESTING` levels (checked without recursion)."""
+    stack = [(value, 0)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (list, tuple, set, frozenset, dict)):
+            if depth >= MAX_NESTING:
+                return True
+            stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return False
+
+
+def check_field_types(config: Any) -> None:
+    """Every field of ``config`` against its annotation, with the converter's strict rules (what
+    ``from_dict`` applies to JSON also holds for ``LoraConfig(r="8")``), and no NaN or infinity."""
+    problems = []
+    for name, tp in _field_types(type(config)):
+        value = getattr(config, name)
+        if _too_deep(value):
+            problems.append(f"$.{name}: nested more than {MAX_NESTING} levels deep")
+            continue
+        try:
+            converter.structure(value, tp)
+        except RecursionError:
+            problems.append(f"$.{name}: nested too deeply")
+            continue
+        except Exception as exc:
+            problems.append(f"$.{name}: {_format(exc, tp)}")
+            continue
+        try:
+            bad = _non_finite(value)
+        except RecursionError:  # pragma: no cover - bounded depth above
+            bad = True
+        if bad:
+            problems.append(f"$.{name}: NaN and infinity are not valid here, got {_short(value)}")
+    if problems:
+        raise ConfigError(f"invalid {type(config).__name__}: " + "; ".join(problems))
+
 
 def _format(exc: BaseException, tp: Any) -> str:
     if isinstance(exc, _Mismatch):
@@ -181,6 +301,10 @@ class PeftConfig:
     peft_version: Optional[str] = None
 
     def __attrs_post_init__(self) -> None:
+        check_field_types(self)
+        from peft_kernel.targeting import check_patterns
+
+        check_patterns(self)
         if self.peft_version is None:
             self.peft_version = FORMAT_VERSION
         if isinstance(self.task_type, str) and not isinstance(self.task_type, TaskType):
@@ -227,7 +351,10 @@ class PeftConfig:
                 raise ConfigError(f"{where}$.peft_type: required field missing (which PEFT method is this?)")
             from peft_kernel.plugins import get_registry
 
-            target = get_registry().method(data["peft_type"]).config_class
+            peft_type = data["peft_type"]
+            if not isinstance(peft_type, str) or not peft_type:
+                raise ConfigError(f"{where}$.peft_type: expected the name of a PEFT method, got {_short(peft_type)}")
+            target = get_registry().method(peft_type).config_class
         known = _config_field_names(target)
         unknown = sorted(set(data) - known)
         if unknown:
@@ -241,10 +368,22 @@ class PeftConfig:
         try:
             return converter.structure(clean, target)
         except cattrs.ClassValidationError as exc:
+            own = [e for e in exc.exceptions if isinstance(e, PeftKernelError)]
+            if own and len(own) == len(exc.exceptions):  # the class's own checks: their message says it all
+                raise type(own[0])(f"{where}{own[0]}") from None
             problems = cattrs.transform_error(exc, path="$", format_exception=_format)
             raise ConfigError(
                 f"{where}invalid {target.__name__}: " + "; ".join(_path_first(p) for p in problems)
             ) from None
+        except ConfigError as exc:
+            if where and not str(exc).startswith(where):
+                raise ConfigError(f"{where}{exc}") from None
+            raise
+        except RecursionError:
+            raise ConfigError(f"{where}invalid {target.__name__}: a value is nested too deeply") from None
+        except (TypeError, ValueError, OverflowError, KeyError, AttributeError, IndexError) as exc:
+            # a config class's own check tripping over data of an unexpected shape
+            raise ConfigError(f"{where}invalid {target.__name__}: {type(exc).__name__}: {exc}") from exc
 
     @classmethod
     def _declares_peft_type(cls) -> bool:
@@ -253,10 +392,19 @@ class PeftConfig:
     @classmethod
     def from_json_file(cls, path: str | Path) -> dict[str, Any]:
         """Read a config file and return its dict (as HF PEFT's ``from_json_file``)."""
+        raw = Path(path).read_bytes()
         try:
-            return json.loads(Path(path).read_text(encoding="utf-8"))
+            text = raw.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise ConfigError(f"{path} is not UTF-8 text ({exc.reason} at byte {exc.start}); is it an adapter_config.json?") from None
+        try:
+            return json.loads(text)
         except json.JSONDecodeError as exc:
             raise ConfigError(f"{path} is not valid JSON: {exc}") from None
+        except RecursionError:
+            raise ConfigError(f"{path} nests JSON arrays or objects too deeply to be an adapter config") from None
+        except ValueError as exc:  # e.g. an integer of more than 4,300 digits
+            raise ConfigError(f"{path} is not a usable JSON config: {exc}") from None
 
     @classmethod
     def from_pretrained(
@@ -268,6 +416,8 @@ class PeftConfig:
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
         path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
         data = cls.from_json_file(path)
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: $: expected a JSON object, got {type(data).__name__}")
         data.update(kwargs)
         return cls.from_dict(data, source=str(path))
 

@@ -31,3 +31,11 @@ class AdapterNameError(PeftKernelError, ValueError):
 
 class MixedBatchError(PeftKernelError, ValueError):
     """``adapter_names`` that cannot be served (wrong length, unknown names, training mode, merged)."""
+
+
+class UnsupportedFeatureError(PeftKernelError, NotImplementedError):
+    """A config field or model that HF PEFT supports and peft-kernel (or the plugin) does not yet."""
+
+
+class PluginWarning(UserWarning):
+    """A plugin misbehaved at run time (its hook raised) and was disabled for the rest of the process."""

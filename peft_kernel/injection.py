@@ -17,13 +17,21 @@ from peft_kernel.modules_to_save import ModulesToSaveWrapper
 from peft_kernel.plugins import Registry, get_registry
 from peft_kernel.targeting import base_of, candidate_modules, compress_target_modules, expand_target_modules, no_match_error
 
-_NAME_OK = re.compile(r"^[A-Za-z0-9_\-]+$")
+_NAME_OK = re.compile(r"[A-Za-z0-9_\-]+")
+MAX_ADAPTER_NAME_LENGTH = 128
+"""An adapter name becomes a folder name (at most 255 bytes on most file systems) and part of every
+parameter name; longer names are refused before anything is created or written."""
 
 
 def check_adapter_name(adapter_name: str, existing: dict[str, Any], registry: Registry, config: Any = None) -> None:
     """Refuse names that are taken, that break module paths, or that contain the prefix of
     ``config``'s method (HF PEFT's rule: ``lora_x`` is no name for a LoRA adapter)."""
-    if not isinstance(adapter_name, str) or not _NAME_OK.match(adapter_name):
+    if isinstance(adapter_name, str) and len(adapter_name) > MAX_ADAPTER_NAME_LENGTH:
+        raise AdapterNameError(
+            f"adapter name {adapter_name[:40]!r}... is {len(adapter_name)} characters long; use at most "
+            f"{MAX_ADAPTER_NAME_LENGTH} (it becomes a folder name when saved)."
+        )
+    if not isinstance(adapter_name, str) or not _NAME_OK.fullmatch(adapter_name):
         raise AdapterNameError(
             f"adapter name {adapter_name!r} is not usable: use letters, digits, '_' or '-' (no dots), "
             "since it becomes part of parameter names."

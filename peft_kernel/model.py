@@ -14,7 +14,9 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from peft_kernel.checkpoint import WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, adapter_dir, atomic_save_tensors, load_adapter_weights
+from peft_kernel.checkpoint import (
+    WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, adapter_dir, atomic_save_tensors, check_save_target, load_adapter_weights,
+)
 from peft_kernel.config import PeftConfig
 from peft_kernel.enums import TaskType
 from peft_kernel.errors import AdapterNameError, MixedBatchError
@@ -188,12 +190,11 @@ class PeftModel(nn.Module):
         **kwargs: Any,
     ) -> None:
         """Write each adapter as HF PEFT does: ``default`` at the root, others in sub-folders."""
-        if os.path.isfile(save_directory):
-            raise ValueError(f"save_directory {save_directory!s} is a file; pass a folder.")
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise AdapterNameError(f"unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}.")
+        check_save_target(save_directory, names)  # a file in the way fails here, before any write
         if not is_main_process:
             return
         hook = get_registry().hook

@@ -1,10 +1,20 @@
-"""Plugin discovery and the registry of methods and backends.
+"""Plugin discovery, the registry of methods and backends, and run-time isolation of plugins.
 
 Entry points of the ``peft_kernel`` group are loaded one at a time: a plugin that fails to import
-or to register is recorded as ``failed`` with its error and never breaks the others. Plugins named
-in ``PEFT_KERNEL_DISABLE_PLUGINS`` (comma separated entry-point or distribution names) are
-``blocked`` before import. The core's own default implementations are registered exactly like an
-external plugin.
+or to register (an exception, even ``sys.exit()``) is recorded as ``failed`` with its error and
+never breaks the others. Plugins named in ``PEFT_KERNEL_DISABLE_PLUGINS`` (comma separated
+entry-point or distribution names) are ``blocked`` before import. The core's own default
+implementations are registered exactly like an external plugin.
+
+Collisions (two plugins claiming one peft_type, state-dict prefix, config class name or backend
+name) do not depend on installation order: the method's known provider (``known_methods``) keeps
+it and the other claimants fail; with no known provider among them, all of them fail.
+
+At run time the core calls hook implementations one by one (``Registry.hook``): when a plugin's
+implementation raises while handling a config or layer of *another* plugin's method, that plugin
+is marked ``failing`` (with the error), a :class:`~peft_kernel.errors.PluginWarning` names it, and
+the call carries on with the other implementations, so one broken plugin cannot break the others.
+Errors of the method's own plugin, of the core, and deliberate peft-kernel errors propagate.
 """
 
 from __future__ import annotations
@@ -12,20 +22,23 @@ from __future__ import annotations
 import importlib
 import os
 import threading
+import warnings
 from importlib import metadata
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import attrs
 import pluggy
 
 from peft_kernel.hookspecs import PeftKernelSpecs
-from peft_kernel.errors import PluginError, UnknownMethodError
+from peft_kernel.errors import PeftKernelError, PluginError, PluginWarning, UnknownMethodError
 from peft_kernel.known_methods import PROVIDERS
 from peft_kernel.markers import PROJECT_NAME
 from peft_kernel.records import BackendRecord, MethodRecord
 
 DISABLE_ENV = "PEFT_KERNEL_DISABLE_PLUGINS"
 BUILTIN_PLUGINS = ("peft_kernel.defaults",)
+CORE = "core"
+"""The plugin name of the core's own implementations (``peft_kernel.defaults``)."""
 
 
 @attrs.define
@@ -35,7 +48,7 @@ class PluginStatus:
     name: str
     distribution: str
     version: str
-    status: str  # "loaded" | "blocked" | "failed"
+    status: str  # "loaded" | "blocked" | "failed" (at load) | "failing" (a hook raised at run time)
     error: str = ""
     methods: list[str] = attrs.field(factory=list)
     backends: list[str] = attrs.field(factory=list)
@@ -50,9 +63,74 @@ class Registry:
     backends: dict[str, BackendRecord] = attrs.field(factory=dict)
     plugins: list[PluginStatus] = attrs.field(factory=list)
 
+    _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False, eq=False)
+
     @property
-    def hook(self) -> Any:
-        return self.pm.hook
+    def hook(self) -> IsolatedHooks:
+        """The hooks, called implementation by implementation with failures isolated (the core
+        calls every hook through this; ``pm.hook`` is pluggy's plain relay)."""
+        return IsolatedHooks(self)
+
+    def status_of(self, plugin_name: str) -> PluginStatus | None:
+        for status in self.plugins:
+            if status.name == plugin_name:
+                return status
+        return None
+
+    def call_hook(self, hook_name: str, kwargs: dict[str, Any]) -> Any:
+        """Call ``hook_name`` as pluggy would (``tryfirst`` first, ``trylast`` last; first result
+        or the list of results) but one implementation at a time, skipping ``failing`` plugins.
+
+        An exception from the core's or the owning method's plugin, or any
+        :class:`~peft_kernel.errors.PeftKernelError` (a deliberate refusal), propagates with a note
+        naming the plugin and hook. Anything else raised by a plugin while handling another
+        plugin's method marks that plugin ``failing`` and the call goes on without it."""
+        caller = getattr(self.pm.hook, hook_name)
+        firstresult = bool(caller.spec is not None and caller.spec.opts.get("firstresult"))
+        owner = self._owner(kwargs)
+        results = []
+        for impl in reversed(caller.get_hookimpls()):
+            status = self.status_of(impl.plugin_name)
+            if status is not None and status.status == "failing":
+                continue
+            try:
+                result = impl.function(*(kwargs[name] for name in impl.argnames))
+            except KeyboardInterrupt:
+                raise
+            except BaseException as exc:
+                if not _isolate(status, owner, exc):
+                    _note_source(exc, impl.plugin_name, status, hook_name)
+                    raise
+                self._mark_failing(status, hook_name, exc)
+                continue
+            if result is not None:
+                if firstresult:
+                    return result
+                results.append(result)
+        return None if firstresult else results
+
+    def _owner(self, kwargs: dict[str, Any]) -> str | None:
+        """The distribution whose method this hook call is about (from ``config`` or ``layer``)."""
+        subject = kwargs.get("config", kwargs.get("layer"))
+        peft_type = getattr(subject, "peft_type", None)
+        if not peft_type:
+            return None
+        record = self.methods.get(str(getattr(peft_type, "value", peft_type)).upper())
+        return record.distribution if record is not None else None
+
+    def _mark_failing(self, status: PluginStatus, hook_name: str, exc: BaseException) -> None:
+        with self._lock:
+            if status.status == "failing":
+                return
+            status.status, status.error = "failing", f"{hook_name} raised {_describe(exc)}"
+        warnings.warn(
+            f"plugin {status.name!r} (distribution {status.distribution!r}) failed in {hook_name}: "
+            f"{_describe(exc)}. It is disabled for the rest of this process and the other plugins carry on; "
+            f"`peft-kernel list-plugins` lists it as failing. Update or uninstall it, or block it with "
+            f"{DISABLE_ENV}={status.name}.",
+            PluginWarning,
+            stacklevel=4,
+        )
 
     def method(self, peft_type: Any) -> MethodRecord:
         """The record for ``peft_type`` (a string or enum); a clear error when none provides it."""
@@ -88,6 +166,46 @@ class Registry:
         return sorted(names)
 
 
+class IsolatedHooks:
+    """``registry.hook.peft_kernel_xxx(**kwargs)``: pluggy's calling convention, with isolation."""
+
+    __slots__ = ("_registry",)
+
+    def __init__(self, registry: Registry) -> None:
+        self._registry = registry
+
+    def __getattr__(self, name: str) -> Any:
+        if not name.startswith("peft_kernel_") or not hasattr(PeftKernelSpecs, name):
+            raise AttributeError(name)
+        registry = self._registry
+
+        def call(**kwargs: Any) -> Any:
+            return registry.call_hook(name, kwargs)
+
+        call.__name__ = name
+        call.get_hookimpls = getattr(registry.pm.hook, name).get_hookimpls  # type: ignore[attr-defined]
+        return call
+
+
+def _isolate(status: PluginStatus | None, owner: str | None, exc: BaseException) -> bool:
+    """Whether ``exc`` marks a plugin broken (isolated) rather than being the caller's error."""
+    if status is None or status.name == CORE or (owner is not None and status.distribution == owner):
+        return False
+    if isinstance(exc, (PeftKernelError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
+        return False  # a deliberate refusal, or out of memory: not the plugin's fault
+    return True
+
+
+def _note_source(exc: BaseException, plugin_name: str, status: PluginStatus | None, hook_name: str) -> None:
+    dist = f" (distribution {status.distribution!r})" if status is not None and status.distribution != plugin_name else ""
+    note = f"raised in {hook_name} by plugin {plugin_name!r}{dist}"
+    if note not in getattr(exc, "__notes__", ()):
+        try:
+            exc.add_note(note)
+        except Exception:  # pragma: no cover - an exception type refusing notes
+            pass
+
+
 def _disabled_names() -> set[str]:
     return {n.strip() for n in os.environ.get(DISABLE_ENV, "").split(",") if n.strip()}
 
@@ -97,10 +215,13 @@ def _entry_points() -> list[metadata.EntryPoint]:
 
 
 def _dist_of(ep: Any) -> tuple[str, str]:
-    dist = getattr(ep, "dist", None)
-    if dist is None:
-        return ep.name, ""
-    return dist.metadata["Name"] or ep.name, dist.version or ""
+    try:
+        dist = getattr(ep, "dist", None)
+        if dist is None:
+            return str(ep.name), ""
+        return str(dist.metadata["Name"] or ep.name), str(dist.version or "")
+    except Exception:  # broken metadata: the entry point is still listed, under its own name
+        return str(ep.name), ""
 
 
 def _collect(pm: pluggy.PluginManager, hook_name: str, plugin: object) -> list[Any]:
@@ -108,69 +229,145 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, plugin: object) -> list[A
     records: list[Any] = []
     for impl in getattr(pm.hook, hook_name).get_hookimpls():
         if impl.plugin is plugin:
-            impl.function(register=records.append)
+            impl.function(*(records.append if a == "register" else None for a in impl.argnames))
     return records
 
 
-def _add_records(registry: Registry, status: PluginStatus, plugin: object) -> None:
-    methods = _collect(registry.pm, "peft_kernel_register_methods", plugin)
-    backends = _collect(registry.pm, "peft_kernel_register_backends", plugin)
-    for record in methods:
-        if not isinstance(record, MethodRecord):
-            raise PluginError(f"registered {record!r}, expected a peft_kernel.records.MethodRecord")
-    for record in backends:
-        if not isinstance(record, BackendRecord):
-            raise PluginError(f"registered {record!r}, expected a peft_kernel.records.BackendRecord")
-    for record in methods:
-        key = record.peft_type.upper()
-        for other in registry.methods.values():
-            clash = (
-                ("peft_type", key) if other.peft_type.upper() == key
-                else ("state-dict prefix", record.prefix) if other.prefix == record.prefix
-                else ("config class", record.config_class.__name__)
-                if other.config_class.__name__ == record.config_class.__name__
-                else None
-            )
-            if clash:
-                raise PluginError(
-                    f"two plugins provide the {clash[0]} {clash[1]!r}: {other.distribution!r} and "
-                    f"{status.distribution!r}. Uninstall one, or block it with {DISABLE_ENV}={status.name}."
-                )
-    for record in backends:
-        if record.name in registry.backends:
-            other = registry.backends[record.name]
-            raise PluginError(
-                f"two plugins provide the backend {record.name!r}: {other.distribution!r} and "
-                f"{status.distribution!r}. Uninstall one, or block it with {DISABLE_ENV}={status.name}."
-            )
-    for record in methods:
-        registry.methods[record.peft_type.upper()] = attrs.evolve(record, distribution=status.distribution)
-        status.methods.append(record.peft_type.upper())
-    for record in backends:
-        registry.backends[record.name] = attrs.evolve(record, distribution=status.distribution)
-        status.backends.append(record.name)
-
-
-def _check_hook_names(pm: pluggy.PluginManager, plugin: object) -> None:
-    """A hookimpl with no spec is a typo (``peft_kernel_create_layers``): it would never run."""
-    unknown = sorted(caller.name for caller in pm.get_hookcallers(plugin) or [] if caller.spec is None)
+def _check_hooks(pm: pluggy.PluginManager, plugin: object) -> None:
+    """A hookimpl with no spec is a typo (``peft_kernel_create_layers``): it would never run. Hook
+    wrappers are refused: the core calls implementations one by one to isolate failures."""
+    callers = pm.get_hookcallers(plugin) or []
+    unknown = sorted(caller.name for caller in callers if caller.spec is None)
     if unknown:
         specs = sorted(n for n in dir(PeftKernelSpecs) if n.startswith("peft_kernel_"))
         raise PluginError(f"implements unknown hook(s) {unknown}; known hooks: {specs}")
+    wrappers = sorted(
+        caller.name for caller in callers for impl in caller.get_hookimpls()
+        if impl.plugin is plugin and (impl.hookwrapper or impl.wrapper)
+    )
+    if wrappers:
+        raise PluginError(f"implements {wrappers} as hook wrapper(s); peft-kernel hooks take plain implementations only")
 
 
-def _register(registry: Registry, status: PluginStatus, plugin: object) -> None:
+def _check_records(methods: list[Any], backends: list[Any]) -> None:
+    from peft_kernel.config import PeftConfig
+
+    for record in methods:
+        if not isinstance(record, MethodRecord):
+            raise PluginError(f"registered {record!r}, expected a peft_kernel.records.MethodRecord")
+        if not (isinstance(record.config_class, type) and issubclass(record.config_class, PeftConfig)):
+            raise PluginError(f"registered {record.peft_type!r} with config_class {record.config_class!r}, "
+                              "which is not a peft_kernel.config.PeftConfig subclass")
+        for field in ("peft_type", "prefix"):
+            value = getattr(record, field)
+            if not isinstance(value, str) or not value:
+                raise PluginError(f"registered a method whose {field} is {value!r}; it must be a non-empty string")
+    for record in backends:
+        if not isinstance(record, BackendRecord):
+            raise PluginError(f"registered {record!r}, expected a peft_kernel.records.BackendRecord")
+        if not isinstance(record.name, str) or not record.name:
+            raise PluginError(f"registered a backend named {record.name!r}; the name must be a non-empty string")
+
+
+@attrs.define
+class _Candidate:
+    """A plugin that imported and registered, before collisions are settled."""
+
+    status: PluginStatus
+    plugin: object
+    methods: list[MethodRecord]
+    backends: list[BackendRecord]
+    problems: list[str] = attrs.field(factory=list)
+
+
+def _describe(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+
+
+def _fail(registry: Registry, status: PluginStatus, plugin: object | None, error: str) -> None:
+    if plugin is not None and registry.pm.is_registered(plugin):
+        registry.pm.unregister(plugin)
+    status.status, status.error = "failed", error
+    status.methods.clear()
+    status.backends.clear()
+
+
+def _register(registry: Registry, status: PluginStatus, plugin: object) -> _Candidate | None:
+    """Register ``plugin`` and collect its records; a plugin that raises anything (``SystemExit``
+    included, ``KeyboardInterrupt`` excepted) is reported as failed, never fatal."""
+    registry.plugins.append(status)
     try:
         registry.pm.register(plugin, name=status.name)
-        _check_hook_names(registry.pm, plugin)
-        _add_records(registry, status, plugin)
-    except Exception as exc:  # a broken plugin is reported, never fatal
-        if registry.pm.is_registered(plugin):
-            registry.pm.unregister(plugin)
-        status.status, status.error = "failed", f"{type(exc).__name__}: {exc}"
-        status.methods.clear()
-        status.backends.clear()
-    registry.plugins.append(status)
+        _check_hooks(registry.pm, plugin)
+        methods = _collect(registry.pm, "peft_kernel_register_methods", plugin)
+        backends = _collect(registry.pm, "peft_kernel_register_backends", plugin)
+        _check_records(methods, backends)
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a broken plugin is reported, never fatal
+        _fail(registry, status, plugin, _describe(exc))
+        return None
+    return _Candidate(status, plugin, methods, backends)
+
+
+def _claims(candidate: _Candidate) -> Iterator[tuple[tuple[str, str], str | None]]:
+    """Every name ``candidate`` claims, as ``((kind, value), peft_type or None for a backend)``."""
+    for record in candidate.methods:
+        peft_type = record.peft_type.upper()
+        yield ("peft_type", peft_type), peft_type
+        yield ("state-dict prefix", record.prefix), peft_type
+        yield ("config class", record.config_class.__name__), peft_type
+    for backend in candidate.backends:
+        yield ("backend", backend.name), None
+
+
+def _settle_collisions(candidates: list[_Candidate]) -> None:
+    """Two plugins claiming one peft_type, state-dict prefix, config class name or backend name:
+    the method's known provider (``known_methods.PROVIDERS``) keeps it and the others fail; with no
+    known provider among them, every claimant fails. Order of installation never decides."""
+    claims: dict[tuple[str, str], list[tuple[_Candidate, str | None]]] = {}
+    for candidate in candidates:
+        mine: set[tuple[str, str]] = set()
+        for key, peft_type in _claims(candidate):
+            if key in mine:
+                candidate.problems.append(f"it registers the {key[0]} {key[1]!r} twice")
+                continue
+            mine.add(key)
+            claims.setdefault(key, []).append((candidate, peft_type))
+    for (kind, value), claimants in claims.items():
+        if len(claimants) < 2:
+            continue
+        known = [c for c, peft_type in claimants if peft_type is not None and PROVIDERS.get(peft_type) == c.status.distribution]
+        names = " and ".join(f"{c.status.distribution!r} (plugin {c.status.name!r})" for c, _ in claimants)
+        if len(known) == 1:
+            winner = known[0]
+            for candidate, _ in claimants:
+                if candidate is not winner:
+                    candidate.problems.append(
+                        f"the {kind} {value!r} belongs to {winner.status.distribution!r}, which provides it; "
+                        f"{names} both claim it. Uninstall {candidate.status.distribution!r}, or block it with "
+                        f"{DISABLE_ENV}={candidate.status.name}"
+                    )
+        else:
+            for candidate, _ in claimants:
+                others = ",".join(c.status.name for c, _ in claimants if c is not candidate)
+                candidate.problems.append(
+                    f"two plugins claim the {kind} {value!r}: {names}; neither gets it. Uninstall one, or block "
+                    f"the other with {DISABLE_ENV}={others}"
+                )
+
+
+def _commit(registry: Registry, candidate: _Candidate) -> None:
+    if candidate.problems:
+        _fail(registry, candidate.status, candidate.plugin, "PluginError: " + "; ".join(candidate.problems))
+        return
+    dist = candidate.status.distribution
+    for record in candidate.methods:
+        registry.methods[record.peft_type.upper()] = attrs.evolve(record, distribution=dist)
+        candidate.status.methods.append(record.peft_type.upper())
+    for record in candidate.backends:
+        registry.backends[record.name] = attrs.evolve(record, distribution=dist)
+        candidate.status.backends.append(record.name)
 
 
 def build_registry(
@@ -188,25 +385,32 @@ def build_registry(
     pm.add_hookspecs(PeftKernelSpecs)
     registry = Registry(pm=pm)
     blocked = _disabled_names() if disabled is None else set(disabled)
+    candidates: list[_Candidate | None] = []
     for module_name in BUILTIN_PLUGINS:
-        _register(registry, PluginStatus("core", "peft-kernel", _version("peft-kernel"), "loaded"),
-                  importlib.import_module(module_name))
+        candidates.append(_register(registry, PluginStatus(CORE, "peft-kernel", _version("peft-kernel"), "loaded"),
+                                    importlib.import_module(module_name)))
     for ep in _entry_points() if entry_points is None else entry_points:
         dist, version = _dist_of(ep)
-        status = PluginStatus(ep.name, dist, version, "loaded")
+        status = PluginStatus(str(ep.name), dist, version, "loaded")
         if ep.name in blocked or dist in blocked:
             status.status = "blocked"
             registry.plugins.append(status)
             continue
         try:
             plugin = ep.load()
-        except Exception as exc:
-            status.status, status.error = "failed", f"{type(exc).__name__}: {exc}"
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:  # ImportError, a plugin calling sys.exit() at import...
+            status.status, status.error = "failed", _describe(exc)
             registry.plugins.append(status)
             continue
-        _register(registry, status, plugin)
+        candidates.append(_register(registry, status, plugin))
     for name, plugin in (extra_plugins or {}).items():
-        _register(registry, PluginStatus(name, name, "", "loaded"), plugin)
+        candidates.append(_register(registry, PluginStatus(name, name, "", "loaded"), plugin))
+    settled = [c for c in candidates if c is not None]
+    _settle_collisions(settled)
+    for candidate in settled:
+        _commit(registry, candidate)
     return registry
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 from peft_kernel.config import PeftConfig
 from peft_kernel.enums import TaskType
-from peft_kernel.errors import AdapterNameError, CheckpointError, ConfigError, MixedBatchError
+from peft_kernel.errors import AdapterNameError, CheckpointError, ConfigError, MixedBatchError, UnsupportedFeatureError
 from peft_kernel.prompt_learning import SAVED_KEY, PromptLearningConfig, text_config_of, fill_config
 from peft_kernel.injection import replace_with_base, wrap_modules_to_save
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
@@ -109,6 +109,39 @@ def cache_kwarg(model: nn.Module) -> str:
     return "cache" if "cache" in params else "past_key_values"
 
 
+def check_fits_model(config: PromptLearningConfig, model: nn.Module, injection: str, word_embeddings: nn.Module) -> None:
+    """Refuse, when the adapter is created or loaded, virtual tokens that cannot fit the model's
+    forward: a width other than the embeddings' (``inputs_embeds``), or a key/value prefix whose
+    layers, heads or head size differ from the model's attention cache (``past_key_values``)."""
+    owner = type(config).__name__
+    if injection == "inputs_embeds":
+        width = getattr(getattr(word_embeddings, "weight", None), "shape", (None,))[-1]
+        if width is not None and config.token_dim != width:
+            raise ConfigError(f"{owner}.token_dim is {config.token_dim} but the model's input embeddings are {width} wide.")
+        return
+    heads, dim = config.num_attention_heads, config.token_dim
+    if dim % heads:
+        raise ConfigError(f"{owner}: token_dim {dim} cannot be split into num_attention_heads {heads} heads.")
+    mc = text_config_of(model)
+
+    def first(*names: str) -> Any:
+        return next((getattr(mc, n) for n in names if isinstance(getattr(mc, n, None), int)), None)
+
+    layers = first("num_hidden_layers", "num_layers", "n_layer")
+    model_heads = first("num_attention_heads", "n_head", "num_heads")
+    kv_heads = first("num_key_value_heads") or model_heads
+    hidden = first("hidden_size", "n_embd", "d_model")
+    head_dim = first("head_dim") or (hidden // model_heads if hidden and model_heads else None)
+    if layers is not None and config.num_layers != layers:
+        raise ConfigError(f"{owner}.num_layers is {config.num_layers} but the model has {layers} layers.")
+    if kv_heads and head_dim and (heads, dim // heads) != (kv_heads, head_dim):
+        raise ConfigError(
+            f"{owner}: a prefix of num_attention_heads={heads} x {dim // heads} (token_dim={dim}) does not fit the "
+            f"model's key/value cache of {kv_heads} heads x {head_dim}; leave num_attention_heads and token_dim "
+            "unset to take them from the model."
+        )
+
+
 # ---- the engine behind PeftModel for prompt-learning methods -----------------------------------
 class PromptLearner:
     """Adapter bookkeeping, forward and generate of a ``PeftModel`` whose method learns prompts.
@@ -192,12 +225,13 @@ class PromptLearner:
         if not isinstance(config, PromptLearningConfig):
             raise ConfigError(f"{type(config).__name__} must subclass peft_kernel.prompt_learning.PromptLearningConfig.")
         if config.task_type == TaskType.SEQ_2_SEQ_LM or getattr(getattr(self.base, "config", None), "is_encoder_decoder", False):
-            raise NotImplementedError(
+            raise UnsupportedFeatureError(
                 f"{record.peft_type} on encoder-decoder models (SEQ_2_SEQ_LM) is not supported by peft-kernel yet; "
                 "use a decoder-only (CAUSAL_LM) or encoder (SEQ_CLS) model."
             )
         fill_config(config, self.base, self.injection)
         config.check_ready()
+        check_fits_model(config, self.base, self.injection, self.owner.word_embeddings)
         encoder = registry.hook.peft_kernel_create_prompt_encoder(
             config=config, adapter_name=adapter_name, model=self.base, word_embeddings=self.owner.word_embeddings
         )

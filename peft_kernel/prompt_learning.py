@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import attrs
 
-from peft_kernel.config import PeftConfig
+from peft_kernel.config import MAX_SIZE, MAX_WIDTH, PeftConfig, check_range
 from peft_kernel.enums import TaskType
 from peft_kernel.errors import ConfigError
 from peft_kernel.records import PROMPT_INJECTIONS as INJECTIONS
@@ -61,6 +61,18 @@ class PromptLearningConfig(PeftConfig):
     num_attention_heads: Optional[int] = None
     num_layers: Optional[int] = None
     modules_to_save: Optional[list[str]] = None
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        owner = type(self).__name__
+        for name in ("num_virtual_tokens", "num_layers", "num_attention_heads"):
+            if getattr(self, name) is not None:
+                check_range(owner, name, getattr(self, name), 1, MAX_SIZE)
+        if self.token_dim is not None:
+            check_range(owner, "token_dim", self.token_dim, 1, MAX_WIDTH)
+        if self.num_transformer_submodules is not None:
+            check_range(owner, "num_transformer_submodules", self.num_transformer_submodules, 1, 2,
+                        " (1 for decoder-only and encoder models, 2 for encoder-decoder)")
 
     @property
     def is_prompt_learning(self) -> bool:

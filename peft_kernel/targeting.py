@@ -10,20 +10,67 @@ given) is listed. ``rank_pattern`` / ``alpha_pattern`` keys match the end of a d
 from __future__ import annotations
 
 import difflib
+import functools
 import re
-from typing import Any, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
-from torch import nn
-
-from peft_kernel.errors import TargetNotFoundError
+from peft_kernel.errors import ConfigError, TargetNotFoundError
 from peft_kernel.records import MethodRecord
+
+if TYPE_CHECKING:  # torch is imported where it is used: configs validate their regexes here, light
+    from torch import nn
 
 ALL_LINEAR = "all-linear"
 
 
+@functools.lru_cache(maxsize=1024)
+def compile_pattern(regex: str, field: str, given: str | None = None) -> re.Pattern[str]:
+    """``regex`` compiled, or a :class:`ConfigError` naming the config field and the value given
+    there (``given``, when ``regex`` wraps it)."""
+    try:
+        return re.compile(regex)
+    except (re.error, RecursionError, OverflowError, ValueError) as exc:
+        shown = regex if given is None else given
+        raise ConfigError(f"{field}: {shown!r} is not a valid regular expression ({exc})") from None
+
+
+def layer_regex(layers_pattern: str) -> re.Pattern[str]:
+    """How HF PEFT finds the layer index after one ``layers_pattern`` entry."""
+    return compile_pattern(rf".*\.{layers_pattern}\.(\d+)\.", "layers_pattern", layers_pattern)
+
+
+def pattern_key_regex(key: str, field: str = "rank_pattern") -> re.Pattern[str]:
+    """How HF PEFT matches a ``rank_pattern`` / ``alpha_pattern`` key against the end of a name."""
+    return compile_pattern(rf"(.*\.)?({key})$", f"{field} key", key)
+
+
+def check_patterns(config: Any) -> None:
+    """Compile every regex a config carries in the fields the standard matcher reads
+    (``target_modules`` / ``exclude_modules`` as a string, ``layers_pattern``, the keys of
+    ``rank_pattern`` / ``alpha_pattern``), so an invalid one is a :class:`ConfigError` when the
+    config is made, not a ``re.error`` in the middle of injection."""
+    owner = type(config).__name__
+    try:
+        for field in ("target_modules", "exclude_modules"):
+            value = getattr(config, field, None)
+            if isinstance(value, str):
+                compile_pattern(value, f"{owner}.{field}")
+        layers = getattr(config, "layers_pattern", None)
+        for pattern in [layers] if isinstance(layers, str) else layers if isinstance(layers, (list, tuple)) else ():
+            if isinstance(pattern, str):
+                layer_regex(pattern)
+        for field in ("rank_pattern", "alpha_pattern"):
+            for key in getattr(config, field, None) or {}:
+                if isinstance(key, str):
+                    pattern_key_regex(key, field)
+    except ConfigError as exc:
+        message = str(exc)
+        raise ConfigError(message if message.startswith(owner) else f"{owner}.{message}") from None
+
+
 def _matches_names(spec: Any, key: str) -> bool:
     if isinstance(spec, str):
-        return re.fullmatch(spec, key) is not None
+        return compile_pattern(spec, "target_modules / exclude_modules").fullmatch(key) is not None
     return any(key == t or key.endswith("." + t) for t in spec)
 
 
@@ -33,7 +80,7 @@ def _layer_index(key: str, layers_pattern: Any) -> int | None:
         found = re.match(r".*\.[^.]*\.(\d+)\.", key)
         return int(found.group(1)) if found else None
     for pattern in patterns:
-        found = re.match(rf".*\.{pattern}\.(\d+)\.", key)
+        found = layer_regex(pattern).match(key)
         if found:
             return int(found.group(1))
     return None
@@ -59,12 +106,13 @@ def standard_match(config: Any, module_name: str) -> bool:
 def pattern_value(patterns: Mapping[str, Any] | None, key: str, default: Any) -> Any:
     """The value of the first pattern whose regex matches the end of ``key`` (HF PEFT's rule)."""
     for pattern, value in (patterns or {}).items():
-        if key == pattern or re.match(rf"(.*\.)?({pattern})$", key):
+        if key == pattern or pattern_key_regex(pattern).match(key):
             return value
     return default
 
 
 def is_linear(module: nn.Module) -> bool:
+    from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     return isinstance(module, (nn.Linear, Conv1D))
@@ -155,6 +203,7 @@ def linear_fan_in_fan_out(config: Any, base_layer: nn.Module) -> bool | None:
     config said otherwise. ``None`` when ``base_layer`` is not linear-like."""
     import warnings
 
+    from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     if isinstance(base_layer, Conv1D):

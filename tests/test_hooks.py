@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from peft_kernel import LoraConfig, PeftModel, get_peft_model, hookimpl
-from peft_kernel.errors import TargetNotFoundError
+from peft_kernel.errors import TargetNotFoundError, UnsupportedFeatureError
 from peft_kernel.layer import AdapterLayer
 from peft_kernel.testing import make_inputs, make_model
 
@@ -133,11 +133,13 @@ def test_merge_hook_takes_over_merging(isolated_registry):
 
     @hookimpl(tryfirst=True)
     def refuse(layer, adapter_name, safe_merge, direction):
-        raise RuntimeError(f"{type(layer.base_layer).__name__} weights are read-only")
+        # a deliberate refusal is a peft-kernel error: it reaches the caller, naming the plugin
+        raise UnsupportedFeatureError(f"{type(layer.base_layer).__name__} weights are read-only")
 
     isolated_registry(disabled=[], extra_plugins={"refuse": types.SimpleNamespace(peft_kernel_merge=refuse)})
-    with pytest.raises(RuntimeError, match="read-only"):
+    with pytest.raises(UnsupportedFeatureError, match="read-only") as info:
         model.merge_adapter()
+    assert "raised in peft_kernel_merge by plugin 'refuse'" in "\n".join(info.value.__notes__)
 
 
 def test_map_state_dict_hook_converts_foreign_keys(isolated_registry, tmp_path):

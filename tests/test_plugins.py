@@ -151,21 +151,25 @@ def test_blocking_by_distribution_name():
         (lambda: method_plugin(peft_type="BAR", prefix="bar_"), "config class 'FooConfig'"),
     ],
 )
-def test_collisions_name_both_distributions(second, what):
-    registry = build_registry(
-        entry_points=[FakeEntryPoint("first", method_plugin, dist="dist-one"), FakeEntryPoint("second", second, dist="dist-two")],
-        disabled=[],
-    )
-    row = statuses(registry)["second"]
-    assert row.status == "failed"
-    assert what in row.error and "dist-one" in row.error and "dist-two" in row.error
-    assert registry.method("FOO").distribution == "dist-one"
+def test_collisions_refuse_every_claimant_and_name_both(second, what):
+    """With no known provider among them, neither plugin gets the contested name, whatever the order."""
+    for order in (1, -1):
+        eps = [FakeEntryPoint("first", method_plugin, dist="dist-one"), FakeEntryPoint("second", second, dist="dist-two")]
+        registry = build_registry(entry_points=eps[::order], disabled=[])
+        for name in ("first", "second"):
+            row = statuses(registry)[name]
+            assert row.status == "failed" and row.methods == []
+            assert what in row.error and "dist-one" in row.error and "dist-two" in row.error
+            assert "PEFT_KERNEL_DISABLE_PLUGINS=" in row.error
+        assert "FOO" not in registry.methods and "BAR" not in registry.methods
 
 
 def test_backend_collision_names_both():
     registry = build_registry(entry_points=[FakeEntryPoint("a", backend_plugin), FakeEntryPoint("b", backend_plugin)], disabled=[])
-    assert statuses(registry)["b"].status == "failed"
-    assert "dist-a" in statuses(registry)["b"].error and "dist-b" in statuses(registry)["b"].error
+    for name in ("a", "b"):
+        assert statuses(registry)[name].status == "failed"
+        assert "dist-a" in statuses(registry)[name].error and "dist-b" in statuses(registry)[name].error
+    assert "fake-backend" not in registry.backends
 
 
 def test_unknown_peft_type_names_installed_methods_and_provider():

@@ -36,6 +36,10 @@ class IA3Config(PeftConfig):
             value = getattr(self, name)
             if isinstance(value, (list, tuple)):
                 setattr(self, name, set(value))
+        if isinstance(self.feedforward_modules, str):
+            from peft_kernel.targeting import compile_pattern
+
+            compile_pattern(self.feedforward_modules, "IA3Config.feedforward_modules")
         if isinstance(self.target_modules, set) and isinstance(self.feedforward_modules, set):
             extra = self.feedforward_modules - self.target_modules
             if extra:
@@ -47,11 +51,11 @@ class IA3Config(PeftConfig):
     def is_feedforward(self, module_name: str) -> bool:
         """HF PEFT's rule: a regex string must match the whole dotted name; a list entry matches
         when the dotted name ends with it."""
-        import re
-
         spec = self.feedforward_modules
         if spec is None:
             return False
         if isinstance(spec, str):
-            return re.fullmatch(spec, module_name) is not None
+            from peft_kernel.targeting import compile_pattern
+
+            return compile_pattern(spec, "IA3Config.feedforward_modules").fullmatch(module_name) is not None
         return any(module_name.endswith(entry) for entry in spec)

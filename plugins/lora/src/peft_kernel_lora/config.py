@@ -6,7 +6,7 @@ from typing import Any, Literal, Optional, Union
 
 import attrs
 
-from peft_kernel.config import PeftConfig
+from peft_kernel.config import MAX_SIZE, PeftConfig, check_range
 from peft_kernel.enums import PeftType
 from peft_kernel.errors import ConfigError
 
@@ -83,6 +83,9 @@ class LoraConfig(PeftConfig):
                 setattr(self, name, set(value))
         if self.r <= 0:
             raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r}")
+        check_range("LoraConfig", "r", self.r, 1, MAX_SIZE)
+        for key, rank in (self.rank_pattern or {}).items():
+            check_range("LoraConfig", f"rank_pattern[{key!r}]", rank, 1, MAX_SIZE, " (a rank)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         if self.use_dora and self.lora_bias:

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from peft_kernel.errors import UnsupportedFeatureError
 from peft_kernel.layer import AdapterLayer
 from peft_kernel.targeting import linear_fan_in_fan_out, pattern_value
 from peft_kernel_lora import dora, init, mixed
@@ -62,7 +63,7 @@ class LoraLayer(AdapterLayer):
     def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "") -> None:
         unsupported = config.unsupported()
         if unsupported:
-            raise NotImplementedError(
+            raise UnsupportedFeatureError(
                 f"peft-kernel-lora does not implement {', '.join(unsupported)} yet (module {module_name!r}); "
                 "leave these at their defaults."
             )

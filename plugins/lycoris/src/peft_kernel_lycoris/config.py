@@ -7,7 +7,7 @@ from typing import Optional, Union
 
 import attrs
 
-from peft_kernel.config import PeftConfig
+from peft_kernel.config import MAX_SIZE, PeftConfig, check_range
 from peft_kernel.errors import ConfigError
 
 
@@ -51,6 +51,8 @@ class LycorisConfig(PeftConfig):
                 raise ConfigError(
                     f"{name}.rank_pattern[{key!r}]: `r` should be a positive integer value but the value passed is {value!r}"
                 )
+            check_range(name, f"rank_pattern[{key!r}]", value, 1, MAX_SIZE, " (a rank)")
+        check_range(name, "r", self.r, 1, MAX_SIZE)
         if isinstance(self.target_modules, str):
             if self.layers_to_transform is not None:
                 raise ConfigError(

@@ -8,11 +8,13 @@ from typing import Literal, Optional, Union
 
 import attrs
 
-from peft_kernel.config import PeftConfig
+from peft_kernel.config import MAX_SIZE, PeftConfig, check_range
 from peft_kernel.enums import PeftType
 from peft_kernel.errors import ConfigError
 
 BIAS_CHOICES = ("none", "all", "oft_only")
+MAX_NEUMANN_TERMS = 100
+"""More terms add nothing to the Cayley-Neumann approximation but time to every forward."""
 
 
 @attrs.define(kw_only=True)
@@ -71,5 +73,9 @@ class OFTConfig(PeftConfig):
             raise ConfigError(f"OFTConfig.bias must be one of {list(BIAS_CHOICES)}, got {self.bias!r}")
         if self.num_cayley_neumann_terms < 0:
             raise ConfigError(f"OFTConfig.num_cayley_neumann_terms must be >= 0, got {self.num_cayley_neumann_terms}")
+        check_range("OFTConfig", "num_cayley_neumann_terms", self.num_cayley_neumann_terms, 0, MAX_NEUMANN_TERMS,
+                    " (each term is a matrix product in every forward; HF PEFT's default is 5)")
+        check_range("OFTConfig", "r", self.r, 0, MAX_SIZE)
+        check_range("OFTConfig", "oft_block_size", self.oft_block_size, 0, MAX_SIZE)
         if self.eps < 0:
             raise ConfigError(f"OFTConfig.eps must be >= 0, got {self.eps}")

@@ -7,6 +7,7 @@ from typing import Optional, Union
 import attrs
 
 from peft_kernel.enums import PeftType
+from peft_kernel.config import MAX_WIDTH, check_range
 from peft_kernel.errors import ConfigError
 from peft_kernel.prompt_learning import PromptLearningConfig
 
@@ -40,3 +41,5 @@ class PrefixTuningConfig(PromptLearningConfig):
             or self.encoder_hidden_size < 1
         ):
             raise ConfigError(f"encoder_hidden_size must be a positive int, got {self.encoder_hidden_size!r}.")
+        if self.encoder_hidden_size is not None:
+            check_range("PrefixTuningConfig", "encoder_hidden_size", self.encoder_hidden_size, 1, MAX_WIDTH)
