@@ -155,3 +155,29 @@ class PeftKernelSpecs:
         ``saved_prompt()`` as HF PEFT's ``prompt_embeddings`` and loads it back through
         ``load_saved_prompt``. Return ``None`` for configs that are not yours.
         """
+
+    @hookspec(firstresult=True)
+    def peft_kernel_convert_for_original_base(
+        self,
+        config: PeftConfig,
+        state_dict: dict[str, torch.Tensor],
+        initial_state_dict: dict[str, torch.Tensor],
+    ) -> tuple[dict[str, torch.Tensor], PeftConfig] | None:
+        """Turn a trained adapter whose initialisation changed the base weights (PiSSA, OLoRA) into
+        one that works on the *original*, unchanged base model.
+
+        *First result.* Called by ``PeftModel.save_pretrained(...,
+        path_initial_model_for_weight_conversion=path)`` once per saved adapter, before
+        ``peft_kernel_map_state_dict``. ``config`` is a copy of the adapter's config (yours to
+        change); ``state_dict`` the trained adapter's on-disk tensors (``base_model.model.<module>...``,
+        adapter name stripped, ``state_dict=`` already applied); ``initial_state_dict`` the tensors
+        of the same adapter saved at ``path`` right after initialisation, before training, read by
+        the core from that folder with the same keys.
+
+        Return ``(tensors, config)`` to write instead: an adapter that, loaded onto the original base
+        model, reproduces the trained model (for LoRA: twice the rank, ``[A; A0]`` and ``[B, -B0]``,
+        so ``ΔW = s·(BA - B0A0)``, as HF PEFT writes it), with the config that describes it. Raise
+        ``ValueError`` naming the reason for configs you cannot convert. Return ``None`` for configs
+        that are not yours; when every implementation returns ``None`` the core raises
+        ``ValueError`` saying the method does not support the conversion, as HF PEFT does.
+        """

@@ -187,9 +187,20 @@ class PeftModel(nn.Module):
         selected_adapters: list[str] | None = None,
         save_embedding_layers: str | bool = "auto",
         is_main_process: bool = True,
+        path_initial_model_for_weight_conversion: str | os.PathLike | None = None,
         **kwargs: Any,
     ) -> None:
-        """Write each adapter as HF PEFT does: ``default`` at the root, others in sub-folders."""
+        """Write each adapter as HF PEFT does: ``default`` at the root, others in sub-folders.
+
+        The arguments are HF PEFT's. ``state_dict=`` (the only extra keyword HF PEFT reads; the
+        Trainer passes it under FSDP/DeepSpeed) is a full model state dict to take the adapter's
+        tensors from instead of the live model, filtered to the adapter's keys as HF PEFT does.
+        ``path_initial_model_for_weight_conversion`` names the folder where the adapter was saved
+        right after a base-changing initialisation (PiSSA, OLoRA); the adapter is then written so
+        that it applies to the original base model (the method plugin's
+        ``peft_kernel_convert_for_original_base``). Any other keyword raises ``TypeError``.
+        """
+        state_dict = _save_pretrained_kwargs(kwargs)
         names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
@@ -198,14 +209,34 @@ class PeftModel(nn.Module):
         if not is_main_process:
             return
         hook = get_registry().hook
+        initial = None
+        if path_initial_model_for_weight_conversion is not None:
+            initial = load_adapter_weights(path_initial_model_for_weight_conversion)
         for name in names:
             config = self.peft_config[name]
-            tensors = get_peft_model_state_dict(self, adapter_name=name, save_embedding_layers=save_embedding_layers)
+            tensors = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name,
+                                                save_embedding_layers=save_embedding_layers)
+            if initial is not None:
+                tensors, config = self._convert_for_original_base(config, tensors, initial)
             mapped = hook.peft_kernel_map_state_dict(config=config, state_dict=tensors, direction="save")
             out = adapter_dir(save_directory, name)
             atomic_save_tensors(out / (WEIGHTS_NAME if safe_serialization else PICKLE_WEIGHTS_NAME),
                                 mapped if mapped is not None else tensors, safe_serialization)
             self._saved_config(config).save_pretrained(out)
+
+    @staticmethod
+    def _convert_for_original_base(
+        config: PeftConfig, tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], PeftConfig]:
+        converted = get_registry().hook.peft_kernel_convert_for_original_base(
+            config=config.copy(), state_dict=dict(tensors), initial_state_dict=initial
+        )
+        if converted is None:
+            tuner = get_registry().method_for_config(config).tuner_name or type(config).__name__
+            raise ValueError(
+                f"Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported for {tuner}."
+            )
+        return converted
 
     def _saved_config(self, config: PeftConfig) -> PeftConfig:
         saved = config.copy()
@@ -286,6 +317,35 @@ def _batch_size(args: tuple, kwargs: dict) -> int | None:
         if isinstance(value, torch.Tensor) and value.dim() > 0:
             return int(value.shape[0])
     return None
+
+
+_SAVE_PRETRAINED_EXTRA_KWARGS = ("state_dict",)
+
+
+def _save_pretrained_kwargs(kwargs: dict[str, Any]) -> dict[str, torch.Tensor] | None:
+    """The ``state_dict`` keyword of ``save_pretrained``; any other keyword is a ``TypeError`` (HF
+    PEFT silently ignores them, which saves a wrong adapter when a keyword is misspelt or retired)."""
+    unknown = [k for k in kwargs if k not in _SAVE_PRETRAINED_EXTRA_KWARGS]
+    if unknown:
+        hint = ""
+        if "convert_pissa_to_lora" in unknown:
+            hint = " (HF PEFT renamed it: pass path_initial_model_for_weight_conversion=<folder of the initial adapter>)"
+        raise TypeError(
+            f"PeftModel.save_pretrained() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}{hint}; "
+            "it accepts safe_serialization, selected_adapters, save_embedding_layers, is_main_process, "
+            "path_initial_model_for_weight_conversion and state_dict."
+        )
+    return kwargs.get("state_dict")
+
+
+def _named_call(peft_model: PeftModel, named: dict[str, Any], kwargs: dict[str, Any]) -> Any:
+    """Forward of a task class: HF's named parameters that were given, plus the other keywords.
+    ``task_ids`` only matter to multitask prompt tuning in HF PEFT and are dropped, as HF drops them
+    for every other method."""
+    named.pop("task_ids", None)
+    call = {k: v for k, v in named.items() if v is not None}
+    call.update(kwargs)
+    return peft_model._serve((), call)
 
 
 class PeftModelForCausalLM(PeftModel):

@@ -33,3 +33,12 @@ def peft_kernel_create_layer(config: Any, adapter_name: str, base_layer: Any, mo
     from peft_kernel_lora.layers import make_layer
 
     return make_layer(config, adapter_name, base_layer, module_name)
+
+
+@hookimpl
+def peft_kernel_convert_for_original_base(config: Any, state_dict: Any, initial_state_dict: Any) -> Any:
+    if not isinstance(config, LoraConfig):
+        return None
+    from peft_kernel_lora.conversion import convert_for_original_base
+
+    return convert_for_original_base(config, state_dict, initial_state_dict)
