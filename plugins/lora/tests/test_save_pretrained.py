@@ -215,3 +215,14 @@ def test_selected_adapters_pickle_and_main_process(tmp_path):
     hf_bin = torch.load(tmp_path / "hf-bin" / "adapter_model.bin", weights_only=True)
     assert sorted(ours_bin) == sorted(hf_bin)
     assert all(max_abs_diff(ours_bin[k], hf_bin[k]) <= TOL for k in hf_bin)
+
+
+@pytest.mark.parametrize("targets", [["q_proj"], ["embed_tokens", "q_proj"]], ids=["layers", "embeddings-targeted"])
+@pytest.mark.parametrize("save_embedding_layers", [True, False, "auto"])
+def test_save_embedding_layers_as_hf(targets, save_embedding_layers, tmp_path):
+    for lib, label in ((peft, "hf"), (pk, "ours")):
+        model = lib.get_peft_model(make_model("llama"), lib.LoraConfig(target_modules=targets, init_lora_weights=False))
+        model.save_pretrained(tmp_path / label, save_embedding_layers=save_embedding_layers)
+    ours, theirs = load_file(tmp_path / "ours" / WEIGHTS), load_file(tmp_path / "hf" / WEIGHTS)
+    assert sorted(ours) == sorted(theirs)
+    assert all(max_abs_diff(ours[k], theirs[k]) <= TOL for k in theirs if "lora_" not in k)  # LoRA init is random
