@@ -39,3 +39,15 @@ class UnsupportedFeatureError(PeftKernelError, NotImplementedError):
 
 class PluginWarning(UserWarning):
     """A plugin misbehaved at run time (its hook raised) and was disabled for the rest of the process."""
+
+
+# ---- HF PEFT's names ------------------------------------------------------------------------------
+PeftError = PeftKernelError
+"""HF PEFT's base error class; here every deliberate error derives from it."""
+
+NoMatchingPeftModuleError = TargetNotFoundError
+"""HF PEFT's name for "the config's targets matched no module" (a ``ValueError``)."""
+
+
+class PeftWarning(UserWarning):
+    """HF PEFT's base warning class."""

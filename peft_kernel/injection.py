@@ -7,8 +7,10 @@ a shape problem or a plugin error leaves the model exactly as it was.
 from __future__ import annotations
 
 import re
+import warnings
 from typing import Any
 
+import torch
 from torch import nn
 
 from peft_kernel.errors import AdapterNameError, TargetNotFoundError
@@ -61,19 +63,37 @@ def _matches(names: Any, path: str) -> bool:
     return any(path == n or path.endswith("." + n) for n in names)
 
 
-def inject(model: nn.Module, config: Any, adapter_name: str, registry: Registry | None = None) -> list[str]:
-    """Add ``adapter_name`` built from ``config`` to ``model``; return the targeted module paths."""
+def inject(
+    model: nn.Module,
+    config: Any,
+    adapter_name: str,
+    registry: Registry | None = None,
+    state_dict_keys: Any = None,
+) -> list[str]:
+    """Add ``adapter_name`` built from ``config`` to ``model``; return the targeted module paths.
+
+    With ``state_dict_keys`` (the keys of a state dict, as HF PEFT's ``state_dict=`` argument), the
+    modules to adapt are those the keys name (``<module>.<prefix>...``) instead of the config's
+    targets; a difference from what the config would target is reported with a warning, as HF does."""
     registry = registry or get_registry()
     record = registry.method_for_config(config)
     expand_target_modules(config, model, record)
     hook = registry.hook
     hook.peft_kernel_prepare_config(config=config, model=model)
-    matched = [
-        (name, module)
-        for name, module in candidate_modules(model)
-        if not isinstance(module, ModulesToSaveWrapper)
-        and hook.peft_kernel_match_target(config=config, module_name=name, module=module, model=model)
-    ]
+
+    def by_config(name: str, module: nn.Module) -> bool:
+        return bool(hook.peft_kernel_match_target(config=config, module_name=name, module=module, model=model))
+
+    candidates = [(n, m) for n, m in candidate_modules(model) if not isinstance(m, ModulesToSaveWrapper)]
+    if state_dict_keys is None:
+        matched = [(name, module) for name, module in candidates if by_config(name, module)]
+    else:
+        wanted = {key.rsplit("." + record.prefix, 1)[0].removeprefix("_orig_mod.") for key in state_dict_keys
+                  if "." + record.prefix in key}
+        matched = [(name, module) for name, module in candidates if name in wanted]
+        _warn_state_dict_targets(
+            {name for name, module in candidates if by_config(name, module)}, {name for name, _ in matched}
+        )
     saved_whole = [name for name, _ in candidate_modules(model) if _matches(getattr(config, "modules_to_save", None) or (), name)]
     # modules_to_save take precedence (HF PEFT's rule): nothing inside a module saved whole gets an adapter
     matched = [(name, m) for name, m in matched if not any(name == w or name.startswith(w + ".") for w in saved_whole)]
@@ -110,8 +130,83 @@ def inject(model: nn.Module, config: Any, adapter_name: str, registry: Registry 
         raise
     for name, layer in new_layers.items():
         _set_module(model, name, layer)
+    for name, module in matched:
+        match_base_dtype(new_layers.get(name, module), adapter_name)
     wrap_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name)
     return [name for name, _ in matched]
+
+
+# ---- adapter dtypes (HF PEFT's rule) ------------------------------------------------------------
+# A new adapter's tensors first take the float dtype of the layer they adapt (so on a bf16 base they
+# hold bf16-representable values, as in HF PEFT); ``cast_adapter_dtype`` then upcasts half and
+# 8-bit floats to float32 when ``autocast_adapter_dtype=True`` (``PeftModel`` and its add/load).
+# ``inject_adapter_in_model`` does not upcast, as HF PEFT does not.
+
+_UPCAST = tuple(
+    dtype for dtype in (torch.float16, torch.bfloat16, *(getattr(torch, n, None) for n in (
+        "float8_e4m3fn", "float8_e4m3fnuz", "float8_e5m2", "float8_e5m2fnuz", "float8_e8m0fnu")))
+    if dtype is not None
+)
+
+
+def _base_float_dtype(layer: AdapterLayer) -> torch.dtype | None:
+    base = base_of(layer)
+    weight = getattr(base, "weight", None)
+    if not isinstance(weight, torch.Tensor):
+        weight = next(base.parameters(), None)
+    if weight is None or not weight.is_floating_point():
+        return None  # a quantized (integer) base: adapters keep the dtype the plugin chose
+    return weight.dtype
+
+
+def _adapter_tensors(layer: AdapterLayer, adapter_name: str) -> list[torch.Tensor]:
+    """Every parameter and buffer of ``adapter_name`` in ``layer``'s per-adapter containers."""
+    tensors: list[torch.Tensor] = []
+    for attr in (*layer.adapter_layer_names, *layer.other_param_names):
+        container = getattr(layer, attr, None)
+        if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and adapter_name in container:
+            item = container[adapter_name]
+            if isinstance(item, torch.Tensor):
+                tensors.append(item)
+            else:
+                tensors.extend([*item.parameters(), *item.buffers()])
+    return tensors
+
+
+def match_base_dtype(layer: AdapterLayer, adapter_name: str) -> None:
+    """Give ``adapter_name``'s float tensors in ``layer`` the float dtype of the base layer."""
+    dtype = _base_float_dtype(layer)
+    if dtype is None:
+        return
+    for tensor in _adapter_tensors(layer, adapter_name):
+        if tensor.is_floating_point() and tensor.dtype != dtype:
+            tensor.data = tensor.data.to(dtype)
+
+
+def cast_adapter_dtype(model: nn.Module, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+    """HF PEFT's ``autocast_adapter_dtype``: upcast ``adapter_name``'s float16 / bfloat16 / float8
+    tensors to float32 (stable training on a half-precision base); nothing when it is False."""
+    if not autocast_adapter_dtype:
+        return
+    for _, module in walk_modules(model):
+        if isinstance(module, AdapterLayer) and module.has_adapter(adapter_name):
+            for tensor in _adapter_tensors(module, adapter_name):
+                if tensor.dtype in _UPCAST:
+                    tensor.data = tensor.data.to(torch.float32)
+
+
+def _warn_state_dict_targets(from_config: set[str], from_state_dict: set[str]) -> None:
+    only_config, only_state = from_config - from_state_dict, from_state_dict - from_config
+    if not (only_config or only_state):
+        return
+    message = ("While injecting the PEFT adapters, an inconsistency was discovered between the PEFT config and "
+               "the provided state_dict. This is not necessarily an issue and can be ignored if this was the "
+               "intent. ")
+    if only_config:
+        message += f"The PEFT config contained these additional target modules: {sorted(only_config)}. "
+    if only_state:
+        message += f"The state_dict contained these additional target modules: {sorted(only_state)}. "
+    warnings.warn(message, stacklevel=3)
 
 
 def wrap_modules_to_save(model: nn.Module, names: Any, adapter_name: str) -> None:
@@ -126,8 +221,10 @@ def wrap_modules_to_save(model: nn.Module, names: Any, adapter_name: str) -> Non
             _set_module(model, path, ModulesToSaveWrapper(module, adapter_name))
 
 
-def set_trainable(model: nn.Module, active: list[str], configs: dict[str, Any]) -> None:
-    """Freeze everything but the active adapters (and the biases their configs ask for).
+def set_trainable(model: nn.Module, active: list[str], configs: dict[str, Any], inference_mode: bool | None = None) -> None:
+    """Freeze everything but the active adapters (and the biases their configs ask for). The
+    active adapters are frozen too where ``inference_mode`` is True or, when it is None, where
+    their config's ``inference_mode`` is.
 
     Adapter layers' per-adapter containers are not walked for the freeze: ``set_adapter`` sets
     every tensor in them, so adding the n-th adapter does not cost n times the first."""
@@ -143,7 +240,8 @@ def set_trainable(model: nn.Module, active: list[str], configs: dict[str, Any]) 
         config = configs.get(name)
         if config is None:
             continue
-        if getattr(config, "inference_mode", False):
+        frozen = getattr(config, "inference_mode", False) if inference_mode is None else inference_mode
+        if frozen:
             for module in modules:
                 if isinstance(module, AdapterLayer):
                     for p in module.adapter_parameters(name):
@@ -160,6 +258,20 @@ def set_trainable(model: nn.Module, active: list[str], configs: dict[str, Any]) 
             for module in modules:
                 if isinstance(module, AdapterLayer) and module.has_adapter(name) and module.bias is not None:
                     module.bias.requires_grad_(True)
+
+
+def set_requires_grad(model: nn.Module, adapter_names: list[str], requires_grad: bool = True) -> None:
+    """HF PEFT's ``set_requires_grad``: gradients on or off for the named adapters' tensors in every
+    adapter layer and ``modules_to_save`` copy; nothing else changes."""
+    for _, module in walk_modules(model):
+        if isinstance(module, AdapterLayer):
+            for name in adapter_names:
+                for param in module.adapter_parameters(name):
+                    param.requires_grad_(requires_grad)
+        elif isinstance(module, ModulesToSaveWrapper):
+            for name in adapter_names:
+                if name in module.modules_to_save:
+                    module.modules_to_save[name].requires_grad_(requires_grad)
 
 
 def settle_new_adapter(model: nn.Module, adapter_name: str) -> None:

@@ -3,6 +3,10 @@
 ``PeftModel.base_model`` is an :class:`~peft_kernel.tuner.AdapterModel`; attribute lookups fall
 through to it and then to the user's model, as in HF PEFT. ``forward`` / ``generate`` accept
 ``adapter_names=[...]`` (one adapter name per row, ``"__base__"`` for none) to serve a mixed batch.
+
+Public methods carry HF PEFT's signatures. Where HF PEFT swallows unknown keyword arguments
+(``load_adapter`` / ``from_pretrained``'s ``**kwargs``) they raise ``TypeError`` naming them here;
+keywords HF forwards to the model (``forward``, ``generate``) are forwarded.
 """
 
 from __future__ import annotations
@@ -23,9 +27,14 @@ from peft_kernel.errors import AdapterNameError, MixedBatchError
 from peft_kernel.plugins import get_registry
 from peft_kernel.routing import BASE_ADAPTER, routed
 from peft_kernel.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from peft_kernel.injection import cast_adapter_dtype
 from peft_kernel.tuner import AdapterModel, tuner_class
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only")
+_LOAD_KWARGS = (*_HUB_KWARGS, "subfolder", "use_auth_token", "ignore_mismatched_sizes")
+"""The keyword arguments ``load_adapter(**kwargs)`` understands: Hub access and HF's
+``ignore_mismatched_sizes``. HF PEFT's accelerate offload keywords (``device_map``,
+``max_memory``, ``offload_folder``, ``offload_dir``, ``offload_index``) are not supported."""
 _BATCH_ARGS = ("input_ids", "inputs_embeds", "pixel_values", "input_features", "x")
 
 
@@ -62,11 +71,17 @@ class PeftModel(nn.Module):
             self.base_model = model  # as in HF PEFT: the transformers model itself
             self._prompt = PromptLearner(self, record)
             self._prompt.add_adapter(adapter_name, peft_config)
-            self.special_peft_forward_args = {"adapter_names"}
-            return
-        self._add_task_modules(peft_config)
-        self.base_model: AdapterModel = tuner_class(record.tuner_name)(model, peft_config, adapter_name)
+        else:
+            self._add_task_modules(peft_config)
+            self.base_model: AdapterModel = tuner_class(record.tuner_name)(model, peft_config, adapter_name)
+        self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
+        self._adapters_disabled = False
+        cast_adapter_dtype(self.get_base_model(), adapter_name, autocast_adapter_dtype)
+        if _gradient_checkpointing(model):
+            self.prepare_model_for_gradient_checkpointing(model)
+        if hasattr(getattr(model, "config", None), "pretraining_tp"):
+            model.config.pretraining_tp = 1  # as HF PEFT: no simulated tensor parallelism under adapters
 
     # ---- attribute plumbing -------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -92,6 +107,23 @@ class PeftModel(nn.Module):
     @property
     def active_peft_config(self) -> PeftConfig:
         return self.peft_config[self.active_adapters[0]]
+
+    @property
+    def has_active_enabled_adapter(self) -> bool:
+        """False inside ``disable_adapter()``; as HF PEFT, also True when no adapter is active."""
+        return not self._adapters_disabled or not self.active_adapters
+
+    @property
+    def modules_to_save(self) -> set[str] | None:
+        """Every adapter's ``modules_to_save`` together, or None when there are none."""
+        modules: set[str] = set()
+        for config in self.peft_config.values():
+            modules.update(getattr(config, "modules_to_save", None) or ())
+        return modules or None
+
+    @property
+    def base_model_torch_dtype(self) -> Any:
+        return getattr(self.base_model, "dtype", None)
 
     def get_base_model(self) -> nn.Module:
         return self._host.plain_model
@@ -132,22 +164,109 @@ class PeftModel(nn.Module):
 
         return (layer for _, layer in adapter_layers(self.get_base_model()))
 
-    def forward(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    def forward(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's forward; ``adapter_names=[...]`` serves one adapter per row."""
+        return self._serve(args, kwargs)
+
+    def _serve(self, args: tuple, kwargs: dict) -> Any:
+        adapter_names = kwargs.pop("adapter_names", None)
         with self._routing(adapter_names, args, kwargs):
             return self._host.serve(args, kwargs, adapter_names)
 
-    def generate(self, *args: Any, adapter_names: Sequence[str] | None = None, **kwargs: Any) -> Any:
+    def generate(self, *args: Any, **kwargs: Any) -> Any:
+        """The model's ``generate``; ``adapter_names=[...]`` serves one adapter per row."""
+        adapter_names = kwargs.pop("adapter_names", None)
         with self._routing(adapter_names, args, kwargs):
             return self._host.serve_generate(args, kwargs, adapter_names)
 
     # ---- adapters -----------------------------------------------------------------------------
-    def add_adapter(self, adapter_name: str, peft_config: PeftConfig, low_cpu_mem_usage: bool = False) -> None:
-        """Add a freshly initialised adapter (it does not become active)."""
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a freshly initialised adapter (it does not become active). With
+        ``autocast_adapter_dtype`` its float16/bfloat16 tensors are upcast to float32.
+        ``low_cpu_mem_usage`` is accepted for HF compatibility; adapters are always built in place."""
         self._add_task_modules(peft_config)
         self._host.add_adapter(adapter_name, peft_config)
+        cast_adapter_dtype(self.get_base_model(), adapter_name, autocast_adapter_dtype)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        self._host.set_adapter(adapter_name)
+    def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
+        """Make ``adapter_name`` the active adapter, trainable unless ``inference_mode=True`` (HF PEFT's rule,
+        whatever the adapter's config says). Prompt-learning methods only switch the active adapter."""
+        if self._prompt is not None:
+            self._prompt.set_adapter(adapter_name)
+            return
+        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the named adapters on or off (not for prompt-learning methods, as in HF PEFT)."""
+        if self._prompt is not None:
+            raise TypeError(
+                "Setting `requires_grad` is not supported for prompt learning methods like "
+                f"{getattr(self.active_peft_config.peft_type, 'value', self.active_peft_config.peft_type)}."
+            )
+        self.base_model.set_requires_grad(adapter_names, requires_grad=requires_grad)
+
+    def get_layer_status(self) -> list[Any]:
+        """One :class:`~peft_kernel.status.TunerLayerStatus` per adapter layer (HF PEFT's)."""
+        from peft_kernel.status import get_layer_status
+
+        return get_layer_status(self)
+
+    def get_model_status(self) -> Any:
+        """The model's :class:`~peft_kernel.status.TunerModelStatus` (HF PEFT's)."""
+        from peft_kernel.status import get_model_status
+
+        return get_model_status(self)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether the adapters could be converted to LoRA (additive methods); False for prompt learning."""
+        if self._prompt is not None:
+            return False
+        return self.base_model.supports_lora_conversion()
+
+    def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
+        """Make the input embeddings' output require grad, so gradient checkpointing works with a
+        frozen base (HF PEFT's step; skipped for quantized models)."""
+        if any(getattr(model, flag, False) for flag in ("is_loaded_in_8bit", "is_loaded_in_4bit", "is_quantized")):
+            return model
+        if hasattr(model, "enable_input_require_grads"):
+            model.enable_input_require_grads()
+        elif hasattr(model, "get_input_embeddings"):
+            model.get_input_embeddings().register_forward_hook(_output_requires_grad)
+        return model
+
+    def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None, max_cache_len: int | None = None) -> Any:
+        """Prompt learning: the active adapter's virtual tokens for a batch — ``[batch, n, dim]``
+        embeddings, or for a key/value prefix the transformers ``Cache`` holding it."""
+        learner = self._prompt_learner("get_prompt")
+        prompts, config = learner.prompts(batch_size)
+        if learner.injection != "past_key_values":
+            return prompts
+        from peft_kernel.prompt_learner import _float_dtype, prefix_to_cache
+
+        base = self.get_base_model()
+        return prefix_to_cache(prompts.to(_float_dtype(base)), config, getattr(base, "config", None))
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        """Prompt learning: the tensor saved as ``prompt_embeddings`` for ``adapter_name``."""
+        self._prompt_learner("get_prompt_embedding_to_save")
+        return self.prompt_encoder[adapter_name].saved_prompt().detach().cpu()
+
+    def _prompt_learner(self, operation: str) -> Any:
+        if self._prompt is None:
+            raise TypeError(f"{operation}() is for prompt-learning methods; this model's adapters live in its layers.")
+        return self._prompt
+
+    def create_or_update_model_card(self, output_dir: str) -> None:
+        """Write or update ``README.md`` in ``output_dir`` as HF PEFT does (library, tags, base model)."""
+        from peft_kernel.model_card import update_model_card
+
+        update_model_card(self, output_dir)
 
     def delete_adapter(self, adapter_name: str) -> None:
         self._host.delete_adapter(adapter_name)
@@ -155,8 +274,13 @@ class PeftModel(nn.Module):
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:
         """Within the block the model computes as the base model."""
-        with self._host.disable_adapter():
-            yield
+        was_disabled = self._adapters_disabled
+        try:
+            with self._host.disable_adapter():
+                self._adapters_disabled = True
+                yield
+        finally:
+            self._adapters_disabled = was_disabled
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         self._host.merge_adapter(adapter_names=adapter_names, safe_merge=safe_merge)
@@ -171,8 +295,13 @@ class PeftModel(nn.Module):
         return self._host.unload()
 
     def get_nb_trainable_parameters(self) -> tuple[int, int]:
-        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
-        total = sum(p.numel() for p in self.parameters())
+        """(trainable, all) parameter counts, counting bitsandbytes 4-bit and DeepSpeed ZeRO-3 tensors as HF PEFT."""
+        trainable = total = 0
+        for param in self.parameters():
+            count = _param_count(param)
+            total += count
+            if param.requires_grad:
+                trainable += count
         return trainable, total
 
     def print_trainable_parameters(self) -> None:
@@ -257,27 +386,41 @@ class PeftModel(nn.Module):
         autocast_adapter_dtype: bool = True,
         ephemeral_gpu_offload: bool = False,
         low_cpu_mem_usage: bool = False,
+        key_mapping: dict[str, str] | None = None,
         allow_pickle: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Add adapter ``adapter_name`` from a saved folder or Hub id; on any error it is removed again."""
-        hub = {k: kwargs.pop(k) for k in _HUB_KWARGS if k in kwargs}
-        subfolder = kwargs.pop("subfolder", None)
-        if adapter_name not in self.peft_config:
+        """Add adapter ``adapter_name`` from a saved folder or Hub id; on any error it is removed again.
+
+        ``kwargs``: Hub access (``revision``, ``cache_dir``, ``token``, ``local_files_only``,
+        ``subfolder``, ``use_auth_token``) and ``ignore_mismatched_sizes``; anything else is a
+        ``TypeError``. ``key_mapping`` renames checkpoint keys (regex → replacement) as HF PEFT's.
+        ``ephemeral_gpu_offload`` and ``low_cpu_mem_usage`` are accepted and change nothing here.
+        ``allow_pickle=True`` is needed to read an ``adapter_model.bin``."""
+        hub, subfolder, ignore_mismatched_sizes = _load_kwargs(kwargs, "load_adapter")
+        added = adapter_name not in self.peft_config
+        if added:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
+            if config.is_prompt_learning and is_trainable:
+                raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
             config.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, config)
+            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+            if is_trainable:
+                self.set_requires_grad(adapter_name)  # HF PEFT: a new inactive adapter loaded to train gets gradients
         try:
-            weights = load_adapter_weights(model_id, subfolder=subfolder, allow_pickle=allow_pickle,
-                                           device=torch_device or "cpu", **hub)
+            from peft_kernel.peft_weights import load_peft_weights
+
+            weights = load_peft_weights(model_id, device=torch_device or "cpu", key_mapping=key_mapping,
+                                        allow_pickle=allow_pickle, subfolder=subfolder, **hub)
             result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
-                                               ignore_mismatched_sizes=kwargs.get("ignore_mismatched_sizes", False))
+                                               ignore_mismatched_sizes=ignore_mismatched_sizes)
         except BaseException:
             if len(self.peft_config) > 1:
                 self.delete_adapter(adapter_name)
             raise
-        if self.active_adapters == [adapter_name]:
-            self.set_adapter(adapter_name)  # re-apply trainability with the loaded config
+        if self._prompt is None and self.active_adapters == [adapter_name]:
+            self.base_model._activate(adapter_name, None)  # re-apply trainability with the loaded config
+        cast_adapter_dtype(self.get_base_model(), adapter_name, autocast_adapter_dtype)
         if not is_trainable and self.training:
             self.eval()  # an eval-mode model already put the new adapter's modules in eval mode
         return result
@@ -297,19 +440,68 @@ class PeftModel(nn.Module):
         allow_pickle: bool = False,
         **kwargs: Any,
     ) -> PeftModel:
-        """Wrap ``model`` with the adapter saved at ``model_id`` (a folder or a Hub repo id)."""
-        hub = {k: kwargs[k] for k in (*_HUB_KWARGS, "subfolder") if k in kwargs}
+        """Wrap ``model`` with the adapter saved at ``model_id`` (a folder or a Hub repo id).
+
+        ``kwargs`` are those of :meth:`load_adapter` (plus its ``torch_device``); unknown ones raise ``TypeError``."""
+        torch_device = kwargs.pop("torch_device", None)
+        hub, subfolder, _ = _load_kwargs(kwargs, "from_pretrained")
         if config is None:
-            config = PeftConfig.from_pretrained(model_id, **hub)
+            config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
         config.inference_mode = not is_trainable
         target_cls = TASK_CLASSES.get(config.task_type, cls) if cls is PeftModel else cls
-        peft_model = target_cls(model, config, adapter_name)
+        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                low_cpu_mem_usage=low_cpu_mem_usage)
         try:
-            peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, allow_pickle=allow_pickle, **kwargs)
+            peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, torch_device=torch_device,
+                                    autocast_adapter_dtype=autocast_adapter_dtype,
+                                    ephemeral_gpu_offload=ephemeral_gpu_offload, low_cpu_mem_usage=low_cpu_mem_usage,
+                                    key_mapping=key_mapping, allow_pickle=allow_pickle, **kwargs)
         except BaseException:
             peft_model._host.release()  # give the caller their model back untouched
             raise
         return peft_model
+
+
+def _load_kwargs(kwargs: dict[str, Any], method: str) -> tuple[dict[str, Any], str | None, bool]:
+    """Split ``load_adapter`` / ``from_pretrained`` keyword arguments into Hub keywords, the
+    subfolder and ``ignore_mismatched_sizes``; unknown ones are a ``TypeError`` (HF PEFT drops them)."""
+    unknown = [k for k in kwargs if k not in _LOAD_KWARGS]
+    if unknown:
+        raise TypeError(
+            f"PeftModel.{method}() got unexpected keyword argument(s) {', '.join(map(repr, unknown))}; "
+            f"besides its named parameters it accepts {', '.join(_LOAD_KWARGS)}."
+        )
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs}
+    if kwargs.get("use_auth_token") is not None:
+        hub.setdefault("token", kwargs["use_auth_token"])
+    return hub, kwargs.get("subfolder"), bool(kwargs.get("ignore_mismatched_sizes", False))
+
+
+def _gradient_checkpointing(model: nn.Module) -> bool:
+    """HF PEFT's test ``getattr(model, "is_gradient_checkpointing", True)``, without the deprecation
+    warning transformers 5 attaches to that name."""
+    if hasattr(type(model), "is_activation_checkpointing"):  # transformers >= 5: the current name
+        return bool(model.is_activation_checkpointing)
+    return bool(getattr(model, "is_gradient_checkpointing", True))
+
+
+def _output_requires_grad(module: nn.Module, inputs: Any, output: torch.Tensor) -> None:
+    output.requires_grad_(True)
+
+
+def _param_count(param: torch.Tensor) -> int:
+    count = param.numel()
+    if count == 0 and hasattr(param, "ds_numel"):  # DeepSpeed ZeRO-3 keeps an empty local tensor
+        count = param.ds_numel
+    if type(param).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte of its storage
+        if hasattr(param, "element_size"):
+            size = param.element_size()
+        elif hasattr(param, "quant_storage"):
+            size = param.quant_storage.itemsize
+        else:
+            size = 1
+        count = count * 2 * size
+    return count
 
 
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
@@ -351,9 +543,38 @@ def _named_call(peft_model: PeftModel, named: dict[str, Any], kwargs: dict[str, 
 class PeftModelForCausalLM(PeftModel):
     """Causal language models."""
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _named_call(self, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                      labels=labels, output_attentions=output_attentions,
+                                      output_hidden_states=output_hidden_states, return_dict=return_dict,
+                                      task_ids=task_ids), kwargs)
+
+    def generate(self, *args, **kwargs):
+        return super().generate(*args, **kwargs)
+
+    def prepare_inputs_for_generation(self, *args, task_ids: torch.Tensor | None = None, **kwargs):
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
+
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """Encoder-decoder models."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
+                decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _named_call(self, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                      decoder_input_ids=decoder_input_ids,
+                                      decoder_attention_mask=decoder_attention_mask,
+                                      decoder_inputs_embeds=decoder_inputs_embeds, labels=labels,
+                                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                      return_dict=return_dict, task_ids=task_ids), kwargs)
+
+    def generate(self, **kwargs):
+        return super().generate(**kwargs)
+
+    def prepare_inputs_for_generation(self, *args, task_ids: torch.Tensor = None, **kwargs):
+        return self.get_base_model().prepare_inputs_for_generation(*args, **kwargs)
 
 
 class PeftModelForSequenceClassification(PeftModel):
@@ -361,11 +582,25 @@ class PeftModelForSequenceClassification(PeftModel):
 
     task_modules_to_save = ("classifier", "score")
 
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _named_call(self, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                      labels=labels, output_attentions=output_attentions,
+                                      output_hidden_states=output_hidden_states, return_dict=return_dict,
+                                      task_ids=task_ids), kwargs)
+
 
 class PeftModelForTokenClassification(PeftModel):
     """Token classification: the classifier head is trained and saved in full."""
 
     task_modules_to_save = ("classifier", "score")
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _named_call(self, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                      labels=labels, output_attentions=output_attentions,
+                                      output_hidden_states=output_hidden_states, return_dict=return_dict,
+                                      task_ids=task_ids), kwargs)
 
 
 class PeftModelForQuestionAnswering(PeftModel):
@@ -373,9 +608,24 @@ class PeftModelForQuestionAnswering(PeftModel):
 
     task_modules_to_save = ("qa_outputs",)
 
+    def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
+                start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
+                return_dict=None, task_ids=None, **kwargs):
+        return _named_call(self, dict(input_ids=input_ids, attention_mask=attention_mask, token_type_ids=token_type_ids,
+                                      position_ids=position_ids, inputs_embeds=inputs_embeds,
+                                      start_positions=start_positions, end_positions=end_positions,
+                                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                      return_dict=return_dict, task_ids=task_ids), kwargs)
+
 
 class PeftModelForFeatureExtraction(PeftModel):
     """Feature extraction / embeddings."""
+
+    def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
+                output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
+        return _named_call(self, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
+                                      output_attentions=output_attentions, output_hidden_states=output_hidden_states,
+                                      return_dict=return_dict, task_ids=task_ids), kwargs)
 
 
 TASK_CLASSES: dict[Any, type[PeftModel]] = {

@@ -9,28 +9,55 @@ HF PEFT.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from functools import lru_cache
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 from torch import nn
 from tqdm.auto import tqdm
 
 from peft_kernel.errors import AdapterNameError
-from peft_kernel.injection import check_adapter_name, inject, replace_with_base, set_trainable, settle_new_adapter
+from peft_kernel.injection import (
+    cast_adapter_dtype,
+    check_adapter_name,
+    inject,
+    replace_with_base,
+    set_requires_grad,
+    set_trainable,
+    settle_new_adapter,
+)
 from peft_kernel.layer import AdapterLayer, adapter_layers, walk_modules
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
 from peft_kernel.plugins import get_registry
 
 
+_DUMMY_MODEL_CONFIG = {"model_type": "custom"}
+
+
 class AdapterModel(nn.Module):
     """A transformers (or any torch) model with adapters of one method injected."""
 
-    def __init__(self, model: nn.Module, peft_config: Any, adapter_name: str = "default", low_cpu_mem_usage: bool = False) -> None:
+    uses_shared_state: bool = False
+    """HF PEFT's flag for tuners with model-level shared tensors (VeRA); no layer-adapter method here has them."""
+    tuner_layer_cls: type[AdapterLayer] = AdapterLayer
+    """The class every adapter layer of this tuner derives from (HF PEFT's ``LoraLayer``...)."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        peft_config: Any,
+        adapter_name: str = "default",
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, Any] | None = None,
+    ) -> None:
         super().__init__()
         self.model = model
+        self.targeted_module_names: list[str] = []
+        self.targeted_parameter_names: list[str] = []
         self.peft_config: dict[str, Any] = {}
         self._active: list[str] = [adapter_name]
-        self.inject_adapter(self.model, adapter_name, peft_config)
+        config = peft_config[adapter_name] if isinstance(peft_config, dict) else peft_config
+        self._inject(adapter_name, config, state_dict)
 
     # ---- HF PEFT names ----------------------------------------------------------------------
     @property
@@ -43,8 +70,26 @@ class AdapterModel(nn.Module):
 
     @property
     def prefix(self) -> str:
+        return self._record().prefix
+
+    @property
+    def target_module_mapping(self) -> dict[str, list[str]]:
+        """Default ``target_modules`` per transformers ``model_type`` (from the method's record)."""
+        return dict(self._record().default_target_modules)
+
+    def _record(self) -> Any:
         config = next(iter(self.peft_config.values()))
-        return get_registry().method_for_config(config).prefix
+        return get_registry().method_for_config(config)
+
+    @staticmethod
+    def get_model_config(model: nn.Module) -> dict:
+        """``model.config`` as a dict (``{"model_type": "custom"}`` for a model without one), as HF PEFT."""
+        config = getattr(model, "config", _DUMMY_MODEL_CONFIG)
+        if hasattr(config, "to_dict"):
+            return config.to_dict()
+        if dataclasses.is_dataclass(config) and not isinstance(config, type):
+            return dataclasses.asdict(config)
+        return dict(config) if isinstance(config, dict) else config
 
     def __getattr__(self, name: str) -> Any:
         try:
@@ -80,7 +125,33 @@ class AdapterModel(nn.Module):
         return self.model.generate(*args, **kwargs)
 
     # ---- lifecycle --------------------------------------------------------------------------
-    def inject_adapter(self, model: nn.Module, adapter_name: str, peft_config: Any) -> None:
+    def inject_adapter(
+        self,
+        model: nn.Module,
+        adapter_name: str,
+        autocast_adapter_dtype: bool = True,
+        low_cpu_mem_usage: bool = False,
+        state_dict: dict[str, Any] | None = None,
+    ) -> None:
+        """HF PEFT's ``inject_adapter``: inject the adapter whose config is already in
+        ``self.peft_config[adapter_name]``. ``autocast_adapter_dtype`` is accepted and, as in HF
+        PEFT, not applied here (``PeftModel`` upcasts); ``state_dict`` (keys only) picks the
+        modules to adapt, for checkpoints without reliable ``target_modules``."""
+        if model is not self.model:
+            raise ValueError("inject_adapter(model, ...) injects into this tuner's own model (self.model).")
+        if adapter_name not in self.peft_config:
+            raise AdapterNameError(
+                f"inject_adapter({adapter_name!r}) reads the config from self.peft_config[{adapter_name!r}], which is "
+                "not there; use add_adapter(adapter_name, peft_config) to add a new adapter."
+            )
+        config = self.peft_config.pop(adapter_name)
+        try:
+            self._inject(adapter_name, config, state_dict)
+        except BaseException:
+            self.peft_config.setdefault(adapter_name, config)
+            raise
+
+    def _inject(self, adapter_name: str, peft_config: Any, state_dict: dict[str, Any] | None = None) -> None:
         registry = get_registry()
         check_adapter_name(adapter_name, self.peft_config, registry, peft_config)
         if self.peft_config:
@@ -90,7 +161,8 @@ class AdapterModel(nn.Module):
                     f"this model holds {registry.method_for_config(first).peft_type} adapters; a "
                     f"{registry.method_for_config(peft_config).peft_type} adapter cannot join them in one model."
                 )
-        inject(model, peft_config, adapter_name, registry)
+        targeted = inject(self.model, peft_config, adapter_name, registry, state_dict_keys=state_dict)
+        self.targeted_module_names.extend(n for n in targeted if n not in self.targeted_module_names)
         self.peft_config[adapter_name] = peft_config
         if adapter_name in self._active:
             set_trainable(self.model, self._active, self.peft_config)
@@ -98,22 +170,49 @@ class AdapterModel(nn.Module):
             settle_new_adapter(self.model, adapter_name)
 
     def add_adapter(self, adapter_name: str, peft_config: Any) -> None:
-        self.inject_adapter(self.model, adapter_name, peft_config)
+        self._inject(adapter_name, peft_config)
+
+    def _cast_adapter_dtype(self, adapter_name: str, autocast_adapter_dtype: bool = True) -> None:
+        cast_adapter_dtype(self.model, adapter_name, autocast_adapter_dtype)
 
     def _check_names(self, names: list[str]) -> None:
         unknown = [n for n in names if n not in self.peft_config]
         if unknown:
             raise AdapterNameError(f"unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}.")
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
-        """Activate one adapter or several at once (their outputs add up)."""
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter or several at once (their outputs add up). As in HF PEFT they
+        become trainable, or frozen with ``inference_mode=True``, whatever their config says."""
+        self._activate(adapter_name, inference_mode)
+
+    def _activate(self, adapter_name: str | list[str], inference_mode: bool | None) -> None:
+        """``set_adapter``; ``inference_mode=None`` freezes what each config's ``inference_mode`` says
+        (how loading settles adapters)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         self._check_names(names)
         for _, layer in adapter_layers(self.model):
             if layer.merged:
                 layer.unmerge()
         self._active = names
-        set_trainable(self.model, names, self.peft_config)
+        set_trainable(self.model, names, self.peft_config, inference_mode=inference_mode)
+
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        """Turn gradients of the given adapters' tensors (and ``modules_to_save`` copies) on or off."""
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        self._check_names(names)
+        set_requires_grad(self.model, names, requires_grad)
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """Whether every adapter layer is additive (``W' = W + delta_weight``), which is what a
+        conversion to LoRA needs. A layer may answer itself with ``supports_lora_conversion()``."""
+        for _, layer in adapter_layers(self.model):
+            own = getattr(type(layer), "supports_lora_conversion", None)
+            if own is not None:
+                if not layer.supports_lora_conversion(adapter_name):
+                    return False
+            elif type(layer).delta_weight is AdapterLayer.delta_weight:
+                return False
+        return True
 
     def _adapter_modules(self) -> Iterator[AdapterLayer | ModulesToSaveWrapper]:
         for _, module in walk_modules(self.model, stop=(ModulesToSaveWrapper,)):
