@@ -100,13 +100,65 @@ CACHE_KWARGS = ("cache", "past_key_values")
 ``past_key_values`` is deprecated and loses to ``cache`` when both are given), ``past_key_values`` before."""
 
 
-def cache_kwarg(model: nn.Module) -> str:
-    """The keyword ``model.forward`` takes its key/value cache under (``cache`` or ``past_key_values``)."""
+def _named_params(module: nn.Module) -> tuple[set[str], bool]:
+    """The keyword names ``module.forward`` declares, and whether it takes ``**kwargs``."""
     try:
-        params = inspect.signature(model.forward).parameters
+        params = inspect.signature(module.forward).parameters
     except (TypeError, ValueError):  # pragma: no cover - builtins without a signature
-        params = {}
-    return "cache" if "cache" in params else "past_key_values"
+        return set(), True
+    return set(params), any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values())
+
+
+@functools.lru_cache(maxsize=None)
+def _library_cache_kwarg() -> str:
+    from transformers import GenerationMixin
+
+    names = inspect.signature(GenerationMixin.prepare_inputs_for_generation).parameters
+    return "cache" if "cache" in names else "past_key_values"
+
+
+def cache_kwarg(model: nn.Module) -> str:
+    """The keyword ``model.forward`` takes its key/value cache under: the one it declares, else the
+    installed transformers' own (``cache`` from 5.24 on, ``past_key_values`` before)."""
+    names, _ = _named_params(model)
+    return next((name for name in CACHE_KWARGS if name in names), None) or _library_cache_kwarg()
+
+
+def _cache_entry(model: nn.Module) -> tuple[nn.Module, str]:
+    """Where a key/value prefix enters ``model``: the model itself when its forward takes the cache
+    (by name, else through ``**kwargs``), or else its backbone (``base_model_prefix``, e.g. ``bert``
+    under a sequence-classification head whose forward takes no cache in older transformers)."""
+    names, var_kw = _named_params(model)
+    if any(name in names for name in CACHE_KWARGS):
+        return model, cache_kwarg(model)
+    backbone = getattr(model, getattr(model, "base_model_prefix", "") or "", None)
+    if isinstance(backbone, nn.Module) and backbone is not model:
+        inner, inner_kw = _named_params(backbone)
+        if any(name in inner for name in CACHE_KWARGS):
+            return backbone, cache_kwarg(backbone)
+    if var_kw:
+        return model, _library_cache_kwarg()
+    raise NotImplementedError(
+        f"{type(model).__name__} takes no key/value cache (neither its forward nor its backbone's), which "
+        "prefix tuning needs to inject its prefix."
+    )
+
+
+@contextlib.contextmanager
+def _cache_into(module: nn.Module, key: str, cache: Any) -> Iterator[None]:
+    """Hand ``cache`` to ``module``'s forward as ``key`` for the duration of the block."""
+
+    def hook(_module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+        for name in CACHE_KWARGS:
+            kwargs.pop(name, None)
+        kwargs[key] = cache
+        return args, kwargs
+
+    handle = module.register_forward_pre_hook(hook, with_kwargs=True)
+    try:
+        yield
+    finally:
+        handle.remove()
 
 
 def check_fits_model(config: PromptLearningConfig, model: nn.Module, injection: str, word_embeddings: nn.Module) -> None:
@@ -412,8 +464,12 @@ class PromptLearner:
             dtype = _float_dtype(self.base)
             for name in CACHE_KWARGS:
                 kwargs.pop(name, None)
-            kwargs[cache_kwarg(self.base)] = prefix_to_cache(prompts.to(dtype), config, getattr(self.base, "config", None))
-            return self.base(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
+            cache = prefix_to_cache(prompts.to(dtype), config, getattr(self.base, "config", None))
+            entry, key = _cache_entry(self.base)
+            if entry is self.base:
+                return self.base(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs, **{key: cache})
+            with _cache_into(entry, key, cache):
+                return self.base(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.owner.word_embeddings(input_ids)
         labels = kwargs.get("labels")
@@ -469,6 +525,14 @@ class PromptLearner:
             elif mask is not None:
                 raise NotImplementedError("prompt learning in generate() needs a 2D attention mask (no static cache).")
             inputs.pop("position_ids", None)
+            positions = inputs.get("cache_position")
+            if isinstance(positions, torch.Tensor):
+                # transformers < 5.x counts positions itself, without the virtual tokens: shift them past
+                # the prefix, and on a prefill with prepended embeddings cover the virtual tokens too
+                positions = positions + n
+                if fresh and learner.injection == "inputs_embeds":
+                    positions = torch.cat([torch.arange(n, dtype=positions.dtype, device=positions.device), positions])
+                inputs["cache_position"] = positions
             if fresh and learner.injection == "past_key_values":
                 # the prefix goes in under the keyword the model reads (the one prepare used, else the
                 # forward's): under a deprecated name it is dropped in favour of `cache` and the
