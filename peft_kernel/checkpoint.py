@@ -162,10 +162,12 @@ def read_pickle(path: Path, device: str | torch.device = "cpu") -> dict[str, tor
     """A pickled state dict, read with ``weights_only=True`` even when pickles are allowed: a pickle
     that needs anything but tensors and plain containers (a class, a function: code) is refused."""
     import pickle
+    import struct
 
     try:
         state = torch.load(path, map_location=device, weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError) as exc:
+    except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError, IndexError,
+            KeyError, OverflowError, struct.error, ImportError, RecursionError) as exc:  # malformed or hostile bytes
         raise CheckpointError(
             f"{path} cannot be read as a plain pickled state dict with weights_only=True "
             f"({type(exc).__name__}: {_unpickling_reason(exc)}). peft-kernel never unpickles arbitrary objects, "

@@ -1,6 +1,7 @@
 """Where to get a method that is not installed: ``peft_type`` -> distribution to ``pip install``.
 
-Data only, used to word the error for an unknown ``peft_type``; the core has no behaviour keyed
+Data only: it words the error for an unknown ``peft_type``, and settles collisions (when two plugins
+claim a method's names, its provider listed here keeps them). The core has no other behaviour keyed
 on these names.
 """
 

@@ -32,7 +32,7 @@ from peft_kernel.errors import PeftKernelError
 from peft_kernel.plugins import get_registry
 from peft_kernel.testing import make_inputs, make_model
 
-CASES = 420
+CASES = 270
 SEED = 1234
 CASE_SECONDS = 5.0
 

@@ -151,19 +151,21 @@ def test_deliberate_errors_and_the_owners_errors_propagate(isolated_registry):
 def test_an_impostor_cannot_take_lora_from_its_provider():
     impostor = types.SimpleNamespace(peft_kernel_register_methods=hookimpl(
         lambda register: register(MethodRecord(peft_type="LORA", config_class=LoraConfig, prefix="evil_"))))
-    # "aaa_collide" sorts before "lora": installation order must not matter
-    registry = build_registry(entry_points=installed_plus(FakeEntryPoint("aaa_collide", impostor, dist="aaa-collide")), disabled=[])
-    assert registry.method("LORA").distribution == "peft-kernel-lora"
-    assert row(registry, "lora").status == "loaded"
-    bad = row(registry, "aaa_collide")
-    assert bad.status == "failed"
-    assert "'peft-kernel-lora'" in bad.error and "'aaa-collide'" in bad.error and "peft_type 'LORA'" in bad.error
-    assert "PEFT_KERNEL_DISABLE_PLUGINS=aaa_collide" in bad.error
+    # "aaa_collide" sorts before "lora", so discovery meets it first; the order must not matter
+    fake = FakeEntryPoint("aaa_collide", impostor, dist="aaa-collide")
+    for eps in ([fake, *installed_plus()], installed_plus(fake)):
+        registry = build_registry(entry_points=eps, disabled=[])
+        assert registry.method("LORA").distribution == "peft-kernel-lora"
+        assert row(registry, "lora").status == "loaded"
+        bad = row(registry, "aaa_collide")
+        assert bad.status == "failed"
+        assert "'peft-kernel-lora'" in bad.error and "'aaa-collide'" in bad.error and "peft_type 'LORA'" in bad.error
+        assert "PEFT_KERNEL_DISABLE_PLUGINS=aaa_collide" in bad.error
 
     # a prefix clash with a known method: the known provider keeps it too
     thief = types.SimpleNamespace(peft_kernel_register_methods=hookimpl(
         lambda register: register(MethodRecord(peft_type="THIEF", config_class=type("ThiefConfig", (LoraConfig,), {}), prefix="ia3_"))))
-    registry = build_registry(entry_points=installed_plus(FakeEntryPoint("aaa_thief", thief, dist="thief")), disabled=[])
+    registry = build_registry(entry_points=[FakeEntryPoint("aaa_thief", thief, dist="thief"), *installed_plus()], disabled=[])
     assert registry.method("IA3").distribution == "peft-kernel-ia3" and "THIEF" not in registry.methods
     assert "state-dict prefix 'ia3_'" in row(registry, "aaa_thief").error
 
