@@ -14,7 +14,8 @@ At run time the core calls hook implementations one by one (``Registry.hook``): 
 implementation raises while handling a config or layer of *another* plugin's method, that plugin
 is marked ``failing`` (with the error), a :class:`~peft_kernel.errors.PluginWarning` names it, and
 the call carries on with the other implementations, so one broken plugin cannot break the others.
-Errors of the method's own plugin, of the core, and deliberate peft-kernel errors propagate.
+Errors of the method's own plugin, of the core, deliberate refusals (peft-kernel errors and
+``NotImplementedError``) and out-of-memory errors propagate.
 """
 
 from __future__ import annotations
@@ -81,8 +82,9 @@ class Registry:
         """Call ``hook_name`` as pluggy would (``tryfirst`` first, ``trylast`` last; first result
         or the list of results) but one implementation at a time, skipping ``failing`` plugins.
 
-        An exception from the core's or the owning method's plugin, or any
-        :class:`~peft_kernel.errors.PeftKernelError` (a deliberate refusal), propagates with a note
+        An exception from the core's or the owning method's plugin, any
+        :class:`~peft_kernel.errors.PeftKernelError` or ``NotImplementedError`` (a deliberate
+        refusal) and out-of-memory errors propagate with a note
         naming the plugin and hook. Anything else raised by a plugin while handling another
         plugin's method marks that plugin ``failing`` and the call goes on without it."""
         caller = getattr(self.pm.hook, hook_name)
@@ -125,7 +127,7 @@ class Registry:
             status.status, status.error = "failing", f"{hook_name} raised {_describe(exc)}"
         warnings.warn(
             f"plugin {status.name!r} (distribution {status.distribution!r}) failed in {hook_name}: "
-            f"{_describe(exc)}. It is disabled for the rest of this process and the other plugins carry on; "
+            f"{_describe(exc).rstrip('.')}. It is disabled for the rest of this process and the other plugins carry on; "
             f"`peft-kernel list-plugins` lists it as failing. Update or uninstall it, or block it with "
             f"{DISABLE_ENV}={status.name}.",
             PluginWarning,
@@ -191,8 +193,8 @@ def _isolate(status: PluginStatus | None, owner: str | None, exc: BaseException)
     """Whether ``exc`` marks a plugin broken (isolated) rather than being the caller's error."""
     if status is None or status.name == CORE or (owner is not None and status.distribution == owner):
         return False
-    if isinstance(exc, (PeftKernelError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
-        return False  # a deliberate refusal, or out of memory: not the plugin's fault
+    if isinstance(exc, (PeftKernelError, NotImplementedError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
+        return False  # a deliberate refusal ("not supported"), or out of memory: not the plugin's fault
     return True
 
 

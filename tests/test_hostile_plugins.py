@@ -120,6 +120,12 @@ def test_deliberate_errors_and_the_owners_errors_propagate(isolated_registry):
     with pytest.raises(ConfigError, match="no thanks") as info:
         get_peft_model(make_model("mlp"), LoraConfig(target_modules=["lin0"]))
     assert "raised in peft_kernel_prepare_config by plugin 'strict'" in info.value.__notes__[0]
+    # so is NotImplementedError: "this layer type / option is not supported" (the LSTM example's refusal)
+    registry = isolated_registry(
+        extra_plugins={"partial": hostile("peft_kernel_create_layer", NotImplementedError("no DoRA on LSTM"))}, disabled=[])
+    with pytest.raises(NotImplementedError, match="no DoRA on LSTM"):
+        get_peft_model(make_model("mlp"), LoraConfig(target_modules=["lin0"]))
+    assert row(registry, "partial").status == "loaded"
 
     # the plugin providing the method: its errors are the user's errors, and it is not marked failing
     class OwnConfig(LoraConfig):
