@@ -183,11 +183,12 @@ class AdapterLayer(nn.Module):
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus each active adapter's delta (additive methods)."""
         result = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype
         for name in adapters:
             delta = self.delta(x, name)
-            if delta is not None:
-                result = result + delta.to(result.dtype)
-        return result
+            if delta is not None:  # summed in the wider dtype, rounded once at the end (as HF PEFT)
+                result = result + delta
+        return result.to(dtype)
 
     def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each row gets the delta of its own adapter: rows are grouped once per forward and each

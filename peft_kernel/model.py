@@ -268,6 +268,42 @@ class PeftModel(nn.Module):
 
         update_model_card(self, output_dir)
 
+    def push_to_hub(
+        self,
+        repo_id: str,
+        *,
+        commit_message: str | None = None,
+        commit_description: str | None = None,
+        private: bool | None = None,
+        token: bool | str | None = None,
+        revision: str | None = None,
+        create_pr: bool = False,
+        max_shard_size: int | str | None = "50GB",
+        tags: list[str] | None = None,
+    ) -> Any:
+        """Save the adapters and upload them to the Hub repo ``repo_id`` (created if missing), as
+        transformers' ``push_to_hub`` does for HF PEFT. ``max_shard_size`` is accepted and unused:
+        adapter checkpoints are one file. Returns the ``CommitInfo``."""
+        import tempfile
+
+        from huggingface_hub import HfApi
+
+        api = HfApi()
+        repo_id = api.create_repo(repo_id, private=private, token=token, exist_ok=True).repo_id
+        with tempfile.TemporaryDirectory() as folder:
+            self.save_pretrained(folder)
+            self.create_or_update_model_card(folder)
+            if tags:
+                from huggingface_hub import ModelCard
+
+                card = ModelCard.load(os.path.join(folder, "README.md"))
+                card.data.tags = sorted({*(card.data.tags or []), *tags})
+                card.save(os.path.join(folder, "README.md"))
+            return api.upload_folder(
+                repo_id=repo_id, folder_path=folder, commit_message=commit_message or "Upload model",
+                commit_description=commit_description, token=token, revision=revision, create_pr=create_pr,
+            )
+
     def delete_adapter(self, adapter_name: str) -> None:
         self._host.delete_adapter(adapter_name)
 
@@ -530,6 +566,22 @@ def _save_pretrained_kwargs(kwargs: dict[str, Any]) -> dict[str, torch.Tensor] |
     return kwargs.get("state_dict")
 
 
+_TASK_INIT_KWARGS = ("autocast_adapter_dtype", "low_cpu_mem_usage")
+
+
+def _task_init(peft_model: PeftModel, model: nn.Module, peft_config: PeftConfig | None, adapter_name: str,
+               kwargs: dict[str, Any]) -> None:
+    """The task classes' ``__init__(model, peft_config, adapter_name="default", **kwargs)`` (HF's
+    signature): ``kwargs`` are ``PeftModel``'s ``autocast_adapter_dtype`` / ``low_cpu_mem_usage``."""
+    unknown = [k for k in kwargs if k not in _TASK_INIT_KWARGS]
+    if unknown:
+        raise TypeError(f"{type(peft_model).__name__}() got unexpected keyword argument(s) "
+                        f"{', '.join(map(repr, unknown))}; it accepts {', '.join(_TASK_INIT_KWARGS)}.")
+    if peft_config is None:
+        raise TypeError(f"{type(peft_model).__name__}() needs a peft_config.")
+    PeftModel.__init__(peft_model, model, peft_config, adapter_name, **kwargs)
+
+
 def _named_call(peft_model: PeftModel, named: dict[str, Any], kwargs: dict[str, Any]) -> Any:
     """Forward of a task class: HF's named parameters that were given, plus the other keywords.
     ``task_ids`` only matter to multitask prompt tuning in HF PEFT and are dropped, as HF drops them
@@ -542,6 +594,9 @@ def _named_call(peft_model: PeftModel, named: dict[str, Any], kwargs: dict[str, 
 
 class PeftModelForCausalLM(PeftModel):
     """Causal language models."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> None:
+        _task_init(self, model, peft_config, adapter_name, kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
@@ -559,6 +614,9 @@ class PeftModelForCausalLM(PeftModel):
 
 class PeftModelForSeq2SeqLM(PeftModel):
     """Encoder-decoder models."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> None:
+        _task_init(self, model, peft_config, adapter_name, kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, decoder_input_ids=None,
                 decoder_attention_mask=None, decoder_inputs_embeds=None, labels=None, output_attentions=None,
@@ -582,6 +640,9 @@ class PeftModelForSequenceClassification(PeftModel):
 
     task_modules_to_save = ("classifier", "score")
 
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> None:
+        _task_init(self, model, peft_config, adapter_name, kwargs)
+
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
         return _named_call(self, dict(input_ids=input_ids, attention_mask=attention_mask, inputs_embeds=inputs_embeds,
@@ -594,6 +655,9 @@ class PeftModelForTokenClassification(PeftModel):
     """Token classification: the classifier head is trained and saved in full."""
 
     task_modules_to_save = ("classifier", "score")
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig | None = None, adapter_name: str = "default", **kwargs: Any) -> None:
+        _task_init(self, model, peft_config, adapter_name, kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, labels=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):
@@ -608,6 +672,9 @@ class PeftModelForQuestionAnswering(PeftModel):
 
     task_modules_to_save = ("qa_outputs",)
 
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> None:
+        _task_init(self, model, peft_config, adapter_name, kwargs)
+
     def forward(self, input_ids=None, attention_mask=None, token_type_ids=None, position_ids=None, inputs_embeds=None,
                 start_positions=None, end_positions=None, output_attentions=None, output_hidden_states=None,
                 return_dict=None, task_ids=None, **kwargs):
@@ -620,6 +687,9 @@ class PeftModelForQuestionAnswering(PeftModel):
 
 class PeftModelForFeatureExtraction(PeftModel):
     """Feature extraction / embeddings."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> None:
+        _task_init(self, model, peft_config, adapter_name, kwargs)
 
     def forward(self, input_ids=None, attention_mask=None, inputs_embeds=None, output_attentions=None,
                 output_hidden_states=None, return_dict=None, task_ids=None, **kwargs):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import warnings
 from functools import lru_cache
 from typing import Any, Iterator, Sequence
 
@@ -46,7 +47,7 @@ class AdapterModel(nn.Module):
         self,
         model: nn.Module,
         peft_config: Any,
-        adapter_name: str = "default",
+        adapter_name: str,
         low_cpu_mem_usage: bool = False,
         state_dict: dict[str, Any] | None = None,
     ) -> None:
@@ -220,12 +221,29 @@ class AdapterModel(nn.Module):
                 yield module
 
     def enable_adapter_layers(self) -> None:
+        """Enable every adapter layer again. As in HF PEFT this also makes the layers' active
+        adapters (and their ``modules_to_save`` copies) trainable, even ones loaded for inference."""
         for module in self._adapter_modules():
             module.enable_adapters(True)
+            if isinstance(module, AdapterLayer):
+                module.set_adapter(module.active_adapters)
+            elif module.active_adapter is not None:
+                module.modules_to_save[module.active_adapter].requires_grad_(True)
 
     def disable_adapter_layers(self) -> None:
-        for module in self._adapter_modules():
+        for name in self._active:
+            bias = getattr(self.peft_config.get(name), "bias", "none")
+            if bias != "none":  # HF PEFT's warning: the trained biases stay in the base layers
+                warnings.warn(f"Careful, disabling adapter layers with bias configured to be '{bias}' does not "
+                              "produce the same output as the base model would without adaption.", stacklevel=2)
+        for module in self._adapter_modules():  # HF PEFT also freezes every adapter while disabled
             module.enable_adapters(False)
+            if isinstance(module, AdapterLayer):
+                for name in module.adapter_names():
+                    for param in module.adapter_parameters(name):
+                        param.requires_grad_(False)
+            else:
+                module.modules_to_save.requires_grad_(False)
 
     @contextlib.contextmanager
     def disable_adapter(self) -> Iterator[None]:

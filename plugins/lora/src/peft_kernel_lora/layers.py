@@ -139,9 +139,10 @@ class LoraLayer(AdapterLayer):
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus each adapter in turn; a DoRA adapter sees the output so far."""
         result = self.base_layer(x, *args, **kwargs)
-        for name in adapters:
-            result = result + self.delta(x, name, result).to(result.dtype)
-        return result
+        dtype = result.dtype
+        for name in adapters:  # float32 adapters on a half-precision base: summed in float32, rounded once (HF)
+            result = result + self.delta(x, name, result)
+        return result.to(dtype)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         if self.use_dora[adapter_name]:
@@ -212,12 +213,13 @@ class Linear(LoraLayer):
         if not x.is_floating_point():
             return super().adapted_forward(x, adapters, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype
         for name in adapters:
             if self.use_dora[name] or (self.training and not isinstance(self.lora_dropout[name], nn.Identity)):
-                result = result + self.delta(x, name, result).to(result.dtype)
+                result = result + self.delta(x, name, result)
             else:
                 result = mixed.add_single(self, result, x, name)
-        return result
+        return result.to(dtype)
 
     def mixed_forward(self, x: torch.Tensor, routing: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         result = mixed.mixed_forward(self, x, routing, *args, **kwargs)

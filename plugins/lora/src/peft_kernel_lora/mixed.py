@@ -67,13 +67,16 @@ def add_single(layer: Linear, result: torch.Tensor, x: torch.Tensor, name: str) 
     u = F.linear(x, a)
     b = lin_b.weight
     scale = layer.scaling[name]
-    if result.dtype == b.dtype and can_add_inplace(result):
+    # fused in place for full precision; half-precision adapters (autocast_adapter_dtype=False) take
+    # HF PEFT's separate roundings (B·u, then ·scaling, then +) so the output equals HF's bit for bit
+    if result.dtype == b.dtype and result.dtype not in (torch.float16, torch.bfloat16) and can_add_inplace(result):
         out2d = result.view(-1, result.shape[-1])
         out2d.addmm_(u.reshape(-1, u.shape[-1]), b.t(), alpha=scale)
         if lin_b.bias is not None:
             result.add_(lin_b.bias, alpha=scale)
         return result
-    return result + (F.linear(u, b, lin_b.bias) * scale).to(result.dtype)
+    # float32 adapters on a half-precision base: add in float32, round once (HF PEFT's result)
+    return (result + F.linear(u, b, lin_b.bias) * scale).to(result.dtype)
 
 
 # ---- stacks -----------------------------------------------------------------------------------
