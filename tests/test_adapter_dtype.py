@@ -119,3 +119,32 @@ def test_full_precision_bases_keep_their_dtype_like_hf():
     # dtypes only: on a float64 base the LoRA plugin draws its initial values in float64, HF in float32
     assert {t.dtype for t in adapter_tensors(ours64).values()} == {t.dtype for t in adapter_tensors(hf64).values()} == {
         torch.float64}
+
+
+OTHER_METHODS = {
+    "IA3Config": dict(target_modules=["q_proj", "down_proj"], feedforward_modules=["down_proj"]),
+    "OFTConfig": dict(target_modules=["q_proj"], r=0, oft_block_size=4),
+    "LoHaConfig": dict(target_modules=["q_proj"], init_weights=False),
+    "LoKrConfig": dict(target_modules=["q_proj"], init_weights=False),
+}
+
+
+@pytest.mark.parametrize("autocast", [True, False])
+@pytest.mark.parametrize("config_name", list(OTHER_METHODS))
+def test_other_layer_methods_follow_the_same_dtype_rule_as_hf(config_name, autocast):
+    if not hasattr(pk, config_name):
+        pytest.skip(f"{config_name}'s plugin is not installed")
+    models = []
+    for lib in (peft, pk):
+        model = make_model("llama").to(torch.bfloat16)
+        torch.manual_seed(5)
+        peft_model = lib.get_peft_model(model, getattr(lib, config_name)(**OTHER_METHODS[config_name]),
+                                        autocast_adapter_dtype=autocast)
+        perturb(peft_model, 0, scale=0.05)
+        models.append(peft_model.eval())
+    hf, ours = models
+    trainable = {p.dtype for p in ours.parameters() if p.requires_grad}
+    assert trainable == {p.dtype for p in hf.parameters() if p.requires_grad} == {
+        torch.float32 if autocast else torch.bfloat16}
+    inputs = make_inputs("llama")
+    assert max_abs_diff(run(ours, inputs), run(hf, inputs)) == 0

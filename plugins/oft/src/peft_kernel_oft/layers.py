@@ -83,14 +83,18 @@ class OFTLayer(AdapterLayer):
         return self.rotation(adapter_name).blocks(dropout)
 
     def _dtype(self) -> torch.dtype:
-        return _adapter_dtype(self.base_layer)
+        """The dtype rotations are computed in: the adapters' own (float32, or the base's with
+        ``autocast_adapter_dtype=False``)."""
+        param = next(getattr(self, self.container).parameters(), None)
+        return param.dtype if param is not None else _adapter_dtype(self.base_layer)
 
     # ---- rotating features ------------------------------------------------------------------
     def rotate(self, t: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         """``t[..., in_features]`` rotated by each adapter in turn."""
         h = t.to(self._dtype())
         for name in adapters:
-            h = apply_blocks(h, self.blocks(name))
+            blocks = self.blocks(name)
+            h = apply_blocks(h.to(blocks.dtype), blocks)
         return h.to(t.dtype)
 
     def rotate_rows(self, t: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -101,7 +105,7 @@ class OFTLayer(AdapterLayer):
             return t
         h = t.to(self._dtype())
         if len({self.oft_block_size[a] for a in order}) == 1:
-            stacked = torch.stack([self.blocks(a) for a in order])  # [n, r, b, b]
+            stacked = torch.stack([self.blocks(a).to(h.dtype) for a in order])  # [n, r, b, b]
             eye = torch.eye(stacked.shape[-1], device=stacked.device, dtype=stacked.dtype)
             stacked = torch.cat([stacked, eye.expand_as(stacked[:1])])
             slots = routing.slots(t.shape[0], t.device, order) % stacked.shape[0]
