@@ -184,3 +184,12 @@ def test_peft_model_instance_attributes_match_hf():
     assert ours.has_active_enabled_adapter is True
     assert ours.supports_lora_conversion() is hf.supports_lora_conversion() is True
     assert ours.get_nb_trainable_parameters() == hf.get_nb_trainable_parameters()
+
+
+AUTO_CLASSES = [n for n in peft.__all__ if n.startswith("AutoPeftModel")]
+
+
+@pytest.mark.parametrize("cls_name", AUTO_CLASSES)
+def test_auto_classes_from_pretrained_signature_matches_hf(cls_name):
+    _assert_same_signature(getattr(peft, cls_name).from_pretrained, getattr(pk, cls_name).from_pretrained,
+                           f"{cls_name}.from_pretrained")

@@ -367,3 +367,16 @@ def test_task_classes_accept_hf_init_keywords():
     assert model.active_adapters == ["default"]
     with pytest.raises(TypeError, match="peft_config"):
         pk.PeftModelForTokenClassification(make_model("bert"))
+
+
+def test_auto_peft_model_import_allowlist_as_hf(tmp_path):
+    model = pk.get_peft_model(make_model("mlp"), pk.LoraConfig(target_modules=["lin0"],
+                                                                 base_model_name_or_path=str(tmp_path / "base")))
+    model.save_pretrained(tmp_path / "adapter")
+    config = pk.PeftConfig.from_pretrained(tmp_path / "adapter")
+    assert config.auto_mapping["parent_library"] == "peft_kernel.testing.models"
+    with pytest.raises(ValueError, match="not in the import allowlist"):
+        pk.AutoPeftModel.from_pretrained(tmp_path / "adapter")
+    # allowed: the class is imported (an nn.Module without from_pretrained then fails, as it would in HF)
+    with pytest.raises(AttributeError, match="from_pretrained"):
+        pk.AutoPeftModel.from_pretrained(tmp_path / "adapter", import_allowlist=["peft_kernel"])
