@@ -18,6 +18,7 @@ from typing import Any, Iterator, Sequence
 import torch
 from torch import nn
 
+from peft_kernel.checkpoint_stage import staged_checkpoint
 from peft_kernel.checkpoint import (
     WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, adapter_dir, atomic_save_tensors, check_save_target, load_adapter_weights,
 )
@@ -377,17 +378,19 @@ class PeftModel(nn.Module):
         initial = None
         if path_initial_model_for_weight_conversion is not None:
             initial = load_adapter_weights(path_initial_model_for_weight_conversion)
-        for name in names:
-            config = self.peft_config[name]
-            tensors = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name,
-                                                save_embedding_layers=save_embedding_layers)
-            if initial is not None:
-                tensors, config = self._convert_for_original_base(config, tensors, initial)
-            mapped = hook.peft_kernel_map_state_dict(config=config, state_dict=tensors, direction="save")
-            out = adapter_dir(save_directory, name)
-            atomic_save_tensors(out / (WEIGHTS_NAME if safe_serialization else PICKLE_WEIGHTS_NAME),
-                                mapped if mapped is not None else tensors, safe_serialization)
-            self._saved_config(config).save_pretrained(out)
+        weights_name, stale_name = (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME) if safe_serialization else (PICKLE_WEIGHTS_NAME, WEIGHTS_NAME)
+        with staged_checkpoint(save_directory) as stage:  # the whole checkpoint is swapped in at once
+            for name in names:
+                config = self.peft_config[name]
+                tensors = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name,
+                                                    save_embedding_layers=save_embedding_layers)
+                if initial is not None:
+                    tensors, config = self._convert_for_original_base(config, tensors, initial)
+                mapped = hook.peft_kernel_map_state_dict(config=config, state_dict=tensors, direction="save")
+                out = adapter_dir(stage, name)
+                atomic_save_tensors(out / weights_name, mapped if mapped is not None else tensors, safe_serialization)
+                (out / stale_name).unlink(missing_ok=True)  # a previous save in the other format would shadow or confuse
+                self._saved_config(config).save_pretrained(out)
 
     @staticmethod
     def _convert_for_original_base(
