@@ -18,6 +18,7 @@ LOCK = "constraints.txt"
 PACKAGES = sorted(os.path.dirname(p) for p in glob.glob("plugins/*/pyproject.toml") + glob.glob("examples/*/pyproject.toml"))
 EDITABLES = [arg for p in PACKAGES for arg in ("-e", p)]
 PYTEST = ("python", "-m", "pytest", "-n", "2", "-q")
+nox.options.sessions = ["tests"]  # a bare `nox` runs the suite as CI does; the others are asked for by name
 
 
 def _install_locked(session: nox.Session, extra: str) -> None:
@@ -33,12 +34,14 @@ def _install_locked(session: nox.Session, extra: str) -> None:
 
 @nox.session
 def tests(session: nox.Session) -> None:
+    """The suite at the locked versions (constraints.txt), as `make test` and CI run it."""
     _install_locked(session, "test")
     session.run(*PYTEST, *session.posargs, env={"HF_HUB_OFFLINE": "1"})
 
 
 @nox.session
 def latest(session: nox.Session) -> None:
+    """The suite at the newest releases the ranges allow, no lock (torch from TORCH_SPEC)."""
     session.install(*TORCH_SPEC)
     hold_torch = os.path.join(session.virtualenv.location, "torch-only.txt")  # eager upgrades leave torch be
     session.run("python", "-c", f"import torch; open({hold_torch!r}, 'w').write('torch==' + torch.__version__)")
@@ -65,5 +68,6 @@ def lowest(session: nox.Session) -> None:
 
 @nox.session
 def bench(session: nox.Session) -> None:
+    """Benchmarks against HF PEFT, at the locked versions."""
     _install_locked(session, "bench")
     session.run("python", "-m", "benchmarks", *session.posargs, env={"HF_HUB_OFFLINE": "1"})
