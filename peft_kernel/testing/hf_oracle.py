@@ -132,24 +132,25 @@ def check_mixed_batch_against_hf(
     """HF peft builds adapters ``first`` and ``second`` and saves them; ours loads both and serves
     one mixed batch; every row must equal HF's output with that row's adapter active (HF itself
     ignores ``adapter_names`` for most methods, so single-adapter runs are the reference)."""
-    peft = pytest.importorskip("peft", reason="HF peft (the test oracle) is not installed")
+    peft = hf_peft()
     from peft_kernel import PeftModel
 
     inputs = make_inputs(kind)
-    hf = peft.get_peft_model(make_model(kind), hf_config(), adapter_name="first")
-    hf.add_adapter("second", hf_config())
-    for seed, name in enumerate(("first", "second")):
-        hf.set_adapter(name)
-        randomize(hf, 3 + seed)
-    hf.eval()
     with tempfile.TemporaryDirectory() as tmp:
-        hf.save_pretrained(tmp)
-        expected = {}
-        for name in ("first", "second"):
-            hf.set_adapter(name)
-            expected[name] = run(hf, inputs)
-        with hf.disable_adapter():
-            expected["__base__"] = run(hf, inputs)
+        with hf_oracle("HF peft building, saving and running two adapters"):
+            hf = peft.get_peft_model(make_model(kind), hf_config(), adapter_name="first")
+            hf.add_adapter("second", hf_config())
+            for seed, name in enumerate(("first", "second")):
+                hf.set_adapter(name)
+                randomize(hf, 3 + seed)
+            hf.eval()
+            hf.save_pretrained(tmp)
+            expected = {}
+            for name in ("first", "second"):
+                hf.set_adapter(name)
+                expected[name] = run(hf, inputs)
+            with hf.disable_adapter():
+                expected["__base__"] = run(hf, inputs)
         ours = PeftModel.from_pretrained(make_model(kind), f"{tmp}/first", adapter_name="first")
         ours.load_adapter(f"{tmp}/second", adapter_name="second")
     mixed = run(ours.eval(), inputs, adapter_names=list(names))
@@ -210,22 +211,24 @@ def check_active_adapters_against_hf(
 ) -> None:
     """Two adapters active at once compose as in HF peft; merging them keeps the output, unmerging
     restores it, and unloading gives the base model back."""
-    peft = pytest.importorskip("peft", reason="HF peft (the test oracle) is not installed")
+    peft = hf_peft()
     from peft_kernel import get_peft_model
 
     inputs = make_inputs(kind)
-    hf = peft.get_peft_model(make_model(kind), hf_config(), adapter_name="first")
-    hf.add_adapter("second", hf_config())
     ours = get_peft_model(make_model(kind), our_config(), adapter_name="first")
     ours.add_adapter("second", our_config())
-    randomize(hf, 7)
     randomize(ours, 7)
-    hf.base_model.set_adapter(["first", "second"])
     ours.set_adapter(["first", "second"])
-    expected = run(hf.eval(), inputs)
-    torch.testing.assert_close(run(ours.eval(), inputs), expected, atol=1e-5, rtol=0)
+    both = run(ours.eval(), inputs)
     ours.merge_adapter()
-    torch.testing.assert_close(run(ours, inputs), expected, atol=merge_tolerance, rtol=0)
+    torch.testing.assert_close(run(ours, inputs), both, atol=merge_tolerance, rtol=0)
     ours.unmerge_adapter()
-    torch.testing.assert_close(run(ours, inputs), expected, atol=1e-5, rtol=0)
+    torch.testing.assert_close(run(ours, inputs), both, atol=1e-5, rtol=0)
+    with hf_oracle("HF peft running two active adapters"):
+        hf = peft.get_peft_model(make_model(kind), hf_config(), adapter_name="first")
+        hf.add_adapter("second", hf_config())
+        randomize(hf, 7)
+        hf.base_model.set_adapter(["first", "second"])
+        expected = run(hf.eval(), inputs)
+    torch.testing.assert_close(both, expected, atol=1e-5, rtol=0)
     torch.testing.assert_close(run(ours.unload(), inputs), run(make_model(kind), inputs), atol=1e-5, rtol=0)
