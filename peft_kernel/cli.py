@@ -8,6 +8,9 @@
 ``demo``          train two LoRA adapters on a tiny built-in model, save, reload, serve one
                   mixed batch and print per-adapter accuracy.
 
+Plugins add further commands through the ``peft_kernel_register_commands`` hook
+(``peft-kernel-finetune`` adds ``finetune``); a plugin that fails there is reported, never fatal.
+
 Human-readable output by default, ``--json`` for machines. Bad input ends with a one-line
 ``peft-kernel: error: ...`` on stderr and exit status 1, never a traceback; output piped into a
 reader that stops early (``| head``) ends quietly with status 141, as Unix tools do. This module imports
@@ -301,6 +304,35 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return 0
 
 
+# ---- plugin commands --------------------------------------------------------------------------
+class PluginSubparsers:
+    """What ``peft_kernel_register_commands`` receives: argparse's sub-parser action, except that
+    a command name (or alias) already taken raises ``ValueError`` instead of replacing the other
+    command (Python 3.10's argparse) or failing the whole CLI (3.11+)."""
+
+    def __init__(self, action: Any, core: Sequence[str]) -> None:
+        self._action = action
+        self._core = set(core)
+
+    def add_parser(self, name: str, **kwargs: Any) -> argparse.ArgumentParser:
+        for wanted in (name, *kwargs.get("aliases", ())):
+            if wanted in self._action.choices:
+                owner = "the core" if wanted in self._core else "another plugin"
+                raise ValueError(f"command {wanted!r} is already taken by {owner}; choose another name")
+        return self._action.add_parser(name, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._action, name)
+
+
+def add_plugin_commands(sub: Any, registry: Any = None) -> None:
+    """Let every plugin add its sub-commands (``peft_kernel_register_commands``)."""
+    from peft_kernel.plugins import get_registry
+
+    registry = registry if registry is not None else get_registry()
+    registry.hook.peft_kernel_register_commands(subparsers=PluginSubparsers(sub, list(sub.choices)))
+
+
 # ---- entry point ------------------------------------------------------------------------------
 def build_parser() -> argparse.ArgumentParser:
     from peft_kernel import __version__
@@ -331,6 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
     p.add_argument("--json", action="store_true", help="print the results as JSON")
     p.set_defaults(func=cmd_demo)
+    add_plugin_commands(sub)
     return parser
 
 
@@ -340,9 +373,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     from peft_kernel.errors import PeftKernelError
 
     try:
-        status = args.func(args)
+        func = getattr(args, "func", None)
+        if func is None:  # a plugin's command that set no handler
+            raise CliError(f"the command {args.command!r} has no handler (its plugin called no set_defaults(func=...))")
+        status = func(args)
         sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
-        return status
+        return 0 if status is None else status
     except BrokenPipeError:
         # the reader went away (`peft-kernel inspect DIR | head`): stop quietly, as Unix tools do,
         # and keep Python from reporting the pipe again when it flushes stdout at exit

@@ -20,6 +20,8 @@ from typing import TYPE_CHECKING, Callable, Literal
 from peft_kernel.markers import hookspec
 
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
+    import argparse
+
     import torch
     from torch import nn
 
@@ -180,4 +182,26 @@ class PeftKernelSpecs:
         ``ValueError`` naming the reason for configs you cannot convert. Return ``None`` for configs
         that are not yours; when every implementation returns ``None`` the core raises
         ``ValueError`` saying the method does not support the conversion, as HF PEFT does.
+        """
+
+    @hookspec
+    def peft_kernel_register_commands(self, subparsers: argparse._SubParsersAction) -> None:
+        """Add sub-commands to the ``peft-kernel`` command line.
+
+        Called once each time the CLI builds its parser, after the core's own commands
+        (``list-plugins``, ``inspect``, ``demo``). ``subparsers`` behaves as the object argparse's
+        ``add_subparsers()`` returns: call ``subparsers.add_parser(name, help=...)`` once per
+        command, add its options, and ``set_defaults(func=handler)``. The CLI calls
+        ``handler(args)`` with the parsed ``argparse.Namespace`` and exits with the integer it
+        returns (``None`` counts as 0). Report bad input by raising
+        :class:`peft_kernel.cli.CliError` or a :class:`peft_kernel.errors.PeftKernelError`: the CLI
+        prints it as one line, ``peft-kernel <command>: error: ...``, and exits with status 1.
+
+        Keep this hook cheap: it runs for every invocation of ``peft-kernel``, even
+        ``peft-kernel list-plugins``, so import torch, transformers and the like inside the
+        handler, never here or at the top of the entry module. A command name (or alias) that
+        is already taken, by the core or by another plugin, raises ``ValueError``: the plugin is
+        then reported as ``failing`` and the other commands keep working. ``peft-kernel-finetune``
+        adds ``peft-kernel finetune`` this way. The return value is ignored; every implementation
+        runs.
         """
