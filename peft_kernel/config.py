@@ -433,6 +433,12 @@ class PeftConfig:
     def copy(self) -> PeftConfig:
         return attrs.evolve(self)
 
+    def rewrites_base_weights(self) -> bool:
+        """Whether creating this adapter changes the weights of the base layers it targets (an
+        initialisation such as PiSSA that moves part of the weight into the adapter). Loads then
+        snapshot those layers first, so that a failed load can put them back. Default: False."""
+        return False
+
 
 def _path_first(problem: str) -> str:
     """cattrs writes 'message @ $.path'; we lead with the path."""

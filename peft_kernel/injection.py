@@ -17,6 +17,7 @@ from peft_kernel.errors import AdapterNameError, TargetNotFoundError
 from peft_kernel.layer import AdapterLayer, walk_modules
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
 from peft_kernel.plugins import Registry, get_registry
+from peft_kernel.transaction import guarding_base_weights
 from peft_kernel.targeting import base_of, candidate_modules, compress_target_modules, expand_target_modules, no_match_error
 
 _NAME_OK = re.compile(r"[A-Za-z0-9_\-]+")
@@ -100,6 +101,20 @@ def inject(
     if not matched:
         raise no_match_error(config, model)
     compress_target_modules(config, model, [name for name, _ in matched])
+    with guarding_base_weights() as guard:  # an initialisation that rewrites base weights is undone on failure
+        guard.save(config, [module for _, module in matched])
+        new_layers = _build_layers(matched, config, adapter_name, record, hook)
+    for name, layer in new_layers.items():
+        _set_module(model, name, layer)
+    for name, module in matched:
+        match_base_dtype(new_layers.get(name, module), adapter_name)
+    wrap_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name)
+    return [name for name, _ in matched]
+
+
+def _build_layers(matched: list[tuple[str, nn.Module]], config: Any, adapter_name: str, record: Any, hook: Any) -> dict[str, AdapterLayer]:
+    """New adapter layers for the unwrapped modules, and the adapter added to already-wrapped ones;
+    on failure the adapter is taken out of the wrapped ones again (the model itself is not touched)."""
     new_layers: dict[str, AdapterLayer] = {}
     for name, module in matched:
         if isinstance(module, AdapterLayer):
@@ -128,12 +143,7 @@ def inject(
         for layer in updated:
             layer.delete_adapter(adapter_name)
         raise
-    for name, layer in new_layers.items():
-        _set_module(model, name, layer)
-    for name, module in matched:
-        match_base_dtype(new_layers.get(name, module), adapter_name)
-    wrap_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name)
-    return [name for name, _ in matched]
+    return new_layers
 
 
 # ---- adapter dtypes (HF PEFT's rule) ------------------------------------------------------------

@@ -13,12 +13,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import warnings
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
 from peft_kernel.checkpoint_stage import staged_checkpoint
+from peft_kernel.transaction import ModuleFlags, guarding_base_weights, load_transaction
 from peft_kernel.checkpoint import (
     WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, adapter_dir, atomic_save_tensors, check_save_target, load_adapter_weights,
 )
@@ -429,34 +431,35 @@ class PeftModel(nn.Module):
         allow_pickle: bool = False,
         **kwargs: Any,
     ) -> Any:
-        """Add adapter ``adapter_name`` from a saved folder or Hub id; on any error it is removed again.
+        """Load adapter ``adapter_name`` from a saved folder or Hub id (a new name is added, an existing one
+        overwritten). A transaction: on any error the model is left exactly as it was.
 
         ``kwargs``: Hub access (``revision``, ``cache_dir``, ``token``, ``local_files_only``,
         ``subfolder``, ``use_auth_token``) and ``ignore_mismatched_sizes``; anything else is a
         ``TypeError``. ``key_mapping`` renames checkpoint keys (regex → replacement) as HF PEFT's.
         ``ephemeral_gpu_offload`` and ``low_cpu_mem_usage`` are accepted and change nothing here.
         ``allow_pickle=True`` is needed to read an ``adapter_model.bin``."""
+        from peft_kernel.peft_weights import load_peft_weights
+
         hub, subfolder, ignore_mismatched_sizes = _load_kwargs(kwargs, "load_adapter")
         added = adapter_name not in self.peft_config
+        # read and check everything first: a bad file fails here, before the model is touched
         if added:
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
             if config.is_prompt_learning and is_trainable:
                 raise ValueError("Cannot set a prompt learning adapter to trainable when loading pretrained adapter.")
             config.inference_mode = not is_trainable
-            self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
-            if is_trainable:
-                self.set_requires_grad(adapter_name)  # HF PEFT: a new inactive adapter loaded to train gets gradients
-        try:
-            from peft_kernel.peft_weights import load_peft_weights
-
-            weights = load_peft_weights(model_id, device=torch_device or "cpu", key_mapping=key_mapping,
-                                        allow_pickle=allow_pickle, subfolder=subfolder, **hub)
+        weights = load_peft_weights(model_id, device=torch_device or "cpu", key_mapping=key_mapping,
+                                    allow_pickle=allow_pickle, subfolder=subfolder, **hub)
+        with load_transaction(self, adapter_name):  # any failure below gives the model back as it was
+            if added:
+                self.add_adapter(adapter_name, config, autocast_adapter_dtype=autocast_adapter_dtype)
+                if is_trainable:
+                    self.set_requires_grad(adapter_name)  # HF PEFT: a new inactive adapter loaded to train gets gradients
             result = set_peft_model_state_dict(self, weights, adapter_name=adapter_name,
                                                ignore_mismatched_sizes=ignore_mismatched_sizes)
-        except BaseException:
-            if len(self.peft_config) > 1:
-                self.delete_adapter(adapter_name)
-            raise
+        if result.missing_keys:
+            warnings.warn(f"Found missing adapter keys while loading the checkpoint: {result.missing_keys}", stacklevel=2)
         if self._prompt is None and self.active_adapters == [adapter_name]:
             self.base_model._activate(adapter_name, None)  # re-apply trainability with the loaded config
         cast_adapter_dtype(self.get_base_model(), adapter_name, autocast_adapter_dtype)
@@ -488,16 +491,19 @@ class PeftModel(nn.Module):
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
         config.inference_mode = not is_trainable
         target_cls = TASK_CLASSES.get(config.task_type, cls) if cls is PeftModel else cls
-        peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                low_cpu_mem_usage=low_cpu_mem_usage)
-        try:
-            peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, torch_device=torch_device,
-                                    autocast_adapter_dtype=autocast_adapter_dtype,
-                                    ephemeral_gpu_offload=ephemeral_gpu_offload, low_cpu_mem_usage=low_cpu_mem_usage,
-                                    key_mapping=key_mapping, allow_pickle=allow_pickle, **kwargs)
-        except BaseException:
-            peft_model._host.release()  # give the caller their model back untouched
-            raise
+        flags = ModuleFlags(model)
+        with guarding_base_weights():  # base weights an initialisation rewrote are restored on failure
+            peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                                    low_cpu_mem_usage=low_cpu_mem_usage)
+            try:
+                peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, torch_device=torch_device,
+                                        autocast_adapter_dtype=autocast_adapter_dtype,
+                                        ephemeral_gpu_offload=ephemeral_gpu_offload, low_cpu_mem_usage=low_cpu_mem_usage,
+                                        key_mapping=key_mapping, allow_pickle=allow_pickle, **kwargs)
+            except BaseException:
+                peft_model._host.release()  # give the caller their model back untouched
+                flags.restore()
+                raise
         return peft_model
 
 

@@ -146,6 +146,21 @@ def hf_trained_copy_duplicates(model: nn.Module, keys: Any) -> set[str]:
     return found
 
 
+def _warn_about_values(state_dict: dict[str, torch.Tensor], targets: dict[str, torch.Tensor]) -> None:
+    """Loading casts every tensor to its parameter's dtype; say so when that is lossy or suspicious."""
+    import warnings
+
+    cast = [f"{k} ({v.dtype})" for k, v in state_dict.items()
+            if k in targets and (not v.is_floating_point() or v.is_complex()) and targets[k].is_floating_point()]
+    if cast:
+        warnings.warn(f"checkpoint tensors that are not real floats are cast to the adapter's float dtype: {cast[:8]}",
+                      stacklevel=3)
+    bad = [k for k, v in state_dict.items() if v.is_floating_point() and v.numel() and not bool(torch.isfinite(v).all())]
+    if bad:
+        warnings.warn(f"checkpoint tensors hold NaN or infinite values: {bad[:8]}; the adapter's outputs will be too.",
+                      stacklevel=3)
+
+
 def set_peft_model_state_dict(
     model: nn.Module,
     peft_model_state_dict: dict[str, torch.Tensor],
@@ -178,6 +193,13 @@ def set_peft_model_state_dict(
     ignored = hf_trained_copy_duplicates(model, peft_model_state_dict)
     if ignored:
         peft_model_state_dict = {k: v for k, v in peft_model_state_dict.items() if k not in ignored}
+    if targets and not any(k in targets for k in peft_model_state_dict):
+        raise CheckpointError(
+            f"none of the {len(peft_model_state_dict)} checkpoint key(s) belongs to adapter {adapter_name!r} of "
+            f"{type(model).__name__} (checkpoint: {sorted(peft_model_state_dict)[:4]}; expected keys look like "
+            f"{sorted(targets)[:4]}). Is it an adapter of another method or for another model?"
+        )
+    _warn_about_values(peft_model_state_dict, targets)
     unexpected = sorted(k for k in peft_model_state_dict if k not in targets)
     if unexpected:  # keys of the model's own tensors (embedding layers saved with the adapter) load too, as in HF
         own = dict(model.state_dict(keep_vars=True))

@@ -106,9 +106,11 @@ def test_load_rejects_foreign_checkpoint(tmp_path):
     ours.save_pretrained(tmp_path)
     other = _ours("llama")
     other.add_adapter("x", PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=5))
+    before = {k: v.clone() for k, v in other.state_dict().items()}
     with pytest.raises(CheckpointError, match=r"shape \(3, 16\).*\(5, 16\)"):
         other.load_adapter(tmp_path, "x")
-    assert list(other.peft_config) == ["default"]  # the failed adapter is removed again
+    assert list(other.peft_config) == ["default", "x"]  # a failed load into an existing adapter keeps it as it was
+    assert all(torch.equal(before[k], v) for k, v in other.state_dict().items())
 
 
 @pytest.mark.parametrize("kind", MODELS)

@@ -106,6 +106,11 @@ class LoraConfig(PeftConfig):
         if self.layers_pattern and self.layers_to_transform is None:
             raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
 
+    def rewrites_base_weights(self) -> bool:
+        """PiSSA and OLoRA move the principal part of each targeted weight into the adapter."""
+        init = self.init_lora_weights
+        return isinstance(init, str) and (init in ("pissa", "olora") or init.startswith("pissa_niter_"))
+
     def unsupported(self) -> list[str]:
         """Fields set to values this plugin cannot honour (checked when an adapter is injected)."""
         problems = [f"{k}={getattr(self, k)!r}" for k, default in UNSUPPORTED_FIELDS.items() if getattr(self, k) != default]
