@@ -49,3 +49,22 @@ def test_a_library_error_belongs_to_whoever_called_the_library():
     with pytest.raises(IndexError):
         with hf_oracle("forward"):
             ours(**bad)
+
+
+def test_hf_failing_on_our_files_is_ours_unless_it_fails_on_its_own_too():
+    from peft_kernel.testing.hf_oracle import hf_reads_ours
+
+    def fine():
+        return peft.get_peft_model(make_model("mlp"), peft.LoraConfig(target_modules=["lin0"]))
+
+    with pytest.raises(Exception, match="no_such_module") as info:
+        hf_reads_ours("HF reading ours", _hf_raises, control=fine)
+    assert raised_by_oracle(info.value)  # HF raised, but HF works on its own adapter: our files are at fault
+    with pytest.raises(pytest.xfail.Exception, match="HF reading ours .HF peft fails on its own adapter too."):
+        hf_reads_ours("HF reading ours", _hf_raises, control=_hf_raises)
+    def ours_wrong():
+        raise AssertionError("ours")
+
+    with pytest.raises(AssertionError, match="ours"):
+        hf_reads_ours("HF reading ours", ours_wrong, control=_hf_raises)
+    assert hf_reads_ours("HF reading ours", lambda: 3, control=_hf_raises) == 3

@@ -23,7 +23,7 @@ import pytest
 import torch
 from torch import nn
 
-from peft_kernel.testing.hf_oracle import max_abs_diff, perturb, run
+from peft_kernel.testing.hf_oracle import hf_oracle, hf_reads_ours, max_abs_diff, perturb, run
 from peft_kernel.testing.models import make_inputs, make_model, output_tensor
 
 
@@ -172,13 +172,15 @@ class _Checks:
         peft = _hf()
         from peft_kernel import PeftModel
 
-        hf_model = peft.get_peft_model(case.make_model(), _hf_config(case.config()))
-        perturb(hf_model, 0)
-        hf_model.eval()
+        hf_config = _hf_config(case.config())
         inputs = case.make_inputs()
-        expected = run(hf_model, inputs)
         with tempfile.TemporaryDirectory() as tmp:
-            hf_model.save_pretrained(tmp)
+            with hf_oracle("HF peft building, running and saving the adapter"):
+                hf_model = peft.get_peft_model(case.make_model(), hf_config)
+                perturb(hf_model, 0)
+                hf_model.eval()
+                expected = run(hf_model, inputs)
+                hf_model.save_pretrained(tmp)
             ours = PeftModel.from_pretrained(case.make_model(), tmp)
         _close(run(ours, inputs), expected, case.tolerance, "ours (loaded from HF peft) vs HF peft")
 
@@ -191,8 +193,12 @@ class _Checks:
         expected = run(model, inputs)
         with tempfile.TemporaryDirectory() as tmp:
             model.save_pretrained(tmp)
-            hf_model = peft.PeftModel.from_pretrained(case.make_model(), tmp).eval()
-        _close(run(hf_model, inputs), expected, case.tolerance, "HF peft (loaded from ours) vs ours")
+            got = hf_reads_ours(
+                "HF peft loading and running our adapter",
+                lambda: run(peft.PeftModel.from_pretrained(case.make_model(), tmp).eval(), inputs),
+                lambda: run(peft.get_peft_model(case.make_model(), _hf_config(case.config())).eval(), inputs),
+            )
+        _close(got, expected, case.tolerance, "HF peft (loaded from ours) vs ours")
 
     def test_mixed_batch_rows(self, case: ConformanceCase) -> None:
         model = _build(case, adapter_name="first", seed=0)

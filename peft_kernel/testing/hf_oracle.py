@@ -97,6 +97,21 @@ def hf_oracle(what: str = "HF peft") -> Iterator[None]:
         raise
 
 
+def hf_reads_ours(what: str, check: Callable[[], Any], control: Callable[[], Any]) -> Any:
+    """Run ``check``, HF peft loading or running what *we* produced: the thing under test, so its
+    errors are ours. Only when HF peft raises does ``control`` run (HF doing the same with an adapter
+    it built itself), under :func:`hf_oracle`: if HF fails there too, the oracle is broken and the
+    test xfails; if not, the original error is raised."""
+    try:
+        return check()
+    except Exception as exc:
+        if not raised_by_oracle(exc):
+            raise
+        with hf_oracle(f"{what} (HF peft fails on its own adapter too)"):
+            control()
+        raise
+
+
 def hf_peft() -> Any:
     """The ``peft`` module, or a visible skip when it is not installed."""
     return pytest.importorskip("peft", reason="HF peft (the test oracle) is not installed")
