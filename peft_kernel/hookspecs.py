@@ -15,7 +15,7 @@ Hooks marked *first result* stop at the first implementation that returns someth
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Callable, Literal
+from typing import TYPE_CHECKING, Any, Callable, Literal
 
 from peft_kernel.markers import hookspec
 
@@ -204,4 +204,42 @@ class PeftKernelSpecs:
         then reported as ``failing`` and the other commands keep working. ``peft-kernel-finetune``
         adds ``peft-kernel finetune`` this way. The return value is ignored; every implementation
         runs.
+        """
+
+    @hookspec(firstresult=True)
+    def peft_kernel_combine_adapters(
+        self,
+        config: PeftConfig,
+        adapters: list[str],
+        configs: list[PeftConfig],
+        weights: list[float],
+        combination_type: str,
+        options: dict[str, Any],
+    ) -> tuple[PeftConfig, Callable[[AdapterLayer, str], None]] | None:
+        """Say how adapters of your method combine into a new one (HF PEFT's ``add_weighted_adapter``).
+
+        *First result.* Called by ``AdapterModel.add_weighted_adapter(adapters, weights,
+        adapter_name, combination_type, ...)`` (reachable from ``PeftModel`` too) after the core
+        checked that every name in ``adapters`` exists, that no two of them train a copy of the
+        same ``modules_to_save`` module, and that ``adapter_name`` is new. ``config`` is the config
+        of ``adapters[0]`` (the call is about its method), ``configs`` the configs of all of
+        ``adapters`` in order, ``weights`` one float per adapter (negative ones subtract),
+        ``combination_type`` the string the user passed (LoRA: ``"svd"``, ``"linear"``,
+        ``"cat"``, ``"ties"``, ``"ties_svd"``, ``"dare_ties"``, ``"dare_linear"``,
+        ``"dare_ties_svd"``, ``"dare_linear_svd"``, ``"magnitude_prune"``,
+        ``"magnitude_prune_svd"``) and ``options`` the remaining keywords (``svd_rank``,
+        ``svd_clamp``, ``svd_full_matrices``, ``svd_driver``, ``density``,
+        ``majority_sign_method``). Raise ``ValueError`` for a combination your method does not
+        offer or adapters that cannot be combined (LoRA: ``linear`` needs equal ranks), before
+        anything is built.
+
+        Return ``(new_config, fill)``. The core injects an adapter ``adapter_name`` with
+        ``new_config`` (its targets usually the union of the combined adapters'), leaves it frozen
+        and inactive, then calls ``fill(layer, adapter_name)`` for every adapter layer that got
+        it; ``fill`` writes the new adapter's tensors from the other adapters present in that layer
+        (``peft_kernel.utils.merge_utils`` has the task-arithmetic, TIES, DARE and pruning rules).
+        If anything raises, the core deletes the half-built adapter again. Return ``None`` for
+        configs that are not yours; when every implementation returns ``None`` the core raises
+        :class:`~peft_kernel.errors.UnsupportedFeatureError` saying the method cannot combine
+        adapters.
         """

@@ -264,6 +264,65 @@ class AdapterModel(nn.Module):
         self._active = remaining
         set_trainable(self.model, self._active, self.peft_config)
 
+    def add_weighted_adapter(
+        self,
+        adapters: list[str],
+        weights: list[float],
+        adapter_name: str,
+        combination_type: str = "svd",
+        svd_rank: int | None = None,
+        svd_clamp: int | None = None,
+        svd_full_matrices: bool = True,
+        svd_driver: str | None = None,
+        density: float | None = None,
+        majority_sign_method: str = "total",
+    ) -> None:
+        """Add ``adapter_name``, a weighted combination of ``adapters`` (HF PEFT's
+        ``add_weighted_adapter``). How tensors combine is the method's (``peft_kernel_combine_adapters``
+        hook): LoRA offers ``svd``/``linear``/``cat``/``ties``/``dare_*``/``magnitude_prune*``, IA3 a
+        linear combination. The new adapter is frozen and not activated; as in HF PEFT, an existing
+        ``adapter_name`` leaves everything unchanged. See ``docs/merging.md``."""
+        if adapter_name in self.peft_config:
+            return
+        adapters = list(adapters)
+        for name in adapters:
+            if name not in self.peft_config:
+                raise ValueError(f"Adapter {name} does not exist")
+        if not adapters:
+            raise ValueError(f"Found no adapter matching the names in {adapters}")
+        if len(weights) != len(adapters):
+            raise ValueError(f"add_weighted_adapter needs one weight per adapter: {len(adapters)} adapters, "
+                             f"{len(weights)} weights.")
+        shared = [m for m in self._adapter_modules() if isinstance(m, ModulesToSaveWrapper)
+                  and sum(name in m.modules_to_save for name in adapters) > 1]
+        if shared:
+            raise ValueError("Cannot add weighted adapters if they target the same module with modules_to_save, but "
+                             f"found {len(shared)} such instance(s).")
+        registry = get_registry()
+        configs = [self.peft_config[name] for name in adapters]
+        options = dict(svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
+                       svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
+        plan = registry.hook.peft_kernel_combine_adapters(
+            config=configs[0], adapters=adapters, configs=configs, weights=[float(w) for w in weights],
+            combination_type=combination_type, options=options,
+        )
+        if plan is None:
+            from peft_kernel.errors import UnsupportedFeatureError
+
+            raise UnsupportedFeatureError(
+                f"{registry.method_for_config(configs[0]).peft_type} adapters cannot be combined: its plugin does not "
+                "implement peft_kernel_combine_adapters (add_weighted_adapter)."
+            )
+        new_config, fill = plan
+        self._inject(adapter_name, new_config)
+        try:
+            for _, layer in adapter_layers(self.model):
+                if adapter_name in layer.adapter_names():
+                    fill(layer, adapter_name)
+        except BaseException:
+            self.delete_adapter(adapter_name)
+            raise
+
     # ---- merging ----------------------------------------------------------------------------
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         if adapter_names is not None:

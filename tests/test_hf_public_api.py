@@ -32,8 +32,7 @@ NOT_YET = {
 """Generic (not method-specific) HF names that do not resolve here yet."""
 
 TUNER_NOT_YET = {
-    # LoRA-specific and both part of the merging/composition work still to come:
-    "add_weighted_adapter": "combining LoRA adapters (svd/ties/dare...) not built yet",
+    # LoRA-specific; PiSSA/OLoRA conversion is done elsewhere:
     "subtract_mutated_init": "LoRA's PiSSA/OLoRA conversion lives in the LoRA plugin's save hook instead",
 }
 

@@ -108,3 +108,13 @@ def peft_kernel_create_layer(config: Any, adapter_name: str, base_layer: Any, mo
     from peft_kernel_ia3.layers import make_layer
 
     return make_layer(config, adapter_name, base_layer, module_name)
+
+
+@hookimpl
+def peft_kernel_combine_adapters(config: Any, adapters: Any, configs: Any, weights: Any, combination_type: str,
+                                 options: Any) -> Any:
+    if not isinstance(config, IA3Config):
+        return None
+    from peft_kernel_ia3.combine import plan
+
+    return plan(adapters, configs, weights, combination_type, options)

@@ -42,3 +42,13 @@ def peft_kernel_convert_for_original_base(config: Any, state_dict: Any, initial_
     from peft_kernel_lora.conversion import convert_for_original_base
 
     return convert_for_original_base(config, state_dict, initial_state_dict)
+
+
+@hookimpl
+def peft_kernel_combine_adapters(config: Any, adapters: Any, configs: Any, weights: Any, combination_type: str,
+                                 options: Any) -> Any:
+    if not isinstance(config, LoraConfig):
+        return None
+    from peft_kernel_lora.combine import plan
+
+    return plan(adapters, configs, weights, combination_type, options)
