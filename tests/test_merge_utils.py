@@ -156,3 +156,9 @@ def test_merging_guide_example_runs():
     assert results["up"]["up"] < results["down"]["up"] and results["down"]["down"] < results["up"]["down"]
     for task in ("up", "down"):
         assert results["merged"][task] < results["base"][task]
+
+
+def test_every_public_function_of_hf_merge_utils_is_here():
+    public = sorted(n for n, f in inspect.getmembers(hf_mu, inspect.isfunction)
+                    if not n.startswith("_") and f.__module__ == hf_mu.__name__)
+    assert public == sorted(NAMES) == sorted(mu.__all__)

@@ -249,3 +249,24 @@ def test_a_plugin_can_take_over_peft_kernel_combine_adapters(isolated_registry):
     assert all(torch.equal(first[k], new[k]) for k in first)
     ours.add_weighted_adapter(["a", "b"], [1.0, 2.0], "n", combination_type="cat")  # LoRA's own still answers
     assert ours.peft_config["n"].r == 8
+
+
+def test_combined_adapter_serves_mixed_batches_and_merges():
+    """The combined adapter's tensors are written after injection: mixed-batch stacks and merges see them."""
+    _, ours = pair("mlp", {"a": cfg(4), "b": cfg(4)})
+    inputs = make_inputs("mlp")
+    (key, x), = inputs.items()
+    names = ["a", "m", "b", "m"][: x.shape[0]] + ["m"] * max(0, x.shape[0] - 4)
+    with torch.no_grad():
+        ours(**inputs, adapter_names=[n if n != "m" else "a" for n in names])  # stacks built before "m" exists
+        ours.add_weighted_adapter(["a", "b"], [0.5, 1.5], "m", combination_type="svd")
+        mixed = output_tensor(ours(**inputs, adapter_names=names))
+        rows = []
+        for i, name in enumerate(names):
+            ours.set_adapter(name)
+            rows.append(output_tensor(ours(**{key: x[i : i + 1]})))
+        torch.testing.assert_close(mixed, torch.cat(rows), atol=TOL, rtol=0)
+        ours.set_adapter("m")
+        unmerged = output_tensor(ours(**inputs))
+        ours.merge_adapter()
+        torch.testing.assert_close(output_tensor(ours(**inputs)), unmerged, atol=TOL, rtol=0)
