@@ -270,3 +270,12 @@ def test_combined_adapter_serves_mixed_batches_and_merges():
         unmerged = output_tensor(ours(**inputs))
         ours.merge_adapter()
         torch.testing.assert_close(output_tensor(ours(**inputs)), unmerged, atol=TOL, rtol=0)
+
+
+@pytest.mark.parametrize("combination_type", ["svd", "cat", "dare_linear_svd"])
+def test_rank_and_alpha_patterns_equal_hf(combination_type):
+    hf, ours = pair("mlp", {"a": cfg(2, ("lin0", "lin1"), rank_pattern={"lin1": 4}, alpha_pattern={"lin0": 7}),
+                            "b": cfg(3, ("lin0", "lin1"), alpha_pattern={"lin1": 1})})
+    combine_both(hf, ours, ["a", "b"], [1.2, -0.7], "m", combination_type=combination_type, density=0.5)
+    assert ours.peft_config["m"].rank_pattern == {} and ours.peft_config["m"].alpha_pattern == {}
+    assert_same_adapter(hf, ours, "mlp", "m")
