@@ -50,6 +50,8 @@ _LAZY = {
     "get_peft_config": "peft_kernel.mapping",
     "PEFT_TYPE_TO_CONFIG_MAPPING": "peft_kernel.mapping",
     "PEFT_TYPE_TO_TUNER_MAPPING": "peft_kernel.mapping",
+    "PEFT_TYPE_TO_MIXED_MODEL_MAPPING": "peft_kernel.mapping",
+    "PeftMixedModel": "peft_kernel.mixed_model",
     "MODEL_TYPE_TO_PEFT_MODEL_MAPPING": "peft_kernel.mapping",
     "load_peft_weights": "peft_kernel.peft_weights",
     "get_base_model_state_dict": "peft_kernel.base_state_dict",

@@ -70,8 +70,13 @@ def inject(
     adapter_name: str,
     registry: Registry | None = None,
     state_dict_keys: Any = None,
+    stack: bool = False,
 ) -> list[str]:
     """Add ``adapter_name`` built from ``config`` to ``model``; return the targeted module paths.
+
+    With ``stack`` (mixed models), a module already wrapped by an adapter layer of another method
+    gets the adapter in the layer of this method further down its chain of ``base_layer``s, or else
+    a new layer of this method wrapping the existing one (see :func:`_build_layers`).
 
     With ``state_dict_keys`` (the keys of a state dict, as HF PEFT's ``state_dict=`` argument), the
     modules to adapt are those the keys name (``<module>.<prefix>...``) instead of the config's
@@ -103,25 +108,69 @@ def inject(
     compress_target_modules(config, model, [name for name, _ in matched])
     with guarding_base_weights() as guard:  # an initialisation that rewrites base weights is undone on failure
         guard.save(config, [module for _, module in matched])
-        new_layers = _build_layers(matched, config, adapter_name, record, hook)
+        new_layers = _build_layers(matched, config, adapter_name, record, hook, stack)
     for name, layer in new_layers.items():
         _set_module(model, name, layer)
     for name, module in matched:
-        match_base_dtype(new_layers.get(name, module), adapter_name)
+        match_base_dtype(_holder(new_layers.get(name, module), adapter_name), adapter_name)
     wrap_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name)
     return [name for name, _ in matched]
 
 
-def _build_layers(matched: list[tuple[str, nn.Module]], config: Any, adapter_name: str, record: Any, hook: Any) -> dict[str, AdapterLayer]:
+def _holder(module: nn.Module, adapter_name: str) -> nn.Module:
+    """The adapter layer in ``module``'s chain of stacked layers that holds ``adapter_name``."""
+    layer = module
+    while isinstance(layer, AdapterLayer):
+        if layer.has_adapter(adapter_name):
+            return layer
+        layer = layer.base_layer
+    return module
+
+
+def _same_method_layer(module: nn.Module, peft_type: str) -> AdapterLayer | None:
+    """In a chain of stacked adapter layers (mixed models), the one of ``peft_type``, if any."""
+    layer = module
+    while isinstance(layer, AdapterLayer):
+        if not layer.peft_type or layer.peft_type == peft_type:
+            return layer
+        layer = layer.base_layer
+    return None
+
+
+def _innermost(module: nn.Module) -> nn.Module:
+    while isinstance(module, AdapterLayer):
+        module = module.base_layer
+    return module
+
+
+def _build_layers(matched: list[tuple[str, nn.Module]], config: Any, adapter_name: str, record: Any, hook: Any,
+                  stack: bool = False) -> dict[str, AdapterLayer]:
     """New adapter layers for the unwrapped modules, and the adapter added to already-wrapped ones;
-    on failure the adapter is taken out of the wrapped ones again (the model itself is not touched)."""
+    on failure the adapter is taken out of the wrapped ones again (the model itself is not touched).
+
+    With ``stack`` a wrapped module whose chain has no layer of this method gets a new layer built
+    for the innermost (plain) module, whose ``base_layer`` then becomes the existing adapter layer:
+    its forward runs the layers below, and merges reach the plain module's weight through them."""
     new_layers: dict[str, AdapterLayer] = {}
     for name, module in matched:
         if isinstance(module, AdapterLayer):
-            if module.peft_type and module.peft_type != record.peft_type:
+            if stack and _same_method_layer(module, record.peft_type) is None:
+                layer = hook.peft_kernel_create_layer(config=config, adapter_name=adapter_name,
+                                                      base_layer=_innermost(module), module_name=name)
+                if layer is None:
+                    raise TargetNotFoundError(
+                        f"module {name!r} of type {type(_innermost(module)).__name__} matched target_modules, but no "
+                        f"installed plugin can wrap it with a {record.peft_type} adapter."
+                    )
+                layer.peft_type = record.peft_type
+                layer.base_layer = module
+                new_layers[name] = layer
+                continue
+            if module.peft_type and module.peft_type != record.peft_type and not stack:
                 raise TargetNotFoundError(
                     f"module {name!r} already holds a {module.peft_type} adapter; one model mixes no adapter "
-                    f"types, so a {record.peft_type} adapter cannot be added to it."
+                    f"types, so a {record.peft_type} adapter cannot be added to it (use get_peft_model(..., "
+                    "mixed=True) / PeftMixedModel to mix methods)."
                 )
             continue
         layer = hook.peft_kernel_create_layer(config=config, adapter_name=adapter_name, base_layer=module, module_name=name)
@@ -136,9 +185,10 @@ def _build_layers(matched: list[tuple[str, nn.Module]], config: Any, adapter_nam
     updated: list[AdapterLayer] = []
     try:
         for name, module in matched:
-            if isinstance(module, AdapterLayer):
-                module.update_layer(adapter_name, config, module_name=name)
-                updated.append(module)
+            if isinstance(module, AdapterLayer) and name not in new_layers:
+                own = _same_method_layer(module, record.peft_type) if stack else module
+                own.update_layer(adapter_name, config, module_name=name)
+                updated.append(own)
     except BaseException:
         for layer in updated:
             layer.delete_adapter(adapter_name)
@@ -302,8 +352,11 @@ def replace_with_base(model: nn.Module, keep_trained_copies: bool) -> nn.Module:
     """Swap every adapter layer back for its base layer (merge first if that is wanted), and every
     ``modules_to_save`` wrapper for its active trained copy or, without ``keep_trained_copies``,
     for the original module. Adapter layers go first: a wrapper's swap changes the paths below it."""
-    for path, module in [(p, m) for p, m in walk_modules(model) if isinstance(m, AdapterLayer)]:
-        _set_module(model, path, base_of(module))
+    layers = [(p, m) for p, m in walk_modules(model) if isinstance(m, AdapterLayer)]
+    stacked = {id(m.base_layer) for _, m in layers}  # layers below another (mixed models) go with it
+    for path, module in layers:
+        if id(module) not in stacked:
+            _set_module(model, path, _innermost(module))
     for path, module in [(p, m) for p, m in walk_modules(model) if isinstance(m, ModulesToSaveWrapper)]:
         active = module.active_adapter
         keep = keep_trained_copies and active is not None

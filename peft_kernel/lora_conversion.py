@@ -68,6 +68,19 @@ def supports_lora_conversion(layer: AdapterLayer, adapter_name: str = "default")
     return isinstance(base, nn.Linear) or (conv1d is not None and isinstance(base, conv1d))
 
 
+def _adapter_layers(model: nn.Module) -> list[tuple[str, AdapterLayer]]:
+    """Adapter layers with the path their tensors are saved under: a layer stacked under another
+    (mixed models, ``<module>.base_layer``) goes by the outer layer's path."""
+    paths: dict[str, str] = {}
+    out = []
+    for path, module in walk_modules(model):
+        if isinstance(module, AdapterLayer):
+            parent, _, last = path.rpartition(".")
+            paths[path] = paths[parent] if last == "base_layer" and parent in paths else path
+            out.append((paths[path], module))
+    return out
+
+
 def _cutoff(S: torch.Tensor, threshold: float) -> int:
     """The smallest ``k`` whose top-``k`` squared singular values reach ``threshold`` of the total."""
     energy = torch.cumsum(S.double() ** 2, dim=0)
@@ -133,7 +146,7 @@ def convert_to_lora_with_errors(
     """:func:`convert_to_lora`, plus ``{module: relative error}`` with each converted layer's
     ``‖ΔW - BA‖_F / ‖ΔW‖_F`` (0 where the rank reaches the delta's true rank)."""
     _check_rank(rank)
-    layers = [(name, m) for name, m in walk_modules(model) if isinstance(m, AdapterLayer) and m.has_adapter(adapter_name)]
+    layers = [(name, m) for name, m in _adapter_layers(model) if m.has_adapter(adapter_name)]
     unsupported = sorted({repr(type(m)) for _, m in layers if not supports_lora_conversion(m, adapter_name)})
     if unsupported:
         raise TypeError(f"Some module types on this model do not support LoRA conversion: {', '.join(unsupported)}.")

@@ -27,14 +27,17 @@ def get_peft_model(
     low_cpu_mem_usage: bool = False,
 ) -> PeftModel:
     """Wrap ``model`` with a new adapter; the ``PeftModelFor*`` class follows ``peft_config.task_type``.
+    With ``mixed=True`` a :class:`~peft_kernel.mixed_model.PeftMixedModel` (adapters of several methods).
     With ``autocast_adapter_dtype`` (default) adapter tensors on a float16/bfloat16 base are float32."""
-    if mixed:
-        raise NotImplementedError("mixed adapter types (PeftMixedModel) are not supported yet; use one method per model.")
     name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None)
     if peft_config.base_model_name_or_path is None and name_or_path:
         peft_config.base_model_name_or_path = name_or_path
     if revision is not None:
         peft_config.revision = revision
+    if mixed:  # adapters of several methods on one model (HF PEFT's rule: no task class)
+        from peft_kernel.mixed_model import PeftMixedModel
+
+        return PeftMixedModel(model, peft_config, adapter_name=adapter_name)
     return TASK_CLASSES.get(peft_config.task_type, PeftModel)(
         model, peft_config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
         low_cpu_mem_usage=low_cpu_mem_usage,
@@ -113,3 +116,7 @@ MODEL_TYPE_TO_PEFT_MODEL_MAPPING: dict[str, type[PeftModel]] = {
     str(getattr(task, "value", task)): cls for task, cls in TASK_CLASSES.items()
 }
 """``{task_type: PeftModelFor*}``, as HF PEFT."""
+
+PEFT_TYPE_TO_MIXED_MODEL_MAPPING: Mapping[str, type] = _RegistryTable(_tuner)
+"""``{peft_type: tuner class}`` of the methods a ``PeftMixedModel`` can mix: every installed
+layer-adapter method (prompt-learning methods add no layers and cannot be mixed)."""

@@ -42,8 +42,14 @@ def adapter_tensors(model: nn.Module, adapter_name: str) -> dict[str, torch.Tens
     config = configs.get(adapter_name)
     bias_mode = getattr(config, "bias", "none")
     out: dict[str, torch.Tensor] = {}
+    layer_paths: dict[str, str] = {}
     for path, module in walk_modules(root):
         if isinstance(module, AdapterLayer):
+            # a layer stacked under another (mixed models: ``lin.base_layer``) saves under the outer
+            # layer's path, so every adapter keeps its single-method on-disk keys
+            parent, _, last = path.rpartition(".")
+            layer_paths[path] = layer_paths[parent] if last == "base_layer" and parent in layer_paths else path
+            path = layer_paths[path]
             for attr in module.adapter_layer_names:
                 container = getattr(module, attr)
                 if adapter_name not in container:

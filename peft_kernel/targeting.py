@@ -119,8 +119,11 @@ def is_linear(module: nn.Module) -> bool:
 
 
 def base_of(module: nn.Module) -> nn.Module:
-    """The wrapped layer of an adapter layer, else the module itself."""
-    return getattr(module, "base_layer", module)
+    """The wrapped layer of an adapter layer (the innermost one when layers are stacked, as in mixed
+    models), else the module itself."""
+    while getattr(module, "_modules", {}).get("base_layer") is not None:
+        module = module._modules["base_layer"]
+    return module
 
 
 def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:

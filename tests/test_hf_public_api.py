@@ -20,10 +20,6 @@ peft = pytest.importorskip("peft")
 
 # ---- deliberate exceptions ----------------------------------------------------------------------
 NOT_YET = {
-    # Mixed adapter types in one model (composition) are a later issue; get_peft_model(mixed=True)
-    # raises NotImplementedError saying so.
-    "PeftMixedModel": "mixed adapter types (composition) not built yet",
-    "PEFT_TYPE_TO_MIXED_MODEL_MAPPING": "mixed adapter types (composition) not built yet",
     # LoftQ initialisation (quantization-aware LoRA init) is not built.
     "replace_lora_weights_loftq": "LoftQ not built",
     # KappaTune's condition-number based target selection (peft.helpers) is not built.

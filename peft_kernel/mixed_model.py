@@ -1,0 +1,247 @@
+"""``PeftMixedModel``: adapters of different methods in one model (HF PEFT's ``get_peft_model(..., mixed=True)``).
+
+The kernel change is small and generic. A module already wrapped by an adapter layer of another
+method gets a new layer of the adding method *stacked* on top (``injection.inject(stack=True)``):
+the plugin builds its layer for the plain module, whose ``base_layer`` then becomes the existing
+adapter layer. Forward runs the layers below first, so the adapters of every method add up (HF
+PEFT nests its layers the same way); merges reach the plain module's weight through the chain.
+An adapter of a method already in the chain joins that method's layer instead of adding one more.
+In memory a stacked layer sits at ``<module>.base_layer``; on disk each adapter keeps its
+single-method keys (``state_dict.adapter_tensors`` saves a stacked layer under the outer layer's
+path), so checkpoints of HF PEFT's ``PeftModel`` load as they are.
+
+Beyond HF PEFT (whose ``PeftMixedModel.save_pretrained`` raises): :meth:`PeftMixedModel.save_pretrained`
+writes one sub-folder per adapter in HF's single-method format (each loads in HF PEFT with
+``PeftModel.from_pretrained`` or ``PeftMixedModel.load_adapter``) plus ``mixed_adapters.json``
+naming the adapters in stacking order and the active ones; :meth:`PeftMixedModel.from_pretrained`
+reads it back. Mixed batches (``adapter_names=[...]``) work too: every layer of the chain routes
+its own rows.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any, Sequence
+
+from torch import nn
+from tqdm.auto import tqdm
+
+from peft_kernel.config import PeftConfig
+from peft_kernel.errors import AdapterNameError
+from peft_kernel.injection import (
+    cast_adapter_dtype, check_adapter_name, inject, replace_with_base, set_trainable, settle_new_adapter,
+)
+from peft_kernel.layer import adapter_layers
+from peft_kernel.model import PeftModel, _gradient_checkpointing
+from peft_kernel.plugins import get_registry
+from peft_kernel.tuner import AdapterModel
+
+MANIFEST_NAME = "mixed_adapters.json"
+MANIFEST_FORMAT = "peft-kernel-mixed"
+
+
+def check_config_compatible(peft_config: PeftConfig) -> None:
+    """Layer-adapter methods mix; prompt-learning methods (virtual tokens, no layers) do not."""
+    record = get_registry().method_for_config(peft_config)
+    if record.supports("prompt_learning"):
+        peft_type = getattr(peft_config.peft_type, "value", peft_config.peft_type)
+        raise ValueError(
+            f"The provided `peft_type` '{peft_type}' is not compatible with the `PeftMixedModel`: only methods that "
+            "wrap layers (LoRA, LoHa, LoKr, OFT...) can be mixed, prompt-learning methods cannot."
+        )
+
+
+class MixedModel(AdapterModel):
+    """HF PEFT's ``MixedModel``: an :class:`AdapterModel` whose adapters may be of different methods."""
+
+    def _record(self) -> Any:
+        raise AttributeError("a mixed model has no single method (record); look at each adapter's config")
+
+    def _inject(self, adapter_name: str, peft_config: Any, state_dict: dict[str, Any] | None = None) -> None:
+        registry = get_registry()
+        check_config_compatible(peft_config)
+        check_adapter_name(adapter_name, self.peft_config, registry, peft_config)
+        targeted = inject(self.model, peft_config, adapter_name, registry, state_dict_keys=state_dict, stack=True)
+        self.targeted_module_names.extend(n for n in targeted if n not in self.targeted_module_names)
+        self.peft_config[adapter_name] = peft_config
+        if adapter_name in self._active:
+            set_trainable(self.model, self._active, self.peft_config)
+        else:
+            settle_new_adapter(self.model, adapter_name)
+
+    def _merge_inside_out(self, adapter_names: list[str] | None, safe_merge: bool, progressbar: bool = False) -> None:
+        """Merge layers below others first: a layer's forward applies its method to what the layers
+        below it produce, so a non-additive outer layer (OFT rotates the weight) must fold in after
+        them. (Unmerging in walk order, outer first, then undoes it exactly.)"""
+        if adapter_names is not None:
+            self._check_names(adapter_names)
+        layers = [layer for _, layer in adapter_layers(self.model)][::-1]
+        for layer in tqdm(layers, disable=not progressbar, desc="merging"):
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+
+    def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
+        self._merge_inside_out(adapter_names, safe_merge)
+
+    def merge_and_unload(
+        self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
+    ) -> nn.Module:
+        self._merge_inside_out(adapter_names, safe_merge, progressbar)
+        return replace_with_base(self.model, keep_trained_copies=True)
+
+    def delete_adapter(self, adapter_name: str | list[str]) -> None:
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        self._check_names(names)
+        for name in names:
+            super().delete_adapter(name)
+
+
+class PeftMixedModel(PeftModel):
+    """HF PEFT's ``PeftMixedModel``: LoRA, LoHa, LoKr, OFT... adapters on one model, several active at
+    once (``set_adapter([...])``); their outputs add up in the order the adapters were added."""
+
+    def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
+        nn.Module.__init__(self)
+        check_config_compatible(peft_config)
+        self.base_model: AdapterModel = MixedModel(model, peft_config, adapter_name)
+        self.special_peft_forward_args = {"adapter_names"}
+        self._adapters_disabled = False
+        cast_adapter_dtype(self.get_base_model(), adapter_name, True)
+        if _gradient_checkpointing(model):
+            self.prepare_model_for_gradient_checkpointing(model)
+        if hasattr(getattr(model, "config", None), "pretraining_tp"):
+            model.config.pretraining_tp = 1
+
+    def add_adapter(
+        self,
+        adapter_name: str,
+        peft_config: PeftConfig,
+        low_cpu_mem_usage: bool = False,
+        autocast_adapter_dtype: bool = True,
+    ) -> None:
+        """Add a new adapter of any layer method (it does not become active)."""
+        if adapter_name in self.peft_config:
+            raise AdapterNameError(f"Adapter with name '{adapter_name}' already exists.")
+        check_config_compatible(peft_config)
+        super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage, autocast_adapter_dtype)
+
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Activate one adapter or several (of any methods); they are applied in the order they were
+        added, whatever the order given here (as in HF PEFT)."""
+        names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
+        mismatched = set(names) - set(self.peft_config)
+        if mismatched:
+            raise AdapterNameError(
+                f"Adapter(s) {sorted(mismatched)} not found, available adapters: {sorted(self.peft_config)}"
+            )
+        self.base_model.set_adapter(names, inference_mode=inference_mode)
+
+    def delete_adapter(self, adapter_name: str | list[str]) -> None:
+        self.base_model.delete_adapter(adapter_name)
+
+    # ---- save / load (beyond HF PEFT) -----------------------------------------------------------
+    def save_pretrained(
+        self,
+        save_directory: str | os.PathLike,
+        safe_serialization: bool = True,
+        selected_adapters: list[str] | None = None,
+        is_main_process: bool = True,
+        **kwargs: Any,
+    ) -> None:
+        """Write every (or each selected) adapter into ``save_directory/<adapter name>/`` in HF PEFT's
+        single-method format, and ``mixed_adapters.json``: the adapters in the order they were added
+        (which is the stacking order), their methods and the active adapters. The whole folder is
+        replaced at once; HF PEFT's own ``PeftMixedModel.save_pretrained`` raises instead."""
+        from peft_kernel.checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, atomic_save_tensors, atomic_write_text
+        from peft_kernel.checkpoint_stage import staged_checkpoint
+        from peft_kernel.state_dict import get_peft_model_state_dict
+
+        if kwargs:
+            raise TypeError(f"PeftMixedModel.save_pretrained got unexpected keyword argument(s) {sorted(kwargs)}")
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterNameError(f"unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}.")
+        names = [n for n in self.peft_config if n in names]  # stacking order
+        if not is_main_process:
+            return
+        hook = get_registry().hook
+        weights_name = WEIGHTS_NAME if safe_serialization else PICKLE_WEIGHTS_NAME
+        with staged_checkpoint(save_directory) as stage:
+            for name in names:
+                config = self.peft_config[name]
+                tensors = get_peft_model_state_dict(self, adapter_name=name)
+                mapped = hook.peft_kernel_map_state_dict(config=config, state_dict=tensors, direction="save")
+                out = Path(stage) / name
+                out.mkdir(parents=True, exist_ok=True)
+                atomic_save_tensors(out / weights_name, mapped if mapped is not None else tensors, safe_serialization)
+                self._saved_config(config).save_pretrained(out)
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "version": 1,
+                "adapters": [
+                    {"name": n, "peft_type": str(getattr(self.peft_config[n].peft_type, "value", self.peft_config[n].peft_type)),
+                     "subfolder": n}
+                    for n in names
+                ],
+                "active_adapters": [n for n in self.active_adapters if n in names],
+            }
+            atomic_write_text(Path(stage) / MANIFEST_NAME, json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model: nn.Module,
+        model_id: str | os.PathLike,
+        adapter_name: str = "default",
+        is_trainable: bool = False,
+        config: PeftConfig | None = None,
+        **kwargs: Any,
+    ) -> PeftMixedModel:
+        """HF PEFT's ``PeftMixedModel.from_pretrained`` for one saved adapter (any layer method);
+        for a folder written by :meth:`save_pretrained` (it holds ``mixed_adapters.json``) every
+        adapter in it, in its stacking order, with the saved active adapters (``adapter_name`` and
+        ``config`` do not apply then)."""
+        manifest_path = Path(model_id) / MANIFEST_NAME
+        if config is None and manifest_path.is_file():
+            return cls._from_manifest(model, Path(model_id), json.loads(manifest_path.read_text()), is_trainable, kwargs)
+        if config is None:
+            config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"),
+                                                **{k: kwargs[k] for k in ("revision", "cache_dir", "token") if k in kwargs})
+        check_config_compatible(config)
+        config.inference_mode = not is_trainable
+        peft_model = cls(model, config, adapter_name)
+        try:
+            peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
+        except BaseException:
+            peft_model._host.release()
+            raise
+        return peft_model
+
+    @classmethod
+    def _from_manifest(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], is_trainable: bool,
+                       kwargs: dict[str, Any]) -> PeftMixedModel:
+        from peft_kernel.errors import CheckpointError
+
+        adapters = manifest.get("adapters") if isinstance(manifest, dict) else None
+        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(adapters, list) or not adapters:
+            raise CheckpointError(f"{folder / MANIFEST_NAME} is not a peft-kernel mixed-adapter manifest (or lists no adapter)")
+        peft_model = None
+        try:
+            for entry in adapters:
+                name, sub = entry.get("name"), entry.get("subfolder")
+                if not (isinstance(sub, str) and sub and "/" not in sub and "\\" not in sub and sub not in (".", "..")):
+                    raise CheckpointError(f"{folder / MANIFEST_NAME}: adapter {name!r} has no valid sub-folder ({sub!r})")
+                sub = folder / sub
+                if peft_model is None:
+                    peft_model = cls.from_pretrained(model, sub, name, is_trainable=is_trainable, **kwargs)
+                else:
+                    peft_model.load_adapter(sub, name, is_trainable=is_trainable, **kwargs)
+            active = manifest.get("active_adapters") or [adapters[0]["name"]]
+            peft_model.set_adapter(active, inference_mode=not is_trainable)
+        except BaseException:
+            if peft_model is not None:
+                peft_model._host.release()
+            raise
+        return peft_model

@@ -1,0 +1,172 @@
+"""``PeftMixedModel`` / ``get_peft_model(..., mixed=True)``: LoRA, LoHa, LoKr and OFT adapters on one
+model, stacked on shared layers, several active at once — against HF PEFT's ``PeftMixedModel``
+loading the same single-method checkpoints; plus what HF PEFT lacks: saving a mixed model (one
+HF-format sub-folder per adapter and a manifest) and mixed batches across methods."""
+
+from __future__ import annotations
+
+import json
+import warnings
+
+import pytest
+import torch
+
+import peft_kernel as pk
+from peft_kernel.testing import make_inputs, make_model
+from peft_kernel.testing.hf_oracle import hf_oracle, perturb
+
+peft = pytest.importorskip("peft")
+
+ORDER = ["a", "b", "c", "o"]
+
+
+def _hf_configs():
+    return {
+        "a": peft.LoraConfig(target_modules=["lin0", "lin1"], r=4),
+        "b": peft.LoHaConfig(target_modules=["lin0", "lin1"], r=4, init_weights=False),
+        "c": peft.LoKrConfig(target_modules=["lin1", "lin2"], r=4, init_weights=False),
+        "o": peft.OFTConfig(target_modules=["lin1"], r=2, oft_block_size=0, init_weights=False),
+    }
+
+
+@pytest.fixture(scope="module")
+def saved(tmp_path_factory):
+    """One HF PEFT checkpoint per method, all on the same MLP (lin1 gets all four methods)."""
+    folder = tmp_path_factory.mktemp("single")
+    with hf_oracle():
+        for i, (name, config) in enumerate(_hf_configs().items()):
+            model = peft.get_peft_model(make_model("mlp"), config)
+            perturb(model, seed=i)
+            model.save_pretrained(folder / name)
+    return folder
+
+
+def _load(lib, saved, names=ORDER):
+    model = lib.PeftMixedModel.from_pretrained(make_model("mlp"), saved / names[0], names[0])
+    for name in names[1:]:
+        model.load_adapter(saved / name, name)
+    return model
+
+
+ACTIVE = [["a"], ["b"], ["c"], ["o"], ["a", "b"], ["b", "c"], ["a", "b", "c"], ["a", "b", "c", "o"], ["o", "a"]]
+
+
+def test_loaded_adapters_equal_hf_mixed_model(saved):
+    inputs = make_inputs("mlp")
+    ours = _load(pk, saved)
+    assert type(ours).__name__ == "PeftMixedModel" and type(ours.base_model).__name__ == "MixedModel"
+    with hf_oracle():
+        hf = _load(peft, saved)
+    for active in ACTIVE:
+        ours.set_adapter(active)
+        with hf_oracle():
+            hf.set_adapter(active)
+            expected = hf(**inputs)
+        torch.testing.assert_close(ours(**inputs), expected, rtol=0, atol=1e-6, msg=str(active))
+    # layers stack as in HF PEFT: lin1 = OFT(LoKr(LoHa(LoRA(Linear))))
+    chain, layer = [], ours.base_model.model.lin1
+    while hasattr(layer, "base_layer"):
+        chain.append(layer.peft_type)
+        layer = layer.base_layer
+    assert chain == ["OFT", "LOKR", "LOHA", "LORA"]
+    with pytest.raises(ValueError, match="not found"):
+        ours.set_adapter(["a", "zzz"])
+
+
+def test_disable_merge_unload(saved):
+    inputs = make_inputs("mlp")
+    base = make_model("mlp")(**inputs)
+    ours = _load(pk, saved)
+    ours.set_adapter(["a", "b", "c", "o"])
+    adapted = ours(**inputs)
+    with ours.disable_adapter():
+        torch.testing.assert_close(ours(**inputs), base)
+    torch.testing.assert_close(ours(**inputs), adapted)
+    ours.merge_adapter()
+    torch.testing.assert_close(ours(**inputs), adapted, rtol=0, atol=1e-5)
+    ours.unmerge_adapter()
+    torch.testing.assert_close(ours(**inputs), adapted, rtol=0, atol=1e-5)
+    merged = ours.merge_and_unload()
+    assert not any(hasattr(m, "base_layer") for m in merged.modules())
+    torch.testing.assert_close(merged(**inputs), adapted, rtol=0, atol=1e-5)
+    unloaded = _load(pk, saved).unload()
+    assert not any(hasattr(m, "base_layer") for m in unloaded.modules())
+    torch.testing.assert_close(unloaded(**inputs), base)
+
+
+def test_get_peft_model_mixed_add_delete_and_trainability():
+    model = pk.get_peft_model(make_model("mlp"), pk.LoraConfig(target_modules=["lin0", "lin1"], r=4), mixed=True)
+    assert isinstance(model, pk.PeftMixedModel)
+    model.add_adapter("b", pk.LoHaConfig(target_modules=["lin1"], r=2))
+    model.add_adapter("a2", pk.LoraConfig(target_modules=["lin1"], r=2))  # joins the LoRA layer under LoHa
+    lin1 = model.base_model.model.lin1
+    assert lin1.peft_type == "LOHA" and lin1.base_layer.peft_type == "LORA"
+    assert sorted(lin1.base_layer.adapter_names()) == ["a2", "default"]
+    model.set_adapter(["default", "b"])
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert trainable and all(".default" in n or ".b" in n for n in trainable)
+    assert any(".b" in n for n in trainable) and any(".default" in n for n in trainable)
+    with pytest.raises(ValueError, match="already exists"):
+        model.add_adapter("b", pk.LoKrConfig(target_modules=["lin1"]))
+    model.delete_adapter(["b", "a2"])
+    assert sorted(model.peft_config) == ["default"]
+    with pytest.raises(ValueError, match="not compatible"):
+        model.add_adapter("p", pk.PromptTuningConfig(num_virtual_tokens=2, task_type="CAUSAL_LM", token_dim=16,
+                                                     num_transformer_submodules=1, num_attention_heads=2,
+                                                     num_layers=2))
+
+
+def test_plain_models_still_refuse_mixing():
+    model = pk.get_peft_model(make_model("mlp"), pk.LoraConfig(target_modules=["lin0"]))
+    with pytest.raises(pk.TargetNotFoundError, match="mixed=True"):
+        pk.inject_adapter_in_model(pk.LoHaConfig(target_modules=["lin0"]), model.base_model.model, "x")
+
+
+def test_save_pretrained_round_trip_and_hf_reads_each_subfolder(saved, tmp_path):
+    inputs = make_inputs("mlp")
+    ours = _load(pk, saved)
+    ours.set_adapter(["a", "b", "o"])
+    expected = ours(**inputs)
+    ours.save_pretrained(tmp_path / "mixed")
+    manifest = json.loads((tmp_path / "mixed" / "mixed_adapters.json").read_text())
+    assert [a["name"] for a in manifest["adapters"]] == ORDER
+    assert manifest["active_adapters"] == ["a", "b", "o"]
+    back = pk.PeftMixedModel.from_pretrained(make_model("mlp"), tmp_path / "mixed")
+    assert back.active_adapters == ["a", "b", "o"]
+    torch.testing.assert_close(back(**inputs), expected, rtol=0, atol=0)
+    # each sub-folder is an HF single-method checkpoint, bit-identical in tensors to the original
+    from safetensors.torch import load_file
+
+    for name in ORDER:
+        mine = load_file(tmp_path / "mixed" / name / "adapter_model.safetensors")
+        theirs = load_file(saved / name / "adapter_model.safetensors")
+        assert sorted(mine) == sorted(theirs)
+        assert all(torch.equal(mine[k], theirs[k]) for k in theirs)
+    with hf_oracle():
+        hf = _load(peft, tmp_path / "mixed")
+        hf.set_adapter(["a", "b", "o"])
+        torch.testing.assert_close(hf(**inputs), expected, rtol=0, atol=1e-6)
+
+
+def test_mixed_batches_across_methods(saved):
+    """Beyond HF PEFT (its mixed model has no adapter_names): each row gets its own adapter, whatever
+    its method, and equals a run with that adapter alone."""
+    inputs = make_inputs("mlp")
+    ours = _load(pk, saved).eval()
+    rows = ["a", "b", "c", "__base__"]
+    out = ours(**inputs, adapter_names=rows)
+    for i, name in enumerate(rows):
+        if name == "__base__":
+            expected = make_model("mlp")(**inputs)
+        else:
+            ours.set_adapter(name)
+            expected = ours(**inputs)
+        torch.testing.assert_close(out[i], expected[i], rtol=0, atol=1e-6)
+
+
+def test_convert_a_mixed_models_adapter_to_lora(saved):
+    ours = _load(pk, saved)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config, state, errors = pk.convert_to_lora_with_errors(ours, 4, adapter_name="b")
+    assert sorted(state) == sorted(f"base_model.model.{m}.lora_{x}.weight" for m in ("lin0", "lin1") for x in "AB")
