@@ -95,6 +95,18 @@ class MixedModel(AdapterModel):
         self._check_names(names)
         for name in names:
             super().delete_adapter(name)
+        self._drop_empty_layers()
+
+    def _drop_empty_layers(self) -> None:
+        """Take out adapter layers left with no adapter (the last adapter of their method was
+        deleted, or a failed load was rolled back), innermost first, so the model is as it was
+        before that method's first adapter arrived."""
+        from peft_kernel.injection import _set_module
+
+        for path, layer in reversed(list(adapter_layers(self.model))):
+            if not layer.adapter_names():
+                layer.unmerge()
+                _set_module(self.model, path, layer.base_layer)
 
 
 class PeftMixedModel(PeftModel):

@@ -170,3 +170,27 @@ def test_convert_a_mixed_models_adapter_to_lora(saved):
         warnings.simplefilter("ignore")
         config, state, errors = pk.convert_to_lora_with_errors(ours, 4, adapter_name="b")
     assert sorted(state) == sorted(f"base_model.model.{m}.lora_{x}.weight" for m in ("lin0", "lin1") for x in "AB")
+
+
+def test_deleting_a_methods_last_adapter_or_a_failed_load_leaves_no_layer_behind(saved, tmp_path):
+    import shutil
+
+    inputs = make_inputs("mlp")
+    ours = _load(pk, saved, ["a", "b"])
+    ours.set_adapter(["a", "b"])
+    expected = ours(**inputs)
+    structure = repr(ours.base_model.model)
+    bad = tmp_path / "bad"
+    shutil.copytree(saved / "c", bad)
+    from safetensors.torch import load_file, save_file
+
+    tensors = load_file(bad / "adapter_model.safetensors")
+    save_file({k: v[:1] for k, v in tensors.items()}, bad / "adapter_model.safetensors")  # wrong shapes
+    with pytest.raises(Exception):
+        ours.load_adapter(bad, "c")
+    assert "c" not in ours.peft_config and repr(ours.base_model.model) == structure
+    torch.testing.assert_close(ours(**inputs), expected, rtol=0, atol=0)
+    ours.delete_adapter("b")
+    assert all(getattr(m, "peft_type", "LORA") == "LORA" for m in ours.base_model.model.modules()
+               if hasattr(m, "base_layer"))
+    assert not hasattr(ours.base_model.model.lin1.base_layer, "base_layer")
