@@ -138,6 +138,13 @@ class PeftMixedModel(PeftModel):
         check_config_compatible(peft_config)
         super().add_adapter(adapter_name, peft_config, low_cpu_mem_usage, autocast_adapter_dtype)
 
+    def set_modules_to_save(self, peft_config: PeftConfig, adapter_name: str) -> None:
+        """HF PEFT's: wrap ``peft_config.modules_to_save`` for ``adapter_name`` (adding an adapter
+        already does this; kept for code that calls it)."""
+        from peft_kernel.injection import wrap_modules_to_save
+
+        wrap_modules_to_save(self.get_base_model(), getattr(peft_config, "modules_to_save", None), adapter_name)
+
     def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
         """Activate one adapter or several (of any methods); they are applied in the order they were
         added, whatever the order given here (as in HF PEFT)."""

@@ -194,3 +194,16 @@ def test_deleting_a_methods_last_adapter_or_a_failed_load_leaves_no_layer_behind
     assert all(getattr(m, "peft_type", "LORA") == "LORA" for m in ours.base_model.model.modules()
                if hasattr(m, "base_layer"))
     assert not hasattr(ours.base_model.model.lin1.base_layer, "base_layer")
+
+
+def test_trainable_parameters_equal_hf():
+    def build(lib):
+        model = lib.get_peft_model(make_model("mlp"), lib.LoraConfig(target_modules=["lin0", "lin1"], r=4), mixed=True)
+        model.add_adapter("b", lib.LoHaConfig(target_modules=["lin1"], r=2))
+        model.add_adapter("c", lib.LoKrConfig(target_modules=["lin1", "lin2"], r=2))
+        model.set_adapter(["default", "b"])
+        return model.get_nb_trainable_parameters()
+
+    with hf_oracle():
+        expected = build(peft)
+    assert build(pk) == expected
