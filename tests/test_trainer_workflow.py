@@ -189,3 +189,20 @@ def test_load_best_model_at_end_with_adapter_checkpoints(tmp_path, capsys):
         torch.testing.assert_close(live[key], value)
     with pytest.raises(Exception, match="no adapter checkpoint"):
         load_adapter_checkpoint(trainer.model, str(tmp_path))
+
+
+def test_a_peft_model_without_task_type_trains_with_the_integration_trainer(tmp_path):
+    """``get_peft_model(model, LoraConfig(...))`` without ``task_type`` is the plain ``PeftModel``, whose
+    ``forward(*args, **kwargs)`` names no input: the integration Trainer reads the names from the base
+    model, as transformers does for HF peft's models, so the columns survive and eval_loss is reported."""
+    from peft_kernel import LoraConfig, PeftModel, get_peft_model
+    from peft_kernel.integrations.transformers import Trainer
+
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    assert type(model) is PeftModel
+    trainer = Trainer(model=model, args=_args(tmp_path, "plain", max_steps=2, eval_strategy="steps", eval_steps=2, save_steps=2),
+                      train_dataset=TRAIN, eval_dataset=EVAL)
+    assert trainer.label_names == ["labels"]
+    trainer.train()
+    assert len(_losses(trainer)) == 2 and any("eval_loss" in e for e in trainer.state.log_history)
+    assert "adapter_model.safetensors" in os.listdir(tmp_path / "plain" / "checkpoint-2")

@@ -14,7 +14,9 @@ no change to the model alone can make the stock Trainer write or resume adapter-
 
 This module is the smallest addition that does: :class:`PeftKernelTrainerMixin` overrides exactly
 those three methods, and only for peft-kernel models (any other model goes to transformers' code
-unchanged). Use it with a one-import change::
+unchanged). For a ``PeftModel`` made without ``task_type`` (whose ``forward(*args, **kwargs)`` names
+no input) it also reads the input and label names from the base model's ``forward``, as the stock
+Trainer does for HF PEFT's models; with the stock Trainer such a model gets an empty batch. Use it with a one-import change::
 
     from peft_kernel.integrations.transformers import Trainer   # instead of: from transformers import Trainer
 
@@ -49,6 +51,13 @@ def is_peft_kernel_model(model: Any) -> bool:
     from peft_kernel.model import PeftModel
 
     return isinstance(model, PeftModel)
+
+
+def _generic_forward(model: nn.Module) -> bool:
+    """Whether ``model.forward`` takes ``*args`` (the task-less ``PeftModel``) rather than named inputs."""
+    import inspect
+
+    return any(p.kind is inspect.Parameter.VAR_POSITIONAL for p in inspect.signature(model.forward).parameters.values())
 
 
 def _adapter_folders(path: str | os.PathLike) -> dict[str, str | None]:
@@ -104,6 +113,30 @@ class PeftKernelTrainerMixin:
     ``_save``, ``_load_from_checkpoint`` and ``_load_best_model`` for peft-kernel models only; FSDP
     sharded and DeepSpeed checkpoints are left to transformers.
     """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        ours = self._peft_kernel_model()
+        if ours is not None and _generic_forward(ours):
+            # a PeftModel without task type: its forward(*args, **kwargs) names nothing, so read the base
+            # model's (HF's Trainer does the same for HF PEFT models)
+            from transformers.utils import can_return_loss, find_labels
+
+            base = type(ours.get_base_model())
+            if self.args.label_names is None:  # type: ignore[attr-defined]
+                self.label_names = find_labels(base)
+            self.can_return_loss = can_return_loss(base)
+
+    def _set_signature_columns_if_needed(self) -> None:
+        ours = self._peft_kernel_model()
+        if self._signature_columns is None and ours is not None and _generic_forward(ours):  # type: ignore[has-type]
+            import inspect
+
+            self._signature_columns = [
+                *inspect.signature(ours.get_base_model().forward).parameters,
+                *set(["label", "label_ids", *self.label_names]),  # type: ignore[has-type]
+            ]
+        super()._set_signature_columns_if_needed()  # type: ignore[misc]
 
     def _peft_kernel_model(self, model: nn.Module | None = None) -> nn.Module | None:
         model = self.model if model is None else model  # type: ignore[attr-defined]
