@@ -154,6 +154,10 @@ def convert_to_lora_with_errors(
         raise TypeError("Could not detect any layer that supports LoRA conversion.")
 
     configs = getattr(model, "peft_config", None)
+    if not isinstance(configs, dict):  # a model from inject_adapter_in_model
+        from peft_kernel.mapping import CONFIGS_ATTR
+
+        configs = model.__dict__.get(CONFIGS_ATTR)
     peft_config = configs.get(adapter_name) if isinstance(configs, dict) else None
     lora_config_class = _lora_config_class()
     if peft_config is not None and isinstance(peft_config, lora_config_class):

@@ -122,3 +122,39 @@ def test_signatures_match_hf():
         theirs = [(p.name, p.kind, p.default) for p in inspect.signature(getattr(peft, name)).parameters.values()]
         ours = [(p.name, p.kind, p.default) for p in inspect.signature(getattr(pk, name)).parameters.values()]
         assert ours == theirs, name
+
+
+def test_injected_model_equals_hf_and_progressbar_shows(capsys):
+    with hf_oracle():
+        hf = peft.inject_adapter_in_model(peft.LoHaConfig(target_modules=["lin0", "lin1"], init_weights=False),
+                                          make_model("mlp"))
+        hf_config, hf_state = peft.convert_to_lora(hf, 2)
+    ours = pk.inject_adapter_in_model(pk.LoHaConfig(target_modules=["lin0", "lin1"], init_weights=False),
+                                      make_model("mlp"))
+    with torch.no_grad():  # the same adapter tensors as HF's (keys without the adapter name)
+        for name, param in ours.named_parameters():
+            if "hada_" in name:
+                param.copy_(dict(hf.named_parameters())[name])
+    our_config, our_state = pk.convert_to_lora(ours, 2, progressbar=True)
+    assert "Converting to LoRA" in capsys.readouterr().err
+    assert sorted(our_state) == sorted(hf_state) == ["lin0.lora_A.weight", "lin0.lora_B.weight",
+                                                     "lin1.lora_A.weight", "lin1.lora_B.weight"]
+    for key in hf_state:
+        torch.testing.assert_close(our_state[key], hf_state[key], rtol=0, atol=1e-6)
+    assert _config_fields(our_config) == _config_fields(hf_config)
+
+
+def test_dora_converts_with_its_magnitude(tmp_path):
+    """Beyond HF (which converts only DoRA's s·BA): the true weight change, so at full rank the LoRA
+    reproduces the DoRA adapter."""
+    model = pk.get_peft_model(make_model("mlp"), pk.LoraConfig(target_modules=["lin0"], r=2, use_dora=True,
+                                                               init_lora_weights=False))
+    with torch.no_grad():
+        model.base_model.model.lin0.lora_magnitude_vector["default"].mul_(1.3)
+    inputs = make_inputs("mlp")
+    expected = model(**inputs)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        pk.save_as_lora(tmp_path / "lora", model, rank=10)
+    loaded = pk.PeftModel.from_pretrained(make_model("mlp"), tmp_path / "lora")
+    torch.testing.assert_close(loaded(**inputs), expected, rtol=0, atol=1e-5)
