@@ -41,8 +41,8 @@ def saved(tmp_path_factory):
     return folder
 
 
-def _load(lib, saved, names=ORDER):
-    model = lib.PeftMixedModel.from_pretrained(make_model("mlp"), saved / names[0], names[0])
+def _load(lib, saved, names=ORDER, kind="mlp"):
+    model = lib.PeftMixedModel.from_pretrained(make_model(kind), saved / names[0], names[0])
     for name in names[1:]:
         model.load_adapter(saved / name, name)
     return model
@@ -207,3 +207,35 @@ def test_trainable_parameters_equal_hf():
     with hf_oracle():
         expected = build(peft)
     assert build(pk) == expected
+
+
+def test_lora_and_dora_stacked_over_loha_on_a_transformer_equal_hf(tmp_path):
+    """LoRA (and DoRA) layers on top of LoHa/LoKr ones, in a tiny Llama; HF PEFT's numbers, and
+    mixed batches through the whole chain."""
+    configs = {
+        "h": peft.LoHaConfig(target_modules=["q_proj", "v_proj"], r=2, init_weights=False),
+        "k": peft.LoKrConfig(target_modules=["v_proj", "o_proj"], r=2, init_weights=False),
+        "l": peft.LoraConfig(target_modules=["q_proj", "v_proj"], r=2),
+        "d": peft.LoraConfig(target_modules=["v_proj"], r=2, use_dora=True),
+    }
+    with hf_oracle():
+        for i, (name, config) in enumerate(configs.items()):
+            model = peft.get_peft_model(make_model("llama"), config)
+            perturb(model, seed=10 + i)
+            model.save_pretrained(tmp_path / name)
+    names = list(configs)
+    inputs = make_inputs("llama")
+    ours = _load(pk, tmp_path, names, "llama").eval()
+    with hf_oracle():
+        hf = _load(peft, tmp_path, names, "llama").eval()
+    for active in (names, ["l", "h"], ["d", "k"]):
+        ours.set_adapter(active)
+        with hf_oracle():
+            hf.set_adapter(active)
+            expected = hf(**inputs).logits
+        torch.testing.assert_close(ours(**inputs).logits, expected, rtol=0, atol=1e-5, msg=str(active))
+    rows = ["h", "k", "l", "d"]
+    out = ours(**inputs, adapter_names=rows).logits
+    for i, name in enumerate(rows):
+        ours.set_adapter(name)
+        torch.testing.assert_close(out[i], ours(**inputs).logits[i], rtol=0, atol=1e-5)
