@@ -16,8 +16,17 @@ pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """The models are tiny: more CPU threads only add overhead (and contention on a busy machine)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="module")
-def default_run(tmp_path_factory):
+def default_run(one_thread, tmp_path_factory):
     """``peft-kernel finetune`` with nothing but an output folder (and no progress bar)."""
     out = tmp_path_factory.mktemp("finetune") / "out"
     assert main(["finetune", "--output", str(out), "--no-progress"]) == 0
