@@ -154,6 +154,13 @@ class PeftMixedModel(PeftModel):
             raise AdapterNameError(
                 f"Adapter(s) {sorted(mismatched)} not found, available adapters: {sorted(self.peft_config)}"
             )
+        from peft_kernel.layer import walk_modules
+        from peft_kernel.modules_to_save import ModulesToSaveWrapper
+
+        for _, module in walk_modules(self.get_base_model(), stop=(ModulesToSaveWrapper,)):
+            if isinstance(module, ModulesToSaveWrapper) and sum(n in module.modules_to_save for n in names) > 1:
+                raise ValueError(f"Only one adapter can be set at a time for {module}, got "
+                                 f"{sum(n in module.modules_to_save for n in names)}")  # HF PEFT's refusal
         self.base_model.set_adapter(names, inference_mode=inference_mode)
 
     def delete_adapter(self, adapter_name: str | list[str]) -> None:

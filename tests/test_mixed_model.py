@@ -239,3 +239,28 @@ def test_lora_and_dora_stacked_over_loha_on_a_transformer_equal_hf(tmp_path):
     for i, name in enumerate(rows):
         ours.set_adapter(name)
         torch.testing.assert_close(out[i], ours(**inputs).logits[i], rtol=0, atol=1e-5)
+
+
+def test_modules_to_save_per_adapter_equal_hf(tmp_path):
+    """Each method's adapter brings its own copy of a saved head; one may be active at a time, as in HF."""
+    configs = {"a": peft.LoraConfig(target_modules=["lin0", "lin1"], r=4, modules_to_save=["lin2"]),
+               "b": peft.LoHaConfig(target_modules=["lin0", "lin1"], r=4, init_weights=False, modules_to_save=["lin2"])}
+    with hf_oracle():
+        for i, (name, config) in enumerate(configs.items()):
+            model = peft.get_peft_model(make_model("mlp"), config)
+            perturb(model, seed=20 + i)
+            model.save_pretrained(tmp_path / name)
+    inputs = make_inputs("mlp")
+    ours = _load(pk, tmp_path, ["a", "b"])
+    with hf_oracle():
+        hf = _load(peft, tmp_path, ["a", "b"])
+    for name in ("a", "b"):
+        ours.set_adapter(name)
+        with hf_oracle():
+            hf.set_adapter(name)
+            expected = hf(**inputs)
+        torch.testing.assert_close(ours(**inputs), expected, rtol=0, atol=1e-6)
+        assert ({n for n, p in ours.named_parameters() if p.requires_grad}
+                == {n for n, p in hf.named_parameters() if p.requires_grad})
+    with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
+        ours.set_adapter(["a", "b"])
