@@ -171,3 +171,19 @@ def test_unknown_config_keys(tmp_path, capsys):
     yaml_file = tmp_path / "job.yaml"
     yaml_file.write_text("epochs: 2\nmethod: [lora\n")
     assert f"--config {yaml_file}: not valid YAML" in _error(capsys, ["--config", str(yaml_file)])
+
+
+def test_from_adapter_trains_a_saved_adapter_further(default_run, tmp_path, capsys):
+    out = tmp_path / "more"
+    assert main(["finetune", "--from-adapter", str(default_run), "--output", str(out), "--max-steps", "2",
+                 "--eval-split", "0", "--no-progress"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["global_step"] == 2 and metrics["peft_config"]["r"] == 8 and metrics["options"]["from_adapter"] == str(default_run)
+    from peft_kernel.peft_weights import load_peft_weights
+
+    start, trained = load_peft_weights(str(default_run), device="cpu"), load_peft_weights(str(out), device="cpu")
+    assert start.keys() == trained.keys() and any(not torch.equal(start[k], trained[k]) for k in start)
+    capsys.readouterr()
+    assert "is a lora adapter, not ia3" in _error(capsys, ["--from-adapter", str(default_run), "--method", "ia3"])
+    assert "the saved adapter's config is fixed; drop r" in _error(capsys, ["--from-adapter", str(default_run), "--peft", "r=2"])
+    assert "--from-adapter" in _error(capsys, ["--from-adapter", str(tmp_path / "nothing")])

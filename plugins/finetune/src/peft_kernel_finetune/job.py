@@ -49,9 +49,15 @@ def finetune(**options: Any) -> dict[str, Any]:
     unknown = sorted(set(options) - known)
     if unknown:
         raise TypeError(f"finetune() got unknown option(s) {unknown}; accepted: {sorted(known)}")
+    from peft_kernel_finetune.options import BY_KEY, _coerce
+
     namespace = argparse.Namespace(**{key: None for key in known})
     peft = options.pop("peft", None) or {}
+    if not isinstance(peft, dict):
+        raise CliError(f"peft=: expected a dict of the method's config fields, got {type(peft).__name__}")
     for key, value in options.items():
+        if value is not None and key in BY_KEY:
+            value = _coerce(BY_KEY[key], str(value) if BY_KEY[key].kind == "str" and isinstance(value, Path) else value, f"{key}=")
         setattr(namespace, key, value)
     settings = resolve(namespace)
     for key, value in peft.items():
@@ -79,6 +85,26 @@ def peft_config(settings: Settings, record: Any) -> Any:
     values.update(settings.peft)
     sources = sorted(set(settings.peft_sources.values())) or ["defaults"]
     return record.config_class.from_dict(values, source=" + ".join(sources))
+
+
+def adapter_method(settings: Settings) -> Any:
+    """``--from-adapter``: the saved adapter's method; ``--method`` (if not the default) must agree and
+    ``--peft`` fields cannot change a trained adapter."""
+    from peft_kernel.config import PeftConfig
+    from peft_kernel.errors import PeftKernelError
+
+    try:
+        saved = PeftConfig.from_pretrained(settings.from_adapter)
+    except (OSError, PeftKernelError, ValueError) as exc:
+        raise CliError(f"--from-adapter {settings.from_adapter}: {exc}") from None
+    peft_type = str(getattr(saved.peft_type, "value", saved.peft_type))
+    record = find_method(peft_type)
+    if settings.method.upper().replace("-", "_") not in (peft_type, "LORA"):
+        raise CliError(f"--from-adapter {settings.from_adapter} is a {peft_type.lower()} adapter, not {settings.method}")
+    if settings.peft:
+        raise CliError(f"--from-adapter {settings.from_adapter}: the saved adapter's config is fixed; drop "
+                       f"{', '.join(sorted(settings.peft))} from --peft / the config file's peft: section")
+    return record
 
 
 def resume_checkpoint(path: str | None) -> str | None:
@@ -263,14 +289,14 @@ def run(settings: Settings) -> dict[str, Any]:
     """Train, evaluate before and after, save the adapter, ``metrics.json`` and ``loss.png``;
     returns the metrics (every rank returns them; rank 0 writes the files)."""
     start = time.perf_counter()
-    record = find_method(settings.method)
+    record = find_method(settings.method) if settings.from_adapter is None else adapter_method(settings)
     if settings.fsdp:
         raise CliError("--fsdp: FSDP2 sharding is not supported by finetune yet; without it, torchrun runs "
                        "distributed data parallel (each process holds the whole model)")
     checkpoint = resume_checkpoint(settings.resume)
     examples = data_mod.read_examples(settings.data) if settings.data else data_mod.bundled_examples()
     data_name = settings.data or "bundled sentiment/topic sentences"
-    config = peft_config(settings, record)  # before torch: a bad field fails fast
+    config = peft_config(settings, record) if settings.from_adapter is None else None  # a bad field fails before torch loads
 
     import torch
     import transformers
@@ -295,7 +321,13 @@ def run(settings: Settings) -> dict[str, Any]:
                 model.save_pretrained(output / BASE_MODEL)
                 tokenizer.save_pretrained(output / BASE_MODEL)
         transformers.set_seed(settings.seed)
-        peft_model = get_peft_model(model, config)
+        if settings.from_adapter is None:
+            peft_model = get_peft_model(model, config)
+        else:  # continue training a saved adapter
+            from peft_kernel.model import PeftModelForCausalLM
+
+            peft_model = PeftModelForCausalLM.from_pretrained(model, settings.from_adapter, is_trainable=True)
+            config = peft_model.peft_config["default"]
         train_rows = data_mod.tokenize_all(train_examples, tokenizer, settings.max_length, data_name)
         eval_rows = data_mod.tokenize_all(eval_examples, tokenizer, settings.max_length, data_name)
 

@@ -81,6 +81,8 @@ OPTIONS: tuple[Option, ...] = (
     Option("eval-steps", "int", "evaluate every N steps (default: about 10 times per run)", metavar="N", check=_positive),
     Option("save-steps", "int", "write a checkpoint every N steps (default: at each evaluation); the last two are kept",
            metavar="N", check=_positive),
+    Option("from-adapter", "str", "start from a saved adapter (a folder save_pretrained wrote, or a Hub id) and train it "
+           "further; its config fixes the method and fields (QEfficient's from_peft_checkpoint)", metavar="DIR"),
     Option("resume", "str", "resume from a checkpoint folder (adapter, optimizer, scheduler), or from the newest "
            "checkpoint in a folder of checkpoints or an earlier --output", metavar="DIR"),
     Option("fsdp", "flag", "shard with FSDP2 under torchrun (not yet supported: DDP is what runs)", default=False),
@@ -127,6 +129,7 @@ class Settings:
     max_length: int
     eval_steps: int | None
     save_steps: int | None
+    from_adapter: str | None
     resume: str | None
     fsdp: bool
     no_progress: bool
