@@ -199,13 +199,7 @@ def set_peft_model_state_dict(
     ignored = hf_trained_copy_duplicates(model, peft_model_state_dict)
     if ignored:
         peft_model_state_dict = {k: v for k, v in peft_model_state_dict.items() if k not in ignored}
-    if targets and not any(k in targets for k in peft_model_state_dict):
-        raise CheckpointError(
-            f"none of the {len(peft_model_state_dict)} checkpoint key(s) belongs to adapter {adapter_name!r} of "
-            f"{type(model).__name__} (checkpoint: {sorted(peft_model_state_dict)[:4]}; expected keys look like "
-            f"{sorted(targets)[:4]}). Is it an adapter of another method or for another model?"
-        )
-    _warn_about_values(peft_model_state_dict, targets)
+    adapter_keys = set(targets)
     unexpected = sorted(k for k in peft_model_state_dict if k not in targets)
     if unexpected:  # keys of the model's own tensors (embedding layers saved with the adapter) load too, as in HF
         own = dict(model.state_dict(keep_vars=True))
@@ -218,6 +212,13 @@ def set_peft_model_state_dict(
             "Was the adapter trained on another base model or with other target_modules? "
             f"Expected keys look like: {sorted(targets)[:4]}"
         )
+    if adapter_keys and not any(k in adapter_keys for k in peft_model_state_dict):
+        raise CheckpointError(
+            f"none of the {len(peft_model_state_dict)} checkpoint key(s) belongs to adapter {adapter_name!r} of "
+            f"{type(model).__name__} (checkpoint: {sorted(peft_model_state_dict)[:4]}; expected keys look like "
+            f"{sorted(targets)[:4]}). Is it an adapter of another method or for another model?"
+        )
+    _warn_about_values(peft_model_state_dict, targets)
     mismatched = []
     for key, value in peft_model_state_dict.items():
         if tuple(value.shape) != tuple(targets[key].shape):
