@@ -331,9 +331,10 @@ _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 def _grouped_ok(stack: Stack, d_in: int, d_out: int) -> bool:
     """Whether ``torch._grouped_mm`` takes these operands: float32/16 and bfloat16 only, and every
-    matrix's row stride a multiple of 16 bytes."""
+    matrix's row stride a multiple of 16 bytes; torch before 2.8 has no ``_grouped_mm`` at all."""
     size = stack.A.element_size()
-    return stack.A.dtype in _GROUPED_DTYPES and all(d * size % 16 == 0 for d in (d_in, stack.r, d_out))
+    return (hasattr(torch, "_grouped_mm") and stack.A.dtype in _GROUPED_DTYPES
+            and all(d * size % 16 == 0 for d in (d_in, stack.r, d_out)))
 
 
 def _grouped(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, tokens: int) -> torch.Tensor:
