@@ -79,3 +79,17 @@ def test_a_command_without_handler_is_a_clear_error(isolated_registry, capsys):
                       disabled=[])
     assert main(["lonely"]) == 1
     assert "has no handler" in capsys.readouterr().err
+
+
+def test_building_the_cli_with_every_installed_command_stays_light():
+    """The parser (with every installed plugin's commands, finetune's included) imports no torch or
+    transformers: `peft-kernel list-plugins` and `--help` stay fast."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from peft_kernel.cli import build_parser; p = build_parser(); "
+            "print(sorted(p._subparsers._group_actions[0].choices)); "
+            "print([m for m in ('torch', 'transformers', 'matplotlib') if m in sys.modules])")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    commands, heavy = result.stdout.strip().splitlines()
+    assert "'inspect'" in commands and heavy == "[]", result.stdout + result.stderr

@@ -140,7 +140,10 @@ class PeftKernelTrainerMixin:
 
     def _peft_kernel_model(self, model: nn.Module | None = None) -> nn.Module | None:
         model = self.model if model is None else model  # type: ignore[attr-defined]
-        unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)  # type: ignore[attr-defined]
+        try:
+            unwrapped = self.accelerator.unwrap_model(model, keep_torch_compile=False)  # type: ignore[attr-defined]
+        except TypeError:  # accelerate before 1.2 has no keep_torch_compile
+            unwrapped = self.accelerator.unwrap_model(model)  # type: ignore[attr-defined]
         return unwrapped if is_peft_kernel_model(unwrapped) else None
 
     def _save(self, output_dir: str | None = None, state_dict: dict | None = None) -> None:
