@@ -123,6 +123,11 @@ def test_csv_and_plain_text(tmp_path, suffix):
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["eval"] == {"before": None, "after": None, "history": []}
     assert metrics["train_examples"] == 6 and metrics["peft_config"]["r"] == 2
+    if suffix == "txt":  # a fresh run into the same folder replaces the earlier run's checkpoints
+        (out / "checkpoints" / "checkpoint-99").mkdir()
+        assert main(["finetune", "--data", str(data), "--output", str(out), "--max-steps", "1", "--no-progress",
+                     "--eval-split", "0"]) == 0
+        assert sorted(p.name for p in (out / "checkpoints").iterdir()) == ["checkpoint-1"]
 
 
 # ---- bad input: one line naming the file / key and what is accepted ---------------------------

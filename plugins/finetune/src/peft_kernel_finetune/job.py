@@ -14,6 +14,7 @@ import json
 import logging
 import math
 import os
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -369,6 +370,13 @@ def run(settings: Settings) -> dict[str, Any]:
             ddp_find_unused_parameters=False,
             remove_unused_columns=False,
         )
+        stale = output / CHECKPOINTS
+        if checkpoint is None and int(os.environ.get("RANK", "0")) == 0 and stale.is_dir() and any(stale.iterdir()):
+            # a fresh run replaces the folder's adapter; an earlier run's checkpoints would be rotated together
+            # with this run's (by step number) and --resume would pick them up
+            print(f"finetune: removing the checkpoints of an earlier run in {stale} (use --resume to continue it)",
+                  file=sys.stderr)
+            shutil.rmtree(stale)
         first_eval = FirstEvaluation()
         trainer = Trainer(
             model=peft_model,
