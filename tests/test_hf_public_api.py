@@ -17,6 +17,7 @@ import peft_kernel as pk
 from peft_kernel.testing import make_model
 
 peft = pytest.importorskip("peft")
+_TRANSFORMERS_4 = int(__import__("transformers").__version__.split(".")[0]) < 5
 
 # ---- deliberate exceptions ----------------------------------------------------------------------
 NOT_YET = {
@@ -137,6 +138,8 @@ def test_peft_model_public_methods_match_hf(cls_name):
             continue
         assert hasattr(ours, name), f"{cls_name}.{name} is missing"
         func = value.__func__ if isinstance(value, (classmethod, staticmethod)) else value
+        if getattr(func, "__module__", "").startswith("transformers.") and _TRANSFORMERS_4:
+            continue  # HF inherits it from transformers (push_to_hub); ours follows transformers 5's signature
         if callable(func) and not isinstance(value, property):
             _assert_same_signature(func, getattr(ours, name), f"PeftModel.{name}" if cls_name == "PeftModel" or name in (
                 "load_adapter", "from_pretrained") else f"{cls_name}.{name}")

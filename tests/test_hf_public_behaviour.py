@@ -164,6 +164,9 @@ def test_seq2seq_forward_and_keyword_generate_match_hf():
         ours.generate(inputs["input_ids"])  # HF's Seq2Seq generate takes keywords only
 
 
+@pytest.mark.skipif(int(__import__("transformers").__version__.split(".")[0]) < 5,
+                    reason="on transformers 4.x HF peft also drops cache_position from the base model's inputs; "
+                           "generate itself is compared with HF's on every version")
 def test_prepare_inputs_for_generation_delegates_as_hf():
     hf, ours = pair("llama", target_modules=["q_proj"], task_type="CAUSAL_LM")
     ids = make_inputs("llama")["input_ids"]
