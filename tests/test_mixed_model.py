@@ -264,3 +264,96 @@ def test_modules_to_save_per_adapter_equal_hf(tmp_path):
                 == {n for n, p in hf.named_parameters() if p.requires_grad})
     with pytest.raises(ValueError, match="Only one adapter can be set at a time"):
         ours.set_adapter(["a", "b"])
+
+
+@pytest.mark.parametrize("kind", ["conv1d", "conv2d"])
+def test_lora_loha_lokr_stacked_on_convs_equal_hf(kind, tmp_path):
+    """LoHa/LoKr pick the convolution from the plain conv at the bottom of the chain (not from the
+    adapter layer directly below them): a Conv1d stack once ran F.conv2d."""
+    configs = {"a": peft.LoraConfig(target_modules=["conv0", "conv1"], r=2),
+               "b": peft.LoHaConfig(target_modules=["conv0", "conv1"], r=2, init_weights=False),
+               "c": peft.LoKrConfig(target_modules=["conv1"], r=2, init_weights=False)}
+    with hf_oracle():
+        for i, (name, config) in enumerate(configs.items()):
+            model = peft.get_peft_model(make_model(kind), config)
+            perturb(model, seed=30 + i)
+            model.save_pretrained(tmp_path / name)
+    inputs = make_inputs(kind)
+    ours = _load(pk, tmp_path, list(configs), kind)
+    with hf_oracle():
+        hf = _load(peft, tmp_path, list(configs), kind)
+    for active in (["a", "b", "c"], ["b", "c"]):
+        ours.set_adapter(active)
+        with hf_oracle():
+            hf.set_adapter(active)
+            expected = hf(**inputs)
+        torch.testing.assert_close(ours(**inputs), expected, rtol=0, atol=1e-5, msg=str(active))
+    merged = ours.merge_and_unload()
+    torch.testing.assert_close(merged(**inputs), expected, rtol=0, atol=1e-5)
+
+
+def _ia3_oracle(x, weight, bias, lora_delta, l, feedforward, ia3_below):
+    """The hand formula for one nn.Linear with a LoRA adapter (delta ``lora_delta`` = s*B@A) and an
+    (IA)^3 vector ``l`` stacked on it: each layer applies its method to what the layers below give."""
+    if ia3_below:  # LoRA(IA3(linear))
+        inner = (x * l) @ weight.T + bias if feedforward else (x @ weight.T + bias) * l
+        return inner + x @ lora_delta.T
+    # IA3(LoRA(linear))
+    if feedforward:
+        return (x * l) @ (weight + lora_delta).T + bias
+    return (x @ (weight + lora_delta).T + bias) * l
+
+
+@pytest.mark.parametrize("feedforward", [False, True])
+@pytest.mark.parametrize("ia3_below", [False, True])
+def test_ia3_stacks_with_lora_against_the_hand_formula(feedforward, ia3_below):
+    """Beyond HF PEFT (its PeftMixedModel refuses IA3): (IA)^3 scales the output (or the input, for
+    feedforward modules) of whatever is below it, so it stacks with additive methods either way.
+    Checked against the formula, merged and unmerged, and in mixed batches."""
+    torch.manual_seed(0)
+    lora = pk.LoraConfig(target_modules=["lin1"], r=2, init_lora_weights=False)
+    ia3 = pk.IA3Config(target_modules=["lin1"], feedforward_modules=["lin1"] if feedforward else [],
+                       init_ia3_weights=False)
+    first, second = (("i", ia3), ("l", lora)) if ia3_below else (("l", lora), ("i", ia3))
+    model = pk.get_peft_model(make_model("mlp"), first[1], adapter_name=first[0], mixed=True).eval()
+    model.add_adapter(*second)
+    model.set_adapter(["l", "i"])
+    lin1 = model.base_model.model.lin1
+    assert (lin1.peft_type, lin1.base_layer.peft_type) == (("LORA", "IA3") if ia3_below else ("IA3", "LORA"))
+    lora_layer = lin1 if lin1.peft_type == "LORA" else lin1.base_layer
+    ia3_layer = lin1 if lin1.peft_type == "IA3" else lin1.base_layer
+    plain = lora_layer.base_layer if ia3_layer is lin1 else ia3_layer.base_layer
+    weight, bias = plain.weight.detach().clone(), plain.bias.detach().clone()
+    delta = (lora_layer.lora_B["l"].weight @ lora_layer.lora_A["l"].weight * lora_layer.scaling["l"]).detach()
+    l = ia3_layer.ia3_l["i"].detach().flatten()
+    h = torch.randn(4, weight.shape[1])
+    expected = _ia3_oracle(h, weight, bias, delta, l, feedforward, ia3_below)
+    torch.testing.assert_close(lin1(h), expected, rtol=0, atol=1e-5)
+    inputs = make_inputs("mlp")
+    # each row on its own adapter (or the base) equals a run with that adapter alone
+    rows = ["l", "i", "__base__", "l"]
+    out = model(**inputs, adapter_names=rows)
+    for i, name in enumerate(rows):
+        if name == "__base__":
+            with model.disable_adapter():
+                single = model(**inputs)
+        else:
+            model.set_adapter(name)
+            single = model(**inputs)
+        torch.testing.assert_close(out[i], single[i], rtol=0, atol=1e-6)
+    model.set_adapter(["l", "i"])
+    adapted = model(**inputs)
+    model.merge_adapter()
+    torch.testing.assert_close(lin1(h), expected, rtol=0, atol=1e-5)
+    model.unmerge_adapter()
+    torch.testing.assert_close(plain.weight, weight, rtol=0, atol=1e-5)
+    torch.testing.assert_close(plain.bias, bias, rtol=0, atol=1e-5)
+    torch.testing.assert_close(model.merge_and_unload()(**inputs), adapted, rtol=0, atol=1e-5)
+
+
+def test_hf_mixed_model_refuses_ia3_ours_accepts_it():
+    with pytest.raises(ValueError, match="not compatible"):
+        peft.PeftMixedModel(make_model("mlp"), peft.IA3Config(target_modules=["lin0"], feedforward_modules=[]))
+    model = pk.PeftMixedModel(make_model("mlp"), pk.IA3Config(target_modules=["lin0"], feedforward_modules=[]))
+    model.add_adapter("l", pk.LoraConfig(target_modules=["lin0"]))
+    assert model.base_model.model.lin0.peft_type == "LORA"

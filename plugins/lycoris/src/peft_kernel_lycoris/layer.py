@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.layer import AdapterLayer
-from peft_kernel.targeting import pattern_value
+from peft_kernel.targeting import base_of, pattern_value
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 """What HF PEFT wraps for LoHa and LoKr (nothing else: no Embedding, Conv3d or GPT-2 Conv1D)."""
@@ -128,7 +128,7 @@ class LycorisLayer(AdapterLayer):
         """The base layer's operation with ``weight`` in place of its weight and no bias."""
         if not self.is_conv:
             return F.linear(x, weight)
-        base = self.base_layer
+        base = base_of(self)  # the plain conv, also under other adapter layers (mixed models)
         conv = F.conv1d if isinstance(base, nn.Conv1d) else F.conv2d
         return conv(x, weight, None, base.stride, base.padding, base.dilation, base.groups)
 
