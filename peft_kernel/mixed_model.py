@@ -66,10 +66,24 @@ class MixedModel(AdapterModel):
         targeted = inject(self.model, peft_config, adapter_name, registry, state_dict_keys=state_dict, stack=True)
         self.targeted_module_names.extend(n for n in targeted if n not in self.targeted_module_names)
         self.peft_config[adapter_name] = peft_config
+        self._refuse_unstackable(adapter_name)
         if adapter_name in self._active:
             set_trainable(self.model, self._active, self.peft_config)
         else:
             settle_new_adapter(self.model, adapter_name)
+
+    def _refuse_unstackable(self, adapter_name: str) -> None:
+        """Take ``adapter_name`` out again and raise if it put a layer that declares it cannot wrap
+        another adapter layer (``stack_refusal``: it does not run its ``base_layer``) on top of one."""
+        from peft_kernel.layer import AdapterLayer
+
+        for path, layer in adapter_layers(self.model):
+            reason = getattr(type(layer), "stack_refusal", None)
+            if reason and isinstance(layer._modules.get("base_layer"), AdapterLayer) and adapter_name in layer.adapter_names():
+                below = layer.base_layer.peft_type
+                self.delete_adapter(adapter_name)
+                raise ValueError(f"{layer.peft_type} adapter {adapter_name!r} cannot be stacked on the {below} adapter "
+                                 f"layer at {path!r}: {reason}.")
 
     def _merge_inside_out(self, adapter_names: list[str] | None, safe_merge: bool, progressbar: bool = False) -> None:
         """Merge layers below others first: a layer's forward applies its method to what the layers
@@ -78,7 +92,7 @@ class MixedModel(AdapterModel):
         if adapter_names is not None:
             self._check_names(adapter_names)
         layers = [layer for _, layer in adapter_layers(self.model)][::-1]
-        for layer in tqdm(layers, disable=not progressbar, desc="merging"):
+        for layer in tqdm(layers, disable=not progressbar, desc="Unloading and merging model"):
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:

@@ -341,7 +341,7 @@ class AdapterModel(nn.Module):
         if adapter_names is not None:
             self._check_names(adapter_names)
         layers = list(adapter_layers(self.model))
-        for _, layer in tqdm(layers, disable=not progressbar, desc="merging"):
+        for _, layer in tqdm(layers, disable=not progressbar, desc="Unloading and merging model"):
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
         return replace_with_base(self.model, keep_trained_copies=True)
 

@@ -357,3 +357,27 @@ def test_hf_mixed_model_refuses_ia3_ours_accepts_it():
     model = pk.PeftMixedModel(make_model("mlp"), pk.IA3Config(target_modules=["lin0"], feedforward_modules=[]))
     model.add_adapter("l", pk.LoraConfig(target_modules=["lin0"]))
     assert model.base_model.model.lin0.peft_type == "LORA"
+
+
+def test_oft_on_conv2d_refuses_to_stack_over_another_adapter_but_may_sit_below(tmp_path):
+    """OFT's Conv2d layer runs the rotated convolution itself (it never calls the layer below), so on
+    top of a LoRA layer it would drop the LoRA: refused (the layer declares ``stack_refusal``), and
+    the model is left as it was, for add_adapter and load_adapter alike. Below other methods it works,
+    and merging agrees with the unmerged forward."""
+    inputs = make_inputs("conv2d")
+    model = pk.get_peft_model(make_model("conv2d"), pk.LoraConfig(target_modules=["conv0", "conv1"],
+                                                                  init_lora_weights=False), mixed=True).eval()
+    structure, expected = repr(model), model(**inputs)
+    oft = pk.OFTConfig(target_modules=["conv1"], r=2, oft_block_size=0, init_weights=False)
+    with pytest.raises(ValueError, match="cannot be stacked on the LORA adapter layer at 'conv1'"):
+        model.add_adapter("o", oft)
+    pk.get_peft_model(make_model("conv2d"), oft).save_pretrained(tmp_path / "o")
+    with pytest.raises(ValueError, match="add the OFT adapter for Conv2d modules first"):
+        model.load_adapter(tmp_path / "o", "o")
+    assert sorted(model.peft_config) == ["default"] and repr(model) == structure
+    torch.testing.assert_close(model(**inputs), expected, rtol=0, atol=0)
+    below = pk.get_peft_model(make_model("conv2d"), oft, adapter_name="o", mixed=True).eval()
+    below.add_adapter("l", pk.LoraConfig(target_modules=["conv0", "conv1"], init_lora_weights=False))
+    below.set_adapter(["o", "l"])
+    adapted = below(**inputs)
+    torch.testing.assert_close(below.merge_and_unload()(**inputs), adapted, rtol=0, atol=1e-5)

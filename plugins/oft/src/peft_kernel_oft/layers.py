@@ -188,6 +188,13 @@ class Conv2d(OFTLayer):
     """OFT for ``nn.Conv2d``: the rotation acts on the ``in_channels * kh * kw`` patch features,
     folded into the kernel for each forward."""
 
+    stack_refusal = (
+        "OFT on a Conv2d rotates the plain conv's kernel and runs that convolution itself, so it cannot sit on "
+        "top of another method's adapter layer (the adapters below would be skipped); in a mixed model add the "
+        "OFT adapter for Conv2d modules first (other methods may stack on top of it), or leave those modules out"
+    )
+    """Read by mixed models: why this layer cannot be stacked over other adapter layers."""
+
     def __init__(self, base_layer: nn.Conv2d) -> None:
         if base_layer.groups != 1:
             raise NotImplementedError(f"OFT for grouped convolutions (groups={base_layer.groups}) is not supported")
