@@ -72,6 +72,24 @@ class MixedModel(AdapterModel):
         else:
             settle_new_adapter(self.model, adapter_name)
 
+    def add_weighted_adapter(self, adapters: list[str], weights: list[float], adapter_name: str, *args: Any,
+                             **kwargs: Any) -> None:
+        """Beyond HF PEFT (its ``MixedModel`` raises ``NotImplementedError``): combine adapters of *one*
+        method, as :meth:`AdapterModel.add_weighted_adapter` does in a plain model (the method's
+        combine hook decides which methods can). Adapters of different methods are refused: their
+        tensors have no common form to add up."""
+        methods = {}
+        for name in adapters:
+            if name in self.peft_config:
+                peft_type = self.peft_config[name].peft_type
+                methods[name] = str(getattr(peft_type, "value", peft_type))
+        if len(set(methods.values())) > 1:
+            raise ValueError(
+                f"add_weighted_adapter combines adapters of one method, got {methods}: adapters of different "
+                "methods cannot be combined (convert them to LoRA first with convert_to_lora, then combine the LoRAs)."
+            )
+        super().add_weighted_adapter(adapters, weights, adapter_name, *args, **kwargs)
+
     def _refuse_unstackable(self, adapter_name: str) -> None:
         """Take ``adapter_name`` out again and raise if it put a layer that declares it cannot wrap
         another adapter layer (``stack_refusal``: it does not run its ``base_layer``) on top of one."""

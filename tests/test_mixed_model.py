@@ -381,3 +381,32 @@ def test_oft_on_conv2d_refuses_to_stack_over_another_adapter_but_may_sit_below(t
     below.set_adapter(["o", "l"])
     adapted = below(**inputs)
     torch.testing.assert_close(below.merge_and_unload()(**inputs), adapted, rtol=0, atol=1e-5)
+
+
+def test_add_weighted_adapter_combines_one_methods_adapters_and_refuses_mixing_methods():
+    """Beyond HF PEFT (its MixedModel raises NotImplementedError): LoRA adapters of a mixed model
+    combine as in a plain model; a LoRA and a LoHa adapter are refused with a clear error."""
+    inputs = make_inputs("mlp")
+
+    def build(mixed):
+        torch.manual_seed(0)
+        model = pk.get_peft_model(make_model("mlp"), pk.LoraConfig(target_modules=["lin0", "lin1"], r=2,
+                                                                   init_lora_weights=False), mixed=mixed)
+        model.add_adapter("b", pk.LoraConfig(target_modules=["lin0", "lin1"], r=2, init_lora_weights=False))
+        return model.eval()
+
+    with hf_oracle():
+        hf = peft.get_peft_model(make_model("mlp"), peft.LoraConfig(target_modules=["lin0"]), mixed=True)
+        hf.add_adapter("b", peft.LoraConfig(target_modules=["lin0"]))
+        with pytest.raises(NotImplementedError):
+            hf.base_model.add_weighted_adapter(["default", "b"], [0.5, 0.5], "c")
+    plain, mixed = build(False), build(True)
+    for model in (plain, mixed):
+        model.base_model.add_weighted_adapter(["default", "b"], [0.7, 0.4], "c", combination_type="linear")
+        model.set_adapter("c")
+    torch.testing.assert_close(mixed(**inputs), plain(**inputs), rtol=0, atol=0)
+    mixed.add_adapter("h", pk.LoHaConfig(target_modules=["lin1"], r=2))
+    structure = repr(mixed)
+    with pytest.raises(ValueError, match="adapters of different methods cannot be combined"):
+        mixed.base_model.add_weighted_adapter(["default", "h"], [0.5, 0.5], "d", combination_type="linear")
+    assert "d" not in mixed.peft_config and repr(mixed) == structure
