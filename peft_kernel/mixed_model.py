@@ -109,9 +109,43 @@ class MixedModel(AdapterModel):
         them. (Unmerging in walk order, outer first, then undoes it exactly.)"""
         if adapter_names is not None:
             self._check_names(adapter_names)
-        layers = [layer for _, layer in adapter_layers(self.model)][::-1]
+        found = list(adapter_layers(self.model))
+        layers = [layer for _, layer in found][::-1]
         for layer in tqdm(layers, disable=not progressbar, desc="Unloading and merging model"):
             layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+        self._warn_merged_above_unmerged(found)
+
+    @staticmethod
+    def _warn_merged_above_unmerged(found: list[tuple[str, Any]]) -> None:
+        """A layer's forward applies its method to what the layers below give; once merged, its
+        weight change is folded into the plain module and so also passes through every *unmerged*
+        layer below it. That is exact for additive methods only: warn (HF PEFT gives the same
+        numbers, silently) when a merged layer sits above one whose active adapters stay unmerged."""
+        import warnings
+
+        below = {id(layer._modules.get("base_layer")) for _, layer in found}
+        for path, top in found:
+            if id(top) in below:
+                continue  # not the outermost layer of its chain
+            chain, layer = [], top
+            while hasattr(layer, "merged_adapters"):
+                chain.append(layer)
+                layer = layer._modules.get("base_layer")
+            merged_above = None
+            for layer in chain:  # outermost first
+                unmerged_active = [a for a in layer._active_adapters
+                                   if layer.has_adapter(a) and a not in layer.merged_adapters]
+                if merged_above is not None and unmerged_active:
+                    warnings.warn(
+                        f"{path}: the {merged_above.peft_type} layer was merged while the {layer.peft_type} layer below "
+                        f"it keeps active unmerged adapter(s) {unmerged_active}; unless both methods are additive "
+                        "(LoRA without DoRA, LoHa, LoKr) the output now differs from the unmerged model (OFT, IA3 and "
+                        "DoRA apply to what is below them). Merge the layers below too (merge inside out).",
+                        UserWarning, stacklevel=4,
+                    )
+                    break
+                if layer.merged_adapters:
+                    merged_above = layer
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         self._merge_inside_out(adapter_names, safe_merge)

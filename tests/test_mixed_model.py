@@ -410,3 +410,26 @@ def test_add_weighted_adapter_combines_one_methods_adapters_and_refuses_mixing_m
     with pytest.raises(ValueError, match="adapters of different methods cannot be combined"):
         mixed.base_model.add_weighted_adapter(["default", "h"], [0.5, 0.5], "d", combination_type="linear")
     assert "d" not in mixed.peft_config and repr(mixed) == structure
+
+
+@pytest.mark.parametrize("order, merge, differs", [("lo", ["o"], True), ("ol", ["l"], True), ("lo", ["l"], False),
+                                                   ("ol", ["o"], False), ("lo", None, False)])
+def test_merging_a_layer_above_an_unmerged_one_warns(order, merge, differs):
+    """A merged outer layer's change also passes through the unmerged layers below it: exact for
+    additive methods only. HF PEFT's mixed model gives the same numbers silently; here it warns.
+    Merging inside out (a layer below, or everything) is exact and quiet."""
+    inputs = make_inputs("mlp")
+    torch.manual_seed(0)
+    configs = {"l": pk.LoraConfig(target_modules=["lin1"], init_lora_weights=False),
+               "o": pk.OFTConfig(target_modules=["lin1"], r=2, oft_block_size=0, init_weights=False)}
+    model = pk.get_peft_model(make_model("mlp"), configs[order[0]], adapter_name=order[0], mixed=True).eval()
+    model.add_adapter(order[1], configs[order[1]])
+    model.set_adapter(list(order))
+    expected = model(**inputs)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.merge_adapter(adapter_names=merge)
+    warned = [w for w in caught if "merge inside out" in str(w.message)]
+    assert bool(warned) == differs
+    close = torch.allclose(model(**inputs), expected, rtol=0, atol=1e-5)
+    assert close != differs
