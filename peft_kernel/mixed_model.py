@@ -15,7 +15,13 @@ writes one sub-folder per adapter in HF's single-method format (each loads in HF
 ``PeftModel.from_pretrained`` or ``PeftMixedModel.load_adapter``) plus ``mixed_adapters.json``
 naming the adapters in stacking order and the active ones; :meth:`PeftMixedModel.from_pretrained`
 reads it back. Mixed batches (``adapter_names=[...]``) work too: every layer of the chain routes
-its own rows.
+its own rows. IA3 mixes too (HF PEFT refuses it): it scales what the layers below it give (or its
+input, for feedforward modules). ``add_weighted_adapter`` combines adapters of one method (HF's
+mixed model raises).
+
+Refused or warned: a layer class may declare ``stack_refusal`` (OFT on a Conv2d runs the rotated
+convolution itself, so it cannot sit above another adapter layer; it may sit below); merging a layer
+above one whose active adapters stay unmerged warns (exact for additive methods only).
 """
 
 from __future__ import annotations

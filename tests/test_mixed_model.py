@@ -433,3 +433,21 @@ def test_merging_a_layer_above_an_unmerged_one_warns(order, merge, differs):
     assert bool(warned) == differs
     close = torch.allclose(model(**inputs), expected, rtol=0, atol=1e-5)
     assert close != differs
+
+
+@pytest.mark.parametrize("kind, targets", [("mlp", ["lin0", "lin1"]), ("conv2d", ["conv0", "conv1"])])
+def test_ia3_in_a_three_method_stack_saves_loads_and_merges(kind, targets, tmp_path):
+    inputs = make_inputs(kind)
+    torch.manual_seed(0)
+    model = pk.get_peft_model(make_model(kind), pk.LoraConfig(target_modules=targets, init_lora_weights=False),
+                              mixed=True).eval()
+    model.add_adapter("i", pk.IA3Config(target_modules=targets, feedforward_modules=targets[:1], init_ia3_weights=False))
+    model.add_adapter("h", pk.LoHaConfig(target_modules=targets, init_weights=False))
+    model.set_adapter(["default", "i", "h"])
+    expected = model(**inputs)
+    with model.disable_adapter():
+        assert not torch.allclose(model(**inputs), expected)
+    model.save_pretrained(tmp_path / "mixed")
+    back = pk.PeftMixedModel.from_pretrained(make_model(kind), tmp_path / "mixed").eval()
+    torch.testing.assert_close(back(**inputs), expected, rtol=0, atol=0)
+    torch.testing.assert_close(model.merge_and_unload()(**inputs), expected, rtol=0, atol=1e-5)
