@@ -111,7 +111,8 @@ class PeftKernelTrainerMixin:
 
     Put it first in the bases (``class T(PeftKernelTrainerMixin, transformers.Trainer)``). Overrides
     ``_save``, ``_load_from_checkpoint`` and ``_load_best_model`` for peft-kernel models only; FSDP
-    sharded and DeepSpeed checkpoints are left to transformers.
+    sharded and DeepSpeed checkpoints are left to transformers. A model sharded with FSDP2 by
+    :func:`peft_kernel.integrations.fsdp.shard_peft_model` is saved from its gathered full state dict.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -152,6 +153,11 @@ class PeftKernelTrainerMixin:
             return super()._save(output_dir, state_dict=state_dict)  # type: ignore[misc]
         args = self.args  # type: ignore[attr-defined]
         output_dir = output_dir if output_dir is not None else args.output_dir
+        if state_dict is None:
+            from peft_kernel.integrations.fsdp import gather_full_state_dict, is_sharded
+
+            if is_sharded(model):  # FSDP2: every rank joins the gather, the main process writes
+                state_dict = gather_full_state_dict(model)
         if not args.should_save:
             return
         os.makedirs(output_dir, exist_ok=True)

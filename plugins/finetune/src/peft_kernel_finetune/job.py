@@ -3,7 +3,8 @@
 Built on transformers' ``Trainer`` (through ``peft_kernel.integrations.transformers`` for
 adapter-only checkpoints) and torch.distributed: under ``torchrun`` the Trainer runs distributed
 data parallel (gloo on CPU, NCCL on GPUs), logs the loss averaged over the processes and saves
-from rank 0 only. Nothing here is specific to a method: the adapter comes from the method's
+from rank 0 only; with ``--fsdp`` the model is sharded with FSDP2 first (see :func:`shard`).
+Nothing here is specific to a method: the adapter comes from the method's
 config class, found in the plugin registry by ``--method``.
 """
 
@@ -285,15 +286,29 @@ def _has_accelerator(torch: Any) -> bool:
     return bool(torch.cuda.is_available())
 
 
+def shard(peft_model: Any, args: Any, torch: Any) -> Any:
+    """``--fsdp``: shard the PEFT model with FSDP2 (each decoder layer, then the root) over all processes,
+    and mark it prepared so that the Trainer (through accelerate) trains it as it is, without
+    ``DistributedDataParallel``; FSDP2 averages the gradients itself."""
+    from peft_kernel.integrations.fsdp import mark_prepared, shard_peft_model
+
+    device = args.device  # sets up torch.distributed (gloo on CPU) as the Trainer will use it
+    if not torch.distributed.is_available() or not torch.distributed.is_initialized():
+        raise CliError("--fsdp: needs torch.distributed: run under torchrun, e.g. "
+                       "torchrun --nproc_per_node=2 \"$(command -v peft-kernel)\" finetune --fsdp")
+    peft_model.to(device)
+    return mark_prepared(shard_peft_model(peft_model))
+
+
 # ---- the job ----------------------------------------------------------------------------------
 def run(settings: Settings) -> dict[str, Any]:
     """Train, evaluate before and after, save the adapter, ``metrics.json`` and ``loss.png``;
     returns the metrics (every rank returns them; rank 0 writes the files)."""
     start = time.perf_counter()
     record = find_method(settings.method) if settings.from_adapter is None else adapter_method(settings)
-    if settings.fsdp:
-        raise CliError("--fsdp: FSDP2 sharding is not supported by finetune yet; without it, torchrun runs "
-                       "distributed data parallel (each process holds the whole model)")
+    if settings.fsdp and settings.resume is not None:
+        raise CliError("--fsdp with --resume: FSDP2 checkpoints hold the adapter only (no optimizer state); "
+                       "continue from one with --from-adapter CHECKPOINT instead")
     checkpoint = resume_checkpoint(settings.resume)
     examples = data_mod.read_examples(settings.data) if settings.data else data_mod.bundled_examples()
     data_name = settings.data or "bundled sentiment/topic sentences"
@@ -360,6 +375,8 @@ def run(settings: Settings) -> dict[str, Any]:
             save_strategy="steps",
             save_steps=save_steps,
             save_total_limit=2,
+            # FSDP2: each rank holds a shard of the optimizer state, which the Trainer would save from rank 0 only
+            save_only_model=settings.fsdp,
             report_to=[],
             disable_tqdm=True,
             dataloader_num_workers=0,
@@ -377,6 +394,8 @@ def run(settings: Settings) -> dict[str, Any]:
             print(f"finetune: removing the checkpoints of an earlier run in {stale} (use --resume to continue it)",
                   file=sys.stderr)
             shutil.rmtree(stale)
+        if settings.fsdp:
+            peft_model = shard(peft_model, args, torch)
         first_eval = FirstEvaluation()
         trainer = Trainer(
             model=peft_model,
@@ -425,6 +444,7 @@ def run(settings: Settings) -> dict[str, Any]:
             },
             "seconds": {"train": train_seconds, "total": time.perf_counter() - start},
             "base_model_saved": settings.embedded,
+            "fsdp": settings.fsdp,
         }
         if rank0:
             _write_json(output / METRICS, metrics)

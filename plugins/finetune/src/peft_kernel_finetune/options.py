@@ -85,7 +85,8 @@ OPTIONS: tuple[Option, ...] = (
            "further; its config fixes the method and fields (QEfficient's from_peft_checkpoint)", metavar="DIR"),
     Option("resume", "str", "resume from a checkpoint folder (adapter, optimizer, scheduler), or from the newest "
            "checkpoint in a folder of checkpoints or an earlier --output", metavar="DIR"),
-    Option("fsdp", "flag", "shard with FSDP2 under torchrun: not supported yet (stops with an error); torchrun runs DDP",
+    Option("fsdp", "flag", "under torchrun: shard the model with FSDP2 (each decoder layer, then the root) instead of "
+           "distributed data parallel; checkpoints hold the adapter only (no --resume)",
            default=False),
     Option("no-progress", "flag", "no progress bar", default=False),
     Option("json", "flag", "print metrics.json at the end instead of the summary", default=False),
