@@ -35,13 +35,14 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peft_kernel.config import PeftConfig
-from peft_kernel.errors import AdapterNameError
+from peft_kernel.errors import AdapterNameError, CheckpointError
 from peft_kernel.injection import (
     cast_adapter_dtype, check_adapter_name, inject, replace_with_base, set_trainable, settle_new_adapter,
 )
 from peft_kernel.layer import adapter_layers
 from peft_kernel.model import PeftModel, _gradient_checkpointing
 from peft_kernel.plugins import get_registry
+from peft_kernel.transaction import wrap_and_load
 from peft_kernel.tuner import AdapterModel
 
 MANIFEST_NAME = "mixed_adapters.json"
@@ -303,43 +304,39 @@ class PeftMixedModel(PeftModel):
         ``config`` do not apply then)."""
         manifest_path = Path(model_id) / MANIFEST_NAME
         if config is None and manifest_path.is_file():
-            return cls._from_manifest(model, Path(model_id), json.loads(manifest_path.read_text()), is_trainable, kwargs)
+            try:
+                manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+            except (ValueError, RecursionError) as exc:  # not UTF-8, not JSON
+                raise CheckpointError(f"{manifest_path} is not readable JSON: {exc}") from None
+            return cls._from_manifest(model, Path(model_id), manifest, is_trainable, kwargs)
         if config is None:
             config = PeftConfig.from_pretrained(model_id, subfolder=kwargs.get("subfolder"),
                                                 **{k: kwargs[k] for k in ("revision", "cache_dir", "token") if k in kwargs})
         check_config_compatible(config)
         config.inference_mode = not is_trainable
-        peft_model = cls(model, config, adapter_name)
-        try:
-            peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, **kwargs)
-        except BaseException:
-            peft_model._host.release()
-            raise
-        return peft_model
+        return wrap_and_load(model, lambda: cls(model, config, adapter_name),
+                             lambda peft_model: peft_model.load_adapter(model_id, adapter_name,
+                                                                        is_trainable=is_trainable, **kwargs))
 
     @classmethod
     def _from_manifest(cls, model: nn.Module, folder: Path, manifest: dict[str, Any], is_trainable: bool,
                        kwargs: dict[str, Any]) -> PeftMixedModel:
-        from peft_kernel.errors import CheckpointError
-
         adapters = manifest.get("adapters") if isinstance(manifest, dict) else None
-        if manifest.get("format") != MANIFEST_FORMAT or not isinstance(adapters, list) or not adapters:
+        if (not isinstance(adapters, list) or not adapters or manifest.get("format") != MANIFEST_FORMAT
+                or not all(isinstance(entry, dict) for entry in adapters)):
             raise CheckpointError(f"{folder / MANIFEST_NAME} is not a peft-kernel mixed-adapter manifest (or lists no adapter)")
-        peft_model = None
-        try:
-            for entry in adapters:
-                name, sub = entry.get("name"), entry.get("subfolder")
-                if not (isinstance(sub, str) and sub and "/" not in sub and "\\" not in sub and sub not in (".", "..")):
-                    raise CheckpointError(f"{folder / MANIFEST_NAME}: adapter {name!r} has no valid sub-folder ({sub!r})")
-                sub = folder / sub
-                if peft_model is None:
-                    peft_model = cls.from_pretrained(model, sub, name, is_trainable=is_trainable, **kwargs)
-                else:
-                    peft_model.load_adapter(sub, name, is_trainable=is_trainable, **kwargs)
-            active = manifest.get("active_adapters") or [adapters[0]["name"]]
-            peft_model.set_adapter(active, inference_mode=not is_trainable)
-        except BaseException:
-            if peft_model is not None:
-                peft_model._host.release()
-            raise
-        return peft_model
+        entries = []
+        for entry in adapters:
+            name, sub = entry.get("name"), entry.get("subfolder")
+            if not (isinstance(sub, str) and sub and "/" not in sub and "\\" not in sub and sub not in (".", "..")):
+                raise CheckpointError(f"{folder / MANIFEST_NAME}: adapter {name!r} has no valid sub-folder ({sub!r})")
+            entries.append((name, folder / sub))
+
+        def load_the_rest(peft_model: PeftMixedModel) -> None:
+            for name, sub in entries[1:]:
+                peft_model.load_adapter(sub, name, is_trainable=is_trainable, **kwargs)
+            peft_model.set_adapter(manifest.get("active_adapters") or [entries[0][0]], inference_mode=not is_trainable)
+
+        first_name, first_folder = entries[0]
+        return wrap_and_load(model, lambda: cls.from_pretrained(model, first_folder, first_name,
+                                                                is_trainable=is_trainable, **kwargs), load_the_rest)

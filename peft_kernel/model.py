@@ -20,7 +20,7 @@ import torch
 from torch import nn
 
 from peft_kernel.checkpoint_stage import staged_checkpoint
-from peft_kernel.transaction import ModuleFlags, guarding_base_weights, load_transaction
+from peft_kernel.transaction import load_transaction, wrap_and_load
 from peft_kernel.checkpoint import (
     WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, adapter_dir, atomic_save_tensors, check_save_target, load_adapter_weights,
 )
@@ -491,20 +491,15 @@ class PeftModel(nn.Module):
             config = PeftConfig.from_pretrained(model_id, subfolder=subfolder, **hub)
         config.inference_mode = not is_trainable
         target_cls = TASK_CLASSES.get(config.task_type, cls) if cls is PeftModel else cls
-        flags = ModuleFlags(model)
-        with guarding_base_weights():  # base weights an initialisation rewrote are restored on failure
-            peft_model = target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
-                                    low_cpu_mem_usage=low_cpu_mem_usage)
-            try:
-                peft_model.load_adapter(model_id, adapter_name, is_trainable=is_trainable, torch_device=torch_device,
-                                        autocast_adapter_dtype=autocast_adapter_dtype,
-                                        ephemeral_gpu_offload=ephemeral_gpu_offload, low_cpu_mem_usage=low_cpu_mem_usage,
-                                        key_mapping=key_mapping, allow_pickle=allow_pickle, **kwargs)
-            except BaseException:
-                peft_model._host.release()  # give the caller their model back untouched
-                flags.restore()
-                raise
-        return peft_model
+        return wrap_and_load(
+            model,
+            lambda: target_cls(model, config, adapter_name, autocast_adapter_dtype=autocast_adapter_dtype,
+                               low_cpu_mem_usage=low_cpu_mem_usage),
+            lambda peft_model: peft_model.load_adapter(
+                model_id, adapter_name, is_trainable=is_trainable, torch_device=torch_device,
+                autocast_adapter_dtype=autocast_adapter_dtype, ephemeral_gpu_offload=ephemeral_gpu_offload,
+                low_cpu_mem_usage=low_cpu_mem_usage, key_mapping=key_mapping, allow_pickle=allow_pickle, **kwargs),
+        )
 
 
 def _load_kwargs(kwargs: dict[str, Any], method: str) -> tuple[dict[str, Any], str | None, bool]:

@@ -11,14 +11,14 @@ Two pieces, both generic (no method is named here):
 * :class:`AdapterSnapshot` records what a load into a model can change besides base weights:
   which adapters exist, the tensors of an adapter that is being overwritten, the active
   adapter(s), every parameter's ``requires_grad`` and every module's train/eval flag
-  (:class:`ModuleFlags`, which ``from_pretrained`` also uses for the caller's model).
+  (:class:`ModuleFlags`); :func:`wrap_and_load` gives ``from_pretrained``'s caller the model back.
 """
 
 from __future__ import annotations
 
 import contextlib
 import contextvars
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -128,6 +128,22 @@ class AdapterSnapshot:
         if self.active and list(model.active_adapters) != self.active:
             model._host.set_adapter(self.active if len(self.active) > 1 else self.active[0])
         self.flags.restore()
+
+
+def wrap_and_load(model: nn.Module, make: Callable[[], Any], load: Callable[[Any], None]) -> Any:
+    """``from_pretrained``'s transaction: ``make()`` wraps ``model``, ``load(wrapper)`` fills it; on
+    any error the wrapper is released and the caller's ``model`` is given back as it was (modules,
+    base weights an initialisation rewrote, ``requires_grad`` and train/eval flags)."""
+    flags = ModuleFlags(model)
+    with guarding_base_weights():
+        wrapper = make()
+        try:
+            load(wrapper)
+        except BaseException:
+            wrapper._host.release()
+            flags.restore()
+            raise
+    return wrapper
 
 
 @contextlib.contextmanager

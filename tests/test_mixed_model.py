@@ -451,3 +451,31 @@ def test_ia3_in_a_three_method_stack_saves_loads_and_merges(kind, targets, tmp_p
     back = pk.PeftMixedModel.from_pretrained(make_model(kind), tmp_path / "mixed").eval()
     torch.testing.assert_close(back(**inputs), expected, rtol=0, atol=0)
     torch.testing.assert_close(model.merge_and_unload()(**inputs), expected, rtol=0, atol=1e-5)
+
+
+@pytest.mark.parametrize("manifest", ["[1, 2]", "{not json", '{"format": "x", "adapters": ["a"]}', "\xff\xfe"])
+def test_a_broken_manifest_is_a_checkpoint_error(saved, tmp_path, manifest):
+    ours = _load(pk, saved)
+    ours.save_pretrained(tmp_path / "mixed")
+    (tmp_path / "mixed" / "mixed_adapters.json").write_bytes(manifest.encode("latin-1"))
+    with pytest.raises(pk.CheckpointError, match="mixed_adapters.json"):
+        pk.PeftMixedModel.from_pretrained(make_model("mlp"), tmp_path / "mixed")
+
+
+def test_a_failed_mixed_load_gives_the_callers_model_back(saved, tmp_path):
+    """Manifest loads are transactions too: a bad later sub-folder releases the whole stack, and
+    base weights that a PiSSA adapter rewrote are restored."""
+    pissa = pk.get_peft_model(make_model("mlp"), pk.LoraConfig(target_modules=["lin0"], r=2, init_lora_weights="pissa"))
+    ours = pk.get_peft_model(make_model("mlp"), pk.LoraConfig(target_modules=["lin1"], r=2), mixed=True)
+    ours.add_adapter("p", pissa.peft_config["default"])
+    ours.save_pretrained(tmp_path / "mixed")
+    weights = tmp_path / "mixed" / "p" / "adapter_model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:40])  # the PiSSA adapter, loaded second, is truncated
+    base = make_model("mlp")
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    flags = {k: p.requires_grad for k, p in base.named_parameters()}
+    with pytest.raises(pk.CheckpointError):
+        pk.PeftMixedModel.from_pretrained(base, tmp_path / "mixed")
+    assert all(torch.equal(before[k], v) for k, v in base.state_dict().items())
+    assert {k: p.requires_grad for k, p in base.named_parameters()} == flags
+    assert not any(isinstance(m, pk.AdapterLayer) for m in base.modules())
