@@ -448,3 +448,38 @@ def _path_first(problem: str) -> str:
 
 def fields_of(config: PeftConfig) -> set[str]:
     return _config_field_names(type(config))
+
+
+def read_settings_file(path: str | Path, what: str) -> dict[str, Any]:
+    """The mapping held by a ``.yaml`` / ``.yml`` / ``.json`` settings file (a training or export
+    config, as opposed to ``adapter_config.json``). Every problem is a :class:`ConfigError` whose
+    message starts with ``what`` (e.g. ``"--config run.yaml"``); YAML needs PyYAML."""
+    file = Path(path)
+    if not file.is_file():
+        raise ConfigError(f"{what}: no such file")
+    try:
+        text = file.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ConfigError(f"{what}: not UTF-8 text") from None
+    suffix = file.suffix.lower()
+    if suffix in (".yaml", ".yml"):
+        try:
+            import yaml
+        except ImportError:
+            raise ConfigError(f"{what}: YAML needs PyYAML (pip install pyyaml), or use a .json file") from None
+        try:
+            data = yaml.safe_load(text)
+        except (yaml.YAMLError, RecursionError) as exc:
+            raise ConfigError(f"{what}: not valid YAML: {' '.join(str(exc).split())}") from None
+    elif suffix == ".json":
+        try:
+            data = json.loads(text)
+        except (json.JSONDecodeError, RecursionError) as exc:
+            raise ConfigError(f"{what}: not valid JSON: {exc}") from None
+    else:
+        raise ConfigError(f"{what}: the file must end in .yaml, .yml or .json")
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{what}: expected a mapping of settings, got a {type(data).__name__}")
+    return data

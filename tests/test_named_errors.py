@@ -9,6 +9,8 @@ import stat
 import subprocess
 import sys
 
+import re
+
 import pytest
 import torch
 
@@ -226,3 +228,23 @@ def test_a_working_adapter_still_works():
     assert model.base_model.model.lin1.lora_A["default"].weight.shape[0] == 2
     model(**make_inputs("mlp"))
     torch.testing.assert_close(model(**make_inputs("mlp")), model(**make_inputs("mlp")))
+
+
+@pytest.mark.parametrize("name, content, message", [
+    ("s.yaml", b"a: [1,\n", "not valid YAML"),
+    ("s.json", b"{not json", "not valid JSON"),
+    ("s.json", b"\xff\xfe", "not UTF-8 text"),
+    ("s.json", b"[1, 2]", "expected a mapping"),
+    ("s.toml", b"a = 1", "the file must end in"),
+])
+def test_settings_files_give_named_errors(tmp_path, name, content, message):
+    """Training and export settings files (finetune's --config, qaic's peft_config_file) share one reader."""
+    from peft_kernel.config import read_settings_file
+    from peft_kernel_qaic.finetune import load_peft_config_file
+
+    path = tmp_path / name
+    path.write_bytes(content)
+    with pytest.raises(ConfigError, match=re.escape(f"peft_config_file {path}: {message}")):
+        load_peft_config_file(path)
+    with pytest.raises(ConfigError, match=message):
+        read_settings_file(path, "settings")

@@ -19,6 +19,8 @@ from typing import Any, Callable, Mapping
 import attrs
 
 from peft_kernel.cli import CliError
+from peft_kernel.config import read_settings_file
+from peft_kernel.errors import ConfigError
 
 DEFAULT_OUTPUT = "finetune-output"
 
@@ -150,33 +152,10 @@ class Settings:
 # ---- the config file --------------------------------------------------------------------------
 def read_config_file(path: str) -> dict[str, Any]:
     """The mapping in a ``.yaml`` / ``.yml`` / ``.json`` file (errors name the file)."""
-    file = Path(path)
-    if not file.is_file():
-        raise CliError(f"--config {path}: no such file")
     try:
-        text = file.read_text(encoding="utf-8")
-    except UnicodeDecodeError:
-        raise CliError(f"--config {path}: not UTF-8 text") from None
-    suffix = file.suffix.lower()
-    if suffix in (".yaml", ".yml"):
-        import yaml
-
-        try:
-            data = yaml.safe_load(text)
-        except yaml.YAMLError as exc:
-            raise CliError(f"--config {path}: not valid YAML: {' '.join(str(exc).split())}") from None
-    elif suffix == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise CliError(f"--config {path}: not valid JSON: {exc}") from None
-    else:
-        raise CliError(f"--config {path}: the file must end in .yaml, .yml or .json")
-    if data is None:
-        data = {}
-    if not isinstance(data, dict):
-        raise CliError(f"--config {path}: expected a mapping of options, got a {type(data).__name__}")
-    return data
+        return read_settings_file(path, f"--config {path}")
+    except ConfigError as exc:
+        raise CliError(str(exc)) from None
 
 
 def _accepted_keys() -> str:

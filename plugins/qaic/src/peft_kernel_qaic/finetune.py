@@ -41,10 +41,10 @@ QEfficient                ``peft-kernel finetune``
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Mapping
 
+from peft_kernel.config import read_settings_file
 from peft_kernel.errors import ConfigError
 
 DEFAULT_LORA = {
@@ -66,28 +66,7 @@ def _get(config: Any, key: str, default: Any = None) -> Any:
 
 def load_peft_config_file(path: str | Path) -> dict[str, Any]:
     """Read a LoRA config from ``.yaml`` / ``.yml`` (needs PyYAML) or ``.json``."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"peft_config_file {path} does not exist")
-    text = path.read_text(encoding="utf-8")
-    if path.suffix.lower() in (".yaml", ".yml"):
-        try:
-            import yaml
-        except ImportError:
-            raise ConfigError(
-                f"{path} is YAML, which needs PyYAML: pip install 'peft-kernel-qaic[yaml]' (or use a .json file)"
-            ) from None
-        data = yaml.safe_load(text)
-    elif path.suffix.lower() == ".json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as exc:
-            raise ConfigError(f"{path} is not valid JSON: {exc}") from None
-    else:
-        raise ConfigError(f"peft_config_file must be .yaml, .yml or .json, got {path.name}")
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path} must hold a mapping of LoRA settings, got {type(data).__name__}")
-    return data
+    return read_settings_file(path, f"peft_config_file {path}")
 
 
 def generate_peft_config(train_config: Any, **overrides: Any):
