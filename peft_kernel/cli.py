@@ -330,7 +330,7 @@ def add_plugin_commands(sub: Any, registry: Any = None) -> None:
     from peft_kernel.plugins import get_registry
 
     registry = registry if registry is not None else get_registry()
-    registry.hook.peft_kernel_register_commands(subparsers=PluginSubparsers(sub, list(sub.choices)))
+    registry.register_commands(PluginSubparsers(sub, list(sub.choices)))
 
 
 # ---- entry point ------------------------------------------------------------------------------

@@ -20,8 +20,4 @@ def peft_kernel_match_target(config: Any, module_name: str, module: Any, model: 
 
 @hookimpl(trylast=True)
 def peft_kernel_merge(layer: Any, adapter_name: str, safe_merge: bool, direction: Literal["merge", "unmerge"]) -> bool:
-    if direction == "merge":
-        layer.merge_into_base(adapter_name, safe_merge=safe_merge)
-    else:
-        layer.unmerge_from_base(adapter_name)
-    return True
+    return layer.fold_adapter(adapter_name, safe_merge, direction)

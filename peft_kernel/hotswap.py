@@ -41,8 +41,7 @@ def hotswap_adapter(
         raise CheckpointError(f"{record.peft_type} adapters do not support hotswapping.")
     weights = load_adapter_weights(model_name_or_path, subfolder=hub.get("subfolder"), device=torch_device or "cpu",
                                    **{k: v for k, v in hub.items() if k != "subfolder"})
-    mapped = registry.hook.peft_kernel_map_state_dict(config=config, state_dict=weights, direction="load")
-    weights = mapped if mapped is not None else weights
+    weights = registry.map_state_dict(config, weights, "load")
     targets = adapter_tensors(model, adapter_name)
     unexpected = sorted(set(weights) - set(targets))
     missing = sorted(set(targets) - set(weights))

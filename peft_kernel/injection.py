@@ -84,11 +84,10 @@ def inject(
     registry = registry or get_registry()
     record = registry.method_for_config(config)
     expand_target_modules(config, model, record)
-    hook = registry.hook
-    hook.peft_kernel_prepare_config(config=config, model=model)
+    registry.prepare_config(config, model)
 
     def by_config(name: str, module: nn.Module) -> bool:
-        return bool(hook.peft_kernel_match_target(config=config, module_name=name, module=module, model=model))
+        return registry.match_target(config, name, module, model)
 
     candidates = [(n, m) for n, m in candidate_modules(model) if not isinstance(m, ModulesToSaveWrapper)]
     if state_dict_keys is None:
@@ -108,7 +107,7 @@ def inject(
     compress_target_modules(config, model, [name for name, _ in matched])
     with guarding_base_weights() as guard:  # an initialisation that rewrites base weights is undone on failure
         guard.save(config, [module for _, module in matched])
-        new_layers = _build_layers(matched, config, adapter_name, record, hook, stack)
+        new_layers = _build_layers(matched, config, adapter_name, record, registry, stack)
     for name, layer in new_layers.items():
         _set_module(model, name, layer)
     for name, module in matched:
@@ -143,7 +142,7 @@ def _innermost(module: nn.Module) -> nn.Module:
     return module
 
 
-def _build_layers(matched: list[tuple[str, nn.Module]], config: Any, adapter_name: str, record: Any, hook: Any,
+def _build_layers(matched: list[tuple[str, nn.Module]], config: Any, adapter_name: str, record: Any, registry: Registry,
                   stack: bool = False) -> dict[str, AdapterLayer]:
     """New adapter layers for the unwrapped modules, and the adapter added to already-wrapped ones;
     on failure the adapter is taken out of the wrapped ones again (the model itself is not touched).
@@ -155,8 +154,7 @@ def _build_layers(matched: list[tuple[str, nn.Module]], config: Any, adapter_nam
     for name, module in matched:
         if isinstance(module, AdapterLayer):
             if stack and _same_method_layer(module, record.peft_type) is None:
-                layer = hook.peft_kernel_create_layer(config=config, adapter_name=adapter_name,
-                                                      base_layer=_innermost(module), module_name=name)
+                layer = registry.create_layer(config, adapter_name, _innermost(module), name)
                 if layer is None:
                     raise TargetNotFoundError(
                         f"module {name!r} of type {type(_innermost(module)).__name__} matched target_modules, but no "
@@ -173,7 +171,7 @@ def _build_layers(matched: list[tuple[str, nn.Module]], config: Any, adapter_nam
                     "mixed=True) / PeftMixedModel to mix methods)."
                 )
             continue
-        layer = hook.peft_kernel_create_layer(config=config, adapter_name=adapter_name, base_layer=module, module_name=name)
+        layer = registry.create_layer(config, adapter_name, module, name)
         if layer is None:
             raise TargetNotFoundError(
                 f"module {name!r} of type {type(module).__name__} matched target_modules, but no installed plugin "

@@ -13,13 +13,18 @@ forward, mixed batches, merge and unmerge; or overrides ``adapted_forward`` / ``
 from __future__ import annotations
 
 import warnings
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator, Literal
 
 import torch
 from torch import nn
 
 from peft_kernel.errors import MixedBatchError
 from peft_kernel.routing import Routing, current_routing
+
+Fold = Callable[["AdapterLayer", str, bool, Literal["merge", "unmerge"]], object]
+"""``fold(layer, adapter_name, safe_merge, direction)``: folds one adapter into or out of a layer's
+base weights. The tuner passes ``Registry.merge`` (plugins' ``peft_kernel_merge`` hooks, then
+:meth:`AdapterLayer.fold_adapter`); layers never look the registry up themselves."""
 
 
 class AdapterLayer(nn.Module):
@@ -217,10 +222,20 @@ class AdapterLayer(nn.Module):
         if bias is not None:
             _add_to(self.base_layer.bias, -bias, False, self, adapter_name)
 
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
-        """Merge the active (or the given) adapters into the base layer, through the merge hook."""
-        from peft_kernel.plugins import get_registry
+    def fold_adapter(self, adapter_name: str, safe_merge: bool, direction: Literal["merge", "unmerge"]) -> bool:
+        """Fold one adapter in (``merge_into_base``) or out (``unmerge_from_base``): the default
+        :data:`Fold`, which the core's ``peft_kernel_merge`` implementation also ends in."""
+        if direction == "merge":
+            self.merge_into_base(adapter_name, safe_merge=safe_merge)
+        else:
+            self.unmerge_from_base(adapter_name)
+        return True
 
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, fold: Fold | None = None) -> None:
+        """Merge the active (or the given) adapters into the base layer. ``fold`` does the folding
+        (the tuner passes the registry's ``merge``, so plugins' merge hooks apply); without it the
+        layer folds directly."""
+        fold = fold or type(self).fold_adapter
         names = self._active_adapters if adapter_names is None else adapter_names
         if self.merged_adapters:  # HF PEFT's warnings: nothing is folded in twice
             more = [n for n in names if n not in self.merged_adapters]
@@ -232,16 +247,15 @@ class AdapterLayer(nn.Module):
         for name in names:
             if name in self.merged_adapters or not self.has_adapter(name):
                 continue
-            get_registry().hook.peft_kernel_merge(layer=self, adapter_name=name, safe_merge=safe_merge, direction="merge")
+            fold(self, name, safe_merge, "merge")
             self.merged_adapters.append(name)
 
-    def unmerge(self) -> None:
-        """Undo every merge, last merged first."""
-        from peft_kernel.plugins import get_registry
-
+    def unmerge(self, fold: Fold | None = None) -> None:
+        """Undo every merge, last merged first (``fold`` as for :meth:`merge`)."""
+        fold = fold or type(self).fold_adapter
         while self.merged_adapters:
             name = self.merged_adapters.pop()
-            get_registry().hook.peft_kernel_merge(layer=self, adapter_name=name, safe_merge=False, direction="unmerge")
+            fold(self, name, False, "unmerge")
 
     def extra_repr(self) -> str:
         return f"adapters={self.adapter_names()}, active={self._active_adapters}"

@@ -119,7 +119,7 @@ class MixedModel(AdapterModel):
         found = list(adapter_layers(self.model))
         layers = [layer for _, layer in found][::-1]
         for layer in tqdm(layers, disable=not progressbar, desc="Unloading and merging model"):
-            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names, fold=get_registry().merge)
         self._warn_merged_above_unmerged(found)
 
     @staticmethod
@@ -178,7 +178,7 @@ class MixedModel(AdapterModel):
 
         for path, layer in reversed(list(adapter_layers(self.model))):
             if not layer.adapter_names():
-                layer.unmerge()
+                layer.unmerge(fold=get_registry().merge)
                 _set_module(self.model, path, layer.base_layer)
 
 
@@ -265,16 +265,16 @@ class PeftMixedModel(PeftModel):
         names = [n for n in self.peft_config if n in names]  # stacking order
         if not is_main_process:
             return
-        hook = get_registry().hook
+        registry = get_registry()
         weights_name = WEIGHTS_NAME if safe_serialization else PICKLE_WEIGHTS_NAME
         with staged_checkpoint(save_directory) as stage:
             for name in names:
                 config = self.peft_config[name]
                 tensors = get_peft_model_state_dict(self, adapter_name=name)
-                mapped = hook.peft_kernel_map_state_dict(config=config, state_dict=tensors, direction="save")
+                mapped = registry.map_state_dict(config, tensors, "save")
                 out = Path(stage) / name
                 out.mkdir(parents=True, exist_ok=True)
-                atomic_save_tensors(out / weights_name, mapped if mapped is not None else tensors, safe_serialization)
+                atomic_save_tensors(out / weights_name, mapped, safe_serialization)
                 self._saved_config(config).save_pretrained(out)
             manifest = {
                 "format": MANIFEST_FORMAT,

@@ -376,7 +376,7 @@ class PeftModel(nn.Module):
         check_save_target(save_directory, names)  # a file in the way fails here, before any write
         if not is_main_process:
             return
-        hook = get_registry().hook
+        registry = get_registry()
         initial = None
         if path_initial_model_for_weight_conversion is not None:
             initial = load_adapter_weights(path_initial_model_for_weight_conversion)
@@ -388,9 +388,9 @@ class PeftModel(nn.Module):
                                                     save_embedding_layers=save_embedding_layers)
                 if initial is not None:
                     tensors, config = self._convert_for_original_base(config, tensors, initial)
-                mapped = hook.peft_kernel_map_state_dict(config=config, state_dict=tensors, direction="save")
+                mapped = registry.map_state_dict(config, tensors, "save")
                 out = adapter_dir(stage, name)
-                atomic_save_tensors(out / weights_name, mapped if mapped is not None else tensors, safe_serialization)
+                atomic_save_tensors(out / weights_name, mapped, safe_serialization)
                 (out / stale_name).unlink(missing_ok=True)  # a previous save in the other format would shadow or confuse
                 self._saved_config(config).save_pretrained(out)
 
@@ -398,9 +398,7 @@ class PeftModel(nn.Module):
     def _convert_for_original_base(
         config: PeftConfig, tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
     ) -> tuple[dict[str, torch.Tensor], PeftConfig]:
-        converted = get_registry().hook.peft_kernel_convert_for_original_base(
-            config=config.copy(), state_dict=dict(tensors), initial_state_dict=initial
-        )
+        converted = get_registry().convert_for_original_base(config.copy(), dict(tensors), initial)
         if converted is None:
             tuner = get_registry().method_for_config(config).tuner_name or type(config).__name__
             raise ValueError(

@@ -7,7 +7,8 @@ entry-point or distribution names) are ``blocked`` before import. The core's own
 implementations are registered exactly like an external plugin.
 
 Collisions (two plugins claiming one peft_type, state-dict prefix, config class name or backend
-name) do not depend on installation order: the method's known provider (``known_methods``) keeps
+name) do not depend on installation order: the method's provider by the naming rule
+(:func:`provider_of`: ``LORA`` -> ``peft-kernel-lora``) keeps
 it and the other claimants fail; with no known provider among them, all of them fail.
 
 At run time the core calls hook implementations one by one (``Registry.hook``): when a plugin's
@@ -25,16 +26,22 @@ import os
 import threading
 import warnings
 from importlib import metadata
-from typing import Any, Iterable, Iterator, Mapping
+from typing import TYPE_CHECKING, Any, Callable, Iterable, Iterator, Literal, Mapping
 
 import attrs
 import pluggy
 
 from peft_kernel.hookspecs import PeftKernelSpecs
 from peft_kernel.errors import PeftKernelError, PluginError, PluginWarning, UnknownMethodError
-from peft_kernel.known_methods import PROVIDERS
 from peft_kernel.markers import PROJECT_NAME
 from peft_kernel.records import BackendRecord, MethodRecord
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only
+    import torch
+    from torch import nn
+
+    from peft_kernel.config import PeftConfig
+    from peft_kernel.layer import AdapterLayer
 
 DISABLE_ENV = "PEFT_KERNEL_DISABLE_PLUGINS"
 BUILTIN_PLUGINS = ("peft_kernel.defaults",)
@@ -111,6 +118,55 @@ class Registry:
                 results.append(result)
         return None if firstresult else results
 
+    # The typed facade: the core calls hooks through these, never through ``hook.<name>`` directly.
+
+    def prepare_config(self, config: PeftConfig, model: nn.Module) -> None:
+        """Every plugin's ``peft_kernel_prepare_config`` for ``config``."""
+        self.call_hook("peft_kernel_prepare_config", {"config": config, "model": model})
+
+    def match_target(self, config: PeftConfig, module_name: str, module: nn.Module, model: nn.Module) -> bool:
+        """Whether ``module`` gets an adapter of ``config`` (``peft_kernel_match_target``)."""
+        kwargs = {"config": config, "module_name": module_name, "module": module, "model": model}
+        return bool(self.call_hook("peft_kernel_match_target", kwargs))
+
+    def create_layer(self, config: PeftConfig, adapter_name: str, base_layer: nn.Module,
+                     module_name: str) -> AdapterLayer | None:
+        """The adapter layer wrapping ``base_layer`` (``peft_kernel_create_layer``), or ``None``."""
+        kwargs = {"config": config, "adapter_name": adapter_name, "base_layer": base_layer, "module_name": module_name}
+        return self.call_hook("peft_kernel_create_layer", kwargs)
+
+    def merge(self, layer: AdapterLayer, adapter_name: str, safe_merge: bool = False,
+              direction: Literal["merge", "unmerge"] = "merge") -> bool:
+        """Fold ``adapter_name`` into (or out of) ``layer``'s base weights (``peft_kernel_merge``)."""
+        kwargs = {"layer": layer, "adapter_name": adapter_name, "safe_merge": safe_merge, "direction": direction}
+        return bool(self.call_hook("peft_kernel_merge", kwargs))
+
+    def map_state_dict(self, config: PeftConfig, state_dict: dict[str, torch.Tensor],
+                       direction: Literal["load", "save"]) -> dict[str, torch.Tensor]:
+        """``state_dict`` as ``peft_kernel_map_state_dict`` rewrites it (unchanged when no plugin does)."""
+        kwargs = {"config": config, "state_dict": state_dict, "direction": direction}
+        mapped = self.call_hook("peft_kernel_map_state_dict", kwargs)
+        return state_dict if mapped is None else mapped
+
+    def convert_for_original_base(self, config: PeftConfig, state_dict: dict[str, torch.Tensor],
+                                  initial_state_dict: dict[str, torch.Tensor]
+                                  ) -> tuple[dict[str, torch.Tensor], PeftConfig] | None:
+        """``peft_kernel_convert_for_original_base``'s answer, or ``None`` when no plugin converts."""
+        kwargs = {"config": config, "state_dict": state_dict, "initial_state_dict": initial_state_dict}
+        return self.call_hook("peft_kernel_convert_for_original_base", kwargs)
+
+    def combine_adapters(self, config: PeftConfig, adapters: list[str], configs: list[PeftConfig],
+                         weights: list[float], combination_type: str, options: dict[str, Any]
+                         ) -> tuple[PeftConfig, Callable[[AdapterLayer, str], None]] | None:
+        """``peft_kernel_combine_adapters``'s plan, or ``None`` when no plugin combines ``config``'s method."""
+        kwargs = {"config": config, "adapters": adapters, "configs": configs, "weights": weights,
+                  "combination_type": combination_type, "options": options}
+        return self.call_hook("peft_kernel_combine_adapters", kwargs)
+
+    def register_commands(self, subparsers: Any) -> None:
+        """Every plugin's ``peft_kernel_register_commands``."""
+        self.call_hook("peft_kernel_register_commands", {"subparsers": subparsers})
+
     def _owner(self, kwargs: dict[str, Any]) -> str | None:
         """The distribution whose method this hook call is about (from ``config`` or ``layer``)."""
         subject = kwargs.get("config", kwargs.get("layer"))
@@ -140,8 +196,7 @@ class Registry:
         if key in self.methods:
             return self.methods[key]
         installed = ", ".join(sorted(self.methods)) or "none"
-        hint = PROVIDERS.get(key)
-        install = f" Install it with `pip install {hint}`." if hint else " No known plugin provides it."
+        install = f" {install_hint(key)}"
         raise UnknownMethodError(
             f"Unknown peft_type {key!r}: no installed peft-kernel plugin provides it "
             f"(installed methods: {installed}).{install} `peft-kernel list-plugins` shows what is installed."
@@ -187,6 +242,23 @@ class IsolatedHooks:
         call.__name__ = name
         call.get_hookimpls = getattr(registry.pm.hook, name).get_hookimpls  # type: ignore[attr-defined]
         return call
+
+
+def provider_of(peft_type: str) -> str:
+    """The distribution that provides ``peft_type`` by the naming rule: ``peft-kernel-`` and the
+    type in lower case, ``_`` as ``-`` (``PREFIX_TUNING`` -> ``peft-kernel-prefix-tuning``)."""
+    return "peft-kernel-" + str(peft_type).lower().replace("_", "-")
+
+
+def install_hint(peft_type: str) -> str:
+    """One sentence on where an uninstalled method comes from: its plugin for HF PEFT's method
+    names (:class:`~peft_kernel.enums.PeftType`), else the name such a plugin would have."""
+    from peft_kernel.enums import PeftType
+
+    key = str(getattr(peft_type, "value", peft_type)).upper()
+    if key in PeftType.__members__:
+        return f"Install it with `pip install {provider_of(key)}`."
+    return f"No known plugin provides it (one would be named {provider_of(key)!r})."
 
 
 def _isolate(status: PluginStatus | None, owner: str | None, exc: BaseException) -> bool:
@@ -325,7 +397,7 @@ def _claims(candidate: _Candidate) -> Iterator[tuple[tuple[str, str], str | None
 
 def _settle_collisions(candidates: list[_Candidate]) -> None:
     """Two plugins claiming one peft_type, state-dict prefix, config class name or backend name:
-    the method's known provider (``known_methods.PROVIDERS``) keeps it and the others fail; with no
+    the method's provider by the naming rule (:func:`provider_of`) keeps it and the others fail; with no
     known provider among them, every claimant fails. Order of installation never decides."""
     claims: dict[tuple[str, str], list[tuple[_Candidate, str | None]]] = {}
     for candidate in candidates:
@@ -339,7 +411,7 @@ def _settle_collisions(candidates: list[_Candidate]) -> None:
     for (kind, value), claimants in claims.items():
         if len(claimants) < 2:
             continue
-        known = [c for c, peft_type in claimants if peft_type is not None and PROVIDERS.get(peft_type) == c.status.distribution]
+        known = [c for c, peft_type in claimants if peft_type is not None and provider_of(peft_type) == c.status.distribution]
         names = " and ".join(f"{c.status.distribution!r} (plugin {c.status.name!r})" for c, _ in claimants)
         if len(known) == 1:
             winner = known[0]

@@ -190,11 +190,7 @@ def set_peft_model_state_dict(
     _, configs = _root_and_configs(model)
     config = configs.get(adapter_name)
     if config is not None:
-        mapped = get_registry().hook.peft_kernel_map_state_dict(
-            config=config, state_dict=dict(peft_model_state_dict), direction="load"
-        )
-        if mapped is not None:
-            peft_model_state_dict = mapped
+        peft_model_state_dict = get_registry().map_state_dict(config, dict(peft_model_state_dict), "load")
     targets = adapter_tensors(model, adapter_name)
     ignored = hf_trained_copy_duplicates(model, peft_model_state_dict)
     if ignored:

@@ -119,7 +119,7 @@ class AdapterModel(nn.Module):
         """Give the user's model back as it came (used when loading fails): unlike ``unload``, a
         ``modules_to_save`` wrapper gives back its original module, not the trained copy."""
         for _, layer in adapter_layers(self.model):
-            layer.unmerge()
+            layer.unmerge(fold=get_registry().merge)
         replace_with_base(self.model, keep_trained_copies=False)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
@@ -193,7 +193,7 @@ class AdapterModel(nn.Module):
         self._check_names(names)
         for _, layer in adapter_layers(self.model):
             if layer.merged:
-                layer.unmerge()
+                layer.unmerge(fold=get_registry().merge)
         self._active = names
         set_trainable(self.model, names, self.peft_config, inference_mode=inference_mode)
 
@@ -302,10 +302,8 @@ class AdapterModel(nn.Module):
         configs = [self.peft_config[name] for name in adapters]
         options = dict(svd_rank=svd_rank, svd_clamp=svd_clamp, svd_full_matrices=svd_full_matrices,
                        svd_driver=svd_driver, density=density, majority_sign_method=majority_sign_method)
-        plan = registry.hook.peft_kernel_combine_adapters(
-            config=configs[0], adapters=adapters, configs=configs, weights=[float(w) for w in weights],
-            combination_type=combination_type, options=options,
-        )
+        plan = registry.combine_adapters(configs[0], adapters, configs, [float(w) for w in weights],
+                                         combination_type, options)
         if plan is None:
             from peft_kernel.errors import UnsupportedFeatureError
 
@@ -328,11 +326,11 @@ class AdapterModel(nn.Module):
         if adapter_names is not None:
             self._check_names(adapter_names)
         for _, layer in adapter_layers(self.model):
-            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names, fold=get_registry().merge)
 
     def unmerge_adapter(self) -> None:
         for _, layer in adapter_layers(self.model):
-            layer.unmerge()
+            layer.unmerge(fold=get_registry().merge)
 
     def merge_and_unload(
         self, progressbar: bool = False, safe_merge: bool = False, adapter_names: list[str] | None = None
@@ -342,7 +340,7 @@ class AdapterModel(nn.Module):
             self._check_names(adapter_names)
         layers = list(adapter_layers(self.model))
         for _, layer in tqdm(layers, disable=not progressbar, desc="Unloading and merging model"):
-            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names)
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names, fold=get_registry().merge)
         return replace_with_base(self.model, keep_trained_copies=True)
 
     def unload(self) -> nn.Module:
@@ -353,7 +351,7 @@ class AdapterModel(nn.Module):
         whether the adapter layers are merged. A wrapper whose copies all belong to inactive adapters
         gives back its original module."""
         for _, layer in adapter_layers(self.model):
-            layer.unmerge()
+            layer.unmerge(fold=get_registry().merge)
         return replace_with_base(self.model, keep_trained_copies=True)
 
 

@@ -262,16 +262,14 @@ def _normalise(name: str) -> str:
 
 def find_method(name: str) -> Any:
     """The registry record of ``--method NAME`` (``lora``, ``IA3``, ``prompt-tuning``...)."""
-    from peft_kernel.known_methods import PROVIDERS
-    from peft_kernel.plugins import get_registry
+    from peft_kernel.plugin_api import get_registry, install_hint
 
     methods = get_registry().methods
     key = _normalise(name)
     if key in methods:
         return methods[key]
     installed = ", ".join(sorted(m.lower() for m in methods)) or "none"
-    hint = f" Install it with `pip install {PROVIDERS[key]}`." if key in PROVIDERS else ""
-    raise CliError(f"--method {name}: no installed plugin provides this method.{hint} "
+    raise CliError(f"--method {name}: no installed plugin provides this method. {install_hint(key)} "
                    f"Installed methods: {installed} (`peft-kernel list-plugins` shows the plugins).")
 
 

@@ -117,9 +117,9 @@ class OFTLayer(AdapterLayer):
         return out.to(t.dtype)
 
     # ---- merge ------------------------------------------------------------------------------
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, fold: Any = None) -> None:
         names = list(self._active_adapters if adapter_names is None else adapter_names)
-        super().merge(safe_merge=safe_merge, adapter_names=names[::-1] if self.merge_reversed else names)
+        super().merge(safe_merge=safe_merge, adapter_names=names[::-1] if self.merge_reversed else names, fold=fold)
 
     def fold(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
         """The base weight with one adapter's ``blocks`` folded in."""
