@@ -22,11 +22,13 @@ _INFIX = {AdapterLayer: "base_layer", ModulesToSaveWrapper: "original_module"}
 
 
 def _plain_model(model: nn.Module) -> tuple[nn.Module, bool]:
-    """The model holding the (possibly wrapped) base modules; True for prompt learning (nothing wrapped)."""
+    """The model holding the (possibly wrapped) base modules; True when its host wraps no layer
+    (``base_model`` is no tuner: prompt learning), so the keys are the model's own."""
     from peft_kernel.model import PeftModel
+    from peft_kernel.tuner import AdapterModel
 
     if isinstance(model, PeftModel):
-        return model.get_base_model(), model._prompt is not None
+        return model.get_base_model(), not isinstance(model.base_model, AdapterModel)
     return model, False
 
 

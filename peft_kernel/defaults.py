@@ -21,3 +21,10 @@ def peft_kernel_match_target(config: Any, module_name: str, module: Any, model: 
 @hookimpl(trylast=True)
 def peft_kernel_merge(layer: Any, adapter_name: str, safe_merge: bool, direction: Literal["merge", "unmerge"]) -> bool:
     return layer.fold_adapter(adapter_name, safe_merge, direction)
+
+
+@hookimpl(trylast=True)
+def peft_kernel_create_host(record: Any, model: Any, config: Any, adapter_name: str) -> Any:
+    from peft_kernel.tuner import tuner_class
+
+    return tuner_class(record.tuner_name)(model, config, adapter_name)

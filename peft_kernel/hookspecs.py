@@ -22,13 +22,13 @@ from peft_kernel.markers import hookspec
 if TYPE_CHECKING:  # pragma: no cover - imports for annotations only
     import argparse
 
+    import pluggy
     import torch
     from torch import nn
 
     from peft_kernel.config import PeftConfig
+    from peft_kernel.host import AdapterHost
     from peft_kernel.layer import AdapterLayer
-    from peft_kernel.prompt_learner import PromptEncoder
-    from peft_kernel.prompt_learning import PromptLearningConfig
     from peft_kernel.records import BackendRecord, MethodRecord
 
 
@@ -133,29 +133,45 @@ class PeftKernelSpecs:
         """
 
     @hookspec(firstresult=True)
-    def peft_kernel_create_prompt_encoder(
-        self, config: PromptLearningConfig, adapter_name: str, model: nn.Module, word_embeddings: nn.Module
-    ) -> PromptEncoder | None:
-        """Build the prompt encoder of a new adapter of a ``prompt_learning`` method.
+    def peft_kernel_create_host(
+        self, record: MethodRecord, model: nn.Module, config: PeftConfig, adapter_name: str
+    ) -> AdapterHost | None:
+        """Build the object that owns the adapters of a new ``PeftModel``.
 
-        *First result.* Called when an adapter of a method whose record declares the
-        ``prompt_learning`` capability is added to a model (``get_peft_model``, ``add_adapter``,
-        ``load_adapter``), instead of target matching and layer creation: such methods leave the
-        base model's layers alone. ``config`` is a
-        :class:`~peft_kernel.prompt_learning.PromptLearningConfig` whose model-dependent fields
-        (``token_dim``, ``num_layers``, ``num_attention_heads``, ``num_transformer_submodules``) the
-        core has already filled from ``model.config``; ``model`` is the base (transformers) model and
-        ``word_embeddings`` its input embedding module (for initialising virtual tokens from
-        vocabulary embeddings). The hook may fill further method-specific fields of ``config``.
+        *First result.* Called once by ``PeftModel(model, config, adapter_name)`` (so by
+        ``get_peft_model`` and ``PeftModel.from_pretrained``) after the task's ``modules_to_save``
+        were added to ``config``. ``record`` is the :class:`~peft_kernel.records.MethodRecord` of
+        ``config``'s method, ``model`` the user's (transformers) model. Return an object that
+        follows :class:`peft_kernel.host.AdapterHost` and already holds the adapter
+        ``adapter_name`` built from ``config``: the ``PeftModel`` then calls its ``attach(peft_model)``
+        once and talks to it through that protocol only (adapters, activation, forward and
+        ``generate``, disabling, deleting, merging or refusing to merge, the tensors saved and loaded
+        for an adapter, and the user's model back on a failed load).
 
-        Return a :class:`~peft_kernel.prompt_learner.PromptEncoder` whose ``forward()`` gives the
-        adapter's virtual tokens as ``[num_virtual_tokens * num_transformer_submodules, width]``,
-        where ``width`` follows the record's ``prompt_injection``: ``token_dim`` for
-        ``"inputs_embeds"`` (prepended to the input embeddings), ``num_layers * 2 * token_dim`` for
-        ``"past_key_values"`` (a key/value prefix per attention layer). The core prepends them per
-        batch row (mixed batches included), extends attention masks and labels, saves
-        ``saved_prompt()`` as HF PEFT's ``prompt_embeddings`` and loads it back through
-        ``load_saved_prompt``. Return ``None`` for configs that are not yours.
+        The core's ``trylast`` default returns the method's tuner, an
+        :class:`~peft_kernel.tuner.AdapterModel` subclass named after ``record.tuner_name``
+        (``LoraModel``), which injects adapter layers and becomes ``peft_model.base_model``. A
+        family library whose methods do not wrap layers returns its own host for its records (the
+        prompt-learning family returns its ``PromptLearner`` for records with the
+        ``prompt_learning`` capability; ``peft_model.base_model`` is then the transformers model,
+        as in HF PEFT). Return ``None`` for records that are not yours.
+        """
+
+    @hookspec
+    def peft_kernel_add_hookspecs(self, pm: pluggy.PluginManager) -> None:
+        """Add hook specifications of your own (as pytest's ``pytest_addhooks``).
+
+        Called once per plugin while the plugin manager is built, after every plugin was loaded
+        and before any ``peft_kernel_register_*`` hook runs, so the added hooks may be implemented
+        by any plugin, loaded before or after yours. Call ``pm.add_hookspecs(SpecsClass)`` with a
+        class whose methods are marked ``@peft_kernel.hookspec`` (from
+        :mod:`peft_kernel.plugin_api`); name them ``peft_kernel_<something>`` and give each a
+        docstring that is its contract, as here. Call the hook through
+        ``get_registry().call_hook(name, kwargs)``, which isolates failing plugins as for the
+        core's hooks. A family library (shared code for several method plugins, registering no
+        method itself) uses this to let its methods plug in: the prompt-learning family adds
+        ``peft_kernel_create_prompt_encoder``. A plugin implementing a hook whose spec no loaded
+        plugin added fails to load with an error naming the hook. The return value is ignored.
         """
 
     @hookspec(firstresult=True)

@@ -7,7 +7,7 @@ adapter layer. Forward runs the layers below first, so the adapters of every met
 PEFT nests its layers the same way); merges reach the plain module's weight through the chain.
 An adapter of a method already in the chain joins that method's layer instead of adding one more.
 In memory a stacked layer sits at ``<module>.base_layer``; on disk each adapter keeps its
-single-method keys (``state_dict.adapter_tensors`` saves a stacked layer under the outer layer's
+single-method keys (``adapter_io.adapter_tensors`` saves a stacked layer under the outer layer's
 path), so checkpoints of HF PEFT's ``PeftModel`` load as they are.
 
 Beyond HF PEFT (whose ``PeftMixedModel.save_pretrained`` raises): :meth:`PeftMixedModel.save_pretrained`
@@ -189,7 +189,7 @@ class PeftMixedModel(PeftModel):
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default") -> None:
         nn.Module.__init__(self)
         check_config_compatible(peft_config)
-        self.base_model: AdapterModel = MixedModel(model, peft_config, adapter_name)
+        self._attach(MixedModel(model, peft_config, adapter_name))
         self.special_peft_forward_args = {"adapter_names"}
         self._adapters_disabled = False
         cast_adapter_dtype(self.get_base_model(), adapter_name, True)
@@ -252,9 +252,9 @@ class PeftMixedModel(PeftModel):
         single-method format, and ``mixed_adapters.json``: the adapters in the order they were added
         (which is the stacking order), their methods and the active adapters. The whole folder is
         replaced at once; HF PEFT's own ``PeftMixedModel.save_pretrained`` raises instead."""
-        from peft_kernel.checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, atomic_save_tensors, atomic_write_text
+        from peft_kernel.adapter_io import save_adapter
+        from peft_kernel.checkpoint import atomic_write_text
         from peft_kernel.checkpoint_stage import staged_checkpoint
-        from peft_kernel.state_dict import get_peft_model_state_dict
 
         if kwargs:
             raise TypeError(f"PeftMixedModel.save_pretrained got unexpected keyword argument(s) {sorted(kwargs)}")
@@ -265,17 +265,9 @@ class PeftMixedModel(PeftModel):
         names = [n for n in self.peft_config if n in names]  # stacking order
         if not is_main_process:
             return
-        registry = get_registry()
-        weights_name = WEIGHTS_NAME if safe_serialization else PICKLE_WEIGHTS_NAME
         with staged_checkpoint(save_directory) as stage:
             for name in names:
-                config = self.peft_config[name]
-                tensors = get_peft_model_state_dict(self, adapter_name=name)
-                mapped = registry.map_state_dict(config, tensors, "save")
-                out = Path(stage) / name
-                out.mkdir(parents=True, exist_ok=True)
-                atomic_save_tensors(out / weights_name, mapped, safe_serialization)
-                self._saved_config(config).save_pretrained(out)
+                save_adapter(self, name, Path(stage) / name, safe_serialization=safe_serialization)
             manifest = {
                 "format": MANIFEST_FORMAT,
                 "version": 1,

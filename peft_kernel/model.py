@@ -1,7 +1,10 @@
 """``PeftModel`` and its task classes: HF PEFT's user-facing wrapper, method-agnostic.
 
-``PeftModel.base_model`` is an :class:`~peft_kernel.tuner.AdapterModel`; attribute lookups fall
-through to it and then to the user's model, as in HF PEFT. ``forward`` / ``generate`` accept
+What owns the adapters is the model's *host* (:class:`~peft_kernel.host.AdapterHost`), which the
+plugins build (``peft_kernel_create_host``): by default the method's tuner, an
+:class:`~peft_kernel.tuner.AdapterModel`, which is then ``PeftModel.base_model``; attribute lookups
+fall through to ``base_model`` and then to the user's model, as in HF PEFT. ``PeftModel`` delegates
+everything about adapters to the host and never asks what kind of method it holds. ``forward`` / ``generate`` accept
 ``adapter_names=[...]`` (one adapter name per row, ``"__base__"`` for none) to serve a mixed batch.
 
 Public methods carry HF PEFT's signatures. Where HF PEFT swallows unknown keyword arguments
@@ -21,17 +24,15 @@ from torch import nn
 
 from peft_kernel.checkpoint_stage import staged_checkpoint
 from peft_kernel.transaction import load_transaction, wrap_and_load
-from peft_kernel.checkpoint import (
-    WEIGHTS_NAME, PICKLE_WEIGHTS_NAME, adapter_dir, atomic_save_tensors, check_save_target, load_adapter_weights,
-)
+from peft_kernel.checkpoint import adapter_dir, check_save_target, load_adapter_weights
 from peft_kernel.config import PeftConfig
 from peft_kernel.enums import TaskType
 from peft_kernel.errors import AdapterNameError, MixedBatchError
 from peft_kernel.plugins import get_registry
 from peft_kernel.routing import BASE_ADAPTER, routed
-from peft_kernel.state_dict import get_peft_model_state_dict, set_peft_model_state_dict
+from peft_kernel.adapter_io import save_adapter, set_peft_model_state_dict
 from peft_kernel.injection import cast_adapter_dtype
-from peft_kernel.tuner import AdapterModel, tuner_class
+from peft_kernel.host import AdapterHost
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only")
 _LOAD_KWARGS = (*_HUB_KWARGS, "subfolder", "use_auth_token", "ignore_mismatched_sizes")
@@ -47,15 +48,9 @@ class PeftModel(nn.Module):
     task_modules_to_save: tuple[str, ...] = ()
     """Modules every adapter of this task trains and saves in full (the classifier head)."""
 
-    _prompt: Any = None
-    """For ``prompt_learning`` methods, the :class:`~peft_kernel.prompt_learner.PromptLearner`
-    that owns adapters, forward and generate; ``None`` for layer adapters."""
-
-    @property
-    def _host(self) -> Any:
-        """What owns the adapters: the ``PromptLearner`` of a prompt-learning method, else the
-        ``AdapterModel`` in ``base_model``. Both offer the same interface, so nothing below branches."""
-        return self._prompt if self._prompt is not None else self.base_model
+    _host: AdapterHost
+    """What owns the adapters (kept in the instance ``__dict__``, not as a sub-module: a tuner host
+    is also ``base_model``)."""
 
     def __init__(
         self,
@@ -66,17 +61,10 @@ class PeftModel(nn.Module):
         low_cpu_mem_usage: bool = False,
     ) -> None:
         super().__init__()
-        record = get_registry().method_for_config(peft_config)
-        if record.supports("prompt_learning"):
-            from peft_kernel.prompt_learner import PromptLearner
-
-            self._add_task_modules(peft_config)
-            self.base_model = model  # as in HF PEFT: the transformers model itself
-            self._prompt = PromptLearner(self, record)
-            self._prompt.add_adapter(adapter_name, peft_config)
-        else:
-            self._add_task_modules(peft_config)
-            self.base_model: AdapterModel = tuner_class(record.tuner_name)(model, peft_config, adapter_name)
+        registry = get_registry()
+        record = registry.method_for_config(peft_config)
+        self._add_task_modules(peft_config)
+        self._attach(registry.create_host(record, model, peft_config, adapter_name))
         self.peft_type = peft_config.peft_type
         self.special_peft_forward_args = {"adapter_names"}
         self._adapters_disabled = False
@@ -85,6 +73,10 @@ class PeftModel(nn.Module):
             self.prepare_model_for_gradient_checkpointing(model)
         if hasattr(getattr(model, "config", None), "pretraining_tp"):
             model.config.pretraining_tp = 1  # as HF PEFT: no simulated tensor parallelism under adapters
+
+    def _attach(self, host: AdapterHost) -> None:
+        object.__setattr__(self, "_host", host)
+        host.attach(self)
 
     # ---- attribute plumbing -------------------------------------------------------------------
     def __getattr__(self, name: str) -> Any:
@@ -200,19 +192,11 @@ class PeftModel(nn.Module):
     def set_adapter(self, adapter_name: str, inference_mode: bool = False) -> None:
         """Make ``adapter_name`` the active adapter, trainable unless ``inference_mode=True`` (HF PEFT's rule,
         whatever the adapter's config says). Prompt-learning methods only switch the active adapter."""
-        if self._prompt is not None:
-            self._prompt.set_adapter(adapter_name)
-            return
-        self.base_model.set_adapter(adapter_name, inference_mode=inference_mode)
+        self._host.set_adapter(adapter_name, inference_mode=inference_mode)
 
     def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
         """Turn gradients of the named adapters on or off (not for prompt-learning methods, as in HF PEFT)."""
-        if self._prompt is not None:
-            raise TypeError(
-                "Setting `requires_grad` is not supported for prompt learning methods like "
-                f"{getattr(self.active_peft_config.peft_type, 'value', self.active_peft_config.peft_type)}."
-            )
-        self.base_model.set_requires_grad(adapter_names, requires_grad=requires_grad)
+        self._host.set_requires_grad(adapter_names, requires_grad=requires_grad)
 
     def get_layer_status(self) -> list[Any]:
         """One :class:`~peft_kernel.status.TunerLayerStatus` per adapter layer (HF PEFT's)."""
@@ -228,9 +212,7 @@ class PeftModel(nn.Module):
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """Whether the adapters could be converted to LoRA (additive methods); False for prompt learning."""
-        if self._prompt is not None:
-            return False
-        return self.base_model.supports_lora_conversion()
+        return self._host.supports_lora_conversion(adapter_name)
 
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
         """Make the input embeddings' output require grad, so gradient checkpointing works with a
@@ -246,24 +228,18 @@ class PeftModel(nn.Module):
     def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None, max_cache_len: int | None = None) -> Any:
         """Prompt learning: the active adapter's virtual tokens for a batch — ``[batch, n, dim]``
         embeddings, or for a key/value prefix the transformers ``Cache`` holding it."""
-        learner = self._prompt_learner("get_prompt")
-        prompts, config = learner.prompts(batch_size)
-        if learner.injection != "past_key_values":
-            return prompts
-        from peft_kernel.prompt_learner import _float_dtype, prefix_to_cache
-
-        base = self.get_base_model()
-        return prefix_to_cache(prompts.to(_float_dtype(base)), config, getattr(base, "config", None))
+        return self._prompt_api("get_prompt")(batch_size, task_ids=task_ids, max_cache_len=max_cache_len)
 
     def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
         """Prompt learning: the tensor saved as ``prompt_embeddings`` for ``adapter_name``."""
-        self._prompt_learner("get_prompt_embedding_to_save")
-        return self.prompt_encoder[adapter_name].saved_prompt().detach().cpu()
+        return self._prompt_api("get_prompt_embedding_to_save")(adapter_name)
 
-    def _prompt_learner(self, operation: str) -> Any:
-        if self._prompt is None:
+    def _prompt_api(self, operation: str) -> Any:
+        """The host's implementation of one of HF PEFT's prompt-learning methods (hosts of
+        virtual-token methods have them, tuners do not)."""
+        if not callable(getattr(type(self._host), operation, None)):
             raise TypeError(f"{operation}() is for prompt-learning methods; this model's adapters live in its layers.")
-        return self._prompt
+        return getattr(self._host, operation)
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Write or update ``README.md`` in ``output_dir`` as HF PEFT does (library, tags, base model)."""
@@ -376,45 +352,13 @@ class PeftModel(nn.Module):
         check_save_target(save_directory, names)  # a file in the way fails here, before any write
         if not is_main_process:
             return
-        registry = get_registry()
         initial = None
         if path_initial_model_for_weight_conversion is not None:
             initial = load_adapter_weights(path_initial_model_for_weight_conversion)
-        weights_name, stale_name = (WEIGHTS_NAME, PICKLE_WEIGHTS_NAME) if safe_serialization else (PICKLE_WEIGHTS_NAME, WEIGHTS_NAME)
         with staged_checkpoint(save_directory) as stage:  # the whole checkpoint is swapped in at once
             for name in names:
-                config = self.peft_config[name]
-                tensors = get_peft_model_state_dict(self, state_dict=state_dict, adapter_name=name,
-                                                    save_embedding_layers=save_embedding_layers)
-                if initial is not None:
-                    tensors, config = self._convert_for_original_base(config, tensors, initial)
-                mapped = registry.map_state_dict(config, tensors, "save")
-                out = adapter_dir(stage, name)
-                atomic_save_tensors(out / weights_name, mapped, safe_serialization)
-                (out / stale_name).unlink(missing_ok=True)  # a previous save in the other format would shadow or confuse
-                self._saved_config(config).save_pretrained(out)
-
-    @staticmethod
-    def _convert_for_original_base(
-        config: PeftConfig, tensors: dict[str, torch.Tensor], initial: dict[str, torch.Tensor]
-    ) -> tuple[dict[str, torch.Tensor], PeftConfig]:
-        converted = get_registry().convert_for_original_base(config.copy(), dict(tensors), initial)
-        if converted is None:
-            tuner = get_registry().method_for_config(config).tuner_name or type(config).__name__
-            raise ValueError(
-                f"Passing `path_initial_model_for_weight_conversion` to `save_pretrained` is not supported for {tuner}."
-            )
-        return converted
-
-    def _saved_config(self, config: PeftConfig) -> PeftConfig:
-        saved = config.copy()
-        saved.inference_mode = True
-        base = self.get_base_model()
-        if saved.base_model_name_or_path is None:
-            saved.base_model_name_or_path = getattr(getattr(base, "config", None), "_name_or_path", None) or None
-        if saved.task_type is None and saved.auto_mapping is None:
-            saved.auto_mapping = {"base_model_class": type(base).__name__, "parent_library": type(base).__module__}
-        return saved
+                save_adapter(self, name, adapter_dir(stage, name), safe_serialization=safe_serialization,
+                             state_dict=state_dict, save_embedding_layers=save_embedding_layers, initial=initial)
 
     def load_adapter(
         self,
@@ -458,8 +402,7 @@ class PeftModel(nn.Module):
                                                ignore_mismatched_sizes=ignore_mismatched_sizes)
         if result.missing_keys:
             warnings.warn(f"Found missing adapter keys while loading the checkpoint: {result.missing_keys}", stacklevel=2)
-        if self._prompt is None and self.active_adapters == [adapter_name]:
-            self.base_model._activate(adapter_name, None)  # re-apply trainability with the loaded config
+        self._host.settle_loaded(adapter_name)  # e.g. re-apply trainability with the loaded config
         cast_adapter_dtype(self.get_base_model(), adapter_name, autocast_adapter_dtype)
         if not is_trainable and self.training:
             self.eval()  # an eval-mode model already put the new adapter's modules in eval mode

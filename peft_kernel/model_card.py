@@ -12,9 +12,11 @@ FRAMEWORK_HEADING = "### Framework versions"
 
 
 def _tags(peft_model: Any) -> set[str]:
+    from peft_kernel.tuner import AdapterModel
+
     base = peft_model.get_base_model()
     tags = set(getattr(base, "model_tags", None) or [])
-    if _is_pretrained(base) and peft_model._prompt is None:
+    if _is_pretrained(base) and isinstance(peft_model.base_model, AdapterModel):  # a tuner wraps a transformers model
         tags.add("transformers")
     peft_type = peft_model.active_peft_config.peft_type
     # HF PEFT tags LoRA adapters "lora"; the kernel names no method, so every method gets its own tag

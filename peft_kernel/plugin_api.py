@@ -4,43 +4,92 @@ Plugin packages (methods, family libraries, backends, commands) import the core 
 from the public top level (``peft_kernel.get_peft_model``...); ``tests/test_import_graph.py`` checks
 it. What is named here is the plugin authors' contract, as stable as ``hookspecs``: the hook
 marker, the records, the config and layer bases, the targeting helpers layers use, the named
-errors, the checkpoint readers and the CLI error type.
+errors, the checkpoint readers, the adapter-host protocol and the CLI error type.
+
+Importing this module stays light (no torch), so plugin entry modules and config modules may use
+it: the names that live in torch-heavy core modules (``_HEAVY``) are imported on first access.
 """
 
 from __future__ import annotations
 
-from peft_kernel.checkpoint import load_adapter_weights, resolve_file
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from peft_kernel.cli import CliError
 from peft_kernel.config import MAX_SIZE, MAX_WIDTH, PeftConfig, check_range, read_settings_file
 from peft_kernel.enums import PeftType, TaskType
 from peft_kernel.errors import (
+    AdapterNameError,
     CheckpointError,
     ConfigError,
     MixedBatchError,
     PeftKernelError,
     UnsupportedFeatureError,
 )
-from peft_kernel.layer import AdapterLayer, Fold
+from peft_kernel.host import AdapterHost
 from peft_kernel.markers import hookimpl, hookspec
 from peft_kernel.model_defaults import DEFAULT_TARGET_MODULES
 from peft_kernel.plugins import Registry, get_registry, install_hint
 from peft_kernel.records import BackendRecord, MethodRecord
-from peft_kernel.routing import Routing, current_routing
 from peft_kernel.targeting import base_of, compile_pattern, linear_fan_in_fan_out, pattern_value
-from peft_kernel.utils import merge_utils
+
+if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
+    from peft_kernel.adapter_io import LoadResult
+    from peft_kernel.checkpoint import load_adapter_weights, resolve_file
+    from peft_kernel.injection import check_adapter_name, replace_with_base, wrap_modules_to_save
+    from peft_kernel.layer import AdapterLayer, Fold
+    from peft_kernel.modules_to_save import ModulesToSaveWrapper
+    from peft_kernel.routing import BASE_ADAPTER, Routing, current_routing
+    from peft_kernel.utils import merge_utils
+
+_HEAVY = {
+    "AdapterLayer": "peft_kernel.layer",
+    "Fold": "peft_kernel.layer",
+    "BASE_ADAPTER": "peft_kernel.routing",
+    "Routing": "peft_kernel.routing",
+    "current_routing": "peft_kernel.routing",
+    "LoadResult": "peft_kernel.adapter_io",
+    "ModulesToSaveWrapper": "peft_kernel.modules_to_save",
+    "check_adapter_name": "peft_kernel.injection",
+    "replace_with_base": "peft_kernel.injection",
+    "wrap_modules_to_save": "peft_kernel.injection",
+    "load_adapter_weights": "peft_kernel.checkpoint",
+    "resolve_file": "peft_kernel.checkpoint",
+    "merge_utils": "peft_kernel.utils.merge_utils",
+}
+"""``{name: core module}`` of the names that import torch, imported on first access."""
+
+
+def __getattr__(name: str) -> Any:
+    if name in _HEAVY:
+        module = importlib.import_module(_HEAVY[name])
+        value = module if module.__name__.rpartition(".")[2] == name else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_HEAVY})
+
 
 __all__ = [
+    "BASE_ADAPTER",
     "DEFAULT_TARGET_MODULES",
     "MAX_SIZE",
     "MAX_WIDTH",
+    "AdapterHost",
     "AdapterLayer",
+    "AdapterNameError",
     "BackendRecord",
     "CheckpointError",
     "CliError",
     "ConfigError",
     "Fold",
+    "LoadResult",
     "MethodRecord",
     "MixedBatchError",
+    "ModulesToSaveWrapper",
     "PeftConfig",
     "PeftKernelError",
     "PeftType",
@@ -49,6 +98,7 @@ __all__ = [
     "TaskType",
     "UnsupportedFeatureError",
     "base_of",
+    "check_adapter_name",
     "check_range",
     "compile_pattern",
     "current_routing",
@@ -61,5 +111,7 @@ __all__ = [
     "merge_utils",
     "pattern_value",
     "read_settings_file",
+    "replace_with_base",
     "resolve_file",
+    "wrap_modules_to_save",
 ]

@@ -21,8 +21,11 @@ Errors of the method's own plugin, of the core, deliberate refusals (peft-kernel
 
 from __future__ import annotations
 
+import functools
 import importlib
+import inspect
 import os
+import re
 import threading
 import warnings
 from importlib import metadata
@@ -41,6 +44,7 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only
     from torch import nn
 
     from peft_kernel.config import PeftConfig
+    from peft_kernel.host import AdapterHost
     from peft_kernel.layer import AdapterLayer
 
 DISABLE_ENV = "PEFT_KERNEL_DISABLE_PLUGINS"
@@ -163,6 +167,13 @@ class Registry:
                   "combination_type": combination_type, "options": options}
         return self.call_hook("peft_kernel_combine_adapters", kwargs)
 
+    def create_host(self, record: MethodRecord, model: nn.Module, config: PeftConfig,
+                    adapter_name: str) -> AdapterHost:
+        """The adapter host of a new ``PeftModel`` (``peft_kernel_create_host``; the core's default
+        is the method's tuner)."""
+        kwargs = {"record": record, "model": model, "config": config, "adapter_name": adapter_name}
+        return self.call_hook("peft_kernel_create_host", kwargs)
+
     def register_commands(self, subparsers: Any) -> None:
         """Every plugin's ``peft_kernel_register_commands``."""
         self.call_hook("peft_kernel_register_commands", {"subparsers": subparsers})
@@ -232,9 +243,9 @@ class IsolatedHooks:
         self._registry = registry
 
     def __getattr__(self, name: str) -> Any:
-        if not name.startswith("peft_kernel_") or not hasattr(PeftKernelSpecs, name):
-            raise AttributeError(name)
         registry = self._registry
+        if not name.startswith("peft_kernel_") or name not in _known_hooks(registry.pm):
+            raise AttributeError(name)
 
         def call(**kwargs: Any) -> Any:
             return registry.call_hook(name, kwargs)
@@ -262,12 +273,29 @@ def install_hint(peft_type: str) -> str:
 
 
 def _isolate(status: PluginStatus | None, owner: str | None, exc: BaseException) -> bool:
-    """Whether ``exc`` marks a plugin broken (isolated) rather than being the caller's error."""
-    if status is None or status.name == CORE or (owner is not None and status.distribution == owner):
+    """Whether ``exc`` marks a plugin broken (isolated) rather than being the caller's error. The
+    owning method's plugin and the distributions it depends on (its family library) are not
+    isolated: their errors are the method's own."""
+    if status is None or status.name == CORE or (owner is not None and _canonical(status.distribution) in _with_requirements(owner)):
         return False
     if isinstance(exc, (PeftKernelError, NotImplementedError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
         return False  # a deliberate refusal ("not supported"), or out of memory: not the plugin's fault
     return True
+
+
+@functools.lru_cache(maxsize=None)
+def _with_requirements(dist: str) -> frozenset[str]:
+    """``dist`` and the distributions it requires, by canonical name (:func:`_canonical`)."""
+    try:
+        requires = metadata.requires(dist) or []
+    except metadata.PackageNotFoundError:
+        requires = []
+    names = {re.split(r"[\s;<>=!~\[(]", req, maxsplit=1)[0] for req in requires}
+    return frozenset({_canonical(dist), *map(_canonical, names)})
+
+
+def _canonical(name: str) -> str:
+    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def _note_source(exc: BaseException, plugin_name: str, status: PluginStatus | None, hook_name: str) -> None:
@@ -307,13 +335,19 @@ def _collect(pm: pluggy.PluginManager, hook_name: str, plugin: object) -> list[A
     return records
 
 
+def _known_hooks(pm: pluggy.PluginManager) -> list[str]:
+    """The hooks with a spec: the core's and those plugins added (``peft_kernel_add_hookspecs``)."""
+    return sorted(name for name, caller in vars(pm.hook).items()
+                  if name.startswith("peft_kernel_") and getattr(caller, "spec", None) is not None)
+
+
 def _check_hooks(pm: pluggy.PluginManager, plugin: object) -> None:
     """A hookimpl with no spec is a typo (``peft_kernel_create_layers``): it would never run. Hook
     wrappers are refused: the core calls implementations one by one to isolate failures."""
     callers = pm.get_hookcallers(plugin) or []
     unknown = sorted(caller.name for caller in callers if caller.spec is None)
     if unknown:
-        specs = sorted(n for n in dir(PeftKernelSpecs) if n.startswith("peft_kernel_"))
+        specs = _known_hooks(pm)
         raise PluginError(f"implements unknown hook(s) {unknown}; known hooks: {specs}")
     wrappers = sorted(
         caller.name for caller in callers for impl in caller.get_hookimpls()
@@ -366,10 +400,26 @@ def _fail(registry: Registry, status: PluginStatus, plugin: object | None, error
     status.backends.clear()
 
 
+def _add_specs(registry: Registry, status: PluginStatus, plugin: object) -> bool:
+    """Let ``plugin`` add its hook specs (``peft_kernel_add_hookspecs``) before any plugin is
+    registered, so implementations of added hooks are checked against their spec whatever the
+    order of loading. False (the plugin reported as failed) if it raises."""
+    function = getattr(plugin, "peft_kernel_add_hookspecs", None)
+    if function is None or registry.pm.parse_hookimpl_opts(plugin, "peft_kernel_add_hookspecs") is None:
+        return True
+    try:
+        function(**({"pm": registry.pm} if "pm" in inspect.signature(function).parameters else {}))
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:  # a broken plugin is reported, never fatal
+        _fail(registry, status, None, _describe(exc))
+        return False
+    return True
+
+
 def _register(registry: Registry, status: PluginStatus, plugin: object) -> _Candidate | None:
     """Register ``plugin`` and collect its records; a plugin that raises anything (``SystemExit``
     included, ``KeyboardInterrupt`` excepted) is reported as failed, never fatal."""
-    registry.plugins.append(status)
     try:
         registry.pm.register(plugin, name=status.name)
         _check_hooks(registry.pm, plugin)
@@ -459,10 +509,11 @@ def build_registry(
     pm.add_hookspecs(PeftKernelSpecs)
     registry = Registry(pm=pm)
     blocked = _disabled_names() if disabled is None else set(disabled)
-    candidates: list[_Candidate | None] = []
+    loaded: list[tuple[PluginStatus, object]] = []  # statuses listed in loading order
     for module_name in BUILTIN_PLUGINS:
-        candidates.append(_register(registry, PluginStatus(CORE, "peft-kernel", _version("peft-kernel"), "loaded"),
-                                    importlib.import_module(module_name)))
+        loaded.append((PluginStatus(CORE, "peft-kernel", _version("peft-kernel"), "loaded"),
+                       importlib.import_module(module_name)))
+        registry.plugins.append(loaded[-1][0])
     for ep in _entry_points() if entry_points is None else entry_points:
         dist, version = _dist_of(ep)
         status = PluginStatus(str(ep.name), dist, version, "loaded")
@@ -478,9 +529,14 @@ def build_registry(
             status.status, status.error = "failed", _describe(exc)
             registry.plugins.append(status)
             continue
-        candidates.append(_register(registry, status, plugin))
+        loaded.append((status, plugin))
+        registry.plugins.append(status)
     for name, plugin in (extra_plugins or {}).items():
-        candidates.append(_register(registry, PluginStatus(name, name, "", "loaded"), plugin))
+        loaded.append((PluginStatus(name, name, "", "loaded"), plugin))
+        registry.plugins.append(loaded[-1][0])
+    # every plugin's own hook specs are in before any plugin is registered and its hooks checked
+    loaded = [(status, plugin) for status, plugin in loaded if _add_specs(registry, status, plugin)]
+    candidates = [_register(registry, status, plugin) for status, plugin in loaded]
     settled = [c for c in candidates if c is not None]
     _settle_collisions(settled)
     for candidate in settled:

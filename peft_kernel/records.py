@@ -10,15 +10,6 @@ CAPABILITIES = frozenset({"mergeable", "mixed_batch", "hotswap", "prompt_learnin
 """Capabilities a method may declare. The conformance suite runs the checks they allow."""
 
 
-PROMPT_INJECTIONS = ("inputs_embeds", "past_key_values")
-"""How a ``prompt_learning`` method's virtual tokens can enter the model (see ``MethodRecord.prompt_injection``)."""
-
-
-def _check_injection(instance: Any, attribute: attrs.Attribute, value: str) -> None:
-    if value not in PROMPT_INJECTIONS:
-        raise ValueError(f"prompt_injection must be one of {list(PROMPT_INJECTIONS)}, got {value!r}")
-
-
 def _check_capabilities(instance: Any, attribute: attrs.Attribute, value: frozenset[str]) -> None:
     unknown = set(value) - CAPABILITIES
     if unknown:
@@ -45,10 +36,6 @@ class MethodRecord:
     exports: Mapping[str, str] = attrs.field(factory=dict)
     """Extra public names, ``{"LoraModel": "peft_kernel_lora.tuner:LoraModel"}``, importable
     from ``peft_kernel`` while the plugin is installed. Imported on first access only."""
-    prompt_injection: str = attrs.field(default="inputs_embeds", validator=_check_injection)
-    """For ``prompt_learning`` methods: how the virtual tokens enter the model, ``"inputs_embeds"``
-    (prepended to the input embeddings) or ``"past_key_values"`` (a key/value prefix in every
-    attention layer). See :mod:`peft_kernel.prompt_learning`."""
     distribution: str = ""
     """Filled in by the manager: the distribution (or plugin name) that registered the record."""
 

@@ -60,9 +60,10 @@ def _agree(values: list[Any]) -> Any:
 
 def _root(model: nn.Module, caller: str) -> nn.Module:
     from peft_kernel.model import PeftModel
+    from peft_kernel.tuner import AdapterModel
 
     if isinstance(model, PeftModel):
-        if model._prompt is not None:
+        if not isinstance(model.base_model, AdapterModel):  # HF PEFT's test: its base_model is no tuner
             raise TypeError(
                 f"{caller}() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported."
             )

@@ -101,7 +101,7 @@ class AdapterSnapshot:
     """What loading ``adapter_name`` into ``model`` (a ``PeftModel``) may change, to put back on failure."""
 
     def __init__(self, model: nn.Module, adapter_name: str) -> None:
-        from peft_kernel.state_dict import get_peft_model_state_dict
+        from peft_kernel.adapter_io import adapter_state_dict
 
         self.model = model
         self.adapter_name = adapter_name
@@ -109,14 +109,14 @@ class AdapterSnapshot:
         self.config = model.peft_config[adapter_name].copy() if self.existed else None
         self.active = list(model.active_adapters) if model.peft_config else []
         self.tensors = (
-            {k: v.detach().clone() for k, v in get_peft_model_state_dict(model, adapter_name=adapter_name,
-                                                                           save_embedding_layers=False).items()}
+            {k: v.detach().clone() for k, v in adapter_state_dict(model, adapter_name=adapter_name,
+                                                                     save_embedding_layers=False).items()}
             if self.existed else {}
         )
         self.flags = ModuleFlags(model)
 
     def restore(self) -> None:
-        from peft_kernel.state_dict import set_peft_model_state_dict
+        from peft_kernel.adapter_io import load_adapter_state_dict
 
         model, name = self.model, self.adapter_name
         if not self.existed and name in model.peft_config:
@@ -124,7 +124,7 @@ class AdapterSnapshot:
         if self.existed:
             model.peft_config[name] = self.config
             if self.tensors:
-                set_peft_model_state_dict(model, self.tensors, adapter_name=name)
+                load_adapter_state_dict(model, self.tensors, name)
         if self.active and list(model.active_adapters) != self.active:
             model._host.set_adapter(self.active if len(self.active) > 1 else self.active[0])
         self.flags.restore()

@@ -103,7 +103,7 @@ class AdapterModel(nn.Module):
     def forward(self, *args: Any, **kwargs: Any) -> Any:
         return self.model(*args, **kwargs)
 
-    # ---- the adapter-host interface PeftModel delegates to (PromptLearner has the same) --------
+    # ---- the adapter-host protocol (peft_kernel.host.AdapterHost) ------------------------------
     @property
     def plain_model(self) -> nn.Module:
         return self.model
@@ -124,6 +124,26 @@ class AdapterModel(nn.Module):
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
         return self.model.generate(*args, **kwargs)
+
+    def attach(self, peft_model: nn.Module) -> None:
+        """The tuner is the ``PeftModel``'s ``base_model`` (HF PEFT's ``LoraModel``...)."""
+        peft_model.base_model = self
+
+    def settle_loaded(self, adapter_name: str) -> None:
+        """An active adapter whose weights were just loaded takes its trainability from its config."""
+        if self.active_adapters == [adapter_name]:
+            self._activate(adapter_name, None)
+
+    def saved_tensors(self, adapter_name: str, state_dict: dict[str, Any] | None = None,
+                      save_embedding_layers: str | bool = "auto") -> dict[str, Any]:
+        from peft_kernel.adapter_io import HOST_KEY_PREFIX, layer_state_dict
+
+        return layer_state_dict(self, adapter_name, state_dict, save_embedding_layers, prefix=HOST_KEY_PREFIX)
+
+    def load_tensors(self, tensors: dict[str, Any], adapter_name: str, ignore_mismatched_sizes: bool = False) -> Any:
+        from peft_kernel.adapter_io import HOST_KEY_PREFIX, load_layer_state_dict
+
+        return load_layer_state_dict(self, tensors, adapter_name, ignore_mismatched_sizes, prefix=HOST_KEY_PREFIX)
 
     # ---- lifecycle --------------------------------------------------------------------------
     def inject_adapter(

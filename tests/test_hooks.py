@@ -190,3 +190,82 @@ def test_prepare_config_hook_sees_the_model_before_matching(isolated_registry):
     model = get_peft_model(make_model("mlp"), LoraConfig(target_modules=["lin0"], r=3))
     assert seen == ["MLP"]
     assert model.base_model.model.lin0.lora_A["default"].weight.shape[0] == 2
+
+
+def test_add_hookspecs_hook_lets_a_plugin_add_hooks_others_implement(isolated_registry):
+    """A family library adds a hook through ``peft_kernel_add_hookspecs``: plugins implement it
+    whatever the loading order, typos are still caught, and calls through the registry isolate a
+    failing implementation as for the core's hooks."""
+    from peft_kernel.plugin_api import hookspec
+    from peft_kernel.errors import PluginWarning
+
+    class ToySpecs:
+        @hookspec
+        def peft_kernel_toy_double(self, value):
+            """Return twice ``value``."""
+
+    @hookimpl
+    def peft_kernel_add_hookspecs(pm):
+        pm.add_hookspecs(ToySpecs)
+
+    def implementing(result):
+        @hookimpl
+        def peft_kernel_toy_double(value):
+            return result(value)
+
+        return types.SimpleNamespace(peft_kernel_toy_double=peft_kernel_toy_double)
+
+    def broken(value):
+        raise RuntimeError("boom")
+
+    @hookimpl
+    def peft_kernel_toy_tripple(value):  # a typo: no plugin added this hook
+        return 3 * value
+
+    registry = isolated_registry(disabled=[], extra_plugins={
+        "early": implementing(lambda v: 2 * v),  # loaded before the plugin that adds the spec
+        "family": types.SimpleNamespace(peft_kernel_add_hookspecs=peft_kernel_add_hookspecs),
+        "late": implementing(lambda v: 2 * v),
+        "broken": implementing(broken),
+        "typo": types.SimpleNamespace(peft_kernel_toy_tripple=peft_kernel_toy_tripple),
+    })
+    status = {s.name: s for s in registry.plugins}
+    assert [status[n].status for n in ("early", "family", "late", "broken")] == ["loaded"] * 4
+    assert status["typo"].status == "failed" and "peft_kernel_toy_tripple" in status["typo"].error
+    assert "peft_kernel_toy_double" in status["typo"].error  # the known hooks include the added one
+    with pytest.warns(PluginWarning, match="'broken'.*peft_kernel_toy_double"):
+        assert registry.call_hook("peft_kernel_toy_double", {"value": 4}) == [8, 8]
+    assert status["broken"].status == "failing"
+    assert registry.hook.peft_kernel_toy_double(value=5) == [10, 10]
+
+
+def test_create_host_hook_supplies_the_adapter_host(isolated_registry, tmp_path):
+    """``peft_kernel_create_host`` decides what owns a new PeftModel's adapters; the PeftModel
+    delegates forward and saving to it. The core's default is the method's tuner."""
+    from peft_kernel.host import AdapterHost
+    from peft_kernel.tuner import AdapterModel
+
+    class CountingHost(AdapterModel):
+        served = 0
+
+        def serve(self, args, kwargs, adapter_names):
+            CountingHost.served += 1
+            return super().serve(args, kwargs, adapter_names)
+
+    default = get_peft_model(make_model("mlp"), LoraConfig(target_modules=["lin0"]))
+    assert type(default.base_model).__name__ == "LoraModel" and isinstance(default._host, AdapterHost)
+
+    @hookimpl
+    def peft_kernel_create_host(record, model, config, adapter_name):
+        return CountingHost(model, config, adapter_name) if record.peft_type == "LORA" else None
+
+    isolated_registry(disabled=[], extra_plugins={"host": types.SimpleNamespace(peft_kernel_create_host=peft_kernel_create_host)})
+    model = get_peft_model(make_model("mlp"), LoraConfig(target_modules=["lin0"], init_lora_weights=False)).eval()
+    assert model.base_model is model._host and isinstance(model._host, CountingHost)
+    inputs = make_inputs("mlp")
+    out = model(**inputs)
+    assert CountingHost.served == 1
+    model.save_pretrained(tmp_path)
+    loaded = PeftModel.from_pretrained(make_model("mlp"), tmp_path)
+    assert isinstance(loaded.base_model, CountingHost)
+    torch.testing.assert_close(loaded(**inputs), out)

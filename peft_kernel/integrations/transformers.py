@@ -89,9 +89,8 @@ def load_adapter_checkpoint(model: nn.Module, path: str | os.PathLike) -> list[s
     ``load_adapter`` (not trainable). Raises :class:`~peft_kernel.errors.CheckpointError` when the
     folder holds no adapter or a tensor does not fit.
     """
+    from peft_kernel import load_peft_weights, set_peft_model_state_dict
     from peft_kernel.errors import CheckpointError
-    from peft_kernel.peft_weights import load_peft_weights
-    from peft_kernel.state_dict import set_peft_model_state_dict
 
     folders = _adapter_folders(path)
     if not folders:

@@ -289,10 +289,11 @@ def test_third_party_method_through_peft_kernel_create_prompt_encoder(isolated_r
     import attrs
     from torch import nn
 
+    import peft_kernel_prompt_learning.plugin
     from peft_kernel import hookimpl
-    from peft_kernel.prompt_learner import PromptEncoder
-    from peft_kernel.prompt_learning import PromptLearningConfig
     from peft_kernel.records import MethodRecord
+    from peft_kernel_prompt_learning import PromptLearningConfig
+    from peft_kernel_prompt_learning.learner import PromptEncoder
 
     @attrs.define(kw_only=True)
     class FixedPromptConfig(PromptLearningConfig):
@@ -311,7 +312,7 @@ def test_third_party_method_through_peft_kernel_create_prompt_encoder(isolated_r
     @hookimpl
     def peft_kernel_register_methods(register):
         register(MethodRecord(peft_type="FIXED_PROMPT", config_class=FixedPromptConfig, prefix="fixed_prompt_",
-                              capabilities={"prompt_learning"}, prompt_injection="inputs_embeds"))
+                              capabilities={"prompt_learning"}))
 
     @hookimpl
     def peft_kernel_create_prompt_encoder(config, adapter_name, model, word_embeddings):
@@ -322,7 +323,8 @@ def test_third_party_method_through_peft_kernel_create_prompt_encoder(isolated_r
 
     plugin = types.SimpleNamespace(peft_kernel_register_methods=peft_kernel_register_methods,
                                    peft_kernel_create_prompt_encoder=peft_kernel_create_prompt_encoder)
-    isolated_registry(entry_points=[], extra_plugins={"fixed": plugin})
+    isolated_registry(entry_points=[], extra_plugins={"prompt_learning": peft_kernel_prompt_learning.plugin,
+                                                      "fixed": plugin})
     model = get_peft_model(make_model("gpt2"), FixedPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=2))
     assert calls == [("default", 16, 2)]
     assert _logits(model, input_ids=IDS).shape == (4, 7, 64)

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import ClassVar, Optional, Union
 
 import attrs
 
-from peft_kernel.enums import PeftType
-from peft_kernel.config import MAX_WIDTH, check_range
-from peft_kernel.errors import ConfigError
-from peft_kernel.prompt_learning import PromptLearningConfig
+from peft_kernel.plugin_api import MAX_WIDTH, ConfigError, PeftType, check_range
+from peft_kernel_prompt_learning import PromptLearningConfig
 
 INIT_WEIGHTS = (None, "zero")
 
@@ -23,6 +21,9 @@ class PrefixTuningConfig(PromptLearningConfig):
     plain embedding. ``encoder_hidden_size`` defaults to ``token_dim``. ``init_weights="zero"``
     starts the prefix (or the MLP's last layer) at zero.
     """
+
+    prompt_injection: ClassVar[str] = "past_key_values"
+    """The prefix is a key/value cache in every attention layer."""
 
     peft_type: Optional[Union[PeftType, str]] = PeftType.PREFIX_TUNING
     init_weights: Optional[str] = None

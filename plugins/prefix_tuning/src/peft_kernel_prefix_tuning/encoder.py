@@ -7,8 +7,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_kernel.errors import CheckpointError
-from peft_kernel.prompt_learner import PromptEncoder
+from peft_kernel.plugin_api import CheckpointError
+from peft_kernel_prompt_learning.learner import PromptEncoder
 from peft_kernel_prefix_tuning.config import PrefixTuningConfig
 
 

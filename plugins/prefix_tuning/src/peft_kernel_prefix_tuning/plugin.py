@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from peft_kernel.markers import hookimpl
-from peft_kernel.records import MethodRecord
+from peft_kernel.plugin_api import MethodRecord, hookimpl
+from peft_kernel_prompt_learning import FAMILY_EXPORTS
 from peft_kernel_prefix_tuning.config import PrefixTuningConfig
 
 
@@ -17,8 +17,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             config_class=PrefixTuningConfig,
             prefix="prefix_tuning_",
             capabilities={"prompt_learning", "mixed_batch", "multi_adapter"},
-            prompt_injection="past_key_values",
-            exports={"PrefixEncoder": "peft_kernel_prefix_tuning.encoder:PrefixEncoder"},
+            exports={**FAMILY_EXPORTS, "PrefixEncoder": "peft_kernel_prefix_tuning.encoder:PrefixEncoder"},
         )
     )
 

@@ -7,9 +7,8 @@ from typing import Optional, Union
 
 import attrs
 
-from peft_kernel.enums import PeftType
-from peft_kernel.errors import ConfigError
-from peft_kernel.prompt_learning import PromptLearningConfig
+from peft_kernel.plugin_api import ConfigError, PeftType
+from peft_kernel_prompt_learning import PromptLearningConfig
 
 
 class PromptTuningInit(str, enum.Enum):

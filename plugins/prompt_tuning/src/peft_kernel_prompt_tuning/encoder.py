@@ -8,7 +8,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_kernel.prompt_learner import PromptEncoder
+from peft_kernel_prompt_learning.learner import PromptEncoder
 from peft_kernel_prompt_tuning.config import PromptTuningConfig, PromptTuningInit
 
 

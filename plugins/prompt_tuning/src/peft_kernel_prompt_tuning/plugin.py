@@ -4,8 +4,8 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from peft_kernel.markers import hookimpl
-from peft_kernel.records import MethodRecord
+from peft_kernel.plugin_api import MethodRecord, hookimpl
+from peft_kernel_prompt_learning import FAMILY_EXPORTS
 from peft_kernel_prompt_tuning.config import PromptTuningConfig
 
 
@@ -17,8 +17,8 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             config_class=PromptTuningConfig,
             prefix="prompt_tuning_",
             capabilities={"prompt_learning", "mixed_batch", "multi_adapter"},
-            prompt_injection="inputs_embeds",
             exports={
+                **FAMILY_EXPORTS,
                 "PromptTuningInit": "peft_kernel_prompt_tuning.config:PromptTuningInit",
                 "PromptEmbedding": "peft_kernel_prompt_tuning.encoder:PromptEmbedding",
             },

@@ -1,11 +1,13 @@
 """Prompt learning: methods that add *virtual tokens* instead of wrapping layers.
 
-A prompt-learning method (its record declares the ``prompt_learning`` capability) leaves the base
-model untouched. Per adapter it owns one small module, a
-:class:`~peft_kernel.prompt_learner.PromptEncoder`, that produces a ``[num_virtual_tokens, width]``
-tensor. The method says, through its record's ``prompt_injection``, how those virtual tokens enter
-the model, and the core does the rest the same way for every method
-(:class:`~peft_kernel.prompt_learner.PromptLearner`):
+A prompt-learning method (its record declares the ``prompt_learning`` capability and its config
+subclasses :class:`PromptLearningConfig`) leaves the base model untouched. Per adapter it owns one
+small module, a :class:`~peft_kernel_prompt_learning.learner.PromptEncoder`, that produces a
+``[num_virtual_tokens, width]`` tensor. The config class says, through its ``prompt_injection``
+class attribute, how those virtual tokens enter the model, and this family library does the rest
+the same way for every method (:class:`~peft_kernel_prompt_learning.learner.PromptLearner`, the
+``PeftModel``'s adapter host that :mod:`peft_kernel_prompt_learning.plugin` hands to the core
+through ``peft_kernel_create_host``):
 
 ``"inputs_embeds"``
     the virtual tokens are prepended to the input embeddings (``width == token_dim``); the
@@ -15,10 +17,11 @@ the model, and the core does the rest the same way for every method
     (``width == num_layers * 2 * token_dim``, laid out ``[layer][key|value][head][head_dim]``),
     handed to the model as a transformers ``Cache``; the attention mask gets the same prefix.
 
-The plugin supplies the encoder through the ``peft_kernel_create_prompt_encoder`` hook. Because the
-core builds the virtual tokens of every batch row from that row's adapter, mixed batches
-(``adapter_names=[...]``) work for every prompt-learning method whose adapters in the batch have the
-same number of virtual tokens. Nothing here names a method.
+The method plugin supplies the encoder through the ``peft_kernel_create_prompt_encoder`` hook (the
+family adds its spec, :mod:`peft_kernel_prompt_learning.hookspecs`). Because the learner builds the
+virtual tokens of every batch row from that row's adapter, mixed batches (``adapter_names=[...]``)
+work for every prompt-learning method whose adapters in the batch have the same number of virtual
+tokens. Nothing here names a method.
 
 On disk an adapter is HF PEFT's format: ``adapter_model.safetensors`` with one tensor,
 ``prompt_embeddings`` (what the encoder computes; for an MLP-reparameterised encoder that is the
@@ -29,19 +32,19 @@ This module is light (no torch) so plugin entry modules can import the config ba
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Optional
+from typing import TYPE_CHECKING, Any, ClassVar, Optional
 
 import attrs
 
-from peft_kernel.config import MAX_SIZE, MAX_WIDTH, PeftConfig, check_range
-from peft_kernel.enums import TaskType
-from peft_kernel.errors import ConfigError
-from peft_kernel.records import PROMPT_INJECTIONS as INJECTIONS
+from peft_kernel.plugin_api import MAX_SIZE, MAX_WIDTH, ConfigError, PeftConfig, TaskType, check_range
 
 if TYPE_CHECKING:  # annotations only: this module stays free of torch at import
     from torch import nn
 
 __all__ = ["INJECTIONS", "SAVED_KEY", "PromptLearningConfig", "fill_config"]
+
+INJECTIONS = ("inputs_embeds", "past_key_values")
+"""How a prompt-learning method's virtual tokens can enter the model (``PromptLearningConfig.prompt_injection``)."""
 
 SAVED_KEY = "prompt_embeddings"
 """The on-disk key of a prompt-learning adapter's tensor (HF PEFT's format)."""
@@ -53,7 +56,15 @@ class PromptLearningConfig(PeftConfig):
 
     ``token_dim``, ``num_layers``, ``num_attention_heads`` and ``num_transformer_submodules`` are
     filled from the base model's config when the adapter is created, as HF PEFT does.
+
+    A method's config class sets the class attribute ``prompt_injection`` (one of
+    :data:`INJECTIONS`, not a field: it is not saved) to say how its virtual tokens enter the model;
+    it is checked when the class is defined.
     """
+
+    prompt_injection: ClassVar[str] = "inputs_embeds"
+    """``"inputs_embeds"`` (prepended to the input embeddings) or ``"past_key_values"`` (a key/value
+    prefix in every attention layer); see the module docstring."""
 
     num_virtual_tokens: Optional[int] = None
     token_dim: Optional[int] = None
@@ -61,6 +72,12 @@ class PromptLearningConfig(PeftConfig):
     num_attention_heads: Optional[int] = None
     num_layers: Optional[int] = None
     modules_to_save: Optional[list[str]] = None
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.prompt_injection not in INJECTIONS:
+            raise ValueError(f"{cls.__name__}.prompt_injection must be one of {list(INJECTIONS)}, "
+                             f"got {cls.prompt_injection!r}")
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -107,7 +124,7 @@ def _first(config: Any, *names: str) -> Any:
     return None
 
 
-def fill_config(config: PromptLearningConfig, model: nn.Module, injection: str) -> None:
+def fill_config(config: PromptLearningConfig, model: nn.Module) -> None:
     """Fill the model-dependent fields HF PEFT fills (only those still ``None``)."""
     mc = text_config_of(model)
     if config.num_layers is None:
@@ -116,7 +133,7 @@ def fill_config(config: PromptLearningConfig, model: nn.Module, injection: str) 
         config.token_dim = _first(mc, "hidden_size", "n_embd", "d_model")
         heads = config.num_attention_heads or _first(mc, "num_attention_heads", "n_head", "num_heads")
         kv_heads = getattr(mc, "num_key_value_heads", None)
-        if injection == "past_key_values" and kv_heads and heads and config.token_dim:
+        if config.prompt_injection == "past_key_values" and kv_heads and heads and config.token_dim:
             # the prefix is a key/value cache: its width per layer is kv_heads * head_dim
             config.token_dim = config.token_dim // heads * kv_heads
             config.num_attention_heads = kv_heads

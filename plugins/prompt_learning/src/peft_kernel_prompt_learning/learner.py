@@ -1,6 +1,6 @@
-"""The torch side of prompt learning: :class:`PromptEncoder` (what plugins build) and
-:class:`PromptLearner` (what drives a ``PeftModel`` of a prompt-learning method). The mechanism is
-described in :mod:`peft_kernel.prompt_learning`."""
+"""The torch side of prompt learning: :class:`PromptEncoder` (what method plugins build) and
+:class:`PromptLearner` (the adapter host of a ``PeftModel`` of a prompt-learning method). The
+mechanism is described in :mod:`peft_kernel_prompt_learning.config`."""
 
 from __future__ import annotations
 
@@ -13,16 +13,26 @@ from typing import TYPE_CHECKING, Any, Iterator, Sequence
 import torch
 from torch import nn
 
-from peft_kernel.config import PeftConfig
-from peft_kernel.enums import TaskType
-from peft_kernel.errors import AdapterNameError, CheckpointError, ConfigError, MixedBatchError, UnsupportedFeatureError
-from peft_kernel.prompt_learning import SAVED_KEY, PromptLearningConfig, text_config_of, fill_config
-from peft_kernel.injection import replace_with_base, wrap_modules_to_save
-from peft_kernel.modules_to_save import ModulesToSaveWrapper
-from peft_kernel.routing import BASE_ADAPTER
+from peft_kernel.plugin_api import (
+    BASE_ADAPTER,
+    AdapterNameError,
+    CheckpointError,
+    ConfigError,
+    LoadResult,
+    MixedBatchError,
+    ModulesToSaveWrapper,
+    PeftConfig,
+    TaskType,
+    UnsupportedFeatureError,
+    check_adapter_name,
+    get_registry,
+    replace_with_base,
+    wrap_modules_to_save,
+)
+from peft_kernel_prompt_learning.config import SAVED_KEY, PromptLearningConfig, fill_config, text_config_of
 
 if TYPE_CHECKING:  # pragma: no cover
-    from peft_kernel.records import MethodRecord
+    from peft_kernel.plugin_api import MethodRecord
 
 _ARG_NAMES = ("input_ids", "attention_mask", "inputs_embeds", "labels")
 """HF PEFT's positional order of the task forwards."""
@@ -196,37 +206,39 @@ def check_fits_model(config: PromptLearningConfig, model: nn.Module, injection: 
 
 # ---- the engine behind PeftModel for prompt-learning methods -----------------------------------
 class PromptLearner:
-    """Adapter bookkeeping, forward and generate of a ``PeftModel`` whose method learns prompts.
+    """Adapter bookkeeping, forward and generate of a ``PeftModel`` whose method learns prompts:
+    its adapter host (:class:`peft_kernel.host.AdapterHost`), built by this family's
+    ``peft_kernel_create_host`` for records with the ``prompt_learning`` capability.
 
-    Lives in the ``PeftModel``'s ``__dict__`` (not a module). The ``PeftModel`` holds the pieces
-    users see in HF PEFT: ``base_model`` (the transformers model itself), ``prompt_encoder`` (an
-    ``nn.ModuleDict`` of :class:`PromptEncoder` per adapter), ``prompt_tokens`` and
-    ``word_embeddings``.
+    Not a module: :meth:`attach` gives the ``PeftModel`` the pieces users see in HF PEFT:
+    ``base_model`` (the transformers model itself), ``prompt_encoder`` (an ``nn.ModuleDict`` of
+    :class:`PromptEncoder` per adapter), ``prompt_tokens`` and ``word_embeddings``.
     """
 
-    def __init__(self, peft_model: nn.Module, record: MethodRecord) -> None:
-        self.owner = peft_model
+    def __init__(self, record: MethodRecord, model: nn.Module) -> None:
         self.record = record
+        self.base = model
         self.configs: dict[str, PromptLearningConfig] = {}
         self.active: str | None = None
         self.disabled = False
-        base = peft_model.base_model
-        self._grad_flags = {name: p.requires_grad for name, p in base.named_parameters()}
-        for p in base.parameters():
+        self._grad_flags = {name: p.requires_grad for name, p in model.named_parameters()}
+        for p in model.parameters():
             p.requires_grad_(False)
-        peft_model.prompt_encoder = nn.ModuleDict()
-        object.__setattr__(peft_model, "prompt_tokens", {})
-        object.__setattr__(peft_model, "word_embeddings", word_embeddings_of(base))
-
-    @property
-    def base(self) -> nn.Module:
-        return self.owner.base_model
+        self.encoders = nn.ModuleDict()
+        self.tokens: dict[str, torch.Tensor] = {}
+        self.word_embeddings = word_embeddings_of(model)
 
     @property
     def injection(self) -> str:
-        return self.record.prompt_injection
+        return self.record.config_class.prompt_injection
 
-    # ---- the adapter-host interface PeftModel delegates to (AdapterModel has the same) ---------
+    # ---- the adapter-host protocol (peft_kernel.host.AdapterHost) -----------------------------
+    def attach(self, peft_model: nn.Module) -> None:
+        peft_model.base_model = self.base  # as in HF PEFT: the transformers model itself
+        peft_model.prompt_encoder = self.encoders
+        object.__setattr__(peft_model, "prompt_tokens", self.tokens)
+        object.__setattr__(peft_model, "word_embeddings", self.word_embeddings)
+
     @property
     def plain_model(self) -> nn.Module:
         return self.base
@@ -261,11 +273,31 @@ class PromptLearner:
     def unload(self) -> nn.Module:
         raise self._cannot_fold("unload")
 
+    def set_requires_grad(self, adapter_names: str | Sequence[str], requires_grad: bool = True) -> None:
+        peft_type = self.configs[self.active].peft_type if self.active in self.configs else self.record.peft_type
+        raise TypeError(
+            "Setting `requires_grad` is not supported for prompt learning methods like "
+            f"{getattr(peft_type, 'value', peft_type)}."
+        )
+
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        return False
+
+    def settle_loaded(self, adapter_name: str) -> None:
+        """Nothing to re-apply: virtual-token adapters are frozen when loaded for inference."""
+
+    # ---- HF PEFT's prompt-learning API (PeftModel delegates) -----------------------------------
+    def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None, max_cache_len: int | None = None) -> Any:
+        prompts, config = self.prompts(batch_size)
+        if self.injection != "past_key_values":
+            return prompts
+        return prefix_to_cache(prompts.to(_float_dtype(self.base)), config, getattr(self.base, "config", None))
+
+    def get_prompt_embedding_to_save(self, adapter_name: str) -> torch.Tensor:
+        return self.encoders[adapter_name].saved_prompt().detach().cpu()
+
     # ---- lifecycle --------------------------------------------------------------------------
     def add_adapter(self, adapter_name: str, config: PeftConfig) -> None:
-        from peft_kernel.injection import check_adapter_name
-        from peft_kernel.plugins import get_registry
-
         registry = get_registry()
         check_adapter_name(adapter_name, self.configs, registry)
         record = registry.method_for_config(config)
@@ -275,26 +307,26 @@ class PromptLearner:
                 "them in one model."
             )
         if not isinstance(config, PromptLearningConfig):
-            raise ConfigError(f"{type(config).__name__} must subclass peft_kernel.prompt_learning.PromptLearningConfig.")
+            raise ConfigError(f"{type(config).__name__} must subclass peft_kernel_prompt_learning.PromptLearningConfig.")
         if config.task_type == TaskType.SEQ_2_SEQ_LM or getattr(getattr(self.base, "config", None), "is_encoder_decoder", False):
             raise UnsupportedFeatureError(
                 f"{record.peft_type} on encoder-decoder models (SEQ_2_SEQ_LM) is not supported by peft-kernel yet; "
                 "use a decoder-only (CAUSAL_LM) or encoder (SEQ_CLS) model."
             )
-        fill_config(config, self.base, self.injection)
+        fill_config(config, self.base)
         config.check_ready()
-        check_fits_model(config, self.base, self.injection, self.owner.word_embeddings)
-        encoder = registry.hook.peft_kernel_create_prompt_encoder(
-            config=config, adapter_name=adapter_name, model=self.base, word_embeddings=self.owner.word_embeddings
-        )
+        check_fits_model(config, self.base, self.injection, self.word_embeddings)
+        encoder = registry.call_hook("peft_kernel_create_prompt_encoder", {
+            "config": config, "adapter_name": adapter_name, "model": self.base, "word_embeddings": self.word_embeddings,
+        })
         if encoder is None:
             raise NotImplementedError(f"no installed plugin builds a prompt encoder for {type(config).__name__}.")
         if not isinstance(encoder, PromptEncoder):
             raise TypeError(f"peft_kernel_create_prompt_encoder returned {type(encoder).__name__}, expected a PromptEncoder.")
-        device = self.owner.word_embeddings.weight.device
-        self.owner.prompt_encoder[adapter_name] = encoder.to(device).train(self.owner.training)
+        device = self.word_embeddings.weight.device
+        self.encoders[adapter_name] = encoder.to(device).train(self.encoders.training)
         total = config.num_virtual_tokens * config.num_transformer_submodules
-        self.owner.prompt_tokens[adapter_name] = torch.arange(total).long()
+        self.tokens[adapter_name] = torch.arange(total).long()
         wrap_modules_to_save(self.base, config.modules_to_save, adapter_name)
         self.configs[adapter_name] = config
         if self.active is None:
@@ -312,7 +344,9 @@ class PromptLearner:
             if self.active is not None:
                 head.set_adapter(self.active)
 
-    def set_adapter(self, adapter_name: str | list[str]) -> None:
+    def set_adapter(self, adapter_name: str | list[str], inference_mode: bool = False) -> None:
+        """Switch the active adapter (``inference_mode`` changes nothing: as in HF PEFT, prompt
+        learning only switches which adapter serves)."""
         names = [adapter_name] if isinstance(adapter_name, str) else list(adapter_name)
         unknown = [n for n in names if n not in self.configs]
         if unknown:
@@ -328,8 +362,8 @@ class PromptLearner:
     def delete_adapter(self, adapter_name: str) -> None:
         if adapter_name not in self.configs:
             raise AdapterNameError(f"unknown adapter {adapter_name!r}; this model has {sorted(self.configs)}.")
-        del self.owner.prompt_encoder[adapter_name]
-        del self.owner.prompt_tokens[adapter_name]
+        del self.encoders[adapter_name]
+        del self.tokens[adapter_name]
         del self.configs[adapter_name]
         for _, head in self._heads():
             head.delete_adapter(adapter_name)
@@ -365,19 +399,16 @@ class PromptLearner:
                     out[f"base_model.{path}.{name}"] = tensor
         return out
 
-    def saved_tensors(self, adapter_name: str) -> dict[str, torch.Tensor]:
+    def saved_tensors(self, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None,
+                      save_embedding_layers: str | bool = "auto") -> dict[str, torch.Tensor]:
+        """``prompt_embeddings`` and the adapter's head copies (``state_dict`` and
+        ``save_embedding_layers`` do not apply: there are no adapter layers)."""
         tensors = {k: v.detach().cpu() for k, v in self._head_tensors(adapter_name).items()}
-        tensors[SAVED_KEY] = self.owner.prompt_encoder[adapter_name].saved_prompt().detach().cpu()
+        tensors[SAVED_KEY] = self.encoders[adapter_name].saved_prompt().detach().cpu()
         return tensors
 
-    def load_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str) -> Any:
-        from peft_kernel.plugins import get_registry
-        from peft_kernel.state_dict import LoadResult
-
-        mapped = get_registry().hook.peft_kernel_map_state_dict(
-            config=self.configs[adapter_name], state_dict=dict(tensors), direction="load"
-        )
-        tensors = mapped if mapped is not None else tensors
+    def load_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str,
+                     ignore_mismatched_sizes: bool = False) -> LoadResult:
         heads = self._head_tensors(adapter_name)
         unexpected = sorted(k for k in tensors if k != SAVED_KEY and k not in heads)
         if unexpected or SAVED_KEY not in tensors:
@@ -389,7 +420,7 @@ class PromptLearner:
         for key, value in tensors.items():
             if key in heads and tuple(value.shape) != tuple(heads[key].shape):
                 raise CheckpointError(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(heads[key].shape)}.")
-        self.owner.prompt_encoder[adapter_name].load_saved_prompt(tensors[SAVED_KEY])
+        self.encoders[adapter_name].load_saved_prompt(tensors[SAVED_KEY])
         with torch.no_grad():
             for key, value in tensors.items():
                 if key in heads:
@@ -425,7 +456,7 @@ class PromptLearner:
         """``[batch, n, width]`` virtual tokens (each row from its adapter) and the config of row 0."""
         rows = self._row_adapters(batch, adapter_names)
         unique = list(dict.fromkeys(rows))
-        encoders = self.owner.prompt_encoder
+        encoders = self.encoders
         if len(unique) == 1:
             prompt = encoders[unique[0]]()
             out = prompt.unsqueeze(0).expand(batch, *prompt.shape)
@@ -471,7 +502,7 @@ class PromptLearner:
             with _cache_into(entry, key, cache):
                 return self.base(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
         if inputs_embeds is None:
-            inputs_embeds = self.owner.word_embeddings(input_ids)
+            inputs_embeds = self.word_embeddings(input_ids)
         labels = kwargs.get("labels")
         if labels is not None and self._task() in (None, TaskType.CAUSAL_LM):
             kwargs["labels"] = _prepend(labels, n, -100)
@@ -545,7 +576,7 @@ class PromptLearner:
                 )
             elif fresh:
                 if embeds is None:
-                    embeds = learner.owner.word_embeddings(ids)
+                    embeds = learner.word_embeddings(ids)
                 inputs["inputs_embeds"] = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)
                 inputs["input_ids"] = None
             return inputs
