@@ -4,8 +4,9 @@ What owns the adapters is the model's *host* (:class:`~peft_kernel.host.AdapterH
 plugins build (``peft_kernel_create_host``): by default the method's tuner, an
 :class:`~peft_kernel.tuner.AdapterModel`, which is then ``PeftModel.base_model``; attribute lookups
 fall through to ``base_model`` and then to the user's model, as in HF PEFT. ``PeftModel`` delegates
-everything about adapters to the host and never asks what kind of method it holds. ``forward`` / ``generate`` accept
-``adapter_names=[...]`` (one adapter name per row, ``"__base__"`` for none) to serve a mixed batch.
+everything about adapters to the host and never asks what kind of method it holds. ``forward`` /
+``generate`` accept ``adapter_names=[...]`` (one adapter name per row, ``"__base__"`` for none) to
+serve a mixed batch.
 
 Public methods carry HF PEFT's signatures. Where HF PEFT swallows unknown keyword arguments
 (``load_adapter`` / ``from_pretrained``'s ``**kwargs``) they raise ``TypeError`` naming them here;
@@ -212,7 +213,7 @@ class PeftModel(nn.Module):
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
         """Whether the adapters could be converted to LoRA (additive methods); False for prompt learning."""
-        return self._host.supports_lora_conversion(adapter_name)
+        return self._host.supports_lora_conversion()
 
     def prepare_model_for_gradient_checkpointing(self, model: nn.Module) -> nn.Module:
         """Make the input embeddings' output require grad, so gradient checkpointing works with a

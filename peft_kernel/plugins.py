@@ -276,7 +276,9 @@ def _isolate(status: PluginStatus | None, owner: str | None, exc: BaseException)
     """Whether ``exc`` marks a plugin broken (isolated) rather than being the caller's error. The
     owning method's plugin and the distributions it depends on (its family library) are not
     isolated: their errors are the method's own."""
-    if status is None or status.name == CORE or (owner is not None and _canonical(status.distribution) in _with_requirements(owner)):
+    if status is None or status.name == CORE:
+        return False
+    if owner is not None and _canonical(status.distribution) in _with_requirements(owner):
         return False
     if isinstance(exc, (PeftKernelError, NotImplementedError, MemoryError)) or type(exc).__name__ == "OutOfMemoryError":
         return False  # a deliberate refusal ("not supported"), or out of memory: not the plugin's fault

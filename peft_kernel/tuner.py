@@ -14,9 +14,11 @@ import warnings
 from functools import lru_cache
 from typing import Any, Iterator, Sequence
 
+import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from peft_kernel.adapter_io import HOST_KEY_PREFIX, LoadResult, layer_state_dict, load_layer_state_dict
 from peft_kernel.errors import AdapterNameError
 from peft_kernel.injection import (
     cast_adapter_dtype,
@@ -134,15 +136,14 @@ class AdapterModel(nn.Module):
         if self.active_adapters == [adapter_name]:
             self._activate(adapter_name, None)
 
-    def saved_tensors(self, adapter_name: str, state_dict: dict[str, Any] | None = None,
-                      save_embedding_layers: str | bool = "auto") -> dict[str, Any]:
-        from peft_kernel.adapter_io import HOST_KEY_PREFIX, layer_state_dict
-
+    def saved_tensors(self, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None,
+                      save_embedding_layers: str | bool = "auto") -> dict[str, torch.Tensor]:
+        """The adapter's tensors, detached, under on-disk keys (``base_model.model.<module>...``)."""
         return layer_state_dict(self, adapter_name, state_dict, save_embedding_layers, prefix=HOST_KEY_PREFIX)
 
-    def load_tensors(self, tensors: dict[str, Any], adapter_name: str, ignore_mismatched_sizes: bool = False) -> Any:
-        from peft_kernel.adapter_io import HOST_KEY_PREFIX, load_layer_state_dict
-
+    def load_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str,
+                     ignore_mismatched_sizes: bool = False) -> LoadResult:
+        """Copy on-disk-keyed tensors into the adapter's layers and ``modules_to_save`` copies."""
         return load_layer_state_dict(self, tensors, adapter_name, ignore_mismatched_sizes, prefix=HOST_KEY_PREFIX)
 
     # ---- lifecycle --------------------------------------------------------------------------

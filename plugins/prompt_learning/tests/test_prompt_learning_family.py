@@ -17,7 +17,7 @@ from torch import nn
 import peft_kernel
 import peft_kernel_prompt_learning.plugin as family
 from peft_kernel import PeftModel, get_peft_model, get_peft_model_state_dict, hookimpl
-from peft_kernel.plugin_api import MethodRecord
+from peft_kernel.plugin_api import AdapterHost, MethodRecord
 from peft_kernel.testing import make_model
 from peft_kernel_prompt_learning import FAMILY_EXPORTS, PromptLearningConfig
 from peft_kernel_prompt_learning.hookspecs import PromptLearningSpecs
@@ -79,7 +79,7 @@ def test_the_family_hosts_its_methods_adapters(isolated_registry, tmp_path):
     assert peft_kernel.PromptLearningConfig is PromptLearningConfig  # exported through the method's record
     base = make_model("gpt2")
     model = get_peft_model(base, ToyPromptConfig(task_type="CAUSAL_LM", num_virtual_tokens=2)).eval()
-    assert isinstance(model._host, PromptLearner) and model.base_model is base
+    assert isinstance(model._host, PromptLearner) and isinstance(model._host, AdapterHost) and model.base_model is base
     assert isinstance(model.prompt_encoder["default"], ToyPrompt) and model.word_embeddings is base.get_input_embeddings()
     assert [n for n, p in model.named_parameters() if p.requires_grad] == ["prompt_encoder.default.embedding.weight"]
     with torch.no_grad():

@@ -348,3 +348,23 @@ def test_state_dict_functions_match_hf():
     assert set(get_peft_model_state_dict(ours)) == set(theirs_sd) == {"prompt_embeddings"}
     set_peft_model_state_dict(ours, theirs_sd)
     torch.testing.assert_close(get_peft_model_state_dict(ours)["prompt_embeddings"], theirs_sd["prompt_embeddings"])
+
+
+def test_a_family_library_error_is_the_methods_own_not_isolated(isolated_registry, monkeypatch):
+    """The prompt-learning family is a requirement of this plugin's distribution: an error it raises
+    while hosting a PROMPT_TUNING adapter propagates (with a note naming it) instead of disabling it
+    and falling back to the core's tuner."""
+    from peft_kernel_prompt_learning.learner import PromptLearner
+
+    registry = isolated_registry()
+
+    def broken(self, adapter_name, config):
+        raise RuntimeError("family bug")
+
+    monkeypatch.setattr(PromptLearner, "add_adapter", broken)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no PluginWarning: nothing is isolated
+        with pytest.raises(RuntimeError, match="family bug") as info:
+            get_peft_model(make_model("llama"), PromptTuningConfig(task_type="CAUSAL_LM", num_virtual_tokens=3))
+    assert "raised in peft_kernel_create_host by plugin 'prompt_learning'" in "\n".join(info.value.__notes__)
+    assert registry.status_of("prompt_learning").status == "loaded"
