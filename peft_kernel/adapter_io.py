@@ -123,8 +123,8 @@ def embedding_tensors(root: nn.Module, base: nn.Module, wrapped_only: bool, pref
     out: dict[str, torch.Tensor] = {}
     for path, module in _walk(root, prefix):
         if id(module) in wanted and (isinstance(module, AdapterLayer) or not wrapped_only):
-            inner, prefix = (module.base_layer, f"{path}.base_layer") if isinstance(module, AdapterLayer) else (module, path)
-            out.update({f"{prefix}.{name}": t for name, t in inner.state_dict(keep_vars=True).items()})
+            inner, at = (module.base_layer, f"{path}.base_layer") if isinstance(module, AdapterLayer) else (module, path)
+            out.update({f"{at}.{name}": t for name, t in inner.state_dict(keep_vars=True).items()})
     return out
 
 
