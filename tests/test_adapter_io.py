@@ -78,3 +78,17 @@ def test_hotswap_and_failed_loads_go_through_the_same_route(isolated_registry, t
         torch.testing.assert_close(value, before[key])
     hotswap_adapter(model, tmp_path / "other", "default")
     torch.testing.assert_close(model(**inputs), _model(1)(**inputs))
+
+
+def test_only_adapter_io_maps_state_dicts():
+    """The core calls ``map_state_dict`` (the hook's facade) in adapter_io alone, and there once per
+    direction; the registry only defines it."""
+    import pathlib
+    import re
+
+    import peft_kernel
+
+    core = pathlib.Path(peft_kernel.__file__).parent
+    callers = {p.relative_to(core).as_posix(): len(re.findall(r"\.map_state_dict\(", p.read_text()))
+               for p in core.rglob("*.py")}
+    assert {name: n for name, n in callers.items() if n} == {"adapter_io.py": 2}
