@@ -21,3 +21,12 @@ def peft_kernel_match_target(config: Any, module_name: str, module: Any, model: 
 @hookimpl(trylast=True)
 def peft_kernel_merge(layer: Any, adapter_name: str, safe_merge: bool, direction: Literal["merge", "unmerge"]) -> bool:
     return layer.fold_adapter(adapter_name, safe_merge, direction)
+
+
+@hookimpl(trylast=True)
+def peft_kernel_create_layer(config: Any, adapter_name: str, base_layer: Any, module_name: str) -> Any:
+    """The ``layer_factory`` of the method whose config class ``config`` is an instance of."""
+    from peft_kernel.plugins import get_registry
+
+    factory = get_registry().layer_factory(config)
+    return None if factory is None else factory(config, adapter_name, base_layer, module_name)

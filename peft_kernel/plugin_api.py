@@ -5,13 +5,24 @@ from the public top level (``peft_kernel.get_peft_model``...); ``tests/test_impo
 it. What is named here is the plugin authors' contract, as stable as ``hookspecs``: the hook
 marker, the records, the config and layer bases, the targeting helpers layers use, the named
 errors, the checkpoint readers and the CLI error type.
+
+Names whose modules import torch (the layer base, routing, merge utilities, checkpoint readers)
+load on first access, so a plugin's entry module importing from here stays cheap.
 """
 
 from __future__ import annotations
 
-from peft_kernel.checkpoint import load_adapter_weights, resolve_file
+import importlib
+from typing import TYPE_CHECKING, Any
+
 from peft_kernel.cli import CliError
-from peft_kernel.config import MAX_SIZE, MAX_WIDTH, PeftConfig, check_range, read_settings_file
+from peft_kernel.config import (
+    MAX_SIZE,
+    MAX_WIDTH,
+    PeftConfig,
+    check_range,
+    read_settings_file,
+)
 from peft_kernel.enums import PeftType, TaskType
 from peft_kernel.errors import (
     CheckpointError,
@@ -20,14 +31,27 @@ from peft_kernel.errors import (
     PeftKernelError,
     UnsupportedFeatureError,
 )
-from peft_kernel.layer import AdapterLayer, Fold
 from peft_kernel.markers import hookimpl, hookspec
 from peft_kernel.model_defaults import DEFAULT_TARGET_MODULES
 from peft_kernel.plugins import Registry, get_registry, install_hint
 from peft_kernel.records import BackendRecord, MethodRecord
-from peft_kernel.routing import Routing, current_routing
 from peft_kernel.targeting import base_of, compile_pattern, linear_fan_in_fan_out, pattern_value
-from peft_kernel.utils import merge_utils
+
+if TYPE_CHECKING:  # pragma: no cover - annotations only; loaded lazily below
+    from peft_kernel.checkpoint import load_adapter_weights, resolve_file
+    from peft_kernel.layer import AdapterLayer, Fold
+    from peft_kernel.routing import Routing, current_routing
+    from peft_kernel.utils import merge_utils
+
+_LAZY = {
+    "AdapterLayer": "peft_kernel.layer",
+    "Fold": "peft_kernel.layer",
+    "Routing": "peft_kernel.routing",
+    "current_routing": "peft_kernel.routing",
+    "load_adapter_weights": "peft_kernel.checkpoint",
+    "resolve_file": "peft_kernel.checkpoint",
+    "merge_utils": "peft_kernel.utils.merge_utils",  # a module
+}
 
 __all__ = [
     "DEFAULT_TARGET_MODULES",
@@ -63,3 +87,12 @@ __all__ = [
     "read_settings_file",
     "resolve_file",
 ]
+
+
+def __getattr__(name: str) -> Any:
+    if name in _LAZY:
+        module = importlib.import_module(_LAZY[name])
+        value = module if module.__name__.endswith("." + name) else getattr(module, name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
