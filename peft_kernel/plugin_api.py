@@ -20,6 +20,8 @@ from peft_kernel.config import (
     MAX_SIZE,
     MAX_WIDTH,
     PeftConfig,
+    TargetedConfig,
+    TargetModulesConfig,
     check_range,
     read_settings_file,
 )
@@ -70,6 +72,8 @@ __all__ = [
     "PeftType",
     "Registry",
     "Routing",
+    "TargetModulesConfig",
+    "TargetedConfig",
     "TaskType",
     "UnsupportedFeatureError",
     "base_of",
