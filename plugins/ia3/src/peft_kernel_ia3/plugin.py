@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from peft_kernel.plugin_api import MethodRecord, hookimpl
+from peft_kernel.plugin_api import ConfigError, MethodRecord, hookimpl
 from peft_kernel_ia3.config import IA3Config
 
 # HF PEFT's defaults per transformers ``model_type`` (used when the config leaves them unset).
@@ -89,8 +89,6 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
 def peft_kernel_prepare_config(config: Any, model: Any) -> None:
     """Resolve ``feedforward_modules=None`` to HF PEFT's per-architecture default."""
     if isinstance(config, IA3Config) and config.feedforward_modules is None:
-        from peft_kernel.errors import ConfigError
-
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         defaults = DEFAULT_FEEDFORWARD_MODULES.get(model_type or "")
         if defaults is None:
