@@ -210,7 +210,7 @@ class Registry:
     def layer_factory(self, config: PeftConfig) -> Callable[..., AdapterLayer | None] | None:
         """The ``layer_factory`` of the method whose ``config_class`` ``config`` is an instance of
         (the most derived one when several match), imported on first use; ``None`` when no such
-        method declares one."""
+        method declares one. A factory that cannot be imported is a :class:`PluginError` naming it."""
         mro = type(config).__mro__
         records = [r for r in self.methods.values() if r.layer_factory and r.config_class in mro]
         if not records:
@@ -218,7 +218,12 @@ class Registry:
         record = min(records, key=lambda r: mro.index(r.config_class))
         factory = self._factories.get(record.layer_factory)
         if factory is None:
-            factory = self._factories[record.layer_factory] = import_object(record.layer_factory)
+            try:
+                factory = import_object(record.layer_factory)
+            except (ImportError, AttributeError) as exc:
+                raise PluginError(f"{record.peft_type}'s layer_factory {record.layer_factory!r} (from "
+                                  f"{record.distribution or 'its plugin'!r}) cannot be imported: {_describe(exc)}") from exc
+            self._factories[record.layer_factory] = factory
         return factory
 
     def export(self, name: str) -> Any:

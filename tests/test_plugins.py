@@ -259,3 +259,19 @@ def test_tuner_class_is_generated_from_tuner_name_and_exported():
     for record in build_registry().methods.values():
         if record.tuner_name and not record.supports("prompt_learning"):
             assert record.tuner_name not in record.exports, f"{record.peft_type} lists its generated tuner class"
+
+
+def test_layer_factory_that_cannot_be_imported_is_a_named_error():
+    from peft_kernel.errors import PluginError
+
+    @hookimpl
+    def peft_kernel_register_methods(register):
+        register(MethodRecord(peft_type="FOO", config_class=FooConfig, prefix="foo_",
+                              layer_factory="peft_kernel_no_such_plugin.layers:make_layer"))
+
+    plugin = types.SimpleNamespace(peft_kernel_register_methods=peft_kernel_register_methods)
+    registry = build_registry(entry_points=[FakeEntryPoint("foo", lambda: plugin, dist="peft-kernel-foo")], disabled=[])
+    assert registry.layer_factory(OtherFooConfig()) is None  # not an instance of the record's config class
+    with pytest.raises(PluginError, match=r"FOO's layer_factory 'peft_kernel_no_such_plugin.layers:make_layer' "
+                                          r"\(from 'peft-kernel-foo'\) cannot be imported: ModuleNotFoundError"):
+        registry.layer_factory(FooConfig())
