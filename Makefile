@@ -9,7 +9,9 @@ TORCH_SPEC ?= torch==2.13.0
 LOCK ?= constraints.txt
 LOCK_VENV ?= $(or $(TMPDIR),/tmp)/peft-kernel-lock-venv
 PYTEST_ARGS ?=
-PACKAGES := $(sort $(dir $(wildcard plugins/*/pyproject.toml examples/*/pyproject.toml)))
+# plugins/_template is a skeleton to copy, not a plugin to install (it would register a TEMPLATE method)
+PYPROJECTS := $(filter-out plugins/_%,$(wildcard plugins/*/pyproject.toml examples/*/pyproject.toml))
+PACKAGES := $(sort $(dir $(PYPROJECTS)))
 EDITABLES := -e ".[test]" $(foreach p,$(PACKAGES),-e ./$(p))
 STAMP := $(VENV)/.installed
 # the requirement quoted (a `>=` must not become a shell redirect), the pip options after it as they are
@@ -22,7 +24,7 @@ PIP = $(VENV)/bin/python -m pip install -q --disable-pip-version-check
 # for the locked release, else the lock less torch's own requirements: tools/lock.py); then, under
 # them, torch's dependencies with setuptools (the editable builds below use it, without isolation),
 # and everything else.
-$(STAMP): pyproject.toml $(LOCK) tools/lock.py $(wildcard plugins/*/pyproject.toml examples/*/pyproject.toml)
+$(STAMP): pyproject.toml $(LOCK) tools/lock.py $(PYPROJECTS)
 	test -x $(VENV)/bin/python || $(PYTHON) -m venv $(VENV)
 	$(PIP) --no-deps $(TORCH_INSTALL)
 	$(VENV)/bin/python tools/lock.py constraints $(LOCK) --output $(VENV)/constraints.txt

@@ -15,7 +15,8 @@ import nox
 
 TORCH_SPEC = shlex.split(os.environ.get("TORCH_SPEC", "torch==2.13.0"))
 LOCK = "constraints.txt"
-PACKAGES = sorted(os.path.dirname(p) for p in glob.glob("plugins/*/pyproject.toml") + glob.glob("examples/*/pyproject.toml"))
+# plugins/_template is a skeleton to copy, not a plugin to install (it would register a TEMPLATE method)
+PACKAGES = sorted(os.path.dirname(p) for p in glob.glob("plugins/[!_]*/pyproject.toml") + glob.glob("examples/*/pyproject.toml"))
 EDITABLES = [arg for p in PACKAGES for arg in ("-e", p)]
 PYTEST = ("python", "-m", "pytest", "-n", "2", "-q")
 nox.options.sessions = ["tests"]  # a bare `nox` runs the suite as CI does; the others are asked for by name

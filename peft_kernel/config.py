@@ -440,6 +440,46 @@ class PeftConfig:
         return False
 
 
+@attrs.define(kw_only=True)
+class TargetModulesConfig(PeftConfig):
+    """Base of a layer method's config that, like HF PEFT's ``IA3Config``, chooses modules by name
+    only: declares ``target_modules``, ``exclude_modules`` and ``modules_to_save`` with HF PEFT's
+    types and defaults, and turns a list of module names into a set, as HF PEFT does. The core's
+    standard matcher (:func:`peft_kernel.targeting.standard_match`) reads these fields."""
+
+    target_modules: Optional[Union[list[str], set[str], str]] = None
+    exclude_modules: Optional[Union[list[str], set[str], str]] = None
+    modules_to_save: Optional[list[str]] = None
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        for name in ("target_modules", "exclude_modules"):
+            value = getattr(self, name)
+            if isinstance(value, (list, tuple)):
+                setattr(self, name, set(value))
+
+
+@attrs.define(kw_only=True)
+class TargetedConfig(TargetModulesConfig):
+    """Base of a layer method's config (LoRA, LoHa, OFT...): the fields of
+    :class:`TargetModulesConfig` plus HF PEFT's layer selection, ``layers_to_transform`` (layer
+    indices) and ``layers_pattern`` (the name of the layer list), with HF PEFT's rules: neither with
+    a regex ``target_modules``, and ``layers_pattern`` only with ``layers_to_transform``."""
+
+    layers_to_transform: Optional[Union[list[int], int]] = None
+    layers_pattern: Optional[Union[list[str], str]] = None
+
+    def __attrs_post_init__(self) -> None:
+        super().__attrs_post_init__()
+        if isinstance(self.target_modules, str):
+            if self.layers_to_transform is not None:
+                raise ConfigError("`layers_to_transform` cannot be used when `target_modules` is a str.")
+            if self.layers_pattern is not None:
+                raise ConfigError("`layers_pattern` cannot be used when `target_modules` is a str.")
+        if self.layers_pattern and self.layers_to_transform is None:
+            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
+
+
 def _path_first(problem: str) -> str:
     """cattrs writes 'message @ $.path'; we lead with the path."""
     message, _, path = problem.rpartition(" @ ")

@@ -16,7 +16,15 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from peft_kernel.cli import CliError
-from peft_kernel.config import MAX_SIZE, MAX_WIDTH, PeftConfig, check_range, read_settings_file
+from peft_kernel.config import (
+    MAX_SIZE,
+    MAX_WIDTH,
+    PeftConfig,
+    TargetedConfig,
+    TargetModulesConfig,
+    check_range,
+    read_settings_file,
+)
 from peft_kernel.enums import PeftType, TaskType
 from peft_kernel.errors import (
     AdapterNameError,
@@ -95,6 +103,8 @@ __all__ = [
     "PeftType",
     "Registry",
     "Routing",
+    "TargetModulesConfig",
+    "TargetedConfig",
     "TaskType",
     "UnsupportedFeatureError",
     "base_of",

@@ -76,6 +76,7 @@ class Registry:
     plugins: list[PluginStatus] = attrs.field(factory=list)
 
     _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False, eq=False)
+    _factories: dict[str, Callable[..., Any]] = attrs.field(factory=dict, repr=False, eq=False)
 
     @property
     def hook(self) -> IsolatedHooks:
@@ -216,22 +217,46 @@ class Registry:
     def method_for_config(self, config: Any) -> MethodRecord:
         return self.method(config.peft_type)
 
+    def layer_factory(self, config: PeftConfig) -> Callable[..., AdapterLayer | None] | None:
+        """The ``layer_factory`` of the method whose ``config_class`` ``config`` is an instance of
+        (the most derived one when several match), imported on first use; ``None`` when no such
+        method declares one. A factory that cannot be imported is a :class:`PluginError` naming it."""
+        mro = type(config).__mro__
+        records = [r for r in self.methods.values() if r.layer_factory and r.config_class in mro]
+        if not records:
+            return None
+        record = min(records, key=lambda r: mro.index(r.config_class))
+        factory = self._factories.get(record.layer_factory)
+        if factory is None:
+            try:
+                factory = import_object(record.layer_factory)
+            except (ImportError, AttributeError) as exc:
+                raise PluginError(f"{record.peft_type}'s layer_factory {record.layer_factory!r} (from "
+                                  f"{record.distribution or 'its plugin'!r}) cannot be imported: {_describe(exc)}") from exc
+            self._factories[record.layer_factory] = factory
+        return factory
+
     def export(self, name: str) -> Any:
-        """A public name provided by a plugin (config classes and ``exports``), or AttributeError."""
+        """A public name provided by a plugin (config classes, tuner classes named by ``tuner_name``
+        and ``exports``), or AttributeError."""
         for record in self.methods.values():
             if record.config_class.__name__ == name:
                 return record.config_class
+            if record.tuner_name == name and not record.supports("prompt_learning"):
+                from peft_kernel.tuner import tuner_class
+
+                return tuner_class(name)
         for record in [*self.methods.values(), *self.backends.values()]:
             if name in record.exports:
-                module_name, _, attr = record.exports[name].partition(":")
-                return getattr(importlib.import_module(module_name), attr)
+                return import_object(record.exports[name])
         raise AttributeError(name)
 
     def exported_names(self) -> list[str]:
         names = [r.config_class.__name__ for r in self.methods.values()]
+        names.extend(r.tuner_name for r in self.methods.values() if r.tuner_name and not r.supports("prompt_learning"))
         for record in [*self.methods.values(), *self.backends.values()]:
             names.extend(record.exports)
-        return sorted(names)
+        return sorted(set(names))
 
 
 class IsolatedHooks:
@@ -253,6 +278,16 @@ class IsolatedHooks:
         call.__name__ = name
         call.get_hookimpls = getattr(registry.pm.hook, name).get_hookimpls  # type: ignore[attr-defined]
         return call
+
+
+OBJECT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
+"""``"package.module:name"``, the form of ``MethodRecord.layer_factory`` and of ``exports`` values."""
+
+
+def import_object(path: str) -> Any:
+    """The object ``path`` (``"package.module:name"``) names, importing its module."""
+    module_name, _, attr = path.partition(":")
+    return getattr(importlib.import_module(module_name), attr)
 
 
 def provider_of(peft_type: str) -> str:
@@ -372,6 +407,10 @@ def _check_records(methods: list[Any], backends: list[Any]) -> None:
             value = getattr(record, field)
             if not isinstance(value, str) or not value:
                 raise PluginError(f"registered a method whose {field} is {value!r}; it must be a non-empty string")
+        factory = record.layer_factory
+        if factory and not (isinstance(factory, str) and OBJECT_PATH.fullmatch(factory)):
+            raise PluginError(f"registered {record.peft_type!r} with layer_factory {factory!r}; it must be "
+                              "'package.module:function' (e.g. 'peft_kernel_lora.layers:make_layer')")
     for record in backends:
         if not isinstance(record, BackendRecord):
             raise PluginError(f"registered {record!r}, expected a peft_kernel.records.BackendRecord")

@@ -23,8 +23,10 @@ class MethodRecord:
     ``peft_type`` is the string stored in ``adapter_config.json``; ``config_class`` the attrs
     config class (a :class:`peft_kernel.config.PeftConfig` subclass); ``prefix`` the substring
     that marks this method's parameters in state dicts (``"lora_"``); ``tuner_name`` the class
-    name users see for ``peft_model.base_model`` (``"LoraModel"``); ``default_target_modules``
-    maps a transformers ``model_type`` to the modules targeted when the config names none.
+    name users see for ``peft_model.base_model`` (``"LoraModel"``), which the core generates and
+    exports as ``peft_kernel.<tuner_name>``; ``default_target_modules`` maps a transformers
+    ``model_type`` to the modules targeted when the config names none; ``layer_factory`` builds the
+    method's adapter layers (see below).
     """
 
     peft_type: str
@@ -32,10 +34,16 @@ class MethodRecord:
     prefix: str
     capabilities: frozenset[str] = attrs.field(converter=frozenset, default=frozenset(), validator=_check_capabilities)
     tuner_name: str = ""
-    default_target_modules: Mapping[str, list[str]] = attrs.field(factory=dict)
+    default_target_modules: Mapping[str, list[str] | str] = attrs.field(factory=dict)
+    layer_factory: str = ""
+    """``"package.module:function"``, imported on first use: the function
+    ``(config, adapter_name, base_layer, module_name) -> AdapterLayer | None`` that the core's default
+    ``peft_kernel_create_layer`` calls for configs of ``config_class``; ``None`` means the layer type
+    is not supported. Empty for methods that add no layers (or build them in their own hook)."""
     exports: Mapping[str, str] = attrs.field(factory=dict)
-    """Extra public names, ``{"LoraModel": "peft_kernel_lora.tuner:LoraModel"}``, importable
-    from ``peft_kernel`` while the plugin is installed. Imported on first access only."""
+    """Extra public names, ``{"LoraLayer": "peft_kernel_lora.layers:LoraLayer"}``, importable
+    from ``peft_kernel`` while the plugin is installed. Imported on first access only. (The config
+    class and the ``tuner_name`` class are exported without being listed.)"""
     distribution: str = ""
     """Filled in by the manager: the distribution (or plugin name) that registered the record."""
 

@@ -106,3 +106,50 @@ def test_unknown_peft_type_is_a_clear_error(tmp_path):
 def test_cross_field_rules(kwargs, message):
     with pytest.raises(ValueError, match=message):
         LoraConfig(**kwargs)
+
+
+def test_layer_method_configs_inherit_the_targeting_fields():
+    """Every layer method of this repository's ``plugins/`` takes ``target_modules``... from the core's
+    ``TargetModulesConfig`` / ``TargetedConfig`` instead of re-declaring them."""
+    import pathlib
+
+    import attrs
+
+    from peft_kernel.config import TargetedConfig, TargetModulesConfig
+    from peft_kernel.plugins import get_registry
+
+    names = ("target_modules", "exclude_modules", "modules_to_save", "layers_to_transform", "layers_pattern")
+    root = pathlib.Path(__file__).parents[1]
+    ours = {"peft-kernel-" + p.parent.name.replace("_", "-") for p in root.glob("plugins/*/pyproject.toml")}
+    checked = 0
+    for record in get_registry().methods.values():
+        if record.distribution not in ours:
+            continue  # a third party's (examples/) may declare its own fields
+        fields = attrs.fields_dict(record.config_class)
+        if "target_modules" not in fields:
+            continue  # prompt learning
+        checked += 1
+        assert issubclass(record.config_class, TargetModulesConfig), record.config_class
+        for name in names:
+            if name in fields:
+                assert fields[name].inherited, f"{record.config_class.__name__} re-declares {name}"
+        if "layers_to_transform" in fields:
+            assert issubclass(record.config_class, TargetedConfig), record.config_class
+    assert checked
+
+
+@pytest.mark.parametrize("peft_type", ["LORA", "LOHA", "LOKR", "OFT"])
+def test_targeted_config_rules_hold_for_every_method(peft_type):
+    from peft_kernel.plugins import get_registry
+
+    if peft_type not in get_registry().methods:
+        pytest.skip(f"no {peft_type} plugin installed")
+    cls = get_registry().method(peft_type).config_class
+    with pytest.raises(ConfigError, match="`layers_to_transform` must also be specified"):
+        cls(target_modules=["q"], layers_pattern="layers")
+    with pytest.raises(ConfigError, match="`layers_to_transform` cannot be used when `target_modules` is a str"):
+        cls(target_modules=".*q", layers_to_transform=[0])
+    with pytest.raises(ConfigError, match="`layers_pattern` cannot be used when `target_modules` is a str"):
+        cls(target_modules=".*q", layers_pattern="layers")
+    config = cls(target_modules=["q", "v", "q"], exclude_modules=("k",))
+    assert config.target_modules == {"q", "v"} and config.exclude_modules == {"k"}

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import types
 
+import attrs
 import pytest
 import torch
 from torch import nn
 
+import peft_kernel
 from peft_kernel import LoraConfig, PeftModel, get_peft_model, hookimpl
+from peft_kernel.config import TargetedConfig
+from peft_kernel.records import MethodRecord
 from peft_kernel.errors import TargetNotFoundError, UnsupportedFeatureError
 from peft_kernel.layer import AdapterLayer
 from peft_kernel.testing import make_inputs, make_model
@@ -269,3 +273,62 @@ def test_create_host_hook_supplies_the_adapter_host(isolated_registry, tmp_path)
     loaded = PeftModel.from_pretrained(make_model("mlp"), tmp_path)
     assert isinstance(loaded.base_model, CountingHost)
     torch.testing.assert_close(loaded(**inputs), out)
+
+@attrs.define(kw_only=True)
+class ToyBiasConfig(TargetedConfig):
+    """A method declared without a single hook but registration: a learned bias on Linear outputs."""
+
+    peft_type: str = "TOY_BIAS"
+
+
+class ToyBias(AdapterLayer):
+    adapter_layer_names = ("toy_bias",)
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__(base_layer)
+        self.toy_bias = nn.ParameterDict()
+
+    def update_layer(self, adapter_name, config, module_name=""):
+        self.toy_bias[adapter_name] = nn.Parameter(torch.randn(self.base_layer.out_features) * 0.1)
+
+    def delta(self, x, adapter_name):
+        return self.toy_bias[adapter_name].to(x.dtype).expand(*x.shape[:-1], -1)
+
+
+def make_toy_bias(config, adapter_name, base_layer, module_name):
+    if not isinstance(base_layer, nn.Linear):
+        return None
+    layer = ToyBias(base_layer)
+    layer.update_layer(adapter_name, config, module_name)
+    return layer
+
+
+def declared_plugin():
+    @hookimpl
+    def peft_kernel_register_methods(register):
+        register(MethodRecord(peft_type="TOY_BIAS", config_class=ToyBiasConfig, prefix="toy_",
+                              tuner_name="ToyBiasModel", layer_factory=f"{__name__}:make_toy_bias"))
+
+    return types.SimpleNamespace(peft_kernel_register_methods=peft_kernel_register_methods)
+
+
+def test_layer_factory_declared_on_the_record_builds_the_layers(isolated_registry, tmp_path):
+    """The core's default ``peft_kernel_create_layer`` dispatches on the config class to the record's
+    ``layer_factory``; a factory's ``None`` (an unsupported layer type) is the usual named error."""
+    isolated_registry(disabled=[], extra_plugins={"toy": declared_plugin()})
+    torch.manual_seed(0)
+    base = make_model("mlp").eval()
+    inputs = make_inputs("mlp")
+    expected = base(**inputs)
+    model = get_peft_model(base, ToyBiasConfig(target_modules=["lin0", "lin1"])).eval()
+    assert isinstance(model.base_model.model.lin0, ToyBias) and isinstance(model.base_model.model.lin1, ToyBias)
+    assert type(model.base_model).__name__ == "ToyBiasModel"
+    assert isinstance(model.base_model, peft_kernel.ToyBiasModel)
+    out = model(**inputs)
+    assert not torch.allclose(out, expected)
+    model.save_pretrained(tmp_path)
+    reloaded = PeftModel.from_pretrained(make_model("mlp").eval(), tmp_path)
+    assert isinstance(reloaded.base_model.model.lin0, ToyBias)
+    torch.testing.assert_close(reloaded(**inputs), out, atol=1e-6, rtol=0)
+    with pytest.raises(TargetNotFoundError, match="peft_kernel_create_layer"):
+        get_peft_model(ScaleNet(), ToyBiasConfig(target_modules=["scale"]))

@@ -226,3 +226,52 @@ def test_import_and_registry_stay_light():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "False", result.stderr
+
+
+@pytest.mark.parametrize("factory", ["make_layer", "pkg.layers:", "pkg..layers:make", "pkg.layers:make.layer", "pkg layers:make", 3])
+def test_malformed_layer_factory_fails_the_plugin(factory):
+    @hookimpl
+    def peft_kernel_register_methods(register):
+        register(MethodRecord(peft_type="FOO", config_class=FooConfig, prefix="foo_", layer_factory=factory))
+
+    plugin = types.SimpleNamespace(peft_kernel_register_methods=peft_kernel_register_methods)
+    registry = build_registry(entry_points=[FakeEntryPoint("foo", lambda: plugin)], disabled=[])
+    assert statuses(registry)["foo"].status == "failed"
+    assert "PluginError" in statuses(registry)["foo"].error
+    assert "'package.module:function'" in statuses(registry)["foo"].error
+    assert "FOO" not in registry.methods
+
+
+def test_tuner_class_is_generated_from_tuner_name_and_exported():
+    """``tuner_name`` alone makes ``peft_kernel.<tuner_name>`` (no per-plugin tuner module, no ``exports`` entry)."""
+    from peft_kernel.tuner import AdapterModel, tuner_class
+
+    @hookimpl
+    def peft_kernel_register_methods(register):
+        register(MethodRecord(peft_type="FOO", config_class=FooConfig, prefix="foo_", tuner_name="FooModel"))
+
+    plugin = types.SimpleNamespace(peft_kernel_register_methods=peft_kernel_register_methods)
+    registry = build_registry(entry_points=[FakeEntryPoint("foo", lambda: plugin)], disabled=[])
+    assert "FooModel" in registry.exported_names()
+    foo_model = registry.export("FooModel")
+    assert foo_model is tuner_class("FooModel") and issubclass(foo_model, AdapterModel)
+    assert foo_model.__name__ == "FooModel"
+    for record in build_registry().methods.values():
+        if record.tuner_name and not record.supports("prompt_learning"):
+            assert record.tuner_name not in record.exports, f"{record.peft_type} lists its generated tuner class"
+
+
+def test_layer_factory_that_cannot_be_imported_is_a_named_error():
+    from peft_kernel.errors import PluginError
+
+    @hookimpl
+    def peft_kernel_register_methods(register):
+        register(MethodRecord(peft_type="FOO", config_class=FooConfig, prefix="foo_",
+                              layer_factory="peft_kernel_no_such_plugin.layers:make_layer"))
+
+    plugin = types.SimpleNamespace(peft_kernel_register_methods=peft_kernel_register_methods)
+    registry = build_registry(entry_points=[FakeEntryPoint("foo", lambda: plugin, dist="peft-kernel-foo")], disabled=[])
+    assert registry.layer_factory(OtherFooConfig()) is None  # not an instance of the record's config class
+    with pytest.raises(PluginError, match=r"FOO's layer_factory 'peft_kernel_no_such_plugin.layers:make_layer' "
+                                          r"\(from 'peft-kernel-foo'\) cannot be imported: ModuleNotFoundError"):
+        registry.layer_factory(FooConfig())

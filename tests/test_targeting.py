@@ -66,3 +66,35 @@ def test_model_without_default_targets_asks_for_them():
 def test_unsupported_layer_type_is_named():
     with pytest.raises(TargetNotFoundError, match="'model.layers.0.input_layernorm' of type LlamaRMSNorm"):
         get_peft_model(make_model("llama"), LoraConfig(target_modules=["input_layernorm"]))
+
+
+def test_model_type_default_may_be_one_regex():
+    """``gemma4``'s default is one regex string (the language model's q/v projections): it must stay
+    a string, not become a set of its characters, and match only the language model."""
+    import types
+
+    from torch import nn
+
+    from peft_kernel.model_defaults import DEFAULT_TARGET_MODULES
+
+    class Attention(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.q_proj, self.k_proj, self.v_proj = nn.Linear(4, 4), nn.Linear(4, 4), nn.Linear(4, 4)
+
+    class Gemma4Like(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.config = types.SimpleNamespace(model_type="gemma4")
+            self.model = nn.Module()
+            self.model.language_model = nn.ModuleList([Attention()])
+            self.model.vision_tower = nn.ModuleList([Attention()])
+
+        def forward(self, x):
+            return x
+
+    assert isinstance(DEFAULT_TARGET_MODULES["gemma4"], str)
+    model = get_peft_model(Gemma4Like(), LoraConfig())
+    assert model.peft_config["default"].target_modules == DEFAULT_TARGET_MODULES["gemma4"]
+    found = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, AdapterLayer))
+    assert found == ["model.language_model.0.q_proj", "model.language_model.0.v_proj"]

@@ -1,11 +1,10 @@
-"""Entry module of peft-kernel-ia3: registers IA3 and builds its layers. Cheap to import."""
+"""Entry module of peft-kernel-ia3: registers IA3 and declares its layers. Cheap to import."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from peft_kernel.markers import hookimpl
-from peft_kernel.records import MethodRecord
+from peft_kernel.plugin_api import ConfigError, MethodRecord, hookimpl
 from peft_kernel_ia3.config import IA3Config
 
 # HF PEFT's defaults per transformers ``model_type`` (used when the config leaves them unset).
@@ -79,8 +78,9 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             prefix="ia3_",
             capabilities={"mergeable", "mixed_batch", "multi_adapter"},
             tuner_name="IA3Model",
+            layer_factory="peft_kernel_ia3.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,
-            exports={"IA3Model": "peft_kernel_ia3.tuner:IA3Model", "IA3Layer": "peft_kernel_ia3.layers:IA3Layer"},
+            exports={"IA3Layer": "peft_kernel_ia3.layers:IA3Layer"},
         )
     )
 
@@ -89,8 +89,6 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
 def peft_kernel_prepare_config(config: Any, model: Any) -> None:
     """Resolve ``feedforward_modules=None`` to HF PEFT's per-architecture default."""
     if isinstance(config, IA3Config) and config.feedforward_modules is None:
-        from peft_kernel.errors import ConfigError
-
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         defaults = DEFAULT_FEEDFORWARD_MODULES.get(model_type or "")
         if defaults is None:
@@ -99,15 +97,6 @@ def peft_kernel_prepare_config(config: Any, model: Any) -> None:
                 f"{model_type!r}. Pass feedforward_modules=[...] (a subset of target_modules, possibly empty)."
             )
         config.feedforward_modules = set(defaults)
-
-
-@hookimpl
-def peft_kernel_create_layer(config: Any, adapter_name: str, base_layer: Any, module_name: str) -> Any:
-    if not isinstance(config, IA3Config):
-        return None
-    from peft_kernel_ia3.layers import make_layer
-
-    return make_layer(config, adapter_name, base_layer, module_name)
 
 
 @hookimpl

@@ -7,8 +7,7 @@ from typing import Optional, Union
 
 import attrs
 
-from peft_kernel.enums import PeftType
-from peft_kernel.errors import ConfigError
+from peft_kernel.plugin_api import ConfigError, PeftType
 from peft_kernel_lycoris.config import LycorisConfig
 
 

@@ -1,12 +1,10 @@
-"""Entry module of peft-kernel-loha: registers LoHa and builds its layers. Cheap to import."""
+"""Entry module of peft-kernel-loha: registers LoHa and declares its layers. Cheap to import."""
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Callable
 
-from peft_kernel.markers import hookimpl
-from peft_kernel.records import MethodRecord
-from peft_kernel.model_defaults import DEFAULT_TARGET_MODULES
+from peft_kernel.plugin_api import DEFAULT_TARGET_MODULES, MethodRecord, hookimpl
 from peft_kernel_loha.config import LoHaConfig
 
 
@@ -19,19 +17,10 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             prefix="hada_",
             capabilities={"mergeable", "mixed_batch", "hotswap", "multi_adapter"},
             tuner_name="LoHaModel",
+            layer_factory="peft_kernel_loha.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,
             exports={
-                "LoHaModel": "peft_kernel_loha.tuner:LoHaModel",
                 "LoHaLayer": "peft_kernel_loha.layers:LoHaLayer",
             },
         )
     )
-
-
-@hookimpl
-def peft_kernel_create_layer(config: Any, adapter_name: str, base_layer: Any, module_name: str) -> Any:
-    if not isinstance(config, LoHaConfig):
-        return None
-    from peft_kernel_loha.layers import make_layer
-
-    return make_layer(config, adapter_name, base_layer, module_name)

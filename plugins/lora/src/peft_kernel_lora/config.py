@@ -6,9 +6,7 @@ from typing import Any, Literal, Optional, Union
 
 import attrs
 
-from peft_kernel.config import MAX_SIZE, PeftConfig, check_range
-from peft_kernel.enums import PeftType
-from peft_kernel.errors import ConfigError
+from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetedConfig, check_range
 
 INIT_CHOICES = ("gaussian", "pissa", "olora")
 """String values of ``init_lora_weights`` this plugin implements (plus ``pissa_niter_<n>``)."""
@@ -36,22 +34,18 @@ UNSUPPORTED_FIELDS = {
 
 
 @attrs.define(kw_only=True)
-class LoraConfig(PeftConfig):
-    """Configuration of a LoRA adapter (HF PEFT's ``LoraConfig``)."""
+class LoraConfig(TargetedConfig):
+    """Configuration of a LoRA adapter (HF PEFT's ``LoraConfig``); the targeting fields
+    (``target_modules``, ``layers_to_transform``...) come from :class:`TargetedConfig`."""
 
     peft_type: Optional[Union[PeftType, str]] = PeftType.LORA
     r: int = 8
-    target_modules: Optional[Union[list[str], set[str], str]] = None
-    exclude_modules: Optional[Union[list[str], set[str], str]] = None
     lora_alpha: Union[int, float] = 8
     lora_dropout: float = 0.0
     fan_in_fan_out: bool = False
     bias: Literal["none", "all", "lora_only"] = "none"
     use_rslora: bool = False
-    modules_to_save: Optional[list[str]] = None
     init_lora_weights: Union[bool, str] = True
-    layers_to_transform: Optional[Union[list[int], int]] = None
-    layers_pattern: Optional[Union[list[str], str]] = None
     rank_pattern: Optional[dict[str, int]] = attrs.field(factory=dict)
     alpha_pattern: Optional[dict[str, Union[int, float]]] = attrs.field(factory=dict)
     megatron_config: Optional[dict] = None
@@ -77,10 +71,6 @@ class LoraConfig(PeftConfig):
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, list):
-                setattr(self, name, set(value))
         if self.r <= 0:
             raise ConfigError(f"LoraConfig.r must be a positive integer, got {self.r}")
         check_range("LoraConfig", "r", self.r, 1, MAX_SIZE)
@@ -98,13 +88,6 @@ class LoraConfig(PeftConfig):
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not valid; use True, False, "
                 f"{', '.join(repr(c) for c in INIT_CHOICES)} or 'pissa_niter_<n>'"
             )
-        if isinstance(self.target_modules, str):
-            if self.layers_to_transform is not None:
-                raise ConfigError("`layers_to_transform` cannot be used when `target_modules` is a str.")
-            if self.layers_pattern is not None:
-                raise ConfigError("`layers_pattern` cannot be used when `target_modules` is a str.")
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
 
     def rewrites_base_weights(self) -> bool:
         """PiSSA and OLoRA move the principal part of each targeted weight into the adapter."""

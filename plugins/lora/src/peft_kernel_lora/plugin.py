@@ -1,14 +1,11 @@
-"""Entry module of peft-kernel-lora: registers LoRA and builds its layers. Cheap to import."""
+"""Entry module of peft-kernel-lora: registers LoRA and declares its layers. Cheap to import."""
 
 from __future__ import annotations
 
 from typing import Any, Callable
 
-from peft_kernel.markers import hookimpl
-from peft_kernel.model_defaults import DEFAULT_TARGET_MODULES
-from peft_kernel.records import MethodRecord
+from peft_kernel.plugin_api import DEFAULT_TARGET_MODULES, MethodRecord, hookimpl
 from peft_kernel_lora.config import LoraConfig
-
 
 
 @hookimpl
@@ -20,19 +17,11 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             prefix="lora_",
             capabilities={"mergeable", "mixed_batch", "hotswap", "multi_adapter"},
             tuner_name="LoraModel",
+            layer_factory="peft_kernel_lora.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,
-            exports={"LoraModel": "peft_kernel_lora.tuner:LoraModel", "LoraLayer": "peft_kernel_lora.layers:LoraLayer"},
+            exports={"LoraLayer": "peft_kernel_lora.layers:LoraLayer"},
         )
     )
-
-
-@hookimpl
-def peft_kernel_create_layer(config: Any, adapter_name: str, base_layer: Any, module_name: str) -> Any:
-    if not isinstance(config, LoraConfig):
-        return None
-    from peft_kernel_lora.layers import make_layer
-
-    return make_layer(config, adapter_name, base_layer, module_name)
 
 
 @hookimpl

@@ -8,9 +8,7 @@ from typing import Literal, Optional, Union
 
 import attrs
 
-from peft_kernel.config import MAX_SIZE, PeftConfig, check_range
-from peft_kernel.enums import PeftType
-from peft_kernel.errors import ConfigError
+from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetedConfig, check_range
 
 BIAS_CHOICES = ("none", "all", "oft_only")
 MAX_NEUMANN_TERMS = 100
@@ -18,27 +16,23 @@ MAX_NEUMANN_TERMS = 100
 
 
 @attrs.define(kw_only=True)
-class OFTConfig(PeftConfig):
+class OFTConfig(TargetedConfig):
     """Configuration of an OFT adapter (HF PEFT's ``OFTConfig``).
 
     Each targeted layer's input features are split into ``r`` blocks of ``oft_block_size``
     (give exactly one of the two; the other follows from the layer's size, and a value that does
     not divide it is moved to the nearest divisor with a warning, as HF PEFT does). Each block is
-    rotated by the Cayley transform of a learned skew-symmetric matrix.
+    rotated by the Cayley transform of a learned skew-symmetric matrix. The targeting fields come
+    from :class:`TargetedConfig`.
     """
 
     peft_type: Optional[Union[PeftType, str]] = PeftType.OFT
     r: int = 0
     oft_block_size: int = 32
     module_dropout: float = 0.0
-    target_modules: Optional[Union[list[str], set[str], str]] = None
     fan_in_fan_out: bool = False
     bias: Literal["none", "all", "oft_only"] = "none"
-    exclude_modules: Optional[Union[list[str], set[str], str]] = None
     init_weights: bool = True
-    layers_to_transform: Optional[Union[list[int], int]] = None
-    layers_pattern: Optional[Union[list[str], str]] = None
-    modules_to_save: Optional[list[str]] = None
     coft: bool = False
     eps: float = 6e-05
     block_share: bool = False
@@ -47,12 +41,6 @@ class OFTConfig(PeftConfig):
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
-        for name in ("target_modules", "exclude_modules"):
-            value = getattr(self, name)
-            if isinstance(value, (list, tuple)):
-                setattr(self, name, set(value))
-        if self.layers_pattern and self.layers_to_transform is None:
-            raise ConfigError("When `layers_pattern` is specified, `layers_to_transform` must also be specified.")
         if self.r < 0 or self.oft_block_size < 0:
             raise ConfigError(
                 f"OFTConfig.r and oft_block_size must be >= 0, got r={self.r}, oft_block_size={self.oft_block_size}"
