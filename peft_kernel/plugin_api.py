@@ -9,7 +9,7 @@ errors, the checkpoint readers and the CLI error type.
 
 from __future__ import annotations
 
-from peft_kernel.checkpoint import load_adapter_weights, resolve_file
+from peft_kernel.checkpoint import WEIGHTS_NAME, atomic_save_tensors, load_adapter_weights, resolve_file
 from peft_kernel.cli import CliError
 from peft_kernel.config import MAX_SIZE, MAX_WIDTH, PeftConfig, check_range, read_settings_file
 from peft_kernel.enums import PeftType, TaskType
@@ -20,7 +20,8 @@ from peft_kernel.errors import (
     PeftKernelError,
     UnsupportedFeatureError,
 )
-from peft_kernel.layer import AdapterLayer, Fold
+from peft_kernel.layer import AdapterLayer, Fold, LowRankFactors, LowRankLayer, walk_modules
+from peft_kernel.mapping import CONFIGS_ATTR
 from peft_kernel.markers import hookimpl, hookspec
 from peft_kernel.model_defaults import DEFAULT_TARGET_MODULES
 from peft_kernel.plugins import Registry, get_registry, install_hint
@@ -30,6 +31,7 @@ from peft_kernel.targeting import base_of, compile_pattern, linear_fan_in_fan_ou
 from peft_kernel.utils import merge_utils
 
 __all__ = [
+    "CONFIGS_ATTR",
     "DEFAULT_TARGET_MODULES",
     "MAX_SIZE",
     "MAX_WIDTH",
@@ -39,6 +41,8 @@ __all__ = [
     "CliError",
     "ConfigError",
     "Fold",
+    "LowRankFactors",
+    "LowRankLayer",
     "MethodRecord",
     "MixedBatchError",
     "PeftConfig",
@@ -48,6 +52,8 @@ __all__ = [
     "Routing",
     "TaskType",
     "UnsupportedFeatureError",
+    "WEIGHTS_NAME",
+    "atomic_save_tensors",
     "base_of",
     "check_range",
     "compile_pattern",
@@ -62,4 +68,5 @@ __all__ = [
     "pattern_value",
     "read_settings_file",
     "resolve_file",
+    "walk_modules",
 ]

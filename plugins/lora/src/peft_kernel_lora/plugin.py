@@ -21,7 +21,10 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             capabilities={"mergeable", "mixed_batch", "hotswap", "multi_adapter"},
             tuner_name="LoraModel",
             default_target_modules=DEFAULT_TARGET_MODULES,
-            exports={"LoraModel": "peft_kernel_lora.tuner:LoraModel", "LoraLayer": "peft_kernel_lora.layers:LoraLayer"},
+            exports={"LoraModel": "peft_kernel_lora.tuner:LoraModel", "LoraLayer": "peft_kernel_lora.layers:LoraLayer",
+                     "convert_to_lora": "peft_kernel_lora.lora_conversion:convert_to_lora",
+                     "save_as_lora": "peft_kernel_lora.lora_conversion:save_as_lora",
+                     "convert_to_lora_with_errors": "peft_kernel_lora.lora_conversion:convert_to_lora_with_errors"},
         )
     )
 
