@@ -122,7 +122,7 @@ def _cat(layer: Any, present: list[tuple[str, float]]) -> tuple[Any, Any]:
 
 
 def _rule(combination_type: str) -> Callable[..., Any]:
-    from peft_kernel.utils import merge_utils as mu
+    from peft_kernel.plugin_api import merge_utils as mu
 
     base = combination_type.removesuffix("_svd")
     if base in ("linear", "svd"):

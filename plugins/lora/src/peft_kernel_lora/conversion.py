@@ -14,7 +14,7 @@ import warnings
 
 import torch
 
-from peft_kernel.errors import CheckpointError
+from peft_kernel.plugin_api import CheckpointError
 from peft_kernel_lora.config import LoraConfig
 
 # on-disk key suffix -> how the trained and the initial tensor combine
