@@ -20,8 +20,8 @@ from peft_kernel.errors import (
     PeftKernelError,
     UnsupportedFeatureError,
 )
+from peft_kernel.injection import CONFIGS_ATTR
 from peft_kernel.layer import AdapterLayer, Fold, LowRankFactors, LowRankLayer, walk_modules
-from peft_kernel.mapping import CONFIGS_ATTR
 from peft_kernel.markers import hookimpl, hookspec
 from peft_kernel.model_defaults import DEFAULT_TARGET_MODULES
 from peft_kernel.plugins import Registry, get_registry, install_hint
