@@ -52,6 +52,9 @@ class LoraLayer(AdapterLayer):
         # every LoRA adapter has a rank: one dict lookup instead of a scan of the containers (hot path)
         return adapter_name in self.r
 
+    def adapter_names(self) -> list[str]:
+        return list(self.r)  # as has_adapter: read once per mixed-batch forward by the stacks
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         mixed.drop_stack(self)
@@ -212,15 +215,18 @@ class Linear(LoraLayer):
     def low_rank_factors(self, adapter_name: str) -> LowRankFactors | None:
         """``(lora_A.weight [r, in], lora_B.weight [out, r], scaling)``; ``None`` for DoRA, for
         live dropout in training, and for adapters this layer does not hold."""
-        if adapter_name not in self.r or self.use_dora[adapter_name]:
+        if self.use_dora.get(adapter_name, True):  # DoRA, or not held
             return None
-        if self.training and not isinstance(self.lora_dropout[adapter_name], nn.Identity):
+        modules = self._modules  # read for every adapter on every mixed-batch forward: no Module.__getattr__
+        if self.training and not isinstance(modules["lora_dropout"]._modules[adapter_name], nn.Identity):
             return None
-        return self.lora_A[adapter_name].weight, self.lora_B[adapter_name].weight, self.scaling[adapter_name]
+        lin_a = modules["lora_A"]._modules[adapter_name]
+        lin_b = modules["lora_B"]._modules[adapter_name]
+        return lin_a._parameters["weight"], lin_b._parameters["weight"], self.scaling[adapter_name]
 
     def low_rank_bias(self, adapter_name: str) -> torch.Tensor | None:
         """``lora_B``'s bias (``lora_bias=True``), added as ``scaling * bias``."""
-        return self.lora_B[adapter_name].bias
+        return self._modules["lora_B"]._modules[adapter_name]._parameters["bias"]
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         if not x.is_floating_point():
