@@ -220,7 +220,9 @@ class Linear(LoraLayer):
         modules = self._modules  # read for every adapter on every mixed-batch forward: no Module.__getattr__
         if self.training and not isinstance(modules["lora_dropout"]._modules[adapter_name], nn.Identity):
             return None
-        lin_a = modules["lora_A"]._modules[adapter_name]
+        lin_a = modules["lora_A"]._modules.get(adapter_name)
+        if lin_a is None:  # an adapter whose creation failed half-way holds a rank but no tensors
+            return None
         lin_b = modules["lora_B"]._modules[adapter_name]
         return lin_a._parameters["weight"], lin_b._parameters["weight"], self.scaling[adapter_name]
 
