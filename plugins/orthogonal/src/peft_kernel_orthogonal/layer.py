@@ -17,7 +17,6 @@ Linear); this base gives it:
 
 from __future__ import annotations
 
-
 import torch
 from torch import nn
 
