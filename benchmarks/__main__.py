@@ -76,7 +76,7 @@ def scenario_names(count: int, rows: int) -> list[str]:
 
 def bench_shape(shape: Shape, mixes: list[int], phases: list[str], rounds: int, decode_reps: int,
                 strategies: bool, log: Callable[[str], None]) -> list[dict[str, Any]]:
-    from peft_kernel_lora import mixed
+    from peft_kernel_lowrank import mixed
 
     base = base_model(shape)
     gen = torch.Generator().manual_seed(0)

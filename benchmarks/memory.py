@@ -18,7 +18,7 @@ def resident_bytes(model: nn.Module) -> int:
     for t in [*model.parameters(), *model.buffers()]:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
     for module in model.modules():
-        stack = module.__dict__.get("_lora_stack")
+        stack = module.__dict__.get("_low_rank_stack")
         for t in (getattr(stack, "A", None), getattr(stack, "Bt", None), getattr(stack, "bias", None)):
             if t is not None:
                 seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()

@@ -20,6 +20,9 @@ from peft_kernel.plugins import Registry, get_registry
 from peft_kernel.transaction import guarding_base_weights
 from peft_kernel.targeting import base_of, candidate_modules, compress_target_modules, expand_target_modules, no_match_error
 
+CONFIGS_ATTR = "_peft_kernel_configs"
+"""Where ``inject_adapter_in_model`` keeps a bare model's ``{adapter_name: config}``."""
+
 _NAME_OK = re.compile(r"[A-Za-z0-9_\-]+")
 MAX_ADAPTER_NAME_LENGTH = 128
 """An adapter name becomes a folder name (at most 255 bytes on most file systems) and part of every

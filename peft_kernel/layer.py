@@ -13,7 +13,7 @@ forward, mixed batches, merge and unmerge; or overrides ``adapted_forward`` / ``
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Literal
+from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, runtime_checkable
 
 import torch
 from torch import nn
@@ -25,6 +25,34 @@ Fold = Callable[["AdapterLayer", str, bool, Literal["merge", "unmerge"]], object
 """``fold(layer, adapter_name, safe_merge, direction)``: folds one adapter into or out of a layer's
 base weights. The tuner passes ``Registry.merge`` (plugins' ``peft_kernel_merge`` hooks, then
 :meth:`AdapterLayer.fold_adapter`); layers never look the registry up themselves."""
+
+
+LowRankFactors = tuple[torch.Tensor, torch.Tensor, float]
+"""``(A, B, scale)``: see :class:`LowRankLayer`."""
+
+
+@runtime_checkable
+class LowRankLayer(Protocol):
+    """Optional protocol of adapter layers whose adapters are low-rank additions (LoRA; AdaLoRA,
+    VeRA, DeLoRA, RandLora next). Family code — the stacked mixed-batch kernels of
+    ``peft-kernel-lowrank``, backends such as Cloud AI 100 — reads adapters through it, never
+    through a method's attribute names, so any layer implementing it gets them.
+
+    ``low_rank_factors(adapter_name)`` returns ``(A, B, scale)`` such that, for an input
+    ``x[..., in_features]``, the adapter adds ``scale * (x @ A.T) @ B.T`` to the base layer's output
+    (plus ``scale * bias`` where the optional ``low_rank_bias(adapter_name)`` returns a ``[out]``
+    bias). Shapes: ``A`` is ``[r, in_features]``, ``B`` is ``[out_features, r]`` (the orientation of
+    ``nn.Linear`` weights, also for transformers' ``Conv1D``), ``scale`` a Python float. ``A``, ``B``
+    and the bias are the layer's live tensors, not copies, so callers may cache what they derive
+    and detect changes (identity, ``_version``, ``data_ptr``). It returns ``None`` whenever the
+    adapter's output is not that product right now: the layer does not hold the adapter, its
+    inputs are not features (``nn.Embedding`` looks rows up, ``nn.Conv*`` convolves: such layers
+    return ``None``), the adapter is not purely low-rank (DoRA's weight normalisation), or its
+    dropout is live in training. Callers then fall back to the layer's own ``delta``."""
+
+    def low_rank_factors(self, adapter_name: str) -> LowRankFactors | None:
+        """``(A [r, in], B [out, r], scale)`` of ``adapter_name``, or ``None`` (see the class)."""
+        ...
 
 
 class AdapterLayer(nn.Module):

@@ -10,11 +10,9 @@ from typing import Any, Callable, Iterator
 from torch import nn
 
 from peft_kernel.config import PeftConfig
-from peft_kernel.injection import check_adapter_name, inject, set_trainable
+from peft_kernel.injection import CONFIGS_ATTR, check_adapter_name, inject, set_trainable
 from peft_kernel.model import TASK_CLASSES, PeftModel
 from peft_kernel.plugins import get_registry
-
-CONFIGS_ATTR = "_peft_kernel_configs"
 
 
 def get_peft_model(

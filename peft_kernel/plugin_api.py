@@ -43,9 +43,9 @@ from peft_kernel.targeting import base_of, compile_pattern, linear_fan_in_fan_ou
 
 if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
     from peft_kernel.adapter_io import LoadResult
-    from peft_kernel.checkpoint import load_adapter_weights, resolve_file
-    from peft_kernel.injection import check_adapter_name, replace_with_base, wrap_modules_to_save
-    from peft_kernel.layer import AdapterLayer, Fold
+    from peft_kernel.checkpoint import WEIGHTS_NAME, atomic_save_tensors, load_adapter_weights, resolve_file
+    from peft_kernel.injection import CONFIGS_ATTR, check_adapter_name, replace_with_base, wrap_modules_to_save
+    from peft_kernel.layer import AdapterLayer, Fold, LowRankFactors, LowRankLayer, walk_modules
     from peft_kernel.modules_to_save import ModulesToSaveWrapper
     from peft_kernel.routing import BASE_ADAPTER, Routing, current_routing
     from peft_kernel.utils import merge_utils
@@ -53,6 +53,9 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
 _HEAVY = {
     "AdapterLayer": "peft_kernel.layer",
     "Fold": "peft_kernel.layer",
+    "LowRankFactors": "peft_kernel.layer",
+    "LowRankLayer": "peft_kernel.layer",
+    "walk_modules": "peft_kernel.layer",
     "BASE_ADAPTER": "peft_kernel.routing",
     "Routing": "peft_kernel.routing",
     "current_routing": "peft_kernel.routing",
@@ -61,8 +64,11 @@ _HEAVY = {
     "check_adapter_name": "peft_kernel.injection",
     "replace_with_base": "peft_kernel.injection",
     "wrap_modules_to_save": "peft_kernel.injection",
+    "CONFIGS_ATTR": "peft_kernel.injection",
     "load_adapter_weights": "peft_kernel.checkpoint",
     "resolve_file": "peft_kernel.checkpoint",
+    "WEIGHTS_NAME": "peft_kernel.checkpoint",
+    "atomic_save_tensors": "peft_kernel.checkpoint",
     "merge_utils": "peft_kernel.utils.merge_utils",
 }
 """``{name: core module}`` of the names that import torch, imported on first access."""
@@ -83,6 +89,7 @@ def __dir__() -> list[str]:
 
 __all__ = [
     "BASE_ADAPTER",
+    "CONFIGS_ATTR",
     "DEFAULT_TARGET_MODULES",
     "MAX_SIZE",
     "MAX_WIDTH",
@@ -95,6 +102,8 @@ __all__ = [
     "ConfigError",
     "Fold",
     "LoadResult",
+    "LowRankFactors",
+    "LowRankLayer",
     "MethodRecord",
     "MixedBatchError",
     "ModulesToSaveWrapper",
@@ -107,6 +116,8 @@ __all__ = [
     "TargetedConfig",
     "TaskType",
     "UnsupportedFeatureError",
+    "WEIGHTS_NAME",
+    "atomic_save_tensors",
     "base_of",
     "check_adapter_name",
     "check_range",
@@ -124,4 +135,5 @@ __all__ = [
     "replace_with_base",
     "resolve_file",
     "wrap_modules_to_save",
+    "walk_modules",
 ]

@@ -46,8 +46,8 @@ EXTRA_PARAMS = {
 def _method_specific(name: str) -> bool:
     """HF names defined under ``peft.tuners.<method>``: a method's config, model, layers, enums and
     helpers (``LoraConfig``, ``VeraModel``, ``PromptEmbedding``...). ``convert_to_lora`` and ``save_as_lora``
-    live under ``peft.tuners.lora`` but are generic here (``peft_kernel.lora_conversion``, any additive
-    method); ``tests/test_convert_to_lora.py`` checks their signatures and numbers against HF's."""
+    live under ``peft.tuners.lora``, as here under the LoRA plugin (``peft_kernel_lora.lora_conversion``,
+    exported by LoRA's record; any additive method converts); ``tests/test_convert_to_lora.py`` checks their signatures and numbers against HF's."""
     obj = getattr(peft, name)
     module = getattr(obj, "__module__", "") or ""
     return module.startswith("peft.tuners.")

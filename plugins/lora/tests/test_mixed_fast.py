@@ -1,4 +1,4 @@
-"""The fast LoRA paths (``peft_kernel_lora.mixed``) against HF ``peft`` and against single-adapter runs.
+"""The fast LoRA paths (``peft_kernel_lowrank.mixed``) against HF ``peft`` and against single-adapter runs.
 
 Every mixed-batch kernel (``bmm``, ``concat``, ``grouped``, the generic ``loop`` and ``auto``) must
 give each row what its own adapter gives it alone, and what HF PEFT's mixed batch gives (fp32,
@@ -16,7 +16,7 @@ peft = pytest.importorskip("peft")
 transformers = pytest.importorskip("transformers")
 
 import peft_kernel as pk  # noqa: E402
-from peft_kernel_lora import mixed  # noqa: E402
+from peft_kernel_lowrank import mixed  # noqa: E402
 
 ATOL = 1e-4
 STRATEGIES = ["auto", "bmm", "concat", "grouped", "loop"]
@@ -291,9 +291,9 @@ def test_plan_and_stack_are_built_once_per_forward(models, monkeypatch):
     built = []
     original = mixed.Stack.__init__
 
-    def counting(self, layer, names):
-        built.append(names)
-        original(self, layer, names)
+    def counting(self, held, factors):
+        built.append(tuple(factors))
+        original(self, held, factors)
 
     monkeypatch.setattr(mixed.Stack, "__init__", counting)
     monkeypatch.setattr(mixed, "strategy", "bmm")
@@ -314,5 +314,5 @@ def test_plan_and_stack_are_built_once_per_forward(models, monkeypatch):
     from peft_kernel.layer import adapter_layers
 
     layers = [layer for _, layer in adapter_layers(ours)]
-    distinct = {mixed.stack_names(layer) for layer in layers}
+    distinct = {tuple(mixed.stack_factors(layer, tuple(layer.adapter_names()))) for layer in layers}
     assert len(plans) == len(distinct) < len(layers)

@@ -7,7 +7,8 @@ import torch
 
 from peft_kernel import get_peft_model
 from peft_kernel.testing import make_model, max_abs_diff, perturb
-from peft_kernel_lora import LoraConfig, mixed
+from peft_kernel_lora import LoraConfig
+from peft_kernel_lowrank import mixed
 
 
 def test_grouped_kernel_without_grouped_mm_runs_bmm(monkeypatch):

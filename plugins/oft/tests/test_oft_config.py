@@ -14,7 +14,8 @@ from peft_kernel.testing import check_mixed_batch_against_hf, run
 from peft_kernel.testing.hf_oracle import check_active_adapters_against_hf
 from peft_kernel.testing.models import make_inputs, make_model
 from peft_kernel_oft import OFTConfig
-from peft_kernel_oft.rotation import OFTRotationModule, block_layout, cayley
+from peft_kernel_oft.rotation import OFTRotationModule
+from peft_kernel_orthogonal.rotation import block_layout, cayley
 
 peft = pytest.importorskip("peft")
 

@@ -113,6 +113,30 @@ def test_stacked_slot_zero_is_zero_and_padding_exact(small):
     assert a[3].abs().sum() == 0  # chat does not target q_proj
 
 
+def test_adapters_are_read_through_the_kernel_and_leave_the_base_model_alone(small, tmp_path):
+    # the backend imports nothing of the LoRA plugin: adapters come through PeftModel + low_rank_factors
+    from pathlib import Path
+
+    import peft_kernel_qaic
+
+    src = Path(peft_kernel_qaic.__file__).parent
+    assert [f.name for f in src.rglob("*.py") if "peft_kernel_lora" in f.read_text()] == []
+    model = tiny_model("llama")
+    model.model.layers[0].self_attn.q_proj.weight.requires_grad_(False)
+    before = {n: (type(m), tuple(m._modules)) for n, m in model.named_modules()}
+    flags = {n: p.requires_grad for n, p in model.named_parameters()}
+    weights = {n: p.detach().clone() for n, p in model.named_parameters()}
+    qeff = QEffAutoLoraModelForCausalLM(model)
+    qeff.load_adapter(small["paths"]["code"], "code")
+    with pytest.raises(AdapterLoadError, match="lm_head"):  # a failed load leaves it alone too
+        head = save_hf_adapters(model, tmp_path, specs={"head": dict(r=2, target_modules=["lm_head"])})["head"]
+        qeff.load_adapter(head, "head")
+    assert {n: (type(m), tuple(m._modules)) for n, m in model.named_modules()} == before
+    assert {n: p.requires_grad for n, p in model.named_parameters()} == flags
+    assert all(torch.equal(p, weights[n]) for n, p in model.named_parameters())
+    assert qeff.adapters["code"].ranks["model.layers.0.mlp.down_proj"] == 2  # rank_pattern honoured
+
+
 def test_compile_without_sdk_says_what_is_missing(small, monkeypatch, tmp_path):
     monkeypatch.setenv("PEFT_KERNEL_QAIC_EXEC", str(tmp_path / "no-such-qaic-exec"))
     with pytest.raises(SDKNotFoundError, match="onnxruntime") as err:

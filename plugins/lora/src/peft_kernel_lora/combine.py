@@ -87,7 +87,7 @@ def _fill(layer: Any, name: str, adapters: list[str], weights: list[float], comb
           new_rank: int, options: dict[str, Any]) -> None:
     import torch
 
-    from peft_kernel_lora import mixed
+    from peft_kernel_lowrank import mixed
 
     target = _factors(layer, name)
     if target is None:
@@ -107,7 +107,6 @@ def _fill(layer: Any, name: str, adapters: list[str], weights: list[float], comb
         b.zero_()
         a[: new_a.shape[0]] = new_a.to(a.dtype)
         b[:, : new_b.shape[1]] = new_b.to(b.dtype)
-    layer._lora_revision += 1
     mixed.drop_stack(layer)
 
 

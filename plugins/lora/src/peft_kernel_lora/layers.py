@@ -14,11 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_kernel.errors import UnsupportedFeatureError
-from peft_kernel.layer import AdapterLayer
-from peft_kernel.targeting import linear_fan_in_fan_out, pattern_value
-from peft_kernel_lora import dora, init, mixed
+from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
+from peft_kernel_lora import dora, init
 from peft_kernel_lora.config import LoraConfig
+from peft_kernel_lowrank import mixed
 
 
 def _adapter_dtype(base_layer: nn.Module) -> torch.dtype:
@@ -48,15 +47,16 @@ class LoraLayer(AdapterLayer):
         self.lora_magnitude_vector = nn.ParameterDict()
         self._dora_factor: dict[str, torch.Tensor] = {}
         self._unmerged_weight: torch.Tensor | None = None  # set while a DoRA merge needs the bare base weight
-        self._lora_revision = 0  # bumped whenever an adapter is created, replaced or removed
 
     def has_adapter(self, adapter_name: str) -> bool:
         # every LoRA adapter has a rank: one dict lookup instead of a scan of the containers (hot path)
         return adapter_name in self.r
 
+    def adapter_names(self) -> list[str]:
+        return list(self.r)  # as has_adapter: read once per mixed-batch forward by the stacks
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self._lora_revision += 1
         mixed.drop_stack(self)
 
     # ---- creation --------------------------------------------------------------------------
@@ -83,7 +83,6 @@ class LoraLayer(AdapterLayer):
         init.initialize(self, adapter_name, config.init_lora_weights)
         if config.use_dora:
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(dora.initial_magnitude(self, adapter_name))
-        self._lora_revision += 1
 
     @staticmethod
     def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -93,7 +92,6 @@ class LoraLayer(AdapterLayer):
         alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
         self.lora_alpha[adapter_name] = alpha
         self.scaling[adapter_name] = self._scaling(alpha, self.r[adapter_name], config.use_rslora)
-        self._lora_revision += 1
 
     def create_adapter(self, adapter_name: str, r: int, config: LoraConfig) -> None:
         raise NotImplementedError
@@ -114,6 +112,11 @@ class LoraLayer(AdapterLayer):
     def lora_product(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         """``scaling * B(A(x))`` for ``x`` already dropped out and in the adapter dtype."""
         raise NotImplementedError
+
+    def low_rank_factors(self, adapter_name: str) -> LowRankFactors | None:
+        """The core's ``LowRankLayer`` protocol: ``None`` here (embedding lookups and convolutions
+        are not feature maps); :class:`Linear` gives ``(lora_A.weight, lora_B.weight, scaling)``."""
+        return None
 
     def base_output_no_bias(self, x: torch.Tensor) -> torch.Tensor:
         """The base layer applied to ``x`` without its bias (DoRA rescales this part)."""
@@ -208,17 +211,36 @@ class Linear(LoraLayer):
         bias = self.lora_B[adapter_name].bias
         return None if bias is None else bias * self.scaling[adapter_name]
 
-    # ---- fast forwards (see peft_kernel_lora.mixed) -------------------------------------------
+    # ---- the low-rank protocol and the fast forwards (see peft_kernel_lowrank.mixed) ----------
+    def low_rank_factors(self, adapter_name: str) -> LowRankFactors | None:
+        """``(lora_A.weight [r, in], lora_B.weight [out, r], scaling)``; ``None`` for DoRA, for
+        live dropout in training, and for adapters this layer does not hold."""
+        if self.use_dora.get(adapter_name, True):  # DoRA, or not held
+            return None
+        modules = self._modules  # read for every adapter on every mixed-batch forward: no Module.__getattr__
+        if self.training and not isinstance(modules["lora_dropout"]._modules[adapter_name], nn.Identity):
+            return None
+        lin_a = modules["lora_A"]._modules.get(adapter_name)
+        if lin_a is None:  # an adapter whose creation failed half-way holds a rank but no tensors
+            return None
+        lin_b = modules["lora_B"]._modules[adapter_name]
+        return lin_a._parameters["weight"], lin_b._parameters["weight"], self.scaling[adapter_name]
+
+    def low_rank_bias(self, adapter_name: str) -> torch.Tensor | None:
+        """``lora_B``'s bias (``lora_bias=True``), added as ``scaling * bias``."""
+        return self._modules["lora_B"]._modules[adapter_name]._parameters["bias"]
+
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         if not x.is_floating_point():
             return super().adapted_forward(x, adapters, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
         for name in adapters:
-            if self.use_dora[name] or (self.training and not isinstance(self.lora_dropout[name], nn.Identity)):
+            factors = self.low_rank_factors(name)
+            if factors is None:
                 result = result + self.delta(x, name, result)
             else:
-                result = mixed.add_single(self, result, x, name)
+                result = mixed.add_single(self, result, x, name, factors)
         return result.to(dtype)
 
     def mixed_forward(self, x: torch.Tensor, routing: Any, *args: Any, **kwargs: Any) -> torch.Tensor:

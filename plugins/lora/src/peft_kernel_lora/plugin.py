@@ -19,7 +19,10 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             tuner_name="LoraModel",
             layer_factory="peft_kernel_lora.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,
-            exports={"LoraLayer": "peft_kernel_lora.layers:LoraLayer"},
+            exports={"LoraLayer": "peft_kernel_lora.layers:LoraLayer",
+                     "convert_to_lora": "peft_kernel_lora.lora_conversion:convert_to_lora",
+                     "save_as_lora": "peft_kernel_lora.lora_conversion:save_as_lora",
+                     "convert_to_lora_with_errors": "peft_kernel_lora.lora_conversion:convert_to_lora_with_errors"},
         )
     )
 

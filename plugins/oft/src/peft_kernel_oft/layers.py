@@ -23,30 +23,24 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_kernel.layer import AdapterLayer
-from peft_kernel.routing import Routing
+from peft_kernel.plugin_api import Routing
 from peft_kernel_oft.config import OFTConfig
-from peft_kernel_oft.rotation import OFTRotationModule, apply_blocks, apply_row_blocks, block_layout
-
-
-def _adapter_dtype(base_layer: nn.Module) -> torch.dtype:
-    """Adapters live in float32 when the base is half precision (HF's autocast_adapter_dtype)."""
-    dtype = base_layer.weight.dtype
-    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+from peft_kernel_oft.rotation import OFTRotationModule
+from peft_kernel_orthogonal.layer import RotationLayer, adapter_dtype
+from peft_kernel_orthogonal.rotation import apply_blocks, block_layout
 
 
 def _transposed(blocks: torch.Tensor) -> torch.Tensor:
     return blocks.transpose(-1, -2)
 
 
-class OFTLayer(AdapterLayer):
-    """State and bookkeeping shared by every OFT layer type."""
+class OFTLayer(RotationLayer):
+    """State and bookkeeping shared by every OFT layer type (rotations, mixed batches and the
+    multiplicative merge come from :class:`~peft_kernel_orthogonal.layer.RotationLayer`)."""
 
     adapter_layer_names = ("oft_R", "oft_embedding_R")
     other_param_names = ("r", "oft_block_size")
     container = "oft_R"
-    merge_reversed = True
-    """Whether adapters fold into the weight last-first (right-multiplied weights: Linear, Conv)."""
 
     def __init__(self, base_layer: nn.Module, in_features: int) -> None:
         super().__init__(base_layer)
@@ -71,7 +65,7 @@ class OFTLayer(AdapterLayer):
             dropout=config.module_dropout,
             init_weights=config.init_weights,
             device=weight.device,
-            dtype=_adapter_dtype(self.base_layer),
+            dtype=adapter_dtype(self.base_layer),
         )
         self.r[adapter_name] = r
         self.oft_block_size[adapter_name] = block_size
@@ -82,70 +76,8 @@ class OFTLayer(AdapterLayer):
     def blocks(self, adapter_name: str, dropout: bool = True) -> torch.Tensor:
         return self.rotation(adapter_name).blocks(dropout)
 
-    def _dtype(self) -> torch.dtype:
-        """The dtype rotations are computed in: the adapters' own (float32, or the base's with
-        ``autocast_adapter_dtype=False``)."""
-        param = next(getattr(self, self.container).parameters(), None)
-        return param.dtype if param is not None else _adapter_dtype(self.base_layer)
-
-    # ---- rotating features ------------------------------------------------------------------
-    def rotate(self, t: torch.Tensor, adapters: list[str]) -> torch.Tensor:
-        """``t[..., in_features]`` rotated by each adapter in turn."""
-        h = t.to(self._dtype())
-        for name in adapters:
-            blocks = self.blocks(name)
-            h = apply_blocks(h.to(blocks.dtype), blocks)
-        return h.to(t.dtype)
-
-    def rotate_rows(self, t: torch.Tensor, routing: Routing) -> torch.Tensor:
-        """``t[B, ..., in_features]`` with each row rotated by its own adapter (identity for
-        ``"__base__"`` rows and adapters this layer does not hold)."""
-        order = tuple(getattr(self, self.container).keys())
-        if not order:
-            return t
-        h = t.to(self._dtype())
-        if len({self.oft_block_size[a] for a in order}) == 1:
-            stacked = torch.stack([self.blocks(a).to(h.dtype) for a in order])  # [n, r, b, b]
-            eye = torch.eye(stacked.shape[-1], device=stacked.device, dtype=stacked.dtype)
-            stacked = torch.cat([stacked, eye.expand_as(stacked[:1])])
-            slots = routing.slots(t.shape[0], t.device, order) % stacked.shape[0]
-            return apply_row_blocks(h, stacked.index_select(0, slots)).to(t.dtype)
-        out = h.clone()
-        for name, rows in routing.groups(t.shape[0], t.device).items():
-            if name in order:
-                out.index_copy_(0, rows, apply_blocks(h.index_select(0, rows), self.blocks(name)))
-        return out.to(t.dtype)
-
-    # ---- merge ------------------------------------------------------------------------------
-    def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, fold: Any = None) -> None:
-        names = list(self._active_adapters if adapter_names is None else adapter_names)
-        super().merge(safe_merge=safe_merge, adapter_names=names[::-1] if self.merge_reversed else names, fold=fold)
-
-    def fold(self, weight: torch.Tensor, blocks: torch.Tensor) -> torch.Tensor:
-        """The base weight with one adapter's ``blocks`` folded in."""
-        raise NotImplementedError
-
-    def _write(self, adapter_name: str, blocks: torch.Tensor, safe_merge: bool) -> None:
-        weight = self.base_layer.weight
-        with torch.no_grad():
-            new = self.fold(weight.to(blocks.dtype), blocks).to(weight.dtype)
-            if safe_merge and not torch.isfinite(new).all():
-                raise ValueError(
-                    f"NaNs or infs detected while merging adapter {adapter_name!r} into {type(self).__name__}; "
-                    "the adapter is broken and the base weights were left untouched."
-                )
-            weight.copy_(new)
-
-    def merge_into_base(self, adapter_name: str, safe_merge: bool = False) -> None:
-        with torch.no_grad():
-            blocks = self.blocks(adapter_name, dropout=False).detach()
-        self._write(adapter_name, blocks, safe_merge)
-
-    def unmerge_from_base(self, adapter_name: str) -> None:
-        # the Neumann rotation is only nearly orthogonal: undo it with the true inverse
-        with torch.no_grad():
-            inverse = torch.linalg.inv(self.blocks(adapter_name, dropout=False).detach().double()).to(self._dtype())
-        self._write(adapter_name, inverse, False)
+    def block_size(self, adapter_name: str) -> int:
+        return self.oft_block_size[adapter_name]
 
 
 class Linear(OFTLayer):
@@ -206,7 +138,7 @@ class Conv2d(OFTLayer):
 
     def effective_weight(self, adapters: list[str]) -> torch.Tensor:
         weight = self.base_layer.weight
-        w = weight.to(self._dtype())
+        w = weight.to(self.rotation_dtype())
         for name in reversed(adapters):  # patches rotated by R_a then R_b == kernel W R_b^T R_a^T
             w = self.fold(w, self.blocks(name))
         return w.to(weight.dtype)

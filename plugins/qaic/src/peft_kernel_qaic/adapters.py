@@ -1,21 +1,28 @@
 """LoRA adapters as the Cloud AI 100 graph sees them: per-module ``A`` / scaled ``B`` matrices.
 
-An adapter saved by HF PEFT (or peft-kernel) is read with the core's loader, checked against the
-base model (module names, shapes, supported LoRA features) and reduced to, per targeted linear,
-``A`` (``[r, in]``) and ``B * scaling`` (``[out, r]``). Adapters with different ranks, scalings
-and target modules are then stacked into ``[num_slots, in, R]`` / ``[num_slots, R, out]`` tensors
-(``R`` = the largest rank for that module, zero-padded; slot 0 = all zeros = ``"base"``). Zero
-padding is exact: the padded columns of ``A`` and rows of ``B`` add exact zeros.
+An adapter is loaded with the core's public API (``PeftModel.from_pretrained``) and read through
+the core's ``LowRankLayer`` protocol (``low_rank_factors`` -> ``A`` ``[r, in]``, ``B`` ``[out, r]``,
+``scale``), never by parsing a method's tensor names: a saved adapter (HF PEFT or peft-kernel) is
+loaded onto a *view* of the base model -- a module tree with the base model's own leaf modules at
+the same paths -- so the base model itself is never wrapped or changed; a live peft-kernel
+``PeftModel`` is read directly; a live HF PEFT ``PeftModel`` is saved with its own
+``save_pretrained`` to a temporary folder and loaded like a saved adapter. The config is checked
+first (LoRA, no features this backend does not export), then the factors against the base model
+(module names, shapes). Per targeted linear the result is ``A`` (``[r, in]``) and
+``B * scale`` (``[out, r]``). Adapters with different ranks, scalings and target modules are then
+stacked into ``[num_slots, in, R]`` / ``[num_slots, R, out]`` tensors (``R`` = the largest rank for
+that module, zero-padded; slot 0 = all zeros = ``"base"``). Zero padding is exact: the padded
+columns of ``A`` and rows of ``B`` add exact zeros.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
+import tempfile
 from pathlib import Path
-from typing import Any, Iterable, Mapping
+from typing import Any, Iterable, Iterator, Mapping
 
 import attrs
 import torch
@@ -108,8 +115,7 @@ def supported_linears(model: nn.Module) -> dict[str, nn.Linear]:
 
 
 def _read_config_dict(path_or_id: str | os.PathLike, subfolder: str | None, hub_kwargs: Mapping[str, Any]) -> tuple[dict, str]:
-    from peft_kernel.checkpoint import resolve_file
-    from peft_kernel.errors import CheckpointError
+    from peft_kernel.plugin_api import CheckpointError, resolve_file
 
     try:
         path = resolve_file(path_or_id, "adapter_config.json", subfolder=subfolder, **hub_kwargs)
@@ -140,6 +146,84 @@ def _check_peft_type(data: Mapping[str, Any], where: str) -> None:
         )
 
 
+def _leaf_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.Module]]:
+    """The base model's leaf modules by path; an adapter wrapper (a module with a ``base_layer``,
+    as HF PEFT's and peft-kernel's layers have) counts as its innermost base layer."""
+    for name, child in model.named_children():
+        path = f"{prefix}.{name}" if prefix else name
+        while isinstance(getattr(child, "base_layer", None), nn.Module):
+            child = child.base_layer
+        if next(child.children(), None) is None:
+            yield path, child
+        else:
+            yield from _leaf_modules(child, path)
+
+
+def _view(model: nn.Module) -> nn.Module:
+    """A module tree with ``model``'s leaf modules (shared, not copied) at their paths: adapters
+    loaded onto it wrap the view's entries and leave ``model`` as it is."""
+    root = nn.Module()
+    for path, leaf in _leaf_modules(model):
+        node = root
+        *parents, last = path.split(".")
+        for part in parents:
+            if part not in node._modules:
+                node.add_module(part, nn.Module())
+            node = node._modules[part]
+        node.add_module(last, leaf)
+    return root
+
+
+def _read_factors(model: nn.Module, adapter_name: str, base: nn.Module, where: str) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """``{module: (A [r, in], B * scale [out, r])}`` of ``adapter_name`` from the adapter layers in
+    ``model`` (module paths as in the causal LM), checked against ``base``'s supported linears."""
+    linears = supported_linears(base)
+    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module, layer in model.named_modules():
+        if not hasattr(layer, "low_rank_factors") or not layer.has_adapter(adapter_name):
+            continue
+        inner = layer.base_layer
+        if module not in linears:
+            raise AdapterLoadError(
+                f"adapter {where} targets {module} ({type(inner).__name__}); the qaic backend "
+                f"puts LoRA on the linears of the decoder layers only ({', '.join(LAYER_LINEARS)})"
+            )
+        training = layer.training
+        layer.train(False)  # the factors of the adapter as exported: no live dropout
+        try:
+            factors = layer.low_rank_factors(adapter_name)
+        finally:
+            layer.train(training)
+        if factors is None:
+            raise AdapterLoadError(f"adapter {where}: {module} is not a plain low-rank adapter, which the qaic backend "
+                                   "does not export")
+        a, b, scale = factors
+        weights[module] = (a.detach().float().contiguous(), (b.detach().float() * scale).contiguous())
+    if not weights:
+        raise AdapterLoadError(f"adapter {where} holds no LoRA weights")
+    return weights
+
+
+def _load_onto_view(path_or_id: str | os.PathLike, config: Any, base: nn.Module, where: str,
+                    subfolder: str | None, hub_kwargs: Mapping[str, Any]) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Load a saved adapter with ``PeftModel.from_pretrained`` onto a view of ``base`` and read its
+    factors; ``base``'s parameters keep their ``requires_grad``."""
+    from peft_kernel import PeftKernelError, PeftModel
+
+    flags = [(p, p.requires_grad) for p in base.parameters()]
+    try:
+        view = _view(base)
+        try:
+            peft_model = PeftModel.from_pretrained(view, path_or_id, adapter_name="qaic", config=config,
+                                                   subfolder=subfolder, **hub_kwargs)
+        except (PeftKernelError, ValueError) as exc:
+            raise AdapterLoadError(f"cannot load adapter {where}: {exc}") from None
+        return _read_factors(peft_model.get_base_model(), "qaic", base, where)
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
 def load_lora_adapter(
     path_or_id: str | os.PathLike,
     name: str,
@@ -147,106 +231,42 @@ def load_lora_adapter(
     subfolder: str | None = None,
     **hub_kwargs: Any,
 ) -> LoraAdapter:
-    """Read a LoRA adapter saved by HF PEFT / peft-kernel and check it fits ``model``."""
-    from peft_kernel.checkpoint import load_adapter_weights
-    from peft_kernel.config import PeftConfig
-    from peft_kernel.errors import PeftKernelError
+    """Load a LoRA adapter saved by HF PEFT / peft-kernel and check it fits ``model``."""
+    from peft_kernel.plugin_api import PeftConfig, PeftKernelError
 
     data, where = _read_config_dict(path_or_id, subfolder, hub_kwargs)
     _check_peft_type(data, repr(str(path_or_id)))
     try:
         config = PeftConfig.from_dict(data, source=where)
-        tensors = load_adapter_weights(path_or_id, subfolder=subfolder, **hub_kwargs)
     except PeftKernelError as exc:
         raise AdapterLoadError(f"cannot load adapter {str(path_or_id)!r}: {exc}") from None
-    return build_adapter(name, config, tensors, model, source=str(path_or_id))
-
-
-def build_adapter(
-    name: str,
-    config: Any,
-    tensors: Mapping[str, torch.Tensor],
-    model: nn.Module,
-    source: str = "",
-) -> LoraAdapter:
-    """Turn on-disk-keyed LoRA tensors (``...q_proj.lora_A.weight``) into a checked :class:`LoraAdapter`.
-
-    Keys may carry HF PEFT's ``base_model.model.`` prefix or not, and in-memory keys with the
-    adapter name (``lora_A.<name>.weight``) are accepted too.
-    """
-    where = f"{name!r}" + (f" ({source})" if source else "")
-    _check_config(config, where)
-    linears = supported_linears(model)
-    all_modules = dict(model.named_modules())
-    pairs: dict[str, dict[str, torch.Tensor]] = {}
-    for key, value in tensors.items():
-        k = key[len("base_model.model."):] if key.startswith("base_model.model.") else key
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}."
-            if marker in k:
-                module = k.split(marker)[0]
-                pairs.setdefault(module, {})[part] = value
-                break
-        else:
-            if "lora_embedding" in k or "lora_magnitude" in k:
-                raise AdapterLoadError(f"adapter {where} holds {key!r}, which the qaic backend does not export")
-            raise AdapterLoadError(f"adapter {where} holds {key!r}, which is not a LoRA A/B weight")
-    if not pairs:
-        raise AdapterLoadError(f"adapter {where} holds no LoRA weights")
-    use_rslora = bool(getattr(config, "use_rslora", False))
-    weights: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    from peft_kernel.targeting import pattern_value
-
-    for module, pair in sorted(pairs.items()):
-        if set(pair) != {"lora_A", "lora_B"}:
-            raise AdapterLoadError(f"adapter {where}: {module} has {sorted(pair)} but needs lora_A and lora_B")
-        if module not in linears:
-            if module in all_modules:
-                raise AdapterLoadError(
-                    f"adapter {where} targets {module} ({type(all_modules[module]).__name__}); the qaic backend "
-                    f"puts LoRA on the linears of the decoder layers only ({', '.join(LAYER_LINEARS)})"
-                )
-            raise AdapterLoadError(
-                f"adapter {where} targets {module}, which this base model does not have: is the adapter for "
-                "another base model?"
-            )
-        base = linears[module]
-        a, b = pair["lora_A"].detach().float(), pair["lora_B"].detach().float()
-        if a.dim() != 2 or b.dim() != 2 or a.shape[1] != base.in_features or b.shape[0] != base.out_features or a.shape[0] != b.shape[1]:
-            raise AdapterLoadError(
-                f"adapter {where}: {module} has lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, but the base "
-                f"layer is Linear({base.in_features} -> {base.out_features}) (expected lora_A [r, "
-                f"{base.in_features}] and lora_B [{base.out_features}, r]): the adapter was trained for another "
-                "base model"
-            )
-        r_disk = a.shape[0]
-        r = pattern_value(getattr(config, "rank_pattern", None), module, getattr(config, "r", r_disk))
-        alpha = pattern_value(getattr(config, "alpha_pattern", None), module, getattr(config, "lora_alpha", r))
-        if r != r_disk:
-            raise AdapterLoadError(
-                f"adapter {where}: {module} has rank {r_disk} on disk but its config says r={r} "
-                "(check r / rank_pattern)"
-            )
-        scaling = alpha / math.sqrt(r) if use_rslora else alpha / r
-        weights[module] = (a.contiguous(), (b * scaling).contiguous())
-    return LoraAdapter(name=name, config=config, weights=weights, source=source)
+    label = f"{name!r} ({path_or_id})"
+    _check_config(config, label)
+    weights = _load_onto_view(path_or_id, config, model, label, subfolder, hub_kwargs)
+    return LoraAdapter(name=name, config=config, weights=weights, source=str(path_or_id))
 
 
 def adapter_from_peft_model(peft_model: nn.Module, adapter_name: str, name: str | None = None) -> LoraAdapter:
-    """A :class:`LoraAdapter` from a live HF PEFT / peft-kernel ``PeftModel`` (in-memory keys)."""
+    """A :class:`LoraAdapter` from a live HF PEFT / peft-kernel ``PeftModel``."""
     configs = getattr(peft_model, "peft_config", None)
     if not isinstance(configs, Mapping) or adapter_name not in configs:
         raise AdapterLoadError(f"{type(peft_model).__name__} has no adapter {adapter_name!r}")
     config = configs[adapter_name]
     _check_peft_type({"peft_type": getattr(getattr(config, "peft_type", ""), "value", getattr(config, "peft_type", ""))}, repr(adapter_name))
-    tensors = {}
-    for key, value in peft_model.state_dict().items():
-        for part in ("lora_A", "lora_B"):
-            marker = f".{part}.{adapter_name}."
-            if marker in key:
-                tensors[key.replace(marker, f".{part}.")] = value
+    name = name or adapter_name
+    source = f"in-memory {type(peft_model).__name__}"
+    where = f"{name!r} ({source})"
+    _check_config(config, where)
     base = base_causal_lm(peft_model)
-    return build_adapter(name or adapter_name, config, tensors, base, source=f"in-memory {type(peft_model).__name__}")
+    if any(hasattr(m, "low_rank_factors") for m in base.modules()):
+        weights = _read_factors(base, adapter_name, base, where)
+        return LoraAdapter(name=name, config=config, weights=weights, source=source)
+    # another library's PeftModel (HF PEFT): its own save_pretrained, then loaded as a saved adapter
+    with tempfile.TemporaryDirectory() as folder:
+        peft_model.save_pretrained(folder, selected_adapters=[adapter_name])
+        saved = next(Path(folder).rglob("adapter_config.json")).parent
+        adapter = load_lora_adapter(saved, name, base)
+    return LoraAdapter(name=name, config=adapter.config, weights=adapter.weights, source=source)
 
 
 def base_causal_lm(model: nn.Module) -> nn.Module:

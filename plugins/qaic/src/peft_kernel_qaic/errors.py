@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from peft_kernel.errors import PeftKernelError
+from peft_kernel import PeftKernelError
 
 
 class QaicError(PeftKernelError):

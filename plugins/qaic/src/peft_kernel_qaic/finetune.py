@@ -44,8 +44,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from peft_kernel.config import read_settings_file
-from peft_kernel.errors import ConfigError
+from peft_kernel.plugin_api import ConfigError, read_settings_file
 
 DEFAULT_LORA = {
     "r": 8,
@@ -71,7 +70,7 @@ def load_peft_config_file(path: str | Path) -> dict[str, Any]:
 
 def generate_peft_config(train_config: Any, **overrides: Any):
     """The :class:`LoraConfig` ``apply_peft`` uses (file, else QEfficient's defaults, then overrides)."""
-    from peft_kernel_lora.config import LoraConfig
+    from peft_kernel import LoraConfig  # through the registry: LoRA is a dependency, not an import
 
     method = str(_get(train_config, "peft_method", "lora") or "lora").lower()
     if method != "lora":
@@ -90,11 +89,11 @@ def apply_peft(model: Any, train_config: Any, **kwargs: Any):
         return model
     checkpoint = _get(train_config, "from_peft_checkpoint")
     if checkpoint:
-        from peft_kernel.model import PeftModel
+        from peft_kernel import PeftModel
 
         peft_model = PeftModel.from_pretrained(model, checkpoint, is_trainable=True)
     else:
-        from peft_kernel.mapping import get_peft_model
+        from peft_kernel import get_peft_model
 
         peft_model = get_peft_model(model, generate_peft_config(train_config, **kwargs))
     if _get(train_config, "print_trainable_parameters", True):
@@ -178,8 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import sys
 
-    from peft_kernel.cli import CliError
-    from peft_kernel.errors import PeftKernelError
+    from peft_kernel.plugin_api import CliError, PeftKernelError
 
     parser = argparse.ArgumentParser(prog="python -m peft_kernel_qaic.finetune",
                                      description="QEfficient's finetune flags, trained by `peft-kernel finetune`.")

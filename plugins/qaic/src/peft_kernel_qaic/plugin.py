@@ -4,8 +4,7 @@ from __future__ import annotations
 
 from typing import Callable
 
-from peft_kernel.markers import hookimpl
-from peft_kernel.records import BackendRecord
+from peft_kernel import BackendRecord, hookimpl
 
 EXPORTS = {
     "QEffAutoLoraModelForCausalLM": "peft_kernel_qaic.lora_model:QEffAutoLoraModelForCausalLM",

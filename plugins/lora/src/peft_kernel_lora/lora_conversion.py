@@ -34,8 +34,9 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_kernel.layer import AdapterLayer, walk_modules
-from peft_kernel.modules_to_save import ModulesToSaveWrapper
+from peft_kernel import ModulesToSaveWrapper
+from peft_kernel.plugin_api import CONFIGS_ATTR, WEIGHTS_NAME, AdapterLayer, atomic_save_tensors, walk_modules
+from peft_kernel_lora.config import LoraConfig
 
 PEFT_PREFIX = "base_model.model."
 
@@ -115,16 +116,6 @@ def _convert_layer(layer: AdapterLayer, rank: int | float, adapter_name: str) ->
     return _factorize(layer.delta_weight(adapter_name).detach(), rank, transposed)
 
 
-def _lora_config_class() -> type:
-    from peft_kernel.enums import PeftType
-    from peft_kernel.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
-
-    try:
-        return PEFT_TYPE_TO_CONFIG_MAPPING[PeftType.LORA]
-    except KeyError:
-        raise TypeError("convert_to_lora writes a LoRA adapter: install the LoRA plugin (peft-kernel-lora).") from None
-
-
 def _check_rank(rank: Any) -> None:
     if isinstance(rank, bool) or not isinstance(rank, (int, float)):
         raise TypeError(f"rank must be an int (a rank) or a float in (0, 1] (a threshold), got {rank!r}")
@@ -155,12 +146,9 @@ def convert_to_lora_with_errors(
 
     configs = getattr(model, "peft_config", None)
     if not isinstance(configs, dict):  # a model from inject_adapter_in_model
-        from peft_kernel.mapping import CONFIGS_ATTR
-
         configs = model.__dict__.get(CONFIGS_ATTR)
     peft_config = configs.get(adapter_name) if isinstance(configs, dict) else None
-    lora_config_class = _lora_config_class()
-    if peft_config is not None and isinstance(peft_config, lora_config_class):
+    if peft_config is not None and isinstance(peft_config, LoraConfig):
         warnings.warn("Converting a PEFT adapter to LoRA that is already a LoRA adapter. There is typically no need for that.")
     config_bias = getattr(peft_config, "bias", getattr(peft_config, "lora_bias", "none"))
     if config_bias not in ("none", False):
@@ -175,9 +163,9 @@ def convert_to_lora_with_errors(
         if hasattr(peft_config, "layers_pattern"):
             kwargs["layers_pattern"] = peft_config.layers_pattern
             kwargs["layers_to_transform"] = peft_config.layers_to_transform
-        lora_config = lora_config_class(r=rank if fixed else 1, lora_alpha=rank if fixed else 1, **kwargs)
+        lora_config = LoraConfig(r=rank if fixed else 1, lora_alpha=rank if fixed else 1, **kwargs)
     else:
-        lora_config = lora_config_class(r=rank if fixed else 1, target_modules=set(), **kwargs)
+        lora_config = LoraConfig(r=rank if fixed else 1, target_modules=set(), **kwargs)
     if lora_config.target_modules is None or isinstance(lora_config.target_modules, list):
         lora_config.target_modules = set(lora_config.target_modules or ())
 
@@ -239,8 +227,6 @@ def save_as_lora(
     """HF PEFT's ``save_as_lora``: :func:`convert_to_lora`, then ``adapter_model.safetensors`` and
     ``adapter_config.json`` written (atomically) into ``path``, loadable by ``PeftModel.from_pretrained``
     here and in HF PEFT."""
-    from peft_kernel.checkpoint import WEIGHTS_NAME, atomic_save_tensors
-
     config, state_dict = convert_to_lora(model, rank, adapter_name, progressbar, compile_kwargs)
     path = pathlib.Path(path)
     path.mkdir(parents=True, exist_ok=True)

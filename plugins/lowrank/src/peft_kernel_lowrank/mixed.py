@@ -1,31 +1,38 @@
-"""Fast LoRA forwards for ``nn.Linear``: one adapter, and mixed batches of many adapters.
+"""Fast forwards for low-rank adapters on ``nn.Linear``: one adapter, and mixed batches of many.
 
-Mixed batch (``adapter_names=[...]``, one adapter per row). Every plain-LoRA adapter of a layer is
-kept in a *stack*, rank-padded with zeros (padding adds exact zeros, so results do not change):
+Any adapter layer implementing the core's ``LowRankLayer`` protocol (``low_rank_factors(adapter)
+-> (A, B, scale)``, optionally ``low_rank_bias``) gets these kernels: LoRA today, AdaLoRA, VeRA,
+DeLoRA, RandLora next. Nothing here reads a method's attribute names.
 
-- ``A``  ``[S, r_max, in]``   — ``lora_A`` weights, slot ``S - 1`` all zeros (rows with no adapter)
-- ``Bt`` ``[S, r_max, out]``  — ``scaling * lora_B.weight.T``
-- ``bias`` ``[S, out]``       — ``scaling * lora_B.bias`` when any adapter has ``lora_bias``
+Mixed batch (``adapter_names=[...]``, one adapter per row). Every adapter of a layer whose factors
+are not ``None`` is kept in a *stack*, rank-padded with zeros (padding adds exact zeros, so
+results do not change):
+
+- ``A``  ``[S, r_max, in]``   — the ``A`` factors, slot ``S - 1`` all zeros (rows with no adapter)
+- ``Bt`` ``[S, r_max, out]``  — ``scale * B.T``
+- ``bias`` ``[S, out]``       — ``scale * bias`` when any adapter has a bias
 
 The stack is rebuilt only when an adapter changed (see :func:`get_stack`); freshness is checked
 once per forward per layer (memoised on the forward's :class:`~peft_kernel.routing.Routing`), never per
 token. The per-row metadata (slot per row, sort order, masks) is also built once per forward and
 shared by every layer holding the same adapters.
 
-Kernels, all exact rewrites of ``sum_rows scaling * B(A(x))``:
+Kernels, all exact rewrites of ``sum_rows scale * B(A(x))``:
 
 - ``bmm``     gather each row's ``A`` / ``Bt`` from the stack, ``bmm`` then ``baddbmm_`` into the
-  base output. Cost: the LoRA FLOPs plus copying ``rows * r * (in + out)`` weights. Default.
+  base output. Cost: the low-rank FLOPs plus copying ``rows * r * (in + out)`` weights. Default.
 - ``concat``  one shrink GEMM against every adapter's ``A`` at once, a mask keeps each row's own
-  block, one expand GEMM (``addmm_``) into the base output. Costs ``S`` times the LoRA FLOPs but no
-  gathers: best for decode-sized inputs when the stack is small.
+  block, one expand GEMM (``addmm_``) into the base output. Costs ``S`` times the low-rank FLOPs but
+  no gathers: best for decode-sized inputs when the stack is small.
 - ``grouped`` sort rows by adapter and run ``torch._grouped_mm`` segment matmuls (measured slower
   than ``bmm`` on CPU; kept selectable for other devices and for the benchmark). Where
   ``_grouped_mm`` cannot take the operands (float64, rows not 16-byte aligned) ``bmm`` runs instead.
 - ``loop``    the core's group-by-adapter loop (reference path).
 
-DoRA adapters, training with dropout and autograd through adapter weights use the generic path
-(DoRA rows only; the other rows still take the stacked kernel).
+Adapters whose factors are ``None`` right now (DoRA, live dropout in training) and autograd
+through adapter weights use the layer's own ``delta`` (those rows only; the other rows still take
+the stacked kernel). ``PEFT_KERNEL_LORA_MIXED`` (the variable's name from when this lived in the
+LoRA plugin) forces a kernel.
 """
 
 from __future__ import annotations
@@ -38,8 +45,7 @@ import torch.nn.functional as F
 from torch import nn
 
 if TYPE_CHECKING:
-    from peft_kernel.routing import Routing
-    from peft_kernel_lora.layers import Linear
+    from peft_kernel.plugin_api import LowRankFactors, LowRankLayer, Routing
 
 STRATEGIES = ("auto", "bmm", "concat", "grouped", "loop")
 strategy: str = os.environ.get("PEFT_KERNEL_LORA_MIXED", "auto")
@@ -57,57 +63,68 @@ def can_add_inplace(result: torch.Tensor) -> bool:
     return not torch.is_grad_enabled() and result.is_contiguous()
 
 
-def add_single(layer: Linear, result: torch.Tensor, x: torch.Tensor, name: str) -> torch.Tensor:
-    """``result + scaling * B(A(x))`` with no dropout: one shrink GEMM and one fused ``addmm``."""
-    lin_a = layer.lora_A[name]
-    lin_b = layer.lora_B[name]
-    a = lin_a.weight
+def low_rank_bias(layer: nn.Module, name: str) -> torch.Tensor | None:
+    """The layer's optional ``low_rank_bias(name)`` (``[out]``, scaled like ``B``), else ``None``."""
+    get = getattr(layer, "low_rank_bias", None)
+    return None if get is None else get(name)
+
+
+def add_single(layer: LowRankLayer, result: torch.Tensor, x: torch.Tensor, name: str,
+               factors: LowRankFactors | None = None) -> torch.Tensor:
+    """``result + scale * B(A(x)) (+ scale * bias)`` for one adapter whose
+    ``low_rank_factors`` are not ``None`` (``factors``, if the caller has them already): one
+    shrink GEMM and one fused ``addmm``."""
+    a, b, scale = layer.low_rank_factors(name) if factors is None else factors
+    bias = low_rank_bias(layer, name)
     if x.dtype != a.dtype:
         x = x.to(a.dtype)
     u = F.linear(x, a)
-    b = lin_b.weight
-    scale = layer.scaling[name]
     # fused in place for full precision; half-precision adapters (autocast_adapter_dtype=False) take
     # HF PEFT's separate roundings (B·u, then ·scaling, then +) so the output equals HF's bit for bit
     if result.dtype == b.dtype and result.dtype not in (torch.float16, torch.bfloat16) and can_add_inplace(result):
         out2d = result.view(-1, result.shape[-1])
         out2d.addmm_(u.reshape(-1, u.shape[-1]), b.t(), alpha=scale)
-        if lin_b.bias is not None:
-            result.add_(lin_b.bias, alpha=scale)
+        if bias is not None:
+            result.add_(bias, alpha=scale)
         return result
     # float32 adapters on a half-precision base: add in float32, round once (HF PEFT's result)
-    return (result + F.linear(u, b, lin_b.bias) * scale).to(result.dtype)
+    return (result + F.linear(u, b, bias) * scale).to(result.dtype)
 
 
 # ---- stacks -----------------------------------------------------------------------------------
+_Parts = tuple[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"]
+"""``(A, B, scale, bias)`` of one adapter."""
+
+
 class Stack:
-    """The stacked, rank-padded weights of one layer's plain-LoRA adapters."""
+    """The stacked, rank-padded factors of one layer's low-rank adapters."""
 
-    __slots__ = ("revision", "names", "slot", "A", "Bt", "bias", "r", "zero", "refs", "pins", "versions", "ptrs", "scalings")
+    __slots__ = ("held", "names", "slot", "A", "Bt", "bias", "r", "zero", "refs", "pins", "versions", "ptrs", "scalings")
 
-    def __init__(self, layer: Linear, names: tuple[str, ...]) -> None:
-        self.revision = layer._lora_revision
-        self.names = names
+    def __init__(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> None:
+        self.held = held
+        self.names = names = tuple(factors)
         self.slot = {n: i for i, n in enumerate(names)}
         self.zero = len(names)
-        first = layer.lora_A[names[0]].weight
+        first = factors[names[0]][0]
         device, dtype = first.device, first.dtype
-        self.r = max(layer.r[n] for n in names)
+        self.r = max(factors[n][0].shape[0] for n in names)
+        in_features, out_features = first.shape[1], factors[names[0]][1].shape[0]
         size = len(names) + 1
-        self.A = torch.zeros(size, self.r, layer.in_features, device=device, dtype=dtype)
-        self.Bt = torch.zeros(size, self.r, layer.out_features, device=device, dtype=dtype)
-        has_bias = any(layer.lora_B[n].bias is not None for n in names)
-        self.bias = torch.zeros(size, layer.out_features, device=device, dtype=dtype) if has_bias else None
-        self.scalings = [layer.scaling[n] for n in names]
+        self.A = torch.zeros(size, self.r, in_features, device=device, dtype=dtype)
+        self.Bt = torch.zeros(size, self.r, out_features, device=device, dtype=dtype)
+        has_bias = any(factors[n][3] is not None for n in names)
+        self.bias = torch.zeros(size, out_features, device=device, dtype=dtype) if has_bias else None
+        self.scalings = [factors[n][2] for n in names]
         with torch.no_grad():
             for i, n in enumerate(names):
-                a, lin_b = layer.lora_A[n].weight, layer.lora_B[n]
-                r, s = a.shape[0], layer.scaling[n]
+                a, b, s, bias = factors[n]
+                r = a.shape[0]
                 self.A[i, :r].copy_(a)
-                self.Bt[i, :r].copy_(lin_b.weight.t() * s)
-                if lin_b.bias is not None:
-                    self.bias[i].copy_(lin_b.bias * s)
-        self.refs = _stacked_tensors(layer, names)
+                self.Bt[i, :r].copy_(b.t() * s)
+                if bias is not None:
+                    self.bias[i].copy_(bias * s)
+        self.refs = _stacked_tensors(factors)
         # aliases of the stacked tensors' storages, kept alive so that a storage replaced behind our
         # back (``p.data = new``, ``.to()``) cannot be freed and its address handed to the new one,
         # which would make ``data_ptr`` look unchanged
@@ -115,70 +132,74 @@ class Stack:
         self.versions = [t._version for t in self.refs]
         self.ptrs = [t.data_ptr() for t in self.refs]
 
-    def fresh(self, layer: Linear) -> bool:
+    def fresh(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> bool:
         """True while no adapter of the layer was added, removed, rescaled, replaced, moved or
-        written to. The tensors are looked up in the layer again: ``load_state_dict(assign=True)``
+        written to. ``factors`` are the layer's current ones: ``load_state_dict(assign=True)``
         puts new ``Parameter`` objects in place of the stacked ones."""
-        if self.revision != layer._lora_revision:
+        if held != self.held or tuple(factors) != self.names:
             return False
-        current = _stacked_tensors(layer, self.names)
+        current = _stacked_tensors(factors)
         return (
             len(current) == len(self.refs)
             and all(t is ref for t, ref in zip(current, self.refs))
             and [t._version for t in current] == self.versions
             and [t.data_ptr() for t in current] == self.ptrs
-            and [layer.scaling[n] for n in self.names] == self.scalings
+            and [factors[n][2] for n in self.names] == self.scalings
         )
 
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.refs)
 
 
-def _stacked_tensors(layer: Linear, names: tuple[str, ...]) -> list[torch.Tensor]:
-    """The layer's current tensors behind a stack of ``names``, in a fixed order."""
+def _stacked_tensors(factors: dict[str, _Parts]) -> list[torch.Tensor]:
+    """The layer's current tensors behind a stack, in a fixed order."""
     tensors = []
-    for n in names:
-        lin_b = layer.lora_B[n]
-        tensors.append(layer.lora_A[n].weight)
-        tensors.append(lin_b.weight)
-        if lin_b.bias is not None:
-            tensors.append(lin_b.bias)
+    for a, b, _, bias in factors.values():
+        tensors.append(a)
+        tensors.append(b)
+        if bias is not None:
+            tensors.append(bias)
     return tensors
 
 
-def stack_names(layer: Linear) -> tuple[str, ...]:
-    """The layer's adapters that go into the stack: plain LoRA (DoRA takes the generic path)."""
-    use_dora = layer.use_dora
-    return tuple(n for n in layer.r if not use_dora[n] and n in layer.lora_A)
+def stack_factors(layer: LowRankLayer, held: tuple[str, ...]) -> dict[str, _Parts]:
+    """The adapters that go into the stack, with their factors: those whose ``low_rank_factors``
+    are not ``None`` (DoRA, live dropout... take the generic path)."""
+    out = {}
+    for n in held:
+        factors = layer.low_rank_factors(n)
+        if factors is not None:
+            out[n] = (*factors, low_rank_bias(layer, n))
+    return out
 
 
-def get_stack(layer: Linear) -> Stack | None:
+def get_stack(layer: LowRankLayer) -> Stack | None:
     """The layer's current stack, rebuilt if any adapter changed since it was built.
 
-    Freshness: the layer's revision (bumped by ``update_layer`` / ``delete_adapter`` /
-    ``hotswap_update``), each tensor's identity (``load_state_dict(assign=True)`` swaps in new
-    ``Parameter`` objects), ``_version`` (bumped by every in-place write: optimizer steps,
-    ``copy_`` from ``load_adapter`` / ``hotswap_adapter``) and ``data_ptr`` (``.to()``,
-    ``.data =``; the old storages are pinned so their addresses cannot be reused), and the
-    scalings (``rescale_adapter_scale``)."""
-    stack = layer.__dict__.get("_lora_stack")
-    if stack is not None and stack.fresh(layer):
+    Freshness: the adapters the layer holds and which of them are low-rank right now, each
+    tensor's identity (``load_state_dict(assign=True)`` swaps in new ``Parameter`` objects),
+    ``_version`` (bumped by every in-place write: optimizer steps, ``copy_`` from
+    ``load_adapter`` / ``hotswap_adapter``) and ``data_ptr`` (``.to()``, ``.data =``; the old
+    storages are pinned so their addresses cannot be reused), and the scales
+    (``rescale_adapter_scale``, ``hotswap_adapter``)."""
+    held = tuple(layer.adapter_names())
+    factors = stack_factors(layer, held)
+    stack = layer.__dict__.get("_low_rank_stack")
+    if stack is not None and stack.fresh(held, factors):
         return stack
-    names = stack_names(layer)
-    if not names:
+    if not factors:
         return None
-    dtypes = {layer.lora_A[n].weight.dtype for n in names} | {layer.lora_B[n].weight.dtype for n in names}
-    devices = {layer.lora_A[n].weight.device for n in names} | {layer.lora_B[n].weight.device for n in names}
-    if len(dtypes) != 1 or len(devices) != 1:
+    parts = [t for a, b, _, bias in factors.values() for t in (a, b, bias) if t is not None]
+    if len({t.dtype for t in parts}) != 1 or len({t.device for t in parts}) != 1:
         return None
-    stack = Stack(layer, names)
-    layer.__dict__["_lora_stack"] = stack  # a plain attribute: not a buffer, not in the state dict
+    stack = Stack(held, factors)
+    layer.__dict__["_low_rank_stack"] = stack  # a plain attribute: not a buffer, not in the state dict
     return stack
 
 
 def drop_stack(layer: nn.Module) -> None:
     """Forget a layer's stack (it is rebuilt on the next mixed batch)."""
-    layer.__dict__.pop("_lora_stack", None)
+    layer.__dict__.pop("_low_rank_stack", None)
 
 
 # ---- per-forward routing metadata ---------------------------------------------------------------
@@ -230,12 +251,12 @@ class Plan:
 
 
 def _plan(routing: Routing, names: tuple[str, ...], batch: int, device: torch.device) -> Plan:
-    return routing.memo(("peft_kernel_lora.plan", names, batch, device), lambda: Plan(names, routing, batch, device))
+    return routing.memo(("peft_kernel_lowrank.plan", names, batch, device), lambda: Plan(names, routing, batch, device))
 
 
-def _forward_stack(layer: Linear, routing: Routing) -> Stack | None:
+def _forward_stack(layer: LowRankLayer, routing: Routing) -> Stack | None:
     """The layer's stack, validated once per forward (weights cannot change inside one forward)."""
-    return routing.memo(("peft_kernel_lora.stack", id(layer)), lambda: get_stack(layer))
+    return routing.memo(("peft_kernel_lowrank.stack", id(layer)), lambda: get_stack(layer))
 
 
 def choose(plan: Plan, stack: Stack, tokens: int) -> str:
@@ -249,14 +270,13 @@ def choose(plan: Plan, stack: Stack, tokens: int) -> str:
 
 
 # ---- mixed batch ------------------------------------------------------------------------------
-def mixed_forward(layer: Linear, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor | None:
-    """The mixed-batch output of ``layer``, or ``None`` where the generic path must run instead."""
+def mixed_forward(layer: LowRankLayer, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+    """The mixed-batch output of ``layer`` (an ``AdapterLayer`` implementing ``low_rank_factors``
+    on a linear base), or ``None`` where the generic path must run instead."""
     if strategy == "loop" or args or kwargs:
         return None
     stack = _forward_stack(layer, routing)
     if stack is None or stack.needs_grad():
-        return None
-    if layer.training and any(not isinstance(layer.lora_dropout[n], nn.Identity) for n in stack.names):
         return None
     if x.dim() < 2 or not x.is_floating_point():
         return None
@@ -274,12 +294,12 @@ def mixed_forward(layer: Linear, x: torch.Tensor, routing: Routing, *args: Any, 
     return _add_generic_rows(layer, result, x, routing, stack)
 
 
-def _add_generic_rows(layer: Linear, result: torch.Tensor, x: torch.Tensor, routing: Routing, stack: Stack) -> torch.Tensor:
-    """Rows whose adapter this layer holds but the stack does not (DoRA): the generic delta."""
-    if len(stack.names) == len(layer.r):
+def _add_generic_rows(layer: LowRankLayer, result: torch.Tensor, x: torch.Tensor, routing: Routing, stack: Stack) -> torch.Tensor:
+    """Rows whose adapter this layer holds but the stack does not (DoRA...): the layer's own delta."""
+    if len(stack.names) == len(stack.held):
         return result
     for name, rows in routing.groups(x.shape[0], x.device).items():
-        if name in stack.slot or name not in layer.r:
+        if name in stack.slot or name not in stack.held:
             continue
         delta = layer.delta(x.index_select(0, rows), name).to(result.dtype)
         result = result.index_add(0, rows, delta)
