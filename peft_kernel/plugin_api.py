@@ -4,13 +4,13 @@ Plugin packages (methods, family libraries, backends, commands) import the core 
 from the public top level (``peft_kernel.get_peft_model``...); ``tests/test_import_graph.py`` checks
 it. What is named here is the plugin authors' contract, as stable as ``hookspecs``: the hook
 marker, the records, the config and layer bases, the targeting helpers layers use, the named
-errors, the checkpoint readers and the CLI error type.
+errors, the checkpoint readers and the CLI error type and table renderer.
 """
 
 from __future__ import annotations
 
 from peft_kernel.checkpoint import load_adapter_weights, resolve_file
-from peft_kernel.cli import CliError
+from peft_kernel.cli import CliError, render_table
 from peft_kernel.config import MAX_SIZE, MAX_WIDTH, PeftConfig, check_range, read_settings_file
 from peft_kernel.enums import PeftType, TaskType
 from peft_kernel.errors import (
@@ -61,5 +61,6 @@ __all__ = [
     "merge_utils",
     "pattern_value",
     "read_settings_file",
+    "render_table",
     "resolve_file",
 ]

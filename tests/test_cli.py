@@ -234,11 +234,6 @@ def test_bad_arguments_exit_two(capsys):
     assert "invalid choice" in capsys.readouterr().err
 
 
-def test_demo_rejects_bad_steps(capsys):
-    code, _, err = run_cli(capsys, "demo", "--steps", "0")
-    assert code == 1 and "--steps must be at least 1" in err
-
-
 def _console_script() -> Path:
     script = Path(sys.executable).parent / "peft-kernel"
     if not script.exists():

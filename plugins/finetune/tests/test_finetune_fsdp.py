@@ -84,7 +84,7 @@ def test_sharded_save_loads_unsharded(launch):
     finally:
         sys.path.remove(str(HERE))
     from peft_kernel import LoraConfig, PeftModel, get_peft_model
-    from peft_kernel.demo.train import build_base_model
+    from peft_kernel_demo.train import build_base_model
 
     full = torch.load(launch["shard"] / "full.pt")
     reference = get_peft_model(build_base_model(50, seed=0),

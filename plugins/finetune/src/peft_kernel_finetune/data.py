@@ -93,7 +93,7 @@ def read_examples(path: str | Path) -> list[dict[str, str]]:
 def bundled_examples() -> list[dict[str, str]]:
     """The default data: the demo's two bundled tasks as prompt/completion pairs
     (``"sentiment: the pizza was awful ->"`` + ``" negative"``)."""
-    from peft_kernel.demo.tasks import load_tasks
+    from peft_kernel_demo.tasks import load_tasks
 
     examples = []
     for name, task in load_tasks().items():
