@@ -15,7 +15,7 @@ import torch
 from peft_kernel import LoraConfig, get_peft_model
 from peft_kernel.cli import main
 from peft_kernel.plugins import build_registry, set_registry
-from peft_kernel.testing.models import make_model
+from peft_kernel_testing.models import make_model
 
 
 class FakeDist:

@@ -11,7 +11,7 @@ from torch import nn
 from peft_kernel import LoraConfig, PeftModel, get_peft_model, hookimpl
 from peft_kernel.errors import TargetNotFoundError, UnsupportedFeatureError
 from peft_kernel.layer import AdapterLayer
-from peft_kernel.testing import make_inputs, make_model
+from peft_kernel_testing import make_inputs, make_model
 
 
 class Scale(nn.Module):

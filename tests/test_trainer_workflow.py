@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from peft_kernel.testing.hf_oracle import hf_oracle, hf_peft
+from peft_kernel_testing.hf_oracle import hf_oracle, hf_peft
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")

@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from peft_kernel.testing.hf_oracle import hf_peft
+from peft_kernel_testing.hf_oracle import hf_peft
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
