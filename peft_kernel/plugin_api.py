@@ -9,9 +9,9 @@ errors, the checkpoint readers and the CLI error type and table renderer.
 
 from __future__ import annotations
 
-from peft_kernel.checkpoint import load_adapter_weights, resolve_file
+from peft_kernel.checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, load_adapter_weights, resolve_file
 from peft_kernel.cli import CliError, render_table
-from peft_kernel.config import MAX_SIZE, MAX_WIDTH, PeftConfig, check_range, read_settings_file
+from peft_kernel.config import CONFIG_NAME, MAX_SIZE, MAX_WIDTH, PeftConfig, check_range, read_settings_file
 from peft_kernel.enums import PeftType, TaskType
 from peft_kernel.errors import (
     CheckpointError,
@@ -30,9 +30,11 @@ from peft_kernel.targeting import base_of, compile_pattern, linear_fan_in_fan_ou
 from peft_kernel.utils import merge_utils
 
 __all__ = [
+    "CONFIG_NAME",
     "DEFAULT_TARGET_MODULES",
     "MAX_SIZE",
     "MAX_WIDTH",
+    "PICKLE_WEIGHTS_NAME",
     "AdapterLayer",
     "BackendRecord",
     "CheckpointError",
@@ -48,6 +50,7 @@ __all__ = [
     "Routing",
     "TaskType",
     "UnsupportedFeatureError",
+    "WEIGHTS_NAME",
     "base_of",
     "check_range",
     "compile_pattern",

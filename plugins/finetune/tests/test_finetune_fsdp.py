@@ -26,7 +26,7 @@ HERE = pathlib.Path(__file__).parent
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
     try:
-        from peft_kernel.integrations.fsdp import _fsdp
+        from peft_kernel_finetune.fsdp import _fsdp
 
         _fsdp()
     except ImportError:

@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterator
 
-from peft_kernel.cli import CliError
+from peft_kernel.plugin_api import CliError
 
 ACCEPTED = "'text', or 'prompt' and 'completion'"
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
