@@ -382,4 +382,4 @@ def test_auto_peft_model_import_allowlist_as_hf(tmp_path):
         pk.AutoPeftModel.from_pretrained(tmp_path / "adapter")
     # allowed: the class is imported (an nn.Module without from_pretrained then fails, as it would in HF)
     with pytest.raises(AttributeError, match="from_pretrained"):
-        pk.AutoPeftModel.from_pretrained(tmp_path / "adapter", import_allowlist=["peft_kernel"])
+        pk.AutoPeftModel.from_pretrained(tmp_path / "adapter", import_allowlist=["peft_kernel_testing"])
