@@ -5,11 +5,9 @@
                   hook raised at run time in this process as failing).
 ``inspect PATH``  what a saved adapter folder holds: method, non-default config fields, targeted
                   modules, parameter count, files and sizes (sub-folder adapters included).
-``demo``          train two LoRA adapters on a tiny built-in model, save, reload, serve one
-                  mixed batch and print per-adapter accuracy.
-
 Plugins add further commands through the ``peft_kernel_register_commands`` hook
-(``peft-kernel-finetune`` adds ``finetune``); a plugin that fails there is reported, never fatal.
+(``peft-kernel-demo`` adds ``demo``, ``peft-kernel-finetune`` adds ``finetune``); a plugin that fails
+there is reported, never fatal.
 
 Human-readable output by default, ``--json`` for machines. Bad input ends with a one-line
 ``peft-kernel: error: ...`` on stderr and exit status 1, never a traceback; output piped into a
@@ -287,23 +285,6 @@ def cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
-# ---- demo -------------------------------------------------------------------------------------
-def cmd_demo(args: argparse.Namespace) -> int:
-    from peft_kernel.demo.run import format_report, run_demo
-
-    if args.steps < 1:
-        raise CliError(f"--steps must be at least 1, got {args.steps}")
-    if args.rank < 1:
-        raise CliError(f"--rank must be at least 1, got {args.rank}")
-    result = run_demo(steps=args.steps, seed=args.seed, output_dir=args.output_dir, rank=args.rank, lr=args.lr,
-                      threads=args.threads, progress=not args.no_progress)
-    if args.json:
-        _print_json(result)
-    else:
-        print(format_report(result))
-    return 0
-
-
 # ---- plugin commands --------------------------------------------------------------------------
 class PluginSubparsers:
     """What ``peft_kernel_register_commands`` receives: argparse's sub-parser action, except that
@@ -352,17 +333,6 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--tensors", action="store_true", help="also list every tensor with its shape")
     p.set_defaults(func=cmd_inspect)
 
-    p = sub.add_parser("demo", help="train two LoRA adapters on a tiny built-in model and serve a mixed batch")
-    p.add_argument("--steps", type=int, default=200, help="training steps per adapter (default 200)")
-    p.add_argument("--seed", type=int, default=0, help="seed of the base model, adapters and batches (default 0)")
-    p.add_argument("--output-dir", default="demo-output", help="where the adapters are saved (default ./demo-output)")
-    p.add_argument("--rank", type=int, default=8, help="LoRA rank (default 8)")
-    p.add_argument("--lr", type=float, default=3e-3, help="learning rate (default 3e-3)")
-    p.add_argument("--threads", type=int, default=1,
-                   help="torch CPU threads (default 1: the model is tiny, more threads only add overhead)")
-    p.add_argument("--no-progress", action="store_true", help="hide the progress bars")
-    p.add_argument("--json", action="store_true", help="print the results as JSON")
-    p.set_defaults(func=cmd_demo)
     add_plugin_commands(sub)
     return parser
 

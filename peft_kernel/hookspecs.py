@@ -205,7 +205,7 @@ class PeftKernelSpecs:
         """Add sub-commands to the ``peft-kernel`` command line.
 
         Called once each time the CLI builds its parser, after the core's own commands
-        (``list-plugins``, ``inspect``, ``demo``). ``subparsers`` behaves as the object argparse's
+        (``list-plugins``, ``inspect``). ``subparsers`` behaves as the object argparse's
         ``add_subparsers()`` returns: call ``subparsers.add_parser(name, help=...)`` once per
         command, add its options, and ``set_defaults(func=handler)``. The CLI calls
         ``handler(args)`` with the parsed ``argparse.Namespace`` and exits with the integer it

@@ -4,7 +4,7 @@ Plugin packages (methods, family libraries, backends, commands) import the core 
 from the public top level (``peft_kernel.get_peft_model``...); ``tests/test_import_graph.py`` checks
 it. What is named here is the plugin authors' contract, as stable as ``hookspecs``: the hook
 marker, the records, the config and layer bases, the targeting helpers layers use, the named
-errors, the checkpoint readers, the adapter-host protocol and the CLI error type.
+errors, the checkpoint readers, the adapter-host protocol, the CLI error type and table renderer.
 
 Importing this module stays light (no torch), so plugin entry modules and config modules may use
 it: the names that live in torch-heavy core modules (``_HEAVY``) are imported on first access.
@@ -15,8 +15,9 @@ from __future__ import annotations
 import importlib
 from typing import TYPE_CHECKING, Any
 
-from peft_kernel.cli import CliError
+from peft_kernel.cli import CliError, render_table
 from peft_kernel.config import (
+    CONFIG_NAME,
     MAX_SIZE,
     MAX_WIDTH,
     PeftConfig,
@@ -43,7 +44,13 @@ from peft_kernel.targeting import base_of, compile_pattern, linear_fan_in_fan_ou
 
 if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
     from peft_kernel.adapter_io import LoadResult
-    from peft_kernel.checkpoint import WEIGHTS_NAME, atomic_save_tensors, load_adapter_weights, resolve_file
+    from peft_kernel.checkpoint import (
+        PICKLE_WEIGHTS_NAME,
+        WEIGHTS_NAME,
+        atomic_save_tensors,
+        load_adapter_weights,
+        resolve_file,
+    )
     from peft_kernel.injection import CONFIGS_ATTR, check_adapter_name, replace_with_base, wrap_modules_to_save
     from peft_kernel.layer import AdapterLayer, Fold, LowRankFactors, LowRankLayer, walk_modules
     from peft_kernel.modules_to_save import ModulesToSaveWrapper
@@ -69,6 +76,7 @@ _HEAVY = {
     "resolve_file": "peft_kernel.checkpoint",
     "WEIGHTS_NAME": "peft_kernel.checkpoint",
     "atomic_save_tensors": "peft_kernel.checkpoint",
+    "PICKLE_WEIGHTS_NAME": "peft_kernel.checkpoint",
     "merge_utils": "peft_kernel.utils.merge_utils",
 }
 """``{name: core module}`` of the names that import torch, imported on first access."""
@@ -94,6 +102,8 @@ __all__ = [
     "MAX_SIZE",
     "MAX_WIDTH",
     "AdapterHost",
+    "CONFIG_NAME",
+    "PICKLE_WEIGHTS_NAME",
     "AdapterLayer",
     "AdapterNameError",
     "BackendRecord",
@@ -133,6 +143,7 @@ __all__ = [
     "pattern_value",
     "read_settings_file",
     "replace_with_base",
+    "render_table",
     "resolve_file",
     "wrap_modules_to_save",
     "walk_modules",

@@ -12,7 +12,7 @@ import torch
 import peft_kernel as pk
 from peft_kernel import LoraConfig, PeftModel, get_peft_model
 from peft_kernel.errors import CheckpointError
-from peft_kernel.testing import make_inputs, make_model, output_tensor
+from peft_kernel_testing import make_inputs, make_model, output_tensor
 
 peft = pytest.importorskip("peft")
 

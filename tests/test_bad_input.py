@@ -10,7 +10,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_kernel import LoraConfig, PeftModel, get_peft_model
 from peft_kernel.errors import AdapterNameError, CheckpointError, MixedBatchError
-from peft_kernel.testing import make_inputs, make_model
+from peft_kernel_testing import make_inputs, make_model
 
 
 def lora_model(**kwargs):

@@ -4,7 +4,7 @@ import torch
 from torch import nn
 
 from peft_kernel import LoraConfig
-from peft_kernel.testing import ConformanceCase, conformance_suite
+from peft_kernel_testing import ConformanceCase, conformance_suite
 
 
 class Tower(nn.Module):

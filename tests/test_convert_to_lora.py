@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import peft_kernel as pk
-from peft_kernel.testing import make_inputs, make_model
-from peft_kernel.testing.hf_oracle import hf_oracle
+from peft_kernel_testing import make_inputs, make_model
+from peft_kernel_testing.hf_oracle import hf_oracle
 
 peft = pytest.importorskip("peft")
 

@@ -30,7 +30,7 @@ import torch
 from peft_kernel import PeftConfig, get_peft_model
 from peft_kernel.errors import PeftKernelError
 from peft_kernel.plugins import get_registry
-from peft_kernel.testing import make_inputs, make_model
+from peft_kernel_testing import make_inputs, make_model
 
 CASES = 270
 SEED = 1234

@@ -1,12 +1,12 @@
-"""peft_kernel.testing.hf_oracle tells HF peft's own failures (xfail, with its message) from ours (red)."""
+"""peft_kernel_testing.hf_oracle tells HF peft's own failures (xfail, with its message) from ours (red)."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 
-from peft_kernel.testing import make_model
-from peft_kernel.testing.hf_oracle import hf_oracle, raised_by_oracle
+from peft_kernel_testing import make_model
+from peft_kernel_testing.hf_oracle import hf_oracle, raised_by_oracle
 
 peft = pytest.importorskip("peft", reason="HF peft (the test oracle) is not installed")
 
@@ -52,7 +52,7 @@ def test_a_library_error_belongs_to_whoever_called_the_library():
 
 
 def test_hf_failing_on_our_files_is_ours_unless_it_fails_on_its_own_too():
-    from peft_kernel.testing.hf_oracle import hf_reads_ours
+    from peft_kernel_testing.hf_oracle import hf_reads_ours
 
     def fine():
         return peft.get_peft_model(make_model("mlp"), peft.LoraConfig(target_modules=["lin0"]))

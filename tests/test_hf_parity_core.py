@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 
 from peft_kernel import PeftModel, get_peft_model
 from peft_kernel.layer import adapter_layers
-from peft_kernel.testing import perturb, run
+from peft_kernel_testing import perturb, run
 
 peft = pytest.importorskip("peft")
 

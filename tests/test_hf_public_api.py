@@ -14,7 +14,7 @@ import inspect
 import pytest
 
 import peft_kernel as pk
-from peft_kernel.testing import make_model
+from peft_kernel_testing import make_model
 
 peft = pytest.importorskip("peft")
 _TRANSFORMERS_4 = int(__import__("transformers").__version__.split(".")[0]) < 5

@@ -10,8 +10,8 @@ import pytest
 import torch
 
 import peft_kernel as pk
-from peft_kernel.testing import make_inputs, make_model
-from peft_kernel.testing.hf_oracle import max_abs_diff, perturb, run
+from peft_kernel_testing import make_inputs, make_model
+from peft_kernel_testing.hf_oracle import max_abs_diff, perturb, run
 
 peft = pytest.importorskip("peft")
 
@@ -377,9 +377,9 @@ def test_auto_peft_model_import_allowlist_as_hf(tmp_path):
                                                                  base_model_name_or_path=str(tmp_path / "base")))
     model.save_pretrained(tmp_path / "adapter")
     config = pk.PeftConfig.from_pretrained(tmp_path / "adapter")
-    assert config.auto_mapping["parent_library"] == "peft_kernel.testing.models"
+    assert config.auto_mapping["parent_library"] == "peft_kernel_testing.models"
     with pytest.raises(ValueError, match="not in the import allowlist"):
         pk.AutoPeftModel.from_pretrained(tmp_path / "adapter")
     # allowed: the class is imported (an nn.Module without from_pretrained then fails, as it would in HF)
     with pytest.raises(AttributeError, match="from_pretrained"):
-        pk.AutoPeftModel.from_pretrained(tmp_path / "adapter", import_allowlist=["peft_kernel"])
+        pk.AutoPeftModel.from_pretrained(tmp_path / "adapter", import_allowlist=["peft_kernel_testing"])

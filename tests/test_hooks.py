@@ -15,7 +15,7 @@ from peft_kernel.config import TargetedConfig
 from peft_kernel.records import MethodRecord
 from peft_kernel.errors import TargetNotFoundError, UnsupportedFeatureError
 from peft_kernel.layer import AdapterLayer
-from peft_kernel.testing import make_inputs, make_model
+from peft_kernel_testing import make_inputs, make_model
 
 
 class Scale(nn.Module):

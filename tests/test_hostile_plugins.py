@@ -21,7 +21,7 @@ from peft_kernel.cli import main as cli_main
 from peft_kernel.errors import ConfigError, PluginWarning
 from peft_kernel.plugins import build_registry
 from peft_kernel.records import MethodRecord
-from peft_kernel.testing import make_inputs, make_model
+from peft_kernel_testing import make_inputs, make_model
 
 
 class FakeDist:

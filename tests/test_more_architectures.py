@@ -9,7 +9,7 @@ import torch
 from safetensors.torch import load_file
 
 from peft_kernel import PeftModel
-from peft_kernel.testing import perturb, run
+from peft_kernel_testing import perturb, run
 
 peft = pytest.importorskip("peft")
 

@@ -18,7 +18,7 @@ from peft_kernel import (
     IA3Config, LoraConfig, OFTConfig, PeftConfig, PeftModel, PrefixTuningConfig, PromptTuningConfig, get_peft_model,
 )
 from peft_kernel.errors import AdapterNameError, CheckpointError, ConfigError, UnsupportedFeatureError
-from peft_kernel.testing import make_inputs, make_model
+from peft_kernel_testing import make_inputs, make_model
 
 
 def write_config(folder, text: str | bytes) -> None:

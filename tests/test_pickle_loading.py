@@ -12,7 +12,7 @@ import torch
 from peft_kernel import LoraConfig, PeftModel, get_peft_model
 from peft_kernel.errors import CheckpointError
 from peft_kernel.layer import adapter_layers
-from peft_kernel.testing import make_inputs, make_model
+from peft_kernel_testing import make_inputs, make_model
 
 
 class _MakesADirectory:

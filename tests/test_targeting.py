@@ -7,7 +7,7 @@ import pytest
 from peft_kernel import LoraConfig, get_peft_model
 from peft_kernel.errors import TargetNotFoundError
 from peft_kernel.layer import AdapterLayer
-from peft_kernel.testing import make_model
+from peft_kernel_testing import make_model
 
 CASES = [
     ("llama", dict(target_modules=["q_proj", "v_proj"])),

@@ -13,7 +13,7 @@ from torch import nn
 from peft_kernel import PeftConfig, PeftModel, get_peft_model
 from peft_kernel.errors import ConfigError, TargetNotFoundError
 from peft_kernel.plugins import get_registry
-from peft_kernel.testing import make_inputs, make_model
+from peft_kernel_testing import make_inputs, make_model
 from peft_kernel_scaleshift import ScaleShiftConfig
 from peft_kernel_scaleshift.layers import ScaleShiftLinear
 

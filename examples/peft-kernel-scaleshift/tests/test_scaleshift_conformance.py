@@ -1,7 +1,7 @@
 """ScaleShift runs the core conformance suite. There is no HF PEFT counterpart, so ``hf=False``
 skips (visibly) the two cross-loading checks; every other check runs."""
 
-from peft_kernel.testing import ConformanceCase, conformance_suite
+from peft_kernel_testing import ConformanceCase, conformance_suite
 from peft_kernel_scaleshift import ScaleShiftConfig
 
 

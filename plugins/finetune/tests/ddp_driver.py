@@ -22,7 +22,7 @@ def recording_save_pretrained(self, save_directory, *args, **kwargs):
 
 PeftModel.save_pretrained = recording_save_pretrained
 
-from peft_kernel.integrations.transformers import Trainer  # noqa: E402
+from peft_kernel_finetune.trainer import Trainer  # noqa: E402
 
 original_train = Trainer.train
 

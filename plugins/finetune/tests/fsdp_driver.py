@@ -17,8 +17,8 @@ import torch
 import torch.distributed as dist
 
 from peft_kernel import LoraConfig, get_peft_model
-from peft_kernel.demo.train import build_base_model
-from peft_kernel.integrations.fsdp import gather_full_state_dict, is_sharded, shard_peft_model
+from peft_kernel_demo.train import build_base_model
+from peft_kernel_finetune.fsdp import gather_full_state_dict, is_sharded, shard_peft_model
 
 TARGETS = ["q_proj", "v_proj", "down_proj", "lm_head"]
 

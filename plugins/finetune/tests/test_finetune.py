@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from peft_kernel.cli import main
-from peft_kernel.testing.hf_oracle import hf_peft
+from peft_kernel_testing.hf_oracle import hf_peft
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")

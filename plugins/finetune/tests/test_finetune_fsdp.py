@@ -14,7 +14,7 @@ import sys
 import pytest
 import torch
 
-from peft_kernel.testing.hf_oracle import hf_peft
+from peft_kernel_testing.hf_oracle import hf_peft
 
 pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -26,7 +26,7 @@ HERE = pathlib.Path(__file__).parent
 @pytest.fixture(scope="module")
 def launch(tmp_path_factory):
     try:
-        from peft_kernel.integrations.fsdp import _fsdp
+        from peft_kernel_finetune.fsdp import _fsdp
 
         _fsdp()
     except ImportError:
@@ -84,7 +84,7 @@ def test_sharded_save_loads_unsharded(launch):
     finally:
         sys.path.remove(str(HERE))
     from peft_kernel import LoraConfig, PeftModel, get_peft_model
-    from peft_kernel.demo.train import build_base_model
+    from peft_kernel_demo.train import build_base_model
 
     full = torch.load(launch["shard"] / "full.pt")
     reference = get_peft_model(build_base_model(50, seed=0),

@@ -12,8 +12,8 @@ import torch
 peft = pytest.importorskip("peft")
 
 import peft_kernel as pk  # noqa: E402
-from peft_kernel.testing.hf_oracle import hf_oracle  # noqa: E402
-from peft_kernel.testing.models import make_inputs, make_model, output_tensor  # noqa: E402
+from peft_kernel_testing.hf_oracle import hf_oracle  # noqa: E402
+from peft_kernel_testing.models import make_inputs, make_model, output_tensor  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
 

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from peft_kernel import ConfigError, get_peft_model
-from peft_kernel.testing import check_mixed_batch_against_hf, run
-from peft_kernel.testing.hf_oracle import check_active_adapters_against_hf
-from peft_kernel.testing.models import make_inputs, make_model
+from peft_kernel_testing import check_mixed_batch_against_hf, run
+from peft_kernel_testing.hf_oracle import check_active_adapters_against_hf
+from peft_kernel_testing.models import make_inputs, make_model
 from peft_kernel_ia3 import IA3Config
 
 peft = pytest.importorskip("peft")

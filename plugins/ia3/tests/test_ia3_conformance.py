@@ -1,6 +1,6 @@
 """IA3 runs the conformance suite on toy models and tiny transformers models."""
 
-from peft_kernel.testing import ConformanceCase, conformance_suite
+from peft_kernel_testing import ConformanceCase, conformance_suite
 from peft_kernel_ia3 import IA3Config
 
 

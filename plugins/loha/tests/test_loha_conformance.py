@@ -1,6 +1,6 @@
 """LoHa runs the conformance suite on toy models and tiny transformers models."""
 
-from peft_kernel.testing import ConformanceCase, conformance_suite
+from peft_kernel_testing import ConformanceCase, conformance_suite
 from peft_kernel_loha import LoHaConfig
 
 

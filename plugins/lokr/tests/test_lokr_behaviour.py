@@ -7,7 +7,7 @@ import torch
 
 import peft_kernel
 from peft_kernel import ConfigError, TargetNotFoundError, get_peft_model
-from peft_kernel.testing import make_model
+from peft_kernel_testing import make_model
 from peft_kernel_lokr import LoKrConfig
 from peft_kernel_lokr.layers import factorization
 from peft_kernel_lycoris import testing as lt

@@ -21,8 +21,8 @@ peft = pytest.importorskip("peft")
 import peft_kernel as pk  # noqa: E402
 from peft_kernel.errors import UnsupportedFeatureError  # noqa: E402
 from peft_kernel.markers import hookimpl  # noqa: E402
-from peft_kernel.testing.hf_oracle import hf_oracle, perturb  # noqa: E402
-from peft_kernel.testing.models import make_inputs, make_model, output_tensor  # noqa: E402
+from peft_kernel_testing.hf_oracle import hf_oracle, perturb  # noqa: E402
+from peft_kernel_testing.models import make_inputs, make_model, output_tensor  # noqa: E402
 
 TYPES = ["svd", "linear", "cat", "ties", "ties_svd", "dare_ties", "dare_linear", "dare_ties_svd",
          "dare_linear_svd", "magnitude_prune", "magnitude_prune_svd"]

@@ -11,8 +11,8 @@ import pytest
 import torch
 
 import peft_kernel as pk
-from peft_kernel.testing.hf_oracle import max_abs_diff, perturb, run
-from peft_kernel.testing.models import make_inputs, make_model
+from peft_kernel_testing.hf_oracle import max_abs_diff, perturb, run
+from peft_kernel_testing.models import make_inputs, make_model
 
 peft = pytest.importorskip("peft")
 

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 import peft_kernel as pk
-from peft_kernel.testing.hf_oracle import max_abs_diff, perturb, run
+from peft_kernel_testing.hf_oracle import max_abs_diff, perturb, run
 
 peft = pytest.importorskip("peft")
 

@@ -24,8 +24,8 @@ peft = pytest.importorskip("peft")
 
 import peft_kernel as pk  # noqa: E402
 from peft_kernel.layer import adapter_layers  # noqa: E402
-from peft_kernel.testing.hf_oracle import perturb  # noqa: E402
-from peft_kernel.testing.models import make_inputs, make_model, output_tensor  # noqa: E402
+from peft_kernel_testing.hf_oracle import perturb  # noqa: E402
+from peft_kernel_testing.models import make_inputs, make_model, output_tensor  # noqa: E402
 from peft_kernel_lowrank import mixed  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 """LoRA runs the conformance suite on toy models and tiny transformers models."""
 
-from peft_kernel.testing import ConformanceCase, conformance_suite
+from peft_kernel_testing import ConformanceCase, conformance_suite
 from peft_kernel_lora import LoraConfig
 
 

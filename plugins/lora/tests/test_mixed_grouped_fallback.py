@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 
 from peft_kernel import get_peft_model
-from peft_kernel.testing import make_model, max_abs_diff, perturb
+from peft_kernel_testing import make_model, max_abs_diff, perturb
 from peft_kernel_lora import LoraConfig
 from peft_kernel_lowrank import mixed
 

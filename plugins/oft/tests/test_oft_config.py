@@ -10,9 +10,9 @@ import torch
 from torch import nn
 
 from peft_kernel import ConfigError, PeftModel, get_peft_model
-from peft_kernel.testing import check_mixed_batch_against_hf, run
-from peft_kernel.testing.hf_oracle import check_active_adapters_against_hf
-from peft_kernel.testing.models import make_inputs, make_model
+from peft_kernel_testing import check_mixed_batch_against_hf, run
+from peft_kernel_testing.hf_oracle import check_active_adapters_against_hf
+from peft_kernel_testing.models import make_inputs, make_model
 from peft_kernel_oft import OFTConfig
 from peft_kernel_oft.rotation import OFTRotationModule
 from peft_kernel_orthogonal.rotation import block_layout, cayley

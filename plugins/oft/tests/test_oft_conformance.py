@@ -7,7 +7,7 @@ identity rotation). ``test_oft_config.py`` checks our Conv2d against HF's merged
 
 import pytest
 
-from peft_kernel.testing import ConformanceCase, conformance_suite
+from peft_kernel_testing import ConformanceCase, conformance_suite
 from peft_kernel_oft import OFTConfig
 
 

@@ -17,9 +17,9 @@ from safetensors.torch import load_file
 import peft_kernel
 from peft_kernel import PeftConfig, PeftModel, get_peft_model
 from peft_kernel.errors import CheckpointError, ConfigError, MixedBatchError
-from peft_kernel.testing import make_model, max_abs_diff, perturb, run
-from peft_kernel.testing.generation import check_generate_matches_greedy, greedy_decode
-from peft_kernel.testing.hf_oracle import check_seq_cls_cross_load, hf_oracle
+from peft_kernel_testing import make_model, max_abs_diff, perturb, run
+from peft_kernel_testing.generation import check_generate_matches_greedy, greedy_decode
+from peft_kernel_testing.hf_oracle import check_seq_cls_cross_load, hf_oracle
 from peft_kernel_prefix_tuning import PrefixTuningConfig
 
 peft = pytest.importorskip("peft", reason="HF peft (the test oracle) is not installed")

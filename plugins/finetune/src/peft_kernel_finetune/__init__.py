@@ -1,5 +1,5 @@
 """peft-kernel-finetune: ``peft-kernel finetune``, a method-agnostic training job on transformers'
-Trainer (``peft_kernel.integrations.transformers``), on one process or under torchrun.
+Trainer (``peft_kernel_finetune.trainer``), on one process or under torchrun.
 
 Python API: :func:`peft_kernel_finetune.job.finetune` takes the command's options as keywords.
 """

@@ -15,7 +15,7 @@ import random
 from pathlib import Path
 from typing import Any, Iterator
 
-from peft_kernel.cli import CliError
+from peft_kernel.plugin_api import CliError
 
 ACCEPTED = "'text', or 'prompt' and 'completion'"
 JSON_SUFFIXES = (".jsonl", ".json", ".ndjson")
@@ -93,7 +93,7 @@ def read_examples(path: str | Path) -> list[dict[str, str]]:
 def bundled_examples() -> list[dict[str, str]]:
     """The default data: the demo's two bundled tasks as prompt/completion pairs
     (``"sentiment: the pizza was awful ->"`` + ``" negative"``)."""
-    from peft_kernel.demo.tasks import load_tasks
+    from peft_kernel_demo.tasks import load_tasks
 
     examples = []
     for name, task in load_tasks().items():

@@ -1,6 +1,6 @@
 """The training job behind ``peft-kernel finetune``.
 
-Built on transformers' ``Trainer`` (through ``peft_kernel.integrations.transformers`` for
+Built on transformers' ``Trainer`` (through ``peft_kernel_finetune.trainer`` for
 adapter-only checkpoints) and torch.distributed: under ``torchrun`` the Trainer runs distributed
 data parallel (gloo on CPU, NCCL on GPUs), logs the loss averaged over the processes and saves
 from rank 0 only; with ``--fsdp`` the model is sharded with FSDP2 first (see :func:`shard`).
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from peft_kernel.cli import CliError
+from peft_kernel.plugin_api import CliError
 from peft_kernel_finetune import data as data_mod
 from peft_kernel_finetune.options import OPTIONS, Settings, check_peft_fields, config_fields, find_method, resolve
 
@@ -92,8 +92,7 @@ def peft_config(settings: Settings, record: Any) -> Any:
 def adapter_method(settings: Settings) -> Any:
     """``--from-adapter``: the saved adapter's method; ``--method`` (if not the default) must agree and
     ``--peft`` fields cannot change a trained adapter."""
-    from peft_kernel.config import PeftConfig
-    from peft_kernel.errors import PeftKernelError
+    from peft_kernel.plugin_api import PeftConfig, PeftKernelError
 
     try:
         saved = PeftConfig.from_pretrained(settings.from_adapter)
@@ -290,7 +289,7 @@ def shard(peft_model: Any, args: Any, torch: Any) -> Any:
     """``--fsdp``: shard the PEFT model with FSDP2 (each decoder layer, then the root) over all processes,
     and mark it prepared so that the Trainer (through accelerate) trains it as it is, without
     ``DistributedDataParallel``; FSDP2 averages the gradients itself."""
-    from peft_kernel.integrations.fsdp import mark_prepared, shard_peft_model
+    from peft_kernel_finetune.fsdp import mark_prepared, shard_peft_model
 
     device = args.device  # sets up torch.distributed (gloo on CPU) as the Trainer will use it
     if not torch.distributed.is_available() or not torch.distributed.is_initialized():
@@ -318,8 +317,8 @@ def run(settings: Settings) -> dict[str, Any]:
     import transformers
     from transformers import DataCollatorForSeq2Seq, PrinterCallback, ProgressCallback, TrainingArguments
 
-    from peft_kernel.integrations.transformers import Trainer
-    from peft_kernel.mapping import get_peft_model
+    from peft_kernel import get_peft_model
+    from peft_kernel_finetune.trainer import Trainer
 
     verbosity, bars, threads = transformers.logging.get_verbosity(), transformers.logging.is_progress_bar_enabled(), torch.get_num_threads()
     transformers.logging.set_verbosity_error()  # our bar and the summary say what matters

@@ -37,7 +37,7 @@ def build_tokenizer(texts: Iterable[str]) -> Any:
 
 def build_model(tokenizer: Any) -> Any:
     """The demo's 2-layer Llama (hidden size 64) sized to the tokenizer, with its special token ids."""
-    from peft_kernel.demo.train import build_base_model
+    from peft_kernel_demo.train import build_base_model
 
     model = build_base_model(len(tokenizer), seed=BASE_SEED)
     for attr in ("pad_token_id", "bos_token_id", "eos_token_id"):

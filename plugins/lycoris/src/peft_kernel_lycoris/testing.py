@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 import torch
 
-from peft_kernel.testing.models import make_inputs, make_model, output_tensor
+from peft_kernel_testing.models import make_inputs, make_model, output_tensor
 
 
 def hf_peft() -> Any:

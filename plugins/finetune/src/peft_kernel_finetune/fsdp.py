@@ -11,7 +11,7 @@ Three helpers, built on torch.distributed only:
   skips a model it has prepared already, so the Trainer neither wraps it in
   ``DistributedDataParallel`` nor moves it; FSDP2's own reduce-scatter averages the gradients.
 
-The integration Trainer (``peft_kernel.integrations.transformers``) saves a sharded model by
+The integration Trainer (``peft_kernel_finetune.trainer``) saves a sharded model by
 gathering the full state dict on all ranks and calling ``save_pretrained(state_dict=...)`` on the
 main process, so the adapter it writes equals the one an unsharded model with the same weights writes.
 """

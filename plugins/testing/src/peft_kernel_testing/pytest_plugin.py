@@ -1,15 +1,13 @@
-"""pytest plugin (entry point ``pytest11``): offline Hub and a fixture for isolated plugin registries."""
+"""pytest plugin (entry point ``pytest11``): a fixture for isolated plugin registries.
+
+It leaves the environment alone: users' test runs keep their own Hub settings (peft-kernel's own
+suite runs offline through its root ``conftest.py``, ``make test`` and nox)."""
 
 from __future__ import annotations
 
-import os
 from typing import Any, Callable, Iterator
 
 import pytest
-
-
-def pytest_configure(config: Any) -> None:
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
 @pytest.fixture

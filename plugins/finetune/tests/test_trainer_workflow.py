@@ -1,6 +1,6 @@
 """transformers' Trainer with peft-kernel models: the stock Trainer trains (eval_loss, gradient
 accumulation, load_best_model_at_end, save_total_limit) with the same losses as HF peft's model;
-``peft_kernel.integrations.transformers.Trainer`` writes adapter-only checkpoints that resume to the
+``peft_kernel_finetune.trainer.Trainer`` writes adapter-only checkpoints that resume to the
 same final loss, open with HF's ``PeftModel.from_pretrained`` and ``peft-kernel inspect``."""
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import os
 import pytest
 import torch
 
-from peft_kernel.testing.hf_oracle import hf_oracle, hf_peft
+from peft_kernel_testing.hf_oracle import hf_oracle, hf_peft
 
 transformers = pytest.importorskip("transformers")
 pytest.importorskip("accelerate")
@@ -89,7 +89,7 @@ def test_stock_trainer_trains_like_hf_peft(tmp_path, method):
     """Stock Trainer, default arguments (plus gradient accumulation, an eval set, load_best_model_at_end,
     save_total_limit): every logged training loss and eval_loss equal HF peft's run with the same seed,
     data and starting adapter, and so does the adapter the best checkpoint restores (the stock Trainer's
-    checkpoints hold the full model, see peft_kernel.integrations.transformers)."""
+    checkpoints hold the full model, see peft_kernel_finetune.trainer)."""
     from peft_kernel import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
 
     peft = hf_peft()
@@ -126,7 +126,7 @@ def test_stock_trainer_trains_like_hf_peft(tmp_path, method):
 
 def _adapter_trainer(tmp_path, name: str, **kwargs):
     from peft_kernel import LoraConfig, get_peft_model
-    from peft_kernel.integrations.transformers import Trainer
+    from peft_kernel_finetune.trainer import Trainer
 
     torch.manual_seed(5)
     model = get_peft_model(_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM",
@@ -169,7 +169,7 @@ def test_checkpoints_are_adapter_only_and_resume_to_the_same_loss(tmp_path):
 
 
 def test_load_best_model_at_end_with_adapter_checkpoints(tmp_path, capsys):
-    from peft_kernel.integrations.transformers import load_adapter_checkpoint
+    from peft_kernel_finetune.trainer import load_adapter_checkpoint
 
     trainer = _adapter_trainer(tmp_path, "best", load_best_model_at_end=True, save_total_limit=1,
                                metric_for_best_model="eval_loss")
@@ -197,7 +197,7 @@ def test_a_peft_model_without_task_type_trains_with_the_integration_trainer(tmp_
     ``forward(*args, **kwargs)`` names no input: the integration Trainer reads the names from the base
     model, as transformers does for HF peft's models, so the columns survive and eval_loss is reported."""
     from peft_kernel import LoraConfig, PeftModel, get_peft_model
-    from peft_kernel.integrations.transformers import Trainer
+    from peft_kernel_finetune.trainer import Trainer
 
     model = get_peft_model(_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
     assert type(model) is PeftModel

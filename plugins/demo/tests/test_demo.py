@@ -7,7 +7,7 @@ import json
 import pytest
 
 from peft_kernel.cli import main
-from peft_kernel.demo.tasks import WordTokenizer, load_tasks
+from peft_kernel_demo.tasks import WordTokenizer, load_tasks
 
 
 def test_bundled_tasks_are_well_formed():
@@ -26,7 +26,7 @@ def test_bundled_tasks_are_well_formed():
 
 @pytest.fixture(scope="module")
 def demo_result(tmp_path_factory):
-    from peft_kernel.demo import run_demo
+    from peft_kernel_demo import run_demo
 
     out = tmp_path_factory.mktemp("demo")
     return run_demo(steps=80, seed=0, output_dir=out / "adapters", progress=False)
@@ -68,7 +68,7 @@ def test_demo_saved_adapters_load_in_hf_peft(demo_result):
     from pathlib import Path
 
     from peft_kernel import PeftModel
-    from peft_kernel.demo.train import build_base_model
+    from peft_kernel_demo.train import build_base_model
 
     tokenizer = WordTokenizer.for_tasks(load_tasks().values())
     out = Path(demo_result["output_dir"])
@@ -85,6 +85,11 @@ def test_demo_cli_json(tmp_path, capsys):
     result = json.loads(capsys.readouterr().out)
     assert result["steps"] == 3 and len(result["results"]) == 4
     assert (tmp_path / "out" / "sentiment" / "adapter_config.json").is_file()
+
+
+def test_demo_rejects_bad_steps(capsys):
+    code = main(["demo", "--steps", "0"])
+    assert code == 1 and "--steps must be at least 1" in capsys.readouterr().err
 
 
 def test_demo_cli_table(tmp_path, capsys):

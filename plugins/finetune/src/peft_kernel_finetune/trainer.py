@@ -18,7 +18,7 @@ unchanged). For a ``PeftModel`` made without ``task_type`` (whose ``forward(*arg
 no input) it also reads the input and label names from the base model's ``forward``, as the stock
 Trainer does for HF PEFT's models; with the stock Trainer such a model gets an empty batch. Use it with a one-import change::
 
-    from peft_kernel.integrations.transformers import Trainer   # instead of: from transformers import Trainer
+    from peft_kernel_finetune.trainer import Trainer   # instead of: from transformers import Trainer
 
 or mix it into another Trainer subclass (TRL's ``SFTTrainer``, your own)::
 
@@ -48,7 +48,7 @@ TRAINING_ARGS_NAME = "training_args.bin"
 
 def is_peft_kernel_model(model: Any) -> bool:
     """Whether ``model`` is a peft-kernel :class:`~peft_kernel.model.PeftModel` (or task class)."""
-    from peft_kernel.model import PeftModel
+    from peft_kernel import PeftModel
 
     return isinstance(model, PeftModel)
 
@@ -63,8 +63,7 @@ def _generic_forward(model: nn.Module) -> bool:
 def _adapter_folders(path: str | os.PathLike) -> dict[str, str | None]:
     """``{adapter name: subfolder}`` of the adapters saved under ``path`` (HF PEFT's layout: the
     ``default`` adapter at the root, every other one in a sub-folder named after it)."""
-    from peft_kernel.checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
-    from peft_kernel.config import CONFIG_NAME
+    from peft_kernel.plugin_api import CONFIG_NAME, PICKLE_WEIGHTS_NAME, WEIGHTS_NAME
 
     def holds_adapter(folder: str) -> bool:
         return os.path.isfile(os.path.join(folder, CONFIG_NAME)) and any(
@@ -90,7 +89,7 @@ def load_adapter_checkpoint(model: nn.Module, path: str | os.PathLike) -> list[s
     folder holds no adapter or a tensor does not fit.
     """
     from peft_kernel import load_peft_weights, set_peft_model_state_dict
-    from peft_kernel.errors import CheckpointError
+    from peft_kernel.plugin_api import CheckpointError
 
     folders = _adapter_folders(path)
     if not folders:
@@ -111,7 +110,7 @@ class PeftKernelTrainerMixin:
     Put it first in the bases (``class T(PeftKernelTrainerMixin, transformers.Trainer)``). Overrides
     ``_save``, ``_load_from_checkpoint`` and ``_load_best_model`` for peft-kernel models only; FSDP
     sharded and DeepSpeed checkpoints are left to transformers. A model sharded with FSDP2 by
-    :func:`peft_kernel.integrations.fsdp.shard_peft_model` is saved from its gathered full state dict.
+    :func:`peft_kernel_finetune.fsdp.shard_peft_model` is saved from its gathered full state dict.
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
@@ -153,7 +152,7 @@ class PeftKernelTrainerMixin:
         args = self.args  # type: ignore[attr-defined]
         output_dir = output_dir if output_dir is not None else args.output_dir
         if state_dict is None:
-            from peft_kernel.integrations.fsdp import gather_full_state_dict, is_sharded
+            from peft_kernel_finetune.fsdp import gather_full_state_dict, is_sharded
 
             if is_sharded(model):  # FSDP2: every rank joins the gather, the main process writes
                 state_dict = gather_full_state_dict(model)

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from peft_kernel.testing.models import make_inputs, make_model, output_tensor
+from peft_kernel_testing.models import make_inputs, make_model, output_tensor
 
 
 # ---- telling the oracle's failures from ours ------------------------------------------------

@@ -24,9 +24,9 @@ from typing import Any, Iterator
 
 import torch
 
-from peft_kernel.cli import render_table
-from peft_kernel.demo.tasks import Task, WordTokenizer, load_tasks
-from peft_kernel.demo.train import accuracy, answer_logits, build_base_model, evaluate, predictions, train_adapter
+from peft_kernel.plugin_api import render_table
+from peft_kernel_demo.tasks import Task, WordTokenizer, load_tasks
+from peft_kernel_demo.train import accuracy, answer_logits, build_base_model, evaluate, predictions, train_adapter
 
 BASE = "__base__"
 TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj", "lm_head"]

@@ -2,7 +2,7 @@
 
 In a plugin's test module::
 
-    from peft_kernel.testing import ConformanceCase, conformance_suite
+    from peft_kernel_testing import ConformanceCase, conformance_suite
     TestMyMethod = conformance_suite([
         ConformanceCase("mlp", lambda: MyConfig(target_modules=["lin0", "lin1"])),
     ])
@@ -23,8 +23,8 @@ import pytest
 import torch
 from torch import nn
 
-from peft_kernel.testing.hf_oracle import hf_oracle, hf_reads_ours, max_abs_diff, perturb, run
-from peft_kernel.testing.models import make_inputs, make_model, output_tensor
+from peft_kernel_testing.hf_oracle import hf_oracle, hf_reads_ours, max_abs_diff, perturb, run
+from peft_kernel_testing.models import make_inputs, make_model, output_tensor
 
 
 @attrs.define
@@ -64,7 +64,7 @@ class ConformanceCase:
 
 
 def _record(config: Any) -> Any:
-    from peft_kernel.plugins import get_registry
+    from peft_kernel.plugin_api import get_registry
 
     return get_registry().method_for_config(config)
 
@@ -80,7 +80,7 @@ def _build(case: ConformanceCase, adapter_name: str = "default", seed: int = 0) 
 
 def _trained_copies(model: Any) -> dict[str, nn.Module]:
     """``{path in the base model: the active adapter's copy}`` for every ``modules_to_save`` wrapper."""
-    from peft_kernel.modules_to_save import ModulesToSaveWrapper
+    from peft_kernel import ModulesToSaveWrapper
 
     return {
         path: module.modules_to_save[module.active_adapter]

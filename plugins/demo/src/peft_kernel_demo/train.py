@@ -9,7 +9,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from peft_kernel.demo.tasks import Task, WordTokenizer
+from peft_kernel_demo.tasks import Task, WordTokenizer
 
 
 def build_base_model(vocab_size: int, seed: int) -> nn.Module:

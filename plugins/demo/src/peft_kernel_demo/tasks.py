@@ -47,7 +47,7 @@ def _parse(name: str, text: str) -> Task:
 
 def load_tasks() -> dict[str, Task]:
     """Both bundled tasks, read from the package data."""
-    data = resources.files("peft_kernel.demo") / "data"
+    data = resources.files("peft_kernel_demo") / "data"
     return {name: _parse(name, (data / file).read_text(encoding="utf-8")) for name, file in TASK_FILES.items()}
 
 
