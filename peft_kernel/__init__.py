@@ -88,8 +88,13 @@ def __getattr__(name: str) -> Any:
         raise AttributeError(name)
     from peft_kernel.plugins import get_registry
 
+    registry = get_registry()
+    if name in registry.tuner_names():
+        from peft_kernel.tuner import tuner_class
+
+        return tuner_class(name)
     try:
-        return get_registry().export(name)
+        return registry.export(name)
     except AttributeError:
         raise AttributeError(
             f"module 'peft_kernel' has no attribute {name!r}; if it is a method's class, install the plugin "

@@ -13,12 +13,14 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Callable
-
-import torch
+from typing import TYPE_CHECKING, Any, Callable
 
 from peft_kernel.errors import CheckpointError
 
+if TYPE_CHECKING:  # pragma: no cover - annotations only; torch is imported where tensors are written or read
+    import torch
+
+CONFIG_NAME = "adapter_config.json"
 WEIGHTS_NAME = "adapter_model.safetensors"
 PICKLE_WEIGHTS_NAME = "adapter_model.bin"
 
@@ -67,6 +69,7 @@ def atomic_write_text(path: Path, text: str) -> None:
 
 
 def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], safe_serialization: bool = True) -> None:
+    import torch
     from safetensors.torch import save_file
 
     clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
@@ -164,6 +167,8 @@ def read_pickle(path: Path, device: str | torch.device = "cpu") -> dict[str, tor
     import pickle
     import struct
 
+    import torch
+
     try:
         state = torch.load(path, map_location=device, weights_only=True)
     except (pickle.UnpicklingError, RuntimeError, EOFError, AttributeError, ValueError, TypeError, IndexError,
@@ -210,7 +215,6 @@ def check_save_target(save_directory: str | os.PathLike, adapter_names: list[str
     """Refuse, before anything is written, a save that could only fail half-way: a ``save_directory``
     (or an adapter's sub-folder, or a folder above them) that exists as a file, a file to write that
     exists as a folder, or a folder that cannot be written to."""
-    from peft_kernel.config import CONFIG_NAME
 
     root = Path(save_directory)
     if root.exists() and not root.is_dir():

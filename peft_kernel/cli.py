@@ -92,7 +92,7 @@ _HIDDEN_CONFIG_FIELDS = ("peft_type", "task_type", "base_model_name_or_path", "p
 
 def _adapter_locations(path: str) -> list[tuple[str, str, str | None]]:
     """``(adapter name, model id or folder, subfolder)`` for every adapter under ``path``."""
-    from peft_kernel.config import CONFIG_NAME
+    from peft_kernel.checkpoint import CONFIG_NAME
 
     local = Path(path)
     if local.is_file():
@@ -118,7 +118,8 @@ def _load_config(model_id: str, subfolder: str | None) -> tuple[Any, dict[str, A
     """The config object (or None when no installed plugin provides its method), its raw JSON
     and any notes (dropped unknown keys, missing plugin)."""
     from peft_kernel.checkpoint import resolve_file
-    from peft_kernel.config import CONFIG_NAME, PeftConfig
+    from peft_kernel.checkpoint import CONFIG_NAME
+    from peft_kernel.config import PeftConfig
     from peft_kernel.errors import UnknownMethodError
 
     raw = PeftConfig.from_json_file(resolve_file(model_id, CONFIG_NAME, subfolder=subfolder))

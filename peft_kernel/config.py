@@ -19,10 +19,10 @@ from typing import Any, Literal, Optional, Union
 import attrs
 import cattrs
 
+from peft_kernel.checkpoint import CONFIG_NAME, atomic_write_text, resolve_file
 from peft_kernel.enums import PeftType, TaskType
 from peft_kernel.errors import ConfigError, PeftKernelError
 
-CONFIG_NAME = "adapter_config.json"
 FORMAT_VERSION = "0.21.2"
 """The HF PEFT checkpoint format these configs follow, written as ``peft_version``."""
 _NONE = type(None)
@@ -411,8 +411,6 @@ class PeftConfig:
         cls, pretrained_model_name_or_path: str | Path, subfolder: str | None = None, **kwargs: Any
     ) -> PeftConfig:
         """Load a config from a local folder or a Hub repo id (offline from the cache works)."""
-        from peft_kernel.checkpoint import resolve_file
-
         hub_kwargs = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only") if k in kwargs}
         path = resolve_file(pretrained_model_name_or_path, CONFIG_NAME, subfolder=subfolder, **hub_kwargs)
         data = cls.from_json_file(path)
@@ -423,8 +421,6 @@ class PeftConfig:
 
     def save_pretrained(self, save_directory: str | Path, **kwargs: Any) -> None:
         """Write ``adapter_config.json`` (sorted keys, as HF PEFT) atomically into ``save_directory``."""
-        from peft_kernel.checkpoint import atomic_write_text
-
         data = self.to_dict()
         data.update(kwargs)
         Path(save_directory).mkdir(parents=True, exist_ok=True)

@@ -33,6 +33,8 @@ from peft_kernel.plugins import get_registry
 from peft_kernel.routing import BASE_ADAPTER, routed
 from peft_kernel.adapter_io import save_adapter, set_peft_model_state_dict
 from peft_kernel.injection import cast_adapter_dtype
+from peft_kernel.model_card import update_model_card
+from peft_kernel.status import get_layer_status, get_model_status, param_count
 from peft_kernel.host import AdapterHost
 
 _HUB_KWARGS = ("revision", "cache_dir", "token", "local_files_only")
@@ -48,6 +50,9 @@ class PeftModel(nn.Module):
 
     task_modules_to_save: tuple[str, ...] = ()
     """Modules every adapter of this task trains and saves in full (the classifier head)."""
+
+    pipeline_tag: str | None = None
+    """The model card's ``pipeline_tag`` for this task (HF PEFT writes one for causal LMs only)."""
 
     _host: AdapterHost
     """What owns the adapters (kept in the instance ``__dict__``, not as a sub-module: a tuner host
@@ -201,14 +206,10 @@ class PeftModel(nn.Module):
 
     def get_layer_status(self) -> list[Any]:
         """One :class:`~peft_kernel.status.TunerLayerStatus` per adapter layer (HF PEFT's)."""
-        from peft_kernel.status import get_layer_status
-
         return get_layer_status(self)
 
     def get_model_status(self) -> Any:
         """The model's :class:`~peft_kernel.status.TunerModelStatus` (HF PEFT's)."""
-        from peft_kernel.status import get_model_status
-
         return get_model_status(self)
 
     def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
@@ -244,9 +245,7 @@ class PeftModel(nn.Module):
 
     def create_or_update_model_card(self, output_dir: str) -> None:
         """Write or update ``README.md`` in ``output_dir`` as HF PEFT does (library, tags, base model)."""
-        from peft_kernel.model_card import update_model_card
-
-        update_model_card(self, output_dir)
+        update_model_card(self, output_dir, pipeline_tag=self.pipeline_tag)
 
     def push_to_hub(
         self,
@@ -314,7 +313,7 @@ class PeftModel(nn.Module):
         """(trainable, all) parameter counts, counting bitsandbytes 4-bit and DeepSpeed ZeRO-3 tensors as HF PEFT."""
         trainable = total = 0
         for param in self.parameters():
-            count = _param_count(param)
+            count = param_count(param)
             total += count
             if param.requires_grad:
                 trainable += count
@@ -471,21 +470,6 @@ def _output_requires_grad(module: nn.Module, inputs: Any, output: torch.Tensor) 
     output.requires_grad_(True)
 
 
-def _param_count(param: torch.Tensor) -> int:
-    count = param.numel()
-    if count == 0 and hasattr(param, "ds_numel"):  # DeepSpeed ZeRO-3 keeps an empty local tensor
-        count = param.ds_numel
-    if type(param).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte of its storage
-        if hasattr(param, "element_size"):
-            size = param.element_size()
-        elif hasattr(param, "quant_storage"):
-            size = param.quant_storage.itemsize
-        else:
-            size = 1
-        count = count * 2 * size
-    return count
-
-
 def _batch_size(args: tuple, kwargs: dict) -> int | None:
     for value in (*args, *(kwargs.get(k) for k in _BATCH_ARGS)):
         if isinstance(value, torch.Tensor) and value.dim() > 0:
@@ -540,6 +524,8 @@ def _named_call(peft_model: PeftModel, named: dict[str, Any], kwargs: dict[str, 
 
 class PeftModelForCausalLM(PeftModel):
     """Causal language models."""
+
+    pipeline_tag = "text-generation"
 
     def __init__(self, model: nn.Module, peft_config: PeftConfig, adapter_name: str = "default", **kwargs: Any) -> None:
         _task_init(self, model, peft_config, adapter_name, kwargs)

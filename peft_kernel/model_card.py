@@ -31,14 +31,13 @@ def _is_pretrained(model: nn.Module) -> bool:
                for cls in type(model).__mro__)
 
 
-def update_model_card(peft_model: Any, output_dir: str | os.PathLike) -> None:
+def update_model_card(peft_model: Any, output_dir: str | os.PathLike, pipeline_tag: str | None = None) -> None:
     """Create or update ``output_dir/README.md``: ``library_name: peft``, tags, ``base_model``, the
-    ``text-generation`` pipeline for causal LMs, and the framework versions."""
+    ``pipeline_tag`` (``text-generation`` for causal LMs) when the card has none, and the framework versions."""
     from huggingface_hub import ModelCard, ModelCardData
 
     from peft_kernel import __version__
     from peft_kernel.config import FORMAT_VERSION
-    from peft_kernel.model import PeftModelForCausalLM
     from peft_kernel.tuner import AdapterModel
 
     filename = os.path.join(output_dir, "README.md")
@@ -47,8 +46,8 @@ def update_model_card(peft_model: Any, output_dir: str | os.PathLike) -> None:
     tags = _tags(peft_model)
     if tags:
         card.data["tags"] = sorted(tags)
-    if not card.data.pipeline_tag and isinstance(peft_model, PeftModelForCausalLM):
-        card.data.pipeline_tag = "text-generation"
+    if not card.data.pipeline_tag and pipeline_tag:
+        card.data.pipeline_tag = pipeline_tag
     model_config = AdapterModel.get_model_config(peft_model)
     if isinstance(model_config, dict) and model_config != {"model_type": "custom"} and "_name_or_path" in model_config:
         card.data["base_model"] = model_config["_name_or_path"]

@@ -16,6 +16,7 @@ import importlib
 from typing import TYPE_CHECKING, Any
 
 from peft_kernel.cli import CliError, render_table
+from peft_kernel.cli import main as cli_main
 from peft_kernel.config import (
     CONFIG_NAME,
     MAX_SIZE,
@@ -38,7 +39,7 @@ from peft_kernel.errors import (
 from peft_kernel.host import AdapterHost
 from peft_kernel.markers import hookimpl, hookspec
 from peft_kernel.model_defaults import DEFAULT_TARGET_MODULES
-from peft_kernel.plugins import Registry, get_registry, install_hint
+from peft_kernel.plugins import Registry, build_registry, get_registry, install_hint, set_registry
 from peft_kernel.records import BackendRecord, MethodRecord
 from peft_kernel.targeting import base_of, compile_pattern, linear_fan_in_fan_out, pattern_value
 
@@ -129,8 +130,10 @@ __all__ = [
     "WEIGHTS_NAME",
     "atomic_save_tensors",
     "base_of",
+    "build_registry",
     "check_adapter_name",
     "check_range",
+    "cli_main",
     "compile_pattern",
     "current_routing",
     "get_registry",
@@ -145,6 +148,7 @@ __all__ = [
     "replace_with_base",
     "render_table",
     "resolve_file",
+    "set_registry",
     "wrap_modules_to_save",
     "walk_modules",
 ]

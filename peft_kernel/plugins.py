@@ -25,6 +25,7 @@ import functools
 import importlib
 import inspect
 import os
+import sys
 import re
 import threading
 import warnings
@@ -236,16 +237,16 @@ class Registry:
             self._factories[record.layer_factory] = factory
         return factory
 
+    def tuner_names(self) -> set[str]:
+        """The ``tuner_name`` of every installed layer method: the core generates and exports those
+        classes (``peft_kernel.LoraModel``)."""
+        return {r.tuner_name for r in self.methods.values() if r.tuner_name and not r.supports("prompt_learning")}
+
     def export(self, name: str) -> Any:
-        """A public name provided by a plugin (config classes, tuner classes named by ``tuner_name``
-        and ``exports``), or AttributeError."""
+        """A public name provided by a plugin (config classes and ``exports``), or AttributeError."""
         for record in self.methods.values():
             if record.config_class.__name__ == name:
                 return record.config_class
-            if record.tuner_name == name and not record.supports("prompt_learning"):
-                from peft_kernel.tuner import tuner_class
-
-                return tuner_class(name)
         for record in [*self.methods.values(), *self.backends.values()]:
             if name in record.exports:
                 return import_object(record.exports[name])
@@ -253,7 +254,7 @@ class Registry:
 
     def exported_names(self) -> list[str]:
         names = [r.config_class.__name__ for r in self.methods.values()]
-        names.extend(r.tuner_name for r in self.methods.values() if r.tuner_name and not r.supports("prompt_learning"))
+        names.extend(self.tuner_names())
         for record in [*self.methods.values(), *self.backends.values()]:
             names.extend(record.exports)
         return sorted(set(names))
@@ -394,13 +395,19 @@ def _check_hooks(pm: pluggy.PluginManager, plugin: object) -> None:
         raise PluginError(f"implements {wrappers} as hook wrapper(s); peft-kernel hooks take plain implementations only")
 
 
-def _check_records(methods: list[Any], backends: list[Any]) -> None:
-    from peft_kernel.config import PeftConfig
+def _is_config_class(value: Any) -> bool:
+    """Whether ``value`` subclasses ``PeftConfig``. A subclass exists only once ``peft_kernel.config``
+    is imported, so the check reads it from ``sys.modules`` and the registry never imports the config
+    module (which looks classes up in the registry: no import cycle)."""
+    config = sys.modules.get("peft_kernel.config")
+    return config is not None and isinstance(value, type) and issubclass(value, config.PeftConfig)
 
+
+def _check_records(methods: list[Any], backends: list[Any]) -> None:
     for record in methods:
         if not isinstance(record, MethodRecord):
             raise PluginError(f"registered {record!r}, expected a peft_kernel.records.MethodRecord")
-        if not (isinstance(record.config_class, type) and issubclass(record.config_class, PeftConfig)):
+        if not _is_config_class(record.config_class):
             raise PluginError(f"registered {record.peft_type!r} with config_class {record.config_class!r}, "
                               "which is not a peft_kernel.config.PeftConfig subclass")
         for field in ("peft_type", "prefix"):

@@ -11,6 +11,8 @@ import collections
 from dataclasses import dataclass
 from typing import Any, Literal
 
+import torch
+
 from torch import nn
 
 from peft_kernel.layer import AdapterLayer, walk_modules
@@ -58,11 +60,15 @@ def _agree(values: list[Any]) -> Any:
     return "irregular"
 
 
+def _is_peft_model(model: nn.Module) -> bool:
+    """A ``PeftModel`` (or ``PeftMixedModel``): what holds an adapter host (``peft_kernel.host``)."""
+    return "_host" in getattr(model, "__dict__", {})
+
+
 def _root(model: nn.Module, caller: str) -> nn.Module:
-    from peft_kernel.model import PeftModel
     from peft_kernel.tuner import AdapterModel
 
-    if isinstance(model, PeftModel):
+    if _is_peft_model(model):
         if not isinstance(model.base_model, AdapterModel):  # HF PEFT's test: its base_model is no tuner
             raise TypeError(
                 f"{caller}() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported."
@@ -133,9 +139,7 @@ def get_layer_status(model: nn.Module) -> list[TunerLayerStatus]:
 
 def get_model_status(model: nn.Module) -> TunerModelStatus:
     """The adapters' state across the whole model (see :class:`TunerModelStatus`)."""
-    from peft_kernel.model import PeftModel, _param_count
-
-    if isinstance(model, PeftModel):
+    if _is_peft_model(model):
         _root(model, "get_model_status")
         base_model_type = type(model.get_base_model()).__name__
         adapter_model_type = type(model.base_model).__name__
@@ -145,7 +149,7 @@ def get_model_status(model: nn.Module) -> TunerModelStatus:
         adapter_model_type, peft_types = "None", {}
     trainable = total = 0
     for param in model.parameters():
-        count = _param_count(param)
+        count = param_count(param)
         total += count
         trainable += count if param.requires_grad else 0
     layers = get_layer_status(model)
@@ -190,3 +194,19 @@ def _is_pretrained(model: nn.Module) -> bool:
 
 
 __all__ = ["TunerLayerStatus", "TunerModelStatus", "get_layer_status", "get_model_status"]
+
+
+def param_count(param: torch.Tensor) -> int:
+    """Elements of ``param`` as HF PEFT counts them (DeepSpeed ZeRO-3 and 4-bit packed storage included)."""
+    count = param.numel()
+    if count == 0 and hasattr(param, "ds_numel"):  # DeepSpeed ZeRO-3 keeps an empty local tensor
+        count = param.ds_numel
+    if type(param).__name__ == "Params4bit":  # bitsandbytes packs two 4-bit values per byte of its storage
+        if hasattr(param, "element_size"):
+            size = param.element_size()
+        elif hasattr(param, "quant_storage"):
+            size = param.quant_storage.itemsize
+        else:
+            size = 1
+        count = count * 2 * size
+    return count

@@ -15,7 +15,7 @@ from peft_kernel import (
     set_peft_model_state_dict,
 )
 from peft_kernel.errors import CheckpointError
-from peft_kernel.testing import make_inputs, make_model
+from peft_kernel_testing import make_inputs, make_model
 
 SAVED_PREFIX = "renamed::"
 

@@ -4,7 +4,7 @@ import pytest
 
 pytest.importorskip("peft_kernel_template", reason="plugins/_template is a template, installed on demand only")
 
-from peft_kernel.testing import ConformanceCase, conformance_suite  # noqa: E402
+from peft_kernel_testing import ConformanceCase, conformance_suite  # noqa: E402
 from peft_kernel_template import TemplateConfig  # noqa: E402
 
 TestTemplateConformance = conformance_suite([

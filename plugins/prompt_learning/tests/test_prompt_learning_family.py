@@ -18,7 +18,7 @@ import peft_kernel
 import peft_kernel_prompt_learning.plugin as family
 from peft_kernel import PeftModel, get_peft_model, get_peft_model_state_dict, hookimpl
 from peft_kernel.plugin_api import AdapterHost, MethodRecord
-from peft_kernel.testing import make_model
+from peft_kernel_testing import make_model
 from peft_kernel_prompt_learning import FAMILY_EXPORTS, PromptLearningConfig
 from peft_kernel_prompt_learning.hookspecs import PromptLearningSpecs
 from peft_kernel_prompt_learning.learner import PromptEncoder, PromptLearner

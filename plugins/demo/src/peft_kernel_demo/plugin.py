@@ -10,7 +10,7 @@ import argparse
 import json
 from typing import Any
 
-from peft_kernel.markers import hookimpl  # not plugin_api here: that imports torch, and this module must stay cheap
+from peft_kernel.plugin_api import hookimpl
 
 
 def run(args: argparse.Namespace) -> int:

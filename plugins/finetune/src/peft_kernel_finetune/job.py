@@ -339,7 +339,7 @@ def run(settings: Settings) -> dict[str, Any]:
         if settings.from_adapter is None:
             peft_model = get_peft_model(model, config)
         else:  # continue training a saved adapter
-            from peft_kernel.model import PeftModelForCausalLM
+            from peft_kernel import PeftModelForCausalLM
 
             peft_model = PeftModelForCausalLM.from_pretrained(model, settings.from_adapter, is_trainable=True)
             config = peft_model.peft_config["default"]

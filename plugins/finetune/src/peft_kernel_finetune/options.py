@@ -18,9 +18,7 @@ from typing import Any, Callable, Mapping
 
 import attrs
 
-from peft_kernel.cli import CliError
-from peft_kernel.config import read_settings_file
-from peft_kernel.errors import ConfigError
+from peft_kernel.plugin_api import CliError, ConfigError, read_settings_file
 
 DEFAULT_OUTPUT = "finetune-output"
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
-from peft_kernel.markers import hookimpl
+from peft_kernel.plugin_api import hookimpl
 
 DESCRIPTION = """\
 Train an adapter of any installed PEFT method with transformers' Trainer.

@@ -18,9 +18,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_kernel.layer import AdapterLayer
-from peft_kernel.targeting import linear_fan_in_fan_out
-from peft_kernel.routing import Routing
+from peft_kernel.plugin_api import AdapterLayer, Routing, linear_fan_in_fan_out
 from peft_kernel_ia3.config import IA3Config
 
 _TINY = 1e-8

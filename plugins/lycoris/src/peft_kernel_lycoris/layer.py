@@ -24,8 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_kernel.layer import AdapterLayer
-from peft_kernel.targeting import base_of, pattern_value
+from peft_kernel.plugin_api import AdapterLayer, base_of, pattern_value
 
 SUPPORTED_BASE_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d)
 """What HF PEFT wraps for LoHa and LoKr (nothing else: no Embedding, Conv3d or GPT-2 Conv1D)."""

@@ -257,9 +257,9 @@ def check_merge_in_training_is_reversible(config: Any, kind: str) -> None:
 
 
 def check_listed_by_cli(capsys: Any, distribution: str, peft_type: str) -> None:
-    from peft_kernel.cli import main
+    from peft_kernel.plugin_api import cli_main
 
-    assert main(["list-plugins"]) == 0
+    assert cli_main(["list-plugins"]) == 0
     out = capsys.readouterr().out
     row = next((line for line in out.splitlines() if distribution in line.split()), None)
     assert row is not None, out

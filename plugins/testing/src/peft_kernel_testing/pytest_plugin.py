@@ -13,7 +13,7 @@ import pytest
 @pytest.fixture
 def isolated_registry() -> Iterator[Callable[..., Any]]:
     """Build a fresh registry (``build_registry`` kwargs) and make it the process-wide one for the test."""
-    from peft_kernel.plugins import build_registry, set_registry
+    from peft_kernel.plugin_api import build_registry, set_registry
 
     old = set_registry(None)
 
