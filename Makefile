@@ -18,7 +18,7 @@ STAMP := $(VENV)/.installed
 TORCH_INSTALL := "$(firstword $(TORCH_SPEC))" $(wordlist 2,$(words $(TORCH_SPEC)),$(TORCH_SPEC))
 PIP = $(VENV)/bin/python -m pip install -q --disable-pip-version-check
 
-.PHONY: setup demo test bench lock clean
+.PHONY: setup demo lint test bench lock clean
 
 # torch first, without its dependencies; then the constraints that apply to that torch (the whole lock
 # for the locked release, else the lock less torch's own requirements: tools/lock.py); then, under
@@ -38,7 +38,11 @@ setup: $(STAMP)
 demo: setup
 	HF_HUB_OFFLINE=1 $(VENV)/bin/peft-kernel demo
 
-test: setup
+# ruff (pinned in the lock) before the tests: CI runs both through `make test`
+lint: setup
+	$(VENV)/bin/ruff check .
+
+test: lint
 	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -n 2 -q $(PYTEST_ARGS)
 
 bench: setup

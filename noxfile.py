@@ -73,8 +73,9 @@ def _install_locked(session: nox.Session, core: str, packages: list[str]) -> Non
 
 @nox.session
 def tests(session: nox.Session) -> None:
-    """The suite at the locked versions (constraints.txt), as `make test` and CI run it."""
+    """ruff, then the suite at the locked versions (constraints.txt), as `make test` and CI run them."""
     _install_locked(session, ".[test]", EDITABLES)
+    session.run("ruff", "check", ".")
     session.run(*PYTEST, *session.posargs, env=OFFLINE)
 
 

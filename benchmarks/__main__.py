@@ -91,7 +91,7 @@ def bench_shape(shape: Shape, mixes: list[int], phases: list[str], rounds: int, 
         base_flops, lora_flops = flops_per_token(shape, context)
         floor = 1 + lora_flops / base_flops
 
-        def call(model: torch.nn.Module, **kw: Any) -> Callable[[], Any]:
+        def call(model: torch.nn.Module, phase: str = phase, **kw: Any) -> Callable[[], Any]:
             if phase == "prefill":
                 return lambda: model(input_ids=ids, use_cache=False, **kw).logits
             return Decoder(model, copy.deepcopy(cache), step, **kw)

@@ -21,7 +21,7 @@ def _hf_and_ours(tmp_path, kind: str, config_name: str, **kwargs):
     with hf_oracle():
         hf = peft.get_peft_model(make_model(kind), getattr(peft, config_name)(**kwargs))
         with torch.no_grad():  # LoRA's B starts at zero: give every adapter tensor values
-            for name, param in hf.named_parameters():
+            for _, param in hf.named_parameters():
                 if param.requires_grad:
                     param.add_(torch.randn_like(param) * 0.3)
         hf.save_pretrained(tmp_path / "orig")

@@ -24,7 +24,6 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import attrs
-import pytest
 import torch
 
 from peft_kernel import PeftConfig, get_peft_model
@@ -232,7 +231,7 @@ if __name__ == "__main__":
         counts[outcome] = counts.get(outcome, 0) + 1
     print(counts)
     kinds: dict[str, int] = {}
-    for cls, outcome, error, shown in results:
+    for _cls, outcome, error, _shown in results:
         if outcome == "other":
             kinds[error.split(":")[0]] = kinds.get(error.split(":")[0], 0) + 1
     print(kinds)

@@ -186,7 +186,7 @@ def test_deleting_a_methods_last_adapter_or_a_failed_load_leaves_no_layer_behind
 
     tensors = load_file(bad / "adapter_model.safetensors")
     save_file({k: v[:1] for k, v in tensors.items()}, bad / "adapter_model.safetensors")  # wrong shapes
-    with pytest.raises(Exception):
+    with pytest.raises(pk.CheckpointError, match="do not fit"):
         ours.load_adapter(bad, "c")
     assert "c" not in ours.peft_config and repr(ours.base_model.model) == structure
     torch.testing.assert_close(ours(**inputs), expected, rtol=0, atol=0)

@@ -103,7 +103,7 @@ def lowest(extras: list[str], root: str = ".") -> str:
     try:
         import tomllib
     except ImportError:  # pragma: no cover - Python 3.10
-        raise SystemExit("tools/lock.py lowest needs Python 3.11+ (tomllib)")
+        raise SystemExit("tools/lock.py lowest needs Python 3.11+ (tomllib)") from None
     files = [os.path.join(root, "pyproject.toml")] + sorted(
         glob.glob(os.path.join(root, "plugins", "*", "pyproject.toml")) + glob.glob(os.path.join(root, "examples", "*", "pyproject.toml")))
     bounds: dict[str, str] = {}

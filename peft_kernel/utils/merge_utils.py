@@ -67,7 +67,7 @@ def prune(
 
     ``density >= 1`` warns and returns the tensor unchanged; a negative density is a ``ValueError``."""
     if density >= 1:
-        warnings.warn(f"The density {density} is greater than or equal to 1, no pruning will be performed.")
+        warnings.warn(f"The density {density} is greater than or equal to 1, no pruning will be performed.", stacklevel=2)
         return tensor
     if density < 0:
         raise ValueError(f"Density should be >= 0, got {density}")

@@ -127,7 +127,7 @@ def test_disable_adapter_gives_the_base_output() -> None:
 
 # ---- merge ------------------------------------------------------------------------------------
 def test_merge_equals_unmerged_and_unmerge_restores_the_base() -> None:
-    base, x = make_stack(), make_x()
+    x = make_x()
     model = get_peft_model(make_stack(), toy(target_modules=["q", "v", "head"], alpha=0.7))
     layers = toy_modules(model)
     unmerged = model(x)

@@ -79,7 +79,7 @@ def _perturb_hf(model, seed: int) -> None:
     """Move HF's adapter away from its identity init, so both start from the same non-trivial adapter."""
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for name, param in model.named_parameters():
+        for _, param in model.named_parameters():
             if param.requires_grad:
                 param.add_(0.1 * torch.randn(param.shape, generator=g))
 

@@ -149,7 +149,7 @@ def convert_to_lora_with_errors(
         configs = model.__dict__.get(CONFIGS_ATTR)
     peft_config = configs.get(adapter_name) if isinstance(configs, dict) else None
     if peft_config is not None and isinstance(peft_config, LoraConfig):
-        warnings.warn("Converting a PEFT adapter to LoRA that is already a LoRA adapter. There is typically no need for that.")
+        warnings.warn("Converting a PEFT adapter to LoRA that is already a LoRA adapter. There is typically no need for that.", stacklevel=2)
     config_bias = getattr(peft_config, "bias", getattr(peft_config, "lora_bias", "none"))
     if config_bias not in ("none", False):
         raise ValueError(f"The adapter's config sets bias={config_bias}, this is not supported right now.")
