@@ -15,7 +15,7 @@ from peft_kernel import hookimpl
 from peft_kernel.config import PeftConfig
 from peft_kernel.errors import UnknownMethodError
 from peft_kernel.hookspecs import PeftKernelSpecs
-from peft_kernel.plugins import build_registry
+from peft_kernel.plugins import build_registry, set_registry
 from peft_kernel.records import BackendRecord, MethodRecord
 
 
@@ -250,8 +250,12 @@ def test_tuner_class_is_generated_from_tuner_name_and_exported():
 
     plugin = types.SimpleNamespace(peft_kernel_register_methods=peft_kernel_register_methods)
     registry = build_registry(entry_points=[FakeEntryPoint("foo", lambda: plugin)], disabled=[])
-    assert "FooModel" in registry.exported_names()
-    foo_model = registry.export("FooModel")
+    assert "FooModel" in registry.tuner_names() and "FooModel" in registry.exported_names()
+    old = set_registry(registry)
+    try:
+        foo_model = peft_kernel.FooModel
+    finally:
+        set_registry(old)
     assert foo_model is tuner_class("FooModel") and issubclass(foo_model, AdapterModel)
     assert foo_model.__name__ == "FooModel"
     for record in build_registry().methods.values():
