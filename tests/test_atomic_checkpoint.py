@@ -57,17 +57,26 @@ def test_killed_saves_leave_the_old_or_the_new_checkpoint(tmp_path: Path) -> Non
     one_save = time.perf_counter() - started
     rng = random.Random(1234)
     outcomes = {"old": 0, "new": 0, "mixed": 0}
-    for _ in range(30):
+    for attempt in range(30):
         old_model.save_pretrained(target)
+        read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:  # the child saves the new checkpoint over and over until it is killed
             try:
+                os.close(read_end)
+                os.write(write_end, b"s")  # started
                 while True:
                     new_model.save_pretrained(target)
+                    os.write(write_end, b"d")  # a save done
             finally:
                 os._exit(0)
-        time.sleep(rng.uniform(0.0, 3 * one_save))  # a kill anywhere in the first few saves
+        os.close(write_end)
+        os.read(read_end, 1)
+        if attempt % 2:  # half the kills after a first complete save, so a loaded machine still sees both outcomes
+            os.read(read_end, 1)
+        time.sleep(rng.uniform(0.0, one_save))  # then anywhere in the next save
         os.kill(pid, signal.SIGKILL)
+        os.close(read_end)
         os.waitpid(pid, 0)
         recover(target)
         seen = _files(target)
