@@ -70,7 +70,10 @@ def cmd_list_plugins(args: argparse.Namespace) -> int:
         return 0
     rows = []
     for s in statuses:
-        provides = ", ".join([*s.methods, *(f"backend:{b}" for b in s.backends)]) or "-"
+        provides = ", ".join([*s.methods, *(f"backend:{b}" for b in s.backends)])
+        if not provides:  # a command, a family library, the core: say what it hooks into
+            hooks = [h for h in s.hooks if h not in ("register_methods", "register_backends")]
+            provides = f"hooks: {', '.join(hooks)}" if hooks else "-"
         rows.append((s.name, s.distribution, s.version or "-", provides, s.status))
     print("\n".join(render_table(("plugin", "distribution", "version", "provides", "status"), rows)))
     problems = [s for s in statuses if s.status != "loaded"]

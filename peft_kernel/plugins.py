@@ -65,6 +65,8 @@ class PluginStatus:
     error: str = ""
     methods: list[str] = attrs.field(factory=list)
     backends: list[str] = attrs.field(factory=list)
+    hooks: list[str] = attrs.field(factory=list)
+    """The hooks it implements, ``peft_kernel_`` dropped (``register_commands``, ``create_host``...)."""
 
 
 @attrs.define
@@ -534,6 +536,10 @@ def _commit(registry: Registry, candidate: _Candidate) -> None:
         _fail(registry, candidate.status, candidate.plugin, "PluginError: " + "; ".join(candidate.problems))
         return
     dist = candidate.status.distribution
+    candidate.status.hooks = sorted(
+        impl_name.removeprefix("peft_kernel_") for impl_name, caller in vars(registry.pm.hook).items()
+        if impl_name.startswith("peft_kernel_") and any(i.plugin is candidate.plugin for i in caller.get_hookimpls())
+    )
     for record in candidate.methods:
         registry.methods[record.peft_type.upper()] = attrs.evolve(record, distribution=dist)
         candidate.status.methods.append(record.peft_type.upper())

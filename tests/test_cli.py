@@ -7,6 +7,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 
 from peft_kernel import LoraConfig, get_peft_model
 from peft_kernel.cli import main
+from peft_kernel.markers import hookimpl
 from peft_kernel.plugins import build_registry, set_registry
 from peft_kernel_testing.models import make_model
 
@@ -62,6 +64,30 @@ def test_list_plugins_table_shows_installed_lora(capsys):
     lora = next(r for r in rows if r.startswith("lora "))
     assert "peft-kernel-lora" in lora and "LORA" in lora and lora.rstrip().endswith("loaded")
     assert any(r.startswith("core ") for r in rows)
+    demo = next(r for r in rows if r.startswith("demo "))  # a plugin that adds a command, not a method
+    assert "hooks: register_commands" in demo
+
+
+def test_list_plugins_names_the_hooks_of_a_plugin_without_methods(capsys, restore_registry):
+    @hookimpl
+    def peft_kernel_register_commands(subparsers):
+        subparsers.add_parser("hello")
+
+    @hookimpl
+    def peft_kernel_prepare_config(config, model):
+        return None
+
+    plugin = types.SimpleNamespace(peft_kernel_register_commands=peft_kernel_register_commands,
+                                   peft_kernel_prepare_config=peft_kernel_prepare_config)
+    set_registry(build_registry(entry_points=[], extra_plugins={"hello": plugin}, disabled=()))
+    code, out, _ = run_cli(capsys, "list-plugins")
+    assert code == 0
+    row = next(line for line in out.splitlines() if line.startswith("hello "))
+    assert "hooks: prepare_config, register_commands" in row
+    core = next(line for line in out.splitlines() if line.startswith("core "))
+    assert "hooks: " in core and "create_layer" in core and "merge" in core
+    rows = {r["name"]: r for r in json.loads(run_cli(capsys, "list-plugins", "--json")[1])}
+    assert rows["hello"]["hooks"] == ["prepare_config", "register_commands"] and rows["hello"]["methods"] == []
 
 
 def test_list_plugins_json(capsys):
@@ -69,7 +95,7 @@ def test_list_plugins_json(capsys):
     assert code == 0
     rows = json.loads(out)
     assert isinstance(rows, list)
-    assert set(rows[0]) == {"name", "distribution", "version", "status", "error", "methods", "backends"}
+    assert set(rows[0]) == {"name", "distribution", "version", "status", "error", "methods", "backends", "hooks"}
     lora = next(r for r in rows if r["name"] == "lora")
     assert lora["status"] == "loaded" and "LORA" in lora["methods"] and lora["distribution"] == "peft-kernel-lora"
 
