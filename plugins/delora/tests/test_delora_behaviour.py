@@ -221,3 +221,40 @@ def test_bad_configs_name_the_field(kwargs, field):
 def test_wrong_types_name_the_field():
     with pytest.raises(ConfigError, match="init_weights"):
         DeloraConfig.from_dict({"peft_type": "DELORA", "init_weights": "yes"})
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_base_rounds_as_hf(dtype):
+    """float32 adapters on a half-precision base: each delta is rounded to the base dtype before it
+    is added (HF's order), in single runs, one-adapter batches and mixed batches alike: equal bits."""
+    inputs = make_inputs("llama")
+    config = dict(target_modules=["q_proj", "v_proj"], r=4, init_weights=False)
+    with tempfile.TemporaryDirectory() as tmp:
+        with hf_oracle("HF peft running a DeLoRA adapter on a half-precision base"):
+            hf = peft.get_peft_model(make_model("llama").to(dtype), peft.DeloraConfig(**config))
+            perturb(hf, 0)
+            hf.eval()
+            expected = run(hf, inputs)
+            with hf.disable_adapter():
+                base = run(hf, inputs)
+            hf.save_pretrained(tmp)
+        ours = PeftModel.from_pretrained(make_model("llama").to(dtype), tmp).eval()
+    assert ours.base_model.model.model.layers[0].self_attn.q_proj.delora_A["default"].dtype == torch.float32
+    assert torch.equal(run(ours, inputs), expected)
+    batch = inputs["input_ids"].shape[0]
+    assert torch.equal(run(ours, inputs, adapter_names=["default"] * batch), expected)
+    names = ["default", "__base__"] * batch
+    got = run(ours, inputs, adapter_names=names[:batch])
+    for row, name in enumerate(names[:batch]):
+        assert torch.equal(got[row], (expected if name == "default" else base)[row]), row
+
+
+def test_quantized_linear_is_refused_by_name():
+    from peft_kernel.errors import UnsupportedFeatureError
+
+    base = torch.nn.Linear(4, 3)
+    base.weight = torch.nn.Parameter(torch.zeros(3, 4, dtype=torch.int8), requires_grad=False)
+    model = torch.nn.Sequential()
+    model.add_module("q", base)
+    with pytest.raises(UnsupportedFeatureError, match="'q'.*quantized"):
+        get_peft_model(model, DeloraConfig(target_modules=["q"]))

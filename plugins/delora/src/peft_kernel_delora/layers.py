@@ -13,9 +13,10 @@ import math
 from typing import Any, Iterable
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
-from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, pattern_value
+from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, UnsupportedFeatureError, pattern_value
 from peft_kernel_delora.config import DeloraConfig
 from peft_kernel_lowrank import mixed
 
@@ -120,28 +121,45 @@ class DeloraLinear(AdapterLayer):
         return cached[1], tensors[1], 1.0
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus each adapter in turn. On a base of another dtype (float32 adapters on a
+        half-precision model) each delta is rounded to the base dtype before it is added, as HF
+        PEFT does for DeLoRA; otherwise the fused kernel adds it in place."""
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
         for name in adapters:
             factors = self.low_rank_factors(name)
             if factors is None:
-                result = result + self.delta(x, name)
+                result = result + self.delta(x, name).to(dtype)
+            elif factors[1].dtype != dtype:
+                a, b, _ = factors
+                result = result + F.linear(F.linear(x.to(a.dtype), a), b).to(dtype)
             else:
                 result = mixed.add_single(self, result, x, name, factors)
-        return result.to(dtype)
-
-    def mixed_forward(self, x: torch.Tensor, routing: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result = mixed.mixed_forward(self, x, routing, *args, **kwargs)
-        if result is None:
-            return super().mixed_forward(x, routing, *args, **kwargs)
         return result
 
+    def mixed_forward(self, x: torch.Tensor, routing: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The stacked kernels of ``peft_kernel_lowrank`` (they round each row's delta to the base
+        dtype before adding, as HF); a batch whose rows all use one adapter runs
+        :meth:`adapted_forward`, which rounds as HF on half-precision bases too."""
+        groups = routing.groups(x.shape[0], x.device)
+        if len(groups) == 1:
+            (name,) = groups
+            return self.adapted_forward(x, [name] if name in self.r else [], *args, **kwargs)
+        result = mixed.mixed_forward(self, x, routing, *args, **kwargs)
+        if result is None:
+            result = super().mixed_forward(x, routing, *args, **kwargs)
+        return result
 
 def make_layer(config: DeloraConfig, adapter_name: str, base_layer: nn.Module, module_name: str) -> DeloraLinear | None:
     """The layer for an ``nn.Linear``; ``None`` (the core's named error) for any other type, as HF
-    PEFT supports ``nn.Linear`` only."""
+    PEFT supports ``nn.Linear`` only. Quantized linears (integer weights) are refused by name."""
     if not isinstance(base_layer, nn.Linear):
         return None
+    if not base_layer.weight.is_floating_point():
+        raise UnsupportedFeatureError(
+            f"DeLoRA cannot adapt {module_name!r}: its weight is {base_layer.weight.dtype} (quantized); "
+            "DeLoRA needs the base weight's column norms, and supports float nn.Linear layers only."
+        )
     layer = DeloraLinear(base_layer)
     layer.update_layer(adapter_name, config, module_name)
     return layer
