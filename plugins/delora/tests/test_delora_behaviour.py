@@ -10,7 +10,7 @@ from safetensors.torch import load_file
 
 from peft_kernel import ConfigError, PeftModel, TargetNotFoundError, get_peft_model
 from peft_kernel_testing import check_mixed_batch_against_hf, make_inputs, make_model, perturb, run
-from peft_kernel_testing.hf_oracle import hf_oracle
+from peft_kernel_testing.hf_oracle import check_active_adapters_against_hf, hf_oracle
 from peft_kernel_delora import DeloraConfig
 from peft_kernel_delora.layers import DeloraLinear
 from peft_kernel_lowrank import mixed
@@ -106,6 +106,12 @@ def test_w_norm_never_trains_and_parameters_are_hfs():
 def test_mixed_batch_matches_hf_single_runs():
     check_mixed_batch_against_hf("mlp", lambda: peft.DeloraConfig(target_modules=["lin0", "lin1"], r=3, init_weights=False))
     check_mixed_batch_against_hf("llama", lambda: peft.DeloraConfig(target_modules=["q_proj", "v_proj"], r=4, init_weights=False))
+
+
+@pytest.mark.parametrize("kind, targets", [("mlp", ["lin0", "lin1"]), ("llama", ["q_proj", "v_proj"])])
+def test_two_active_adapters_compose_as_hf(kind, targets):
+    kwargs = dict(target_modules=targets, r=3, init_weights=False)
+    check_active_adapters_against_hf(kind, lambda: peft.DeloraConfig(**kwargs), lambda: DeloraConfig(**kwargs))
 
 
 @pytest.mark.parametrize("strategy", ["bmm", "concat", "grouped", "loop"])
