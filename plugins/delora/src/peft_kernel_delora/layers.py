@@ -40,7 +40,7 @@ class DeloraLinear(AdapterLayer):
         self.delora_B = nn.ParameterDict()
         self.delora_lambda = nn.ParameterDict()
         self.delora_w_norm = nn.ParameterDict()
-        self._factors: dict[str, tuple[tuple[Any, ...], torch.Tensor]] = {}
+        self._factors: dict[str, tuple[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor]] = {}
 
     # ---- creation ---------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: DeloraConfig, module_name: str = "") -> None:
@@ -112,13 +112,15 @@ class DeloraLinear(AdapterLayer):
         tensors = self._tensors(adapter_name)
         if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
             return self._scaled_a(adapter_name), tensors[1], 1.0
-        key = (self.r[adapter_name], *((id(t), t._version, t.data_ptr(), t.dtype) for t in tensors))
+        # the tensors themselves are kept (not their ids), so a replaced tensor is never mistaken
+        # for the old one at a reused address
+        state = (self.r[adapter_name], [(t._version, t.data_ptr(), t.dtype) for t in tensors])
         cached = self._factors.get(adapter_name)
-        if cached is None or cached[0] != key:
+        if cached is None or cached[1] != state or any(t is not c for t, c in zip(tensors, cached[0])):
             with torch.no_grad():
-                cached = (key, self._scaled_a(adapter_name))
+                cached = (tensors, state, self._scaled_a(adapter_name))
             self._factors[adapter_name] = cached
-        return cached[1], tensors[1], 1.0
+        return cached[2], tensors[1], 1.0
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus each adapter in turn. On a base of another dtype (float32 adapters on a
