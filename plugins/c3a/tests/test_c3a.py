@@ -256,6 +256,15 @@ def test_gradients_reach_the_kernel_through_the_fft():
     torch.testing.assert_close(grad, kernel.grad, atol=1e-5, rtol=1e-5)
 
 
+@pytest.mark.parametrize("kind", ["llama", "t5", "bert"])
+def test_default_target_modules_are_hf_peft_s(kind):
+    ours = get_peft_model(make_model(kind), C3AConfig(block_size=8))
+    with hf_oracle("HF peft resolving C3A's default target modules"):
+        hf = peft.get_peft_model(make_model(kind), peft.C3AConfig(block_size=8))
+    assert ours.peft_config["default"].target_modules == hf.peft_config["default"].target_modules
+    assert sorted(pk.get_peft_model_state_dict(ours)) == sorted(peft.get_peft_model_state_dict(hf))
+
+
 def test_exports():
     assert pk.C3AConfig is C3AConfig
     model = get_peft_model(make_model("mlp"), C3AConfig(target_modules=["lin1"], block_size=4))

@@ -19,6 +19,7 @@ CASES = [
     ConformanceCase("llama", c3a(target_modules="all-linear", block_size=8)),
     ConformanceCase("llama", c3a(target_modules=["q_proj", "v_proj"], block_size=4, layers_to_transform=[1],
                                  init_weights=True), id="llama-layer-1-zero-init"),
+    ConformanceCase("opt", c3a(block_size=8), id="opt-defaults"),
     ConformanceCase("bert", c3a(task_type="SEQ_CLS", block_size=8)),
     ConformanceCase("t5", c3a(target_modules=["q", "k", "v", "o", "wi", "wo"], block_size=8)),
 ]

@@ -9,8 +9,9 @@ so each output block is a sum over input blocks of circular cross-correlations,
 ``y_o = sum_i ifft(conj(fft(k_oi)) * fft(x_i)) / in_features``, computed with real FFTs in
 ``O(b log b)`` per block pair instead of ``O(b^2)``. It is additive: the core derives forward,
 several active adapters, mixed batches (one ``delta`` per adapter group of rows) and merging from
-``delta`` and ``delta_weight``. Half-precision inputs are transformed in float32 (FFTs of other
-sizes than powers of two need it), as are half-precision kernels.
+``delta`` and ``delta_weight``. Half-precision inputs and kernels are transformed in float32 (torch's
+half-precision FFTs run on CUDA only, for power-of-two sizes only) and the delta returned in the
+wider of the two dtypes.
 """
 
 from __future__ import annotations
@@ -25,8 +26,7 @@ from peft_kernel_c3a.config import C3AConfig
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
-    wide = [d for d in dtypes if d in (torch.float32, torch.float64)]
-    return torch.float64 if torch.float64 in wide else torch.float32
+    return torch.float64 if torch.float64 in dtypes else torch.float32
 
 
 def _init_kernel(kernel: torch.Tensor, init_weights: bool | str | None) -> None:
