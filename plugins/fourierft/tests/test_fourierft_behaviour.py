@@ -199,3 +199,15 @@ def test_bfloat16_model_runs_and_keeps_its_dtype():
     assert out.dtype == torch.bfloat16 and torch.isfinite(out).all()
     model.merge_adapter()
     assert model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+
+
+def test_mixed_batch_builds_each_delta_once_per_adapter_not_per_row(monkeypatch):
+    model = get_peft_model(make_model("mlp"), FourierFTConfig(target_modules=["lin0", "lin1"], n_frequency=16), adapter_name="a")
+    model.add_adapter("b", FourierFTConfig(target_modules=["lin0", "lin1"], n_frequency=16))
+    perturb(model, 0)
+    model.eval()
+    calls = []
+    original = FourierFTLayer.spectral_delta
+    monkeypatch.setattr(FourierFTLayer, "spectral_delta", lambda self, name: calls.append(name) or original(self, name))
+    run(model, make_inputs("mlp"), adapter_names=["a", "b", "a", "__base__"])
+    assert sorted(calls) == ["a", "a", "b", "b"]  # two layers, one delta W per adapter each

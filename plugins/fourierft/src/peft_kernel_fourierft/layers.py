@@ -59,14 +59,13 @@ class FourierFTLayer(AdapterLayer):
         self.indices[adapter_name] = spectral_positions(config.random_loc_seed, self.out_features,
                                                         self.in_features, n_frequency)
 
-    def hotswap_update(self, adapter_name: str, config: FourierFTConfig, module_name: str = "") -> None:
-        self.scaling[adapter_name] = config.scaling
-
     def spectral_delta(self, adapter_name: str) -> torch.Tensor:
         """``delta W`` in the ``[out, in]`` layout, in float32 (the FFT's precision) or wider."""
         spectrum = self.fourierft_spectrum[adapter_name]
         dtype = torch.promote_types(spectrum.dtype, torch.float32)
-        rows, cols = self.indices[adapter_name].to(spectrum.device)
+        if self.indices[adapter_name].device != spectrum.device:  # moved once, after model.to(device)
+            self.indices[adapter_name] = self.indices[adapter_name].to(spectrum.device)
+        rows, cols = self.indices[adapter_name]
         dense = torch.zeros(self.out_features, self.in_features, device=spectrum.device, dtype=dtype)
         dense = dense.index_put((rows, cols), spectrum.to(dtype))
         return torch.fft.ifft2(dense).real * self.scaling[adapter_name]
