@@ -11,8 +11,8 @@ One trainable block per adapter, in one of three shapes (``init_weights``):
   input block ``b``), ``delta W_ab = W_ab @ block[a] + block[a]``. The update depends on the weight
   it applies to: adapters fold in one after another, and unmerging inverts ``W -> W (I + block) + block``.
 
-Dropout (``miss_dropout``) applies to the input of the balance and mini updates; Bat ignores it (as
-HF PEFT does).
+Dropout (``miss_dropout``) applies to the (zero-padded) input of the balance and mini updates; Bat
+ignores it (as HF PEFT does).
 """
 
 from __future__ import annotations
@@ -68,8 +68,8 @@ class MissLinear(AdapterLayer):
         if self.miss_mode[adapter_name] == "bat":
             return F.linear(x.to(block.dtype), self._bat_delta(self.base_layer.weight, adapter_name))
         r = self.miss_r[adapter_name]
-        x = self.miss_dropout[adapter_name](x.to(block.dtype))
-        shards = F.pad(x, (0, -x.shape[-1] % r)).unflatten(-1, (-1, r)).sum(-2)
+        padded = F.pad(x.to(block.dtype), (0, -x.shape[-1] % r))  # padded before dropout, as HF draws its mask
+        shards = self.miss_dropout[adapter_name](padded).unflatten(-1, (-1, r)).sum(-2)
         out = shards @ block
         if self.miss_mode[adapter_name] == "mini":
             out = out.tile(self.base_layer.weight.shape[0] // block.shape[1])
