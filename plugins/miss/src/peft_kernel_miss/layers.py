@@ -108,9 +108,12 @@ class MissLinear(AdapterLayer):
                 weight = weight + self._bat_delta(weight, name)
             else:
                 weight = weight + self.delta_weight(name)
-        return F.linear(x.to(weight.dtype), weight, self.base_layer.bias).to(x.dtype)
+        bias = self.base_layer.bias
+        return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).to(x.dtype)
 
     def unmerge_from_base(self, adapter_name: str) -> None:
+        """Subtract a balance/mini update; invert a Bat one blockwise, ``W = (W' - b) (I + b)^-1``
+        (solved in float64)."""
         if self.miss_mode[adapter_name] != "bat":
             super().unmerge_from_base(adapter_name)
             return
