@@ -6,7 +6,7 @@ import pytest
 import torch
 from torch import nn
 
-from peft_kernel import PeftModel, TargetNotFoundError, get_peft_model
+from peft_kernel import ConfigError, PeftModel, TargetNotFoundError, get_peft_model
 from peft_kernel_testing import check_mixed_batch_against_hf, run
 from peft_kernel_testing.hf_oracle import check_active_adapters_against_hf
 from peft_kernel_testing.models import make_inputs, make_model
@@ -130,7 +130,7 @@ def test_merge_and_unload_equals_hf_merged_model():
 ])
 def test_layer_errors_name_the_module_and_field(kwargs, match):
     model = make_model("mlp")
-    with pytest.raises(ValueError, match=match):
+    with pytest.raises(ConfigError, match=match):
         get_peft_model(model, MissConfig(**kwargs))
     assert not isinstance(model.lin0, PeftModel) and isinstance(model.lin0, nn.Linear), "injection is all-or-nothing"
 

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_kernel.plugin_api import AdapterLayer
+from peft_kernel.plugin_api import AdapterLayer, ConfigError
 from peft_kernel_miss.config import MissConfig
 
 
@@ -44,12 +44,12 @@ class MissLinear(AdapterLayer):
         r, mode = config.r, _mode(config.init_weights)
         where = f"MiSS on {module_name or type(self.base_layer).__name__}"
         if r > in_features:
-            raise ValueError(f"{where}: `r` ({r}) must be less than or equal to in_features ({in_features})")
+            raise ConfigError(f"{where}: `r` ({r}) must be less than or equal to in_features ({in_features})")
         if mode == "bat" and (in_features % r or out_features % r):
-            raise ValueError(f"{where}: init_weights='bat' needs in_features ({in_features}) and out_features "
+            raise ConfigError(f"{where}: init_weights='bat' needs in_features ({in_features}) and out_features "
                              f"({out_features}) divisible by `r` ({r}): the weight must split into [r, r] blocks")
         if mode == "mini" and out_features % config.mini_r:
-            raise ValueError(f"{where}: init_weights='mini' needs out_features ({out_features}) divisible by "
+            raise ConfigError(f"{where}: init_weights='mini' needs out_features ({out_features}) divisible by "
                              f"`mini_r` ({config.mini_r})")
         shape = {"bat": (out_features // r, r, r), "mini": (r, config.mini_r)}.get(mode, (r, out_features))
         block = torch.zeros(shape)
