@@ -1,0 +1,152 @@
+"""The MiSS layer for ``nn.Linear``. Imported on first use only (it imports torch).
+
+One trainable block per adapter, in one of three shapes (``init_weights``):
+
+* balance (``True`` / ``False``), block ``[r, out]``: input feature ``i`` uses row ``i % r``, so
+  ``delta(x) = (x, zero-padded to a multiple of r, summed over its r-wide shards) @ block`` and
+  ``delta W[:, i] = block[i % r]``;
+* ``"mini"``, block ``[r, mini_r]``: the same with the block tiled ``out / mini_r`` times along the
+  outputs, ``delta W[o, i] = block[i % r, o % mini_r]``;
+* ``"bat"``, block ``[out / r, r, r]``: for the ``[r, r]`` weight block ``W_ab`` (output block ``a``,
+  input block ``b``), ``delta W_ab = W_ab @ block[a] + block[a]``. The update depends on the weight
+  it applies to: adapters fold in one after another, and unmerging inverts ``W -> W (I + block) + block``.
+
+Dropout (``miss_dropout``) applies to the (zero-padded) input of the balance and mini updates; Bat
+ignores it (as HF PEFT does).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from peft_kernel.plugin_api import AdapterLayer, ConfigError
+from peft_kernel_miss.config import MissConfig
+
+
+class MissLinear(AdapterLayer):
+    adapter_layer_names = ("miss_block",)
+    other_param_names = ("miss_r", "miss_mini_r", "miss_mode", "miss_dropout")
+
+    def __init__(self, base_layer: nn.Linear) -> None:
+        super().__init__(base_layer)
+        self.miss_block = nn.ParameterDict()
+        self.miss_dropout = nn.ModuleDict()
+        self.miss_r: dict[str, int] = {}
+        self.miss_mini_r: dict[str, int] = {}
+        self.miss_mode: dict[str, str] = {}
+
+    def update_layer(self, adapter_name: str, config: MissConfig, module_name: str = "") -> None:
+        out_features, in_features = self.base_layer.weight.shape
+        r, mode = config.r, _mode(config.init_weights)
+        where = f"MiSS on {module_name or type(self.base_layer).__name__}"
+        if r > in_features:
+            raise ConfigError(f"{where}: `r` ({r}) must be less than or equal to in_features ({in_features})")
+        if mode == "bat" and (in_features % r or out_features % r):
+            raise ConfigError(f"{where}: init_weights='bat' needs in_features ({in_features}) and out_features "
+                             f"({out_features}) divisible by `r` ({r}): the weight must split into [r, r] blocks")
+        if mode == "mini" and out_features % config.mini_r:
+            raise ConfigError(f"{where}: init_weights='mini' needs out_features ({out_features}) divisible by "
+                             f"`mini_r` ({config.mini_r})")
+        shape = {"bat": (out_features // r, r, r), "mini": (r, config.mini_r)}.get(mode, (r, out_features))
+        block = torch.zeros(shape)
+        if config.init_weights is False:
+            nn.init.kaiming_uniform_(block, a=5**0.5)
+        weight = self.base_layer.weight
+        dtype = weight.dtype if weight.is_floating_point() else torch.float32
+        self.miss_block[adapter_name] = nn.Parameter(block.to(weight.device, dtype))
+        self.miss_r[adapter_name], self.miss_mini_r[adapter_name] = r, config.mini_r
+        self.miss_mode[adapter_name] = mode
+        self.miss_dropout[adapter_name] = nn.Dropout(config.miss_dropout) if config.miss_dropout > 0 else nn.Identity()
+
+    # ---- additive protocol --------------------------------------------------------------------
+    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        block = self.miss_block[adapter_name]
+        if self.miss_mode[adapter_name] == "bat":
+            return F.linear(x.to(block.dtype), self._bat_delta(self.base_layer.weight, adapter_name))
+        r = self.miss_r[adapter_name]
+        padded = F.pad(x.to(block.dtype), (0, -x.shape[-1] % r))  # padded before dropout, as HF draws its mask
+        shards = self.miss_dropout[adapter_name](padded).unflatten(-1, (-1, r)).sum(-2)
+        out = shards @ block
+        if self.miss_mode[adapter_name] == "mini":
+            out = out.tile(self.base_layer.weight.shape[0] // block.shape[1])
+        return out
+
+    def delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """The change to the current ``base_layer.weight`` (for Bat it depends on that weight)."""
+        block = self.miss_block[adapter_name]
+        mode = self.miss_mode[adapter_name]
+        if mode == "bat":
+            return self._bat_delta(self.base_layer.weight, adapter_name)
+        out_features, in_features = self.base_layer.weight.shape
+        rows = torch.arange(in_features, device=block.device) % self.miss_r[adapter_name]
+        if mode == "mini":
+            block = block.tile(out_features // block.shape[1])
+        return block[rows].T
+
+    def _bat_delta(self, weight: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        block = self.miss_block[adapter_name]
+        r = self.miss_r[adapter_name]
+        out_features, in_features = weight.shape
+        blocks = _split(weight.to(block.dtype), r)  # [out/r, in/r, r, r]
+        delta = blocks @ block.unsqueeze(1) + block.unsqueeze(1)
+        return _join(delta, out_features, in_features)
+
+    # ---- Bat: weight-dependent, so adapters compose and unmerge by inversion --------------------
+    def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Additive unless a Bat adapter is active: then the active adapters fold into the weight in
+        order, each one's update computed on the weight the earlier ones left (as merging does), and
+        the input goes through that weight once (without the balance/mini adapters' dropout)."""
+        if not any(self.miss_mode[name] == "bat" for name in adapters):
+            return super().adapted_forward(x, adapters, *args, **kwargs)
+        weight = self.base_layer.weight
+        for name in adapters:
+            if self.miss_mode[name] == "bat":
+                weight = weight + self._bat_delta(weight, name)
+            else:
+                weight = weight + self.delta_weight(name)
+        bias = self.base_layer.bias
+        return F.linear(x.to(weight.dtype), weight, None if bias is None else bias.to(weight.dtype)).to(x.dtype)
+
+    def unmerge_from_base(self, adapter_name: str) -> None:
+        """Subtract a balance/mini update; invert a Bat one blockwise, ``W = (W' - b) (I + b)^-1``
+        (solved in float64)."""
+        if self.miss_mode[adapter_name] != "bat":
+            super().unmerge_from_base(adapter_name)
+            return
+        weight = self.base_layer.weight
+        block = self.miss_block[adapter_name].detach().to(torch.float64)
+        r = self.miss_r[adapter_name]
+        eye = torch.eye(r, dtype=block.dtype, device=block.device)
+        blocks = _split(weight.detach().to(torch.float64), r) - block.unsqueeze(1)
+        original = torch.linalg.solve(eye + block.unsqueeze(1), blocks, left=False)  # X (I + b) = W' - b
+        with torch.no_grad():
+            weight.copy_(_join(original, *weight.shape).to(weight.dtype))
+
+
+def _split(weight: torch.Tensor, r: int) -> torch.Tensor:
+    """``[out, in]`` -> ``[out/r, in/r, r, r]``: element ``[a, b]`` is the weight block of output rows
+    ``a*r:(a+1)*r`` and input columns ``b*r:(b+1)*r``."""
+    out_features, in_features = weight.shape
+    return weight.reshape(out_features // r, r, in_features // r, r).transpose(1, 2)
+
+
+def _join(blocks: torch.Tensor, out_features: int, in_features: int) -> torch.Tensor:
+    return blocks.transpose(1, 2).reshape(out_features, in_features)
+
+
+def _mode(init_weights: bool | str) -> str:
+    return init_weights if isinstance(init_weights, str) else "balance"
+
+
+def make_layer(config: MissConfig, adapter_name: str, base_layer: nn.Module, module_name: str) -> MissLinear | None:
+    """The layer for ``base_layer``, or ``None`` for a type MiSS does not wrap (HF PEFT wraps only
+    ``nn.Linear``)."""
+    if not isinstance(base_layer, nn.Linear):
+        return None
+    layer = MissLinear(base_layer)
+    layer.update_layer(adapter_name, config, module_name)
+    return layer
