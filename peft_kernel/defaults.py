@@ -28,12 +28,3 @@ def peft_kernel_create_host(record: Any, model: Any, config: Any, adapter_name: 
     from peft_kernel.tuner import tuner_class
 
     return tuner_class(record.tuner_name)(model, config, adapter_name)
-
-
-@hookimpl(trylast=True)
-def peft_kernel_create_layer(config: Any, adapter_name: str, base_layer: Any, module_name: str) -> Any:
-    """The ``layer_factory`` of the method whose config class ``config`` is an instance of."""
-    from peft_kernel.plugins import get_registry
-
-    factory = get_registry().layer_factory(config)
-    return None if factory is None else factory(config, adapter_name, base_layer, module_name)

@@ -97,8 +97,11 @@ class PeftKernelSpecs:
         config is not yours or the layer type is not supported. This is how a third party adds a
         layer type to an existing method (LoRA for ``nn.LSTM``) without touching that method's
         plugin: check ``isinstance(config, LoraConfig)`` and ``isinstance(base_layer, nn.LSTM)``.
-        Use ``@hookimpl(tryfirst=True)`` to take over a layer type another plugin already handles.
-        If every implementation returns ``None``, the core raises an error naming the module.
+        Use ``@hookimpl(tryfirst=True)`` to take over a layer type another plugin's hook handles.
+        If every implementation returns ``None``, the core calls the ``layer_factory`` its
+        :class:`~peft_kernel.records.MethodRecord` declares for the config's class (so a method
+        needs no implementation of this hook, and any implementation runs before the factories);
+        if that gives ``None`` too, the core raises an error naming the module.
         """
 
     @hookspec(firstresult=True)

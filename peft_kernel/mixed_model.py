@@ -258,11 +258,8 @@ class PeftMixedModel(PeftModel):
 
         if kwargs:
             raise TypeError(f"PeftMixedModel.save_pretrained got unexpected keyword argument(s) {sorted(kwargs)}")
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise AdapterNameError(f"unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}.")
-        names = [n for n in self.peft_config if n in names]  # stacking order
+        selected = self._adapters_to_save(selected_adapters)
+        names = [n for n in self.peft_config if n in selected]  # stacking order
         if not is_main_process:
             return
         with staged_checkpoint(save_directory) as stage:

@@ -345,10 +345,7 @@ class PeftModel(nn.Module):
         ``peft_kernel_convert_for_original_base``). Any other keyword raises ``TypeError``.
         """
         state_dict = _save_pretrained_kwargs(kwargs)
-        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
-        unknown = [n for n in names if n not in self.peft_config]
-        if unknown:
-            raise AdapterNameError(f"unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}.")
+        names = self._adapters_to_save(selected_adapters)
         check_save_target(save_directory, names)  # a file in the way fails here, before any write
         if not is_main_process:
             return
@@ -359,6 +356,14 @@ class PeftModel(nn.Module):
             for name in names:
                 save_adapter(self, name, adapter_dir(stage, name), safe_serialization=safe_serialization,
                              state_dict=state_dict, save_embedding_layers=save_embedding_layers, initial=initial)
+
+    def _adapters_to_save(self, selected_adapters: list[str] | None) -> list[str]:
+        """``selected_adapters`` (every adapter when ``None``), each checked to exist."""
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [n for n in names if n not in self.peft_config]
+        if unknown:
+            raise AdapterNameError(f"unknown adapter(s) {unknown}; this model has {sorted(self.peft_config)}.")
+        return names
 
     def load_adapter(
         self,

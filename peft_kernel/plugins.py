@@ -11,7 +11,8 @@ name) do not depend on installation order: the method's provider by the naming r
 (:func:`provider_of`: ``LORA`` -> ``peft-kernel-lora``) keeps
 it and the other claimants fail; with no known provider among them, all of them fail.
 
-At run time the core calls hook implementations one by one (``Registry.hook``): when a plugin's
+At run time the core calls hook implementations one by one (``Registry.call_hook``, behind the
+typed facade ``Registry.create_layer``, ``.merge``...): when a plugin's
 implementation raises while handling a config or layer of *another* plugin's method, that plugin
 is marked ``failing`` (with the error), a :class:`~peft_kernel.errors.PluginWarning` names it, and
 the call carries on with the other implementations, so one broken plugin cannot break the others.
@@ -81,12 +82,6 @@ class Registry:
     _lock: threading.Lock = attrs.field(factory=threading.Lock, repr=False, eq=False)
     _factories: dict[str, Callable[..., Any]] = attrs.field(factory=dict, repr=False, eq=False)
 
-    @property
-    def hook(self) -> IsolatedHooks:
-        """The hooks, called implementation by implementation with failures isolated (the core
-        calls every hook through this; ``pm.hook`` is pluggy's plain relay)."""
-        return IsolatedHooks(self)
-
     def status_of(self, plugin_name: str) -> PluginStatus | None:
         for status in self.plugins:
             if status.name == plugin_name:
@@ -139,9 +134,15 @@ class Registry:
 
     def create_layer(self, config: PeftConfig, adapter_name: str, base_layer: nn.Module,
                      module_name: str) -> AdapterLayer | None:
-        """The adapter layer wrapping ``base_layer`` (``peft_kernel_create_layer``), or ``None``."""
+        """The adapter layer wrapping ``base_layer``: the first ``peft_kernel_create_layer`` answer,
+        else the ``layer_factory`` this registry's record declares for ``config``; ``None`` when neither
+        wraps it."""
         kwargs = {"config": config, "adapter_name": adapter_name, "base_layer": base_layer, "module_name": module_name}
-        return self.call_hook("peft_kernel_create_layer", kwargs)
+        layer = self.call_hook("peft_kernel_create_layer", kwargs)
+        if layer is None:
+            factory = self.layer_factory(config)
+            layer = None if factory is None else factory(config, adapter_name, base_layer, module_name)
+        return layer
 
     def merge(self, layer: AdapterLayer, adapter_name: str, safe_merge: bool = False,
               direction: Literal["merge", "unmerge"] = "merge") -> bool:
@@ -260,27 +261,6 @@ class Registry:
         for record in [*self.methods.values(), *self.backends.values()]:
             names.extend(record.exports)
         return sorted(set(names))
-
-
-class IsolatedHooks:
-    """``registry.hook.peft_kernel_xxx(**kwargs)``: pluggy's calling convention, with isolation."""
-
-    __slots__ = ("_registry",)
-
-    def __init__(self, registry: Registry) -> None:
-        self._registry = registry
-
-    def __getattr__(self, name: str) -> Any:
-        registry = self._registry
-        if not name.startswith("peft_kernel_") or name not in _known_hooks(registry.pm):
-            raise AttributeError(name)
-
-        def call(**kwargs: Any) -> Any:
-            return registry.call_hook(name, kwargs)
-
-        call.__name__ = name
-        call.get_hookimpls = getattr(registry.pm.hook, name).get_hookimpls  # type: ignore[attr-defined]
-        return call
 
 
 OBJECT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")

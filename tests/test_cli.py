@@ -85,7 +85,7 @@ def test_list_plugins_names_the_hooks_of_a_plugin_without_methods(capsys, restor
     row = next(line for line in out.splitlines() if line.startswith("hello "))
     assert "hooks: prepare_config, register_commands" in row
     core = next(line for line in out.splitlines() if line.startswith("core "))
-    assert "hooks: " in core and "create_layer" in core and "merge" in core
+    assert "hooks: " in core and "create_host" in core and "merge" in core
     rows = {r["name"]: r for r in json.loads(run_cli(capsys, "list-plugins", "--json")[1])}
     assert rows["hello"]["hooks"] == ["prepare_config", "register_commands"] and rows["hello"]["methods"] == []
 

@@ -240,7 +240,7 @@ def test_add_hookspecs_hook_lets_a_plugin_add_hooks_others_implement(isolated_re
     with pytest.warns(PluginWarning, match="'broken'.*peft_kernel_toy_double"):
         assert registry.call_hook("peft_kernel_toy_double", {"value": 4}) == [8, 8]
     assert status["broken"].status == "failing"
-    assert registry.hook.peft_kernel_toy_double(value=5) == [10, 10]
+    assert registry.call_hook("peft_kernel_toy_double", {"value": 5}) == [10, 10]  # skipped from now on
 
 
 def test_create_host_hook_supplies_the_adapter_host(isolated_registry, tmp_path):
@@ -310,6 +310,22 @@ def declared_plugin():
                               tuner_name="ToyBiasModel", layer_factory=f"{__name__}:make_toy_bias"))
 
     return types.SimpleNamespace(peft_kernel_register_methods=peft_kernel_register_methods)
+
+
+def test_a_registry_builds_layers_from_its_own_records():
+    """``Registry.create_layer`` finds the factory in the registry it is called on, not in the
+    process-wide one (which here does not know the method): ``inject(..., registry=...)`` works."""
+    from peft_kernel.injection import inject
+    from peft_kernel.plugins import build_registry, get_registry
+
+    registry = build_registry(entry_points=[], extra_plugins={"toy": declared_plugin()}, disabled=())
+    assert "TOY_BIAS" in registry.methods and "TOY_BIAS" not in get_registry().methods
+    base = nn.Linear(4, 3)
+    layer = registry.create_layer(ToyBiasConfig(target_modules=["x"]), "default", base, "x")
+    assert isinstance(layer, ToyBias) and layer.base_layer is base
+    model = nn.Sequential(nn.Linear(4, 3))
+    inject(model, ToyBiasConfig(target_modules=["0"]), "default", registry=registry)
+    assert isinstance(model[0], ToyBias)
 
 
 def test_layer_factory_declared_on_the_record_builds_the_layers(isolated_registry, tmp_path):
