@@ -482,10 +482,6 @@ def _path_first(problem: str) -> str:
     return f"{path}: {message}" if message else problem
 
 
-def fields_of(config: PeftConfig) -> set[str]:
-    return _config_field_names(type(config))
-
-
 def read_settings_file(path: str | Path, what: str) -> dict[str, Any]:
     """The mapping held by a ``.yaml`` / ``.yml`` / ``.json`` settings file (a training or export
     config, as opposed to ``adapter_config.json``). Every problem is a :class:`ConfigError` whose

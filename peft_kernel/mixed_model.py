@@ -34,12 +34,17 @@ from typing import Any
 from torch import nn
 from tqdm.auto import tqdm
 
+from peft_kernel.adapter_io import save_adapter
+from peft_kernel.checkpoint import atomic_write_text
+from peft_kernel.checkpoint_stage import staged_checkpoint
 from peft_kernel.config import PeftConfig
 from peft_kernel.errors import AdapterNameError, CheckpointError
 from peft_kernel.injection import (
-    cast_adapter_dtype, check_adapter_name, inject, replace_with_base, set_trainable, settle_new_adapter,
+    _set_module, cast_adapter_dtype, check_adapter_name, inject, replace_with_base, set_trainable, settle_new_adapter,
+    wrap_modules_to_save,
 )
-from peft_kernel.layer import adapter_layers
+from peft_kernel.layer import AdapterLayer, adapter_layers, walk_modules
+from peft_kernel.modules_to_save import ModulesToSaveWrapper
 from peft_kernel.model import PeftModel, _gradient_checkpointing
 from peft_kernel.plugins import get_registry
 from peft_kernel.transaction import wrap_and_load
@@ -100,7 +105,6 @@ class MixedModel(AdapterModel):
     def _refuse_unstackable(self, adapter_name: str) -> None:
         """Take ``adapter_name`` out again and raise if it put a layer that declares it cannot wrap
         another adapter layer (``stack_refusal``: it does not run its ``base_layer``) on top of one."""
-        from peft_kernel.layer import AdapterLayer
 
         for path, layer in adapter_layers(self.model):
             reason = getattr(type(layer), "stack_refusal", None)
@@ -174,7 +178,6 @@ class MixedModel(AdapterModel):
         """Take out adapter layers left with no adapter (the last adapter of their method was
         deleted, or a failed load was rolled back), innermost first, so the model is as it was
         before that method's first adapter arrived."""
-        from peft_kernel.injection import _set_module
 
         for path, layer in reversed(list(adapter_layers(self.model))):
             if not layer.adapter_names():
@@ -214,7 +217,6 @@ class PeftMixedModel(PeftModel):
     def set_modules_to_save(self, peft_config: PeftConfig, adapter_name: str) -> None:
         """HF PEFT's: wrap ``peft_config.modules_to_save`` for ``adapter_name`` (adding an adapter
         already does this; kept for code that calls it)."""
-        from peft_kernel.injection import wrap_modules_to_save
 
         wrap_modules_to_save(self.get_base_model(), getattr(peft_config, "modules_to_save", None), adapter_name)
 
@@ -227,8 +229,6 @@ class PeftMixedModel(PeftModel):
             raise AdapterNameError(
                 f"Adapter(s) {sorted(mismatched)} not found, available adapters: {sorted(self.peft_config)}"
             )
-        from peft_kernel.layer import walk_modules
-        from peft_kernel.modules_to_save import ModulesToSaveWrapper
 
         for _, module in walk_modules(self.get_base_model(), stop=(ModulesToSaveWrapper,)):
             if isinstance(module, ModulesToSaveWrapper) and sum(n in module.modules_to_save for n in names) > 1:
@@ -252,9 +252,6 @@ class PeftMixedModel(PeftModel):
         single-method format, and ``mixed_adapters.json``: the adapters in the order they were added
         (which is the stacking order), their methods and the active adapters. The whole folder is
         replaced at once; HF PEFT's own ``PeftMixedModel.save_pretrained`` raises instead."""
-        from peft_kernel.adapter_io import save_adapter
-        from peft_kernel.checkpoint import atomic_write_text
-        from peft_kernel.checkpoint_stage import staged_checkpoint
 
         if kwargs:
             raise TypeError(f"PeftMixedModel.save_pretrained got unexpected keyword argument(s) {sorted(kwargs)}")
