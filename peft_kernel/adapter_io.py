@@ -88,7 +88,9 @@ def adapter_tensors(root: nn.Module, adapter_name: str, prefix: str = "") -> dic
                 if adapter_name not in container:
                     continue
                 item = container[adapter_name]
-                if isinstance(item, nn.Parameter):
+                if attr in module.shared_tensor_names:  # one tensor of the whole adapter: saved once, at the host
+                    out.setdefault(_join(prefix, attr), item)
+                elif isinstance(item, torch.Tensor):  # a parameter or a buffer
                     out[_join(path, attr)] = item
                 else:
                     for name, tensor in item.state_dict(keep_vars=True).items():
@@ -104,6 +106,36 @@ def adapter_tensors(root: nn.Module, adapter_name: str, prefix: str = "") -> dic
             if name.endswith("bias") and ".modules_to_save." not in name and id(param) not in taken:
                 out.setdefault(name, param)
     return out
+
+
+def tie_shared_tensors(root: nn.Module, adapter_name: str) -> None:
+    """Give every layer's entry of a shared container (``shared_tensor_names``) the value of the first
+    layer's, which is the one :func:`adapter_tensors` names: the entries are one tensor until
+    ``.to()`` / ``.half()`` give each layer its own copy of a buffer, and a load must reach them all."""
+    first: dict[str, torch.Tensor] = {}
+    with torch.no_grad():
+        for _, layer in adapter_layers(root):
+            for attr in layer.shared_tensor_names:
+                container = getattr(layer, attr)
+                if adapter_name not in container:
+                    continue
+                tensor = container[adapter_name]
+                source = first.setdefault(attr, tensor)
+                if tensor is not source and tensor.shape == source.shape:
+                    tensor.copy_(source.to(device=tensor.device, dtype=tensor.dtype))
+
+
+def unsaved_shared_keys(root: nn.Module, adapter_name: str, prefix: str = "") -> set[str]:
+    """Keys of ``adapter_name``'s shared tensors that its method leaves out of checkpoints on purpose
+    (dropped by ``peft_kernel_map_state_dict(direction="save")``, as VeRA's ``save_projection=False``):
+    a load does not miss them, the method rebuilt them when the adapter was created."""
+    config = _configs(root).get(adapter_name)
+    shared = {_join(prefix, attr): container[adapter_name] for _, layer in adapter_layers(root)
+              for attr in layer.shared_tensor_names
+              if adapter_name in (container := getattr(layer, attr))}
+    if config is None or not shared:
+        return set()
+    return set(shared) - set(_to_disk(config, dict(shared)))
 
 
 EMBEDDING_LAYER_NAMES = ("embed_tokens", "lm_head")
@@ -320,7 +352,8 @@ def load_layer_state_dict(
         for key, value in peft_model_state_dict.items():
             if tuple(value.shape) == tuple(targets[key].shape):
                 targets[key].copy_(value.to(device=targets[key].device, dtype=targets[key].dtype))
-    missing = sorted(k for k in targets if k not in peft_model_state_dict)
+    tie_shared_tensors(model, adapter_name)
+    missing = sorted(k for k in targets if k not in peft_model_state_dict and k not in unsaved_shared_keys(model, adapter_name, prefix))
     return LoadResult(missing, sorted(ignored))
 
 
@@ -410,6 +443,7 @@ def hotswap_adapter(
     with torch.no_grad():
         for key, tensor in targets.items():
             tensor.copy_(weights[key].to(device=tensor.device, dtype=tensor.dtype))
+    tie_shared_tensors(model, adapter_name)
     for name, layer in adapter_layers(model):
         if layer.has_adapter(adapter_name):
             layer.hotswap_update(adapter_name, config, name)

@@ -86,7 +86,8 @@ class PeftKernelSpecs:
 
     @hookspec(firstresult=True)
     def peft_kernel_create_layer(
-        self, config: PeftConfig, adapter_name: str, base_layer: nn.Module, module_name: str
+        self, config: PeftConfig, adapter_name: str, base_layer: nn.Module, module_name: str,
+        shared: dict[str, torch.Tensor],
     ) -> AdapterLayer | None:
         """Build the adapter layer that wraps ``base_layer`` for a new adapter.
 
@@ -102,6 +103,37 @@ class PeftKernelSpecs:
         :class:`~peft_kernel.records.MethodRecord` declares for the config's class (so a method
         needs no implementation of this hook, and any implementation runs before the factories);
         if that gives ``None`` too, the core raises an error naming the module.
+
+        ``shared`` holds the adapter's model-level tensors from ``peft_kernel_create_shared_tensors``
+        (empty for methods without them; leave the argument out of your implementation then). The
+        ``layer_factory`` gets them as ``shared=`` and ``update_layer`` as ``shared=`` too, only when
+        there are some.
+        """
+
+    @hookspec(firstresult=True)
+    def peft_kernel_create_shared_tensors(
+        self, config: PeftConfig, adapter_name: str, targets: list[tuple[str, nn.Module]]
+    ) -> dict[str, torch.Tensor] | None:
+        """Create the tensors of a new adapter that belong to no single layer but are shared by all of
+        its layers: VeRA's and RandLora's random projections, VB-LoRA's vector bank.
+
+        *First result.* Called once per new adapter, after the targets were matched and before any
+        layer is built. ``targets`` are ``(module path, module)`` of every module that gets the
+        adapter (a module may already be an adapter layer holding other adapters: use
+        :func:`peft_kernel.plugin_api.base_of` for the plain layer and its shapes). Return
+        ``{container name: tensor}`` for configs of your method (``None`` for others), e.g.
+        ``{"vera_A": A, "vera_B": B}``; raise :class:`~peft_kernel.errors.ConfigError` naming the
+        field when the new adapter cannot join the model (before anything is changed).
+
+        The core hands the dict to every layer of the adapter (``layer_factory(..., shared=...)``,
+        ``update_layer(..., shared=...)``, this hook's sibling ``peft_kernel_create_layer``), which
+        stores each tensor, *the same object* in every layer, in its container of that name, listed
+        in the layer class's ``shared_tensor_names`` (a ``ParameterDict`` for trainable tensors, a
+        :class:`~peft_kernel.plugin_api.BufferDict` for frozen ones). Then the core saves it once
+        under ``<host>.<name>`` (HF PEFT's ``base_model.vera_A``, adapter name stripped), loads it
+        into every layer, trains it once (it is one parameter) and deletes it with the adapter. To
+        leave it out of checkpoints (VeRA's ``save_projection=False``) drop its key in
+        ``peft_kernel_map_state_dict(direction="save")``; it is then rebuilt by this hook on load.
         """
 
     @hookspec(firstresult=True)

@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peft_kernel.containers import BufferDict
 from peft_kernel.errors import AdapterNameError, TargetNotFoundError
 from peft_kernel.layer import AdapterLayer, walk_modules
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
@@ -108,9 +109,10 @@ def inject(
     if not matched:
         raise no_match_error(config, model)
     compress_target_modules(config, model, [name for name, _ in matched])
+    shared = registry.create_shared_tensors(config, adapter_name, matched)
     with guarding_base_weights() as guard:  # an initialisation that rewrites base weights is undone on failure
         guard.save(config, [module for _, module in matched])
-        new_layers = _build_layers(matched, config, adapter_name, record, registry, stack)
+        new_layers = _build_layers(matched, config, adapter_name, record, registry, stack, shared)
     for name, layer in new_layers.items():
         _set_module(model, name, layer)
     for name, module in matched:
@@ -146,9 +148,10 @@ def _innermost(module: nn.Module) -> nn.Module:
 
 
 def _build_layers(matched: list[tuple[str, nn.Module]], config: Any, adapter_name: str, record: Any, registry: Registry,
-                  stack: bool = False) -> dict[str, AdapterLayer]:
+                  stack: bool = False, shared: dict[str, torch.Tensor] | None = None) -> dict[str, AdapterLayer]:
     """New adapter layers for the unwrapped modules, and the adapter added to already-wrapped ones;
     on failure the adapter is taken out of the wrapped ones again (the model itself is not touched).
+    ``shared`` (the adapter's model-level tensors) goes to every layer that gets the adapter.
 
     With ``stack`` a wrapped module whose chain has no layer of this method gets a new layer built
     for the innermost (plain) module, whose ``base_layer`` then becomes the existing adapter layer:
@@ -157,7 +160,7 @@ def _build_layers(matched: list[tuple[str, nn.Module]], config: Any, adapter_nam
     for name, module in matched:
         if isinstance(module, AdapterLayer):
             if stack and _same_method_layer(module, record.peft_type) is None:
-                layer = registry.create_layer(config, adapter_name, _innermost(module), name)
+                layer = registry.create_layer(config, adapter_name, _innermost(module), name, shared)
                 if layer is None:
                     raise TargetNotFoundError(
                         f"module {name!r} of type {type(_innermost(module)).__name__} matched target_modules, but no "
@@ -174,7 +177,7 @@ def _build_layers(matched: list[tuple[str, nn.Module]], config: Any, adapter_nam
                     "mixed=True) / PeftMixedModel to mix methods)."
                 )
             continue
-        layer = registry.create_layer(config, adapter_name, module, name)
+        layer = registry.create_layer(config, adapter_name, module, name, shared)
         if layer is None:
             raise TargetNotFoundError(
                 f"module {name!r} of type {type(module).__name__} matched target_modules, but no installed plugin "
@@ -188,7 +191,7 @@ def _build_layers(matched: list[tuple[str, nn.Module]], config: Any, adapter_nam
         for name, module in matched:
             if isinstance(module, AdapterLayer) and name not in new_layers:
                 own = _same_method_layer(module, record.peft_type) if stack else module
-                own.update_layer(adapter_name, config, module_name=name)
+                own.update_layer(adapter_name, config, module_name=name, **({"shared": shared} if shared else {}))
                 updated.append(own)
     except BaseException:
         for layer in updated:
@@ -225,7 +228,7 @@ def _adapter_tensors(layer: AdapterLayer, adapter_name: str) -> list[torch.Tenso
     tensors: list[torch.Tensor] = []
     for attr in (*layer.adapter_layer_names, *layer.other_param_names):
         container = getattr(layer, attr, None)
-        if isinstance(container, (nn.ModuleDict, nn.ParameterDict)) and adapter_name in container:
+        if isinstance(container, (nn.ModuleDict, nn.ParameterDict, BufferDict)) and adapter_name in container:
             item = container[adapter_name]
             if isinstance(item, torch.Tensor):
                 tensors.append(item)

@@ -59,9 +59,17 @@ class AdapterLayer(nn.Module):
     """Wraps one base layer with any number of adapters of one method."""
 
     adapter_layer_names: tuple[str, ...] = ()
-    """Containers (ModuleDict / ParameterDict attributes) holding each adapter's trainable tensors."""
+    """Containers (``nn.ModuleDict`` / ``nn.ParameterDict`` / :class:`~peft_kernel.containers.BufferDict`
+    attributes) holding each adapter's tensors: saved and loaded with the adapter. Entries that are
+    buffers are frozen tensors of the adapter (never trained)."""
     other_param_names: tuple[str, ...] = ()
     """Plain per-adapter dict attributes (``r``, ``scaling``...), removed with the adapter."""
+    shared_tensor_names: tuple[str, ...] = ()
+    """Containers among ``adapter_layer_names`` whose entry for an adapter is one tensor shared by
+    every layer of that adapter, created by the method's ``peft_kernel_create_shared_tensors`` hook
+    and handed to ``update_layer(..., shared=...)`` (VeRA's projections, VB-LoRA's vector bank). Such
+    a tensor is saved once, under ``<host>.<container>`` (HF PEFT's ``base_model.vera_A``), not per
+    layer, and a load writes it into every layer's entry."""
     peft_type: str = ""
 
     def __init__(self, base_layer: nn.Module) -> None:
@@ -143,7 +151,10 @@ class AdapterLayer(nn.Module):
             container = getattr(self, attr)
             if adapter_name in container:
                 item = container[adapter_name]
-                yield from ([item] if isinstance(item, nn.Parameter) else item.parameters())
+                if isinstance(item, nn.Parameter):
+                    yield item
+                elif isinstance(item, nn.Module):
+                    yield from item.parameters()
 
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Make ``adapter_names`` active (and trainable); the others inactive and frozen."""
@@ -152,8 +163,8 @@ class AdapterLayer(nn.Module):
         for attr in self.adapter_layer_names:  # one pass over the containers (cheap with many adapters)
             for name, item in getattr(self, attr).items():
                 flag = name in wanted
-                if isinstance(item, nn.Parameter):
-                    params: Iterable[Any] = [item]
+                if isinstance(item, torch.Tensor):  # a parameter, or a buffer (frozen: never made trainable)
+                    params: Iterable[Any] = [item] if isinstance(item, nn.Parameter) else []
                 elif not item._modules:  # a leaf module (nn.Linear...): its own tensors, no recursion
                     params = [p for p in item._parameters.values() if p is not None]
                 else:

@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
         load_adapter_weights,
         resolve_file,
     )
+    from peft_kernel.containers import BufferDict
     from peft_kernel.injection import CONFIGS_ATTR, check_adapter_name, replace_with_base, wrap_modules_to_save
     from peft_kernel.layer import AdapterLayer, Fold, LowRankFactors, LowRankLayer, walk_modules
     from peft_kernel.modules_to_save import ModulesToSaveWrapper
@@ -59,6 +60,7 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
     from peft_kernel.utils import merge_utils
 
 _HEAVY = {
+    "BufferDict": "peft_kernel.containers",
     "AdapterLayer": "peft_kernel.layer",
     "Fold": "peft_kernel.layer",
     "LowRankFactors": "peft_kernel.layer",
@@ -108,6 +110,7 @@ __all__ = [
     "AdapterLayer",
     "AdapterNameError",
     "BackendRecord",
+    "BufferDict",
     "CheckpointError",
     "CliError",
     "ConfigError",

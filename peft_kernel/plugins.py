@@ -133,16 +133,25 @@ class Registry:
         return bool(self.call_hook("peft_kernel_match_target", kwargs))
 
     def create_layer(self, config: PeftConfig, adapter_name: str, base_layer: nn.Module,
-                     module_name: str) -> AdapterLayer | None:
+                     module_name: str, shared: dict[str, torch.Tensor] | None = None) -> AdapterLayer | None:
         """The adapter layer wrapping ``base_layer``: the first ``peft_kernel_create_layer`` answer,
-        else the ``layer_factory`` this registry's record declares for ``config``; ``None`` when neither
-        wraps it."""
-        kwargs = {"config": config, "adapter_name": adapter_name, "base_layer": base_layer, "module_name": module_name}
+        else the ``layer_factory`` this registry's record declares for ``config`` (given ``shared=``
+        only when there are shared tensors); ``None`` when neither wraps it."""
+        shared = shared or {}
+        kwargs = {"config": config, "adapter_name": adapter_name, "base_layer": base_layer, "module_name": module_name,
+                  "shared": shared}
         layer = self.call_hook("peft_kernel_create_layer", kwargs)
         if layer is None:
             factory = self.layer_factory(config)
-            layer = None if factory is None else factory(config, adapter_name, base_layer, module_name)
+            extra = {"shared": shared} if shared else {}
+            layer = None if factory is None else factory(config, adapter_name, base_layer, module_name, **extra)
         return layer
+
+    def create_shared_tensors(self, config: PeftConfig, adapter_name: str,
+                              targets: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
+        """The new adapter's model-level tensors (``peft_kernel_create_shared_tensors``; empty when none)."""
+        kwargs = {"config": config, "adapter_name": adapter_name, "targets": targets}
+        return self.call_hook("peft_kernel_create_shared_tensors", kwargs) or {}
 
     def merge(self, layer: AdapterLayer, adapter_name: str, safe_merge: bool = False,
               direction: Literal["merge", "unmerge"] = "merge") -> bool:

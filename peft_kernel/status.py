@@ -15,6 +15,7 @@ import torch
 
 from torch import nn
 
+from peft_kernel.containers import BufferDict
 from peft_kernel.layer import AdapterLayer, walk_modules
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
 
@@ -96,6 +97,9 @@ def _per_adapter(module: nn.Module, attrs: tuple[str, ...], what: str) -> dict[s
         elif isinstance(container, nn.ParameterDict):
             for key, p in container.items():
                 out[key].append(getattr(p, what))
+        elif isinstance(container, BufferDict) and what != "requires_grad":  # frozen, never trained: no say in it
+            for key, b in container.items():
+                out[key].append(getattr(b, what))
     return out
 
 

@@ -205,7 +205,7 @@ def test_every_hookspec_is_documented_and_tested():
     specs = [name for name, _ in inspect.getmembers(PeftKernelSpecs, inspect.isfunction) if name.startswith("peft_kernel_")]
     assert len(specs) >= 6
     root = pathlib.Path(__file__).parents[1]
-    test_files = [*root.glob("tests/test_*.py"), *root.glob("plugins/*/tests/test_*.py"), *root.glob("examples/*/tests/test_*.py")]
+    test_files = [*root.glob("tests/test_*.py"), *root.glob("tests/core/*.py"), *root.glob("plugins/*/tests/test_*.py"), *root.glob("examples/*/tests/test_*.py")]
     tests_text = "\n".join(p.read_text() for p in test_files if p.name != pathlib.Path(__file__).name)
     for name in specs:
         doc = inspect.getdoc(getattr(PeftKernelSpecs, name)) or ""
