@@ -70,6 +70,10 @@ class AdapterLayer(nn.Module):
     and handed to ``update_layer(..., shared=...)`` (VeRA's projections, VB-LoRA's vector bank). Such
     a tensor is saved once, under ``<host>.<container>`` (HF PEFT's ``base_model.vera_A``), not per
     layer, and a load writes it into every layer's entry."""
+    status_type_names: dict[str, str] = {}
+    """``{base layer kind: class name}`` shown by ``get_layer_status`` as ``<method>.<name>`` where
+    HF PEFT's class name is not the base layer's (``{"Linear": "DeloraLinear"}``). The kind is the
+    base layer's class name, ``Linear`` for a GPT-2 ``Conv1D``."""
     peft_type: str = ""
 
     def __init__(self, base_layer: nn.Module) -> None:

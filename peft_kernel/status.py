@@ -79,12 +79,14 @@ def _root(model: nn.Module, caller: str) -> nn.Module:
 
 
 def _module_type(module: nn.Module) -> str:
-    """HF PEFT's names: ``lora.Linear`` (also over a GPT-2 ``Conv1D``), ``lora.Embedding``, ``ia3.Conv2d``..."""
+    """HF PEFT's names: ``lora.Linear`` (also over a GPT-2 ``Conv1D``), ``lora.Embedding``, ``ia3.Conv2d``,
+    ``delora.DeloraLinear`` (a layer's ``status_type_names``)..."""
     if isinstance(module, ModulesToSaveWrapper):
         return "ModulesToSaveWrapper"
     base = type(module.base_layer).__name__
+    kind = "Linear" if base == "Conv1D" else base
     prefix = str(getattr(module.peft_type, "value", module.peft_type)).lower()
-    return f"{prefix}.{'Linear' if base == 'Conv1D' else base}" if prefix else type(module).__name__
+    return f"{prefix}.{getattr(module, 'status_type_names', {}).get(kind, kind)}" if prefix else type(module).__name__
 
 
 def _per_adapter(module: nn.Module, attrs: tuple[str, ...], what: str) -> dict[str, list[Any]]:

@@ -47,6 +47,8 @@ def _init_kernel(kernel: torch.Tensor, init_weights: bool | str | None) -> None:
 class C3ALinear(AdapterLayer):
     """An ``nn.Linear`` with C3A adapters (block-circulant updates applied by FFT)."""
 
+    status_type_names = {"Linear": "C3ALinear"}  # HF PEFT's class name in get_layer_status
+
     adapter_layer_names = ("c3a_kernel",)
     other_param_names = ("block_size",)
 

@@ -10,13 +10,13 @@ rank-one component. The update's Frobenius norm is thus bounded by ``|lambda| * 
 from __future__ import annotations
 
 import math
-from typing import Any, Iterable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, UnsupportedFeatureError, pattern_value
+from peft_kernel.plugin_api import AdapterLayer, BufferDict, LowRankFactors, UnsupportedFeatureError, pattern_value
 from peft_kernel_delora.config import DeloraConfig
 from peft_kernel_lowrank import mixed
 
@@ -25,11 +25,12 @@ EPS = 1e-4
 
 
 class DeloraLinear(AdapterLayer):
-    """DeLoRA for ``nn.Linear``. ``delora_w_norm`` is a frozen tensor that is saved and loaded with
-    the adapter (HF PEFT's on-disk key) but never trains."""
+    """DeLoRA for ``nn.Linear``. ``delora_w_norm`` is a buffer, as in HF PEFT: saved and loaded with
+    the adapter (HF's on-disk key), never trained, not counted as a parameter."""
 
     adapter_layer_names = ("delora_A", "delora_B", "delora_lambda", "delora_w_norm")
     other_param_names = ("r", "delora_dropout")
+    status_type_names = {"Linear": "DeloraLinear"}
 
     def __init__(self, base_layer: nn.Linear) -> None:
         super().__init__(base_layer)
@@ -39,7 +40,7 @@ class DeloraLinear(AdapterLayer):
         self.delora_A = nn.ParameterDict()
         self.delora_B = nn.ParameterDict()
         self.delora_lambda = nn.ParameterDict()
-        self.delora_w_norm = nn.ParameterDict()
+        self.delora_w_norm = BufferDict()
         self._factors: dict[str, tuple[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor]] = {}
 
     # ---- creation ---------------------------------------------------------------------------
@@ -63,18 +64,9 @@ class DeloraLinear(AdapterLayer):
         self.delora_B[adapter_name] = nn.Parameter(b)
         self.delora_lambda[adapter_name] = nn.Parameter(torch.tensor([float(lam)], device=weight.device, dtype=dtype))
         w_norm = weight.detach().to(dtype).norm(dim=0)
-        self.delora_w_norm[adapter_name] = nn.Parameter(w_norm, requires_grad=False)
+        self.delora_w_norm[adapter_name] = w_norm
 
-    # ---- w_norm never trains ------------------------------------------------------------------
-    def adapter_parameters(self, adapter_name: str) -> Iterable[nn.Parameter]:
-        """The adapter's trainable tensors (``delora_w_norm`` is a fixed statistic of the base)."""
-        return (p for p in super().adapter_parameters(adapter_name) if p is not self.delora_w_norm.get(adapter_name))
-
-    def set_adapter(self, adapter_names: str | list[str]) -> None:
-        super().set_adapter(adapter_names)
-        for w_norm in self.delora_w_norm.values():
-            w_norm.requires_grad_(False)
-
+    # ---- bookkeeping ---------------------------------------------------------------------------
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._factors.pop(adapter_name, None)

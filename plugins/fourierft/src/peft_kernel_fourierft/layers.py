@@ -26,6 +26,8 @@ class FourierFTLayer(AdapterLayer):
     ``delta W = scaling * Re(ifft2(S))``, ``S`` the ``[out, in]`` spectrum that is zero except at
     the adapter's positions, where it holds the learned ``fourierft_spectrum``."""
 
+    status_type_names = {"Linear": "FourierFTLinear"}  # HF PEFT's class name in get_layer_status
+
     adapter_layer_names = ("fourierft_spectrum",)
     other_param_names = ("n_frequency", "scaling", "indices")
 

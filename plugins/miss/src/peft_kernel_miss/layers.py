@@ -30,6 +30,7 @@ from peft_kernel_miss.config import MissConfig
 class MissLinear(AdapterLayer):
     adapter_layer_names = ("miss_block",)
     other_param_names = ("miss_r", "miss_mini_r", "miss_mode", "miss_dropout")
+    status_type_names = {"Linear": "MissLinear"}  # HF PEFT's class name in get_layer_status
 
     def __init__(self, base_layer: nn.Linear) -> None:
         super().__init__(base_layer)

@@ -200,6 +200,30 @@ class _Checks:
             )
         _close(got, expected, case.tolerance, "HF peft (loaded from ours) vs ours")
 
+    def test_status_matches_hf(self, case: ConformanceCase) -> None:
+        """``get_layer_status`` (layer names, HF's module type names, adapters, trainability),
+        ``get_model_status`` and the trainable / total parameter counts are HF's."""
+        if not case.hf:
+            pytest.skip("no HF peft counterpart for this case")
+        peft = _hf()
+        from peft_kernel import get_peft_model
+
+        def layers(model: Any) -> list[tuple[Any, ...]]:
+            return [(s.name, s.module_type, s.enabled, s.active_adapters, s.merged_adapters, s.requires_grad,
+                     s.available_adapters) for s in model.get_layer_status()]
+
+        def summary(model: Any) -> tuple[Any, ...]:
+            s = model.get_model_status()
+            return (s.trainable_params, s.total_params, s.num_adapter_layers, s.enabled, s.active_adapters,
+                    s.merged_adapters, s.requires_grad, s.available_adapters)
+
+        ours = get_peft_model(case.make_model(), case.config())
+        with hf_oracle("HF peft building the adapter"):
+            theirs = peft.get_peft_model(case.make_model(), _hf_config(case.config()))
+        assert layers(ours) == layers(theirs)
+        assert summary(ours) == summary(theirs)
+        assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
     def test_mixed_batch_rows(self, case: ConformanceCase) -> None:
         model = _build(case, adapter_name="first", seed=0)
         if not _record(model.active_peft_config).supports("mixed_batch"):
