@@ -81,6 +81,7 @@ _HEAVY = {
     "atomic_save_tensors": "peft_kernel.checkpoint",
     "PICKLE_WEIGHTS_NAME": "peft_kernel.checkpoint",
     "merge_utils": "peft_kernel.utils.merge_utils",
+    "is_additive": "peft_kernel.tuner",
 }
 """``{name: core module}`` of the names that import torch, imported on first access."""
 
@@ -143,6 +144,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "install_hint",
+    "is_additive",
     "linear_fan_in_fan_out",
     "load_adapter_weights",
     "merge_utils",
