@@ -57,6 +57,7 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
     from peft_kernel.layer import AdapterLayer, Fold, LowRankFactors, LowRankLayer, walk_modules
     from peft_kernel.modules_to_save import ModulesToSaveWrapper
     from peft_kernel.routing import BASE_ADAPTER, Routing, current_routing
+    from peft_kernel.tuner import is_additive
     from peft_kernel.utils import merge_utils
 
 _HEAVY = {
