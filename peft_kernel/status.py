@@ -88,7 +88,8 @@ def _module_type(module: nn.Module) -> str:
     prefix = str(getattr(module.peft_type, "value", module.peft_type)).lower()
     if not prefix:
         return type(module).__name__
-    name = getattr(module, "status_type_names", {}).get(kind, kind)
+    names = getattr(module, "status_type_names", {})
+    name = names.get(kind, names.get("*", kind))
     return f"{prefix}.{name}" if getattr(module, "status_type_prefixed", True) else name
 
 
