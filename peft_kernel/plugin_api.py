@@ -41,7 +41,7 @@ from peft_kernel.markers import hookimpl, hookspec
 from peft_kernel.model_defaults import DEFAULT_TARGET_MODULES
 from peft_kernel.plugins import Registry, build_registry, get_registry, install_hint, set_registry
 from peft_kernel.records import BackendRecord, MethodRecord
-from peft_kernel.targeting import base_of, compile_pattern, linear_fan_in_fan_out, pattern_value
+from peft_kernel.targeting import base_of, compile_pattern, linear_fan_in_fan_out, pattern_value, standard_match
 
 if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
     from peft_kernel.adapter_io import LoadResult
@@ -155,6 +155,7 @@ __all__ = [
     "render_table",
     "resolve_file",
     "set_registry",
+    "standard_match",
     "wrap_modules_to_save",
     "walk_modules",
 ]
