@@ -1,0 +1,24 @@
+"""Entry module of peft-kernel-boft: registers BOFT and declares its layers. Cheap to import."""
+
+from __future__ import annotations
+
+from typing import Callable
+
+from peft_kernel.plugin_api import DEFAULT_TARGET_MODULES, MethodRecord, hookimpl
+from peft_kernel_boft.config import BOFTConfig
+
+
+@hookimpl
+def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> None:
+    register(
+        MethodRecord(
+            peft_type="BOFT",
+            config_class=BOFTConfig,
+            prefix="boft_",
+            capabilities={"mergeable", "mixed_batch", "multi_adapter"},
+            tuner_name="BOFTModel",
+            layer_factory="peft_kernel_boft.layers:make_layer",
+            default_target_modules=DEFAULT_TARGET_MODULES,
+            exports={"BOFTLayer": "peft_kernel_boft.layers:BOFTLayer"},
+        )
+    )
