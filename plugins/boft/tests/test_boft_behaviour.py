@@ -125,12 +125,14 @@ def _reference_weight(weight: torch.Tensor, raw: torch.Tensor, scale: torch.Tens
 @pytest.mark.parametrize("kwargs", [dict(boft_block_size=4, boft_n_butterfly_factor=3),
                                     dict(boft_block_size=0, boft_block_num=2, boft_n_butterfly_factor=2),
                                     dict(boft_block_size=16)])
-def test_linear_is_reference_formula(kwargs: dict) -> None:
+@pytest.mark.parametrize("shape", [(2, 32), (3, 7, 32)], ids=["rotates-input", "folds-weight"])
+def test_linear_is_reference_formula(kwargs: dict, shape: tuple[int, ...]) -> None:
+    """Both forms of the forward (2 tokens < 5 outputs: the input is rotated; 21 tokens: the weight)."""
     base = nn.Sequential(nn.Linear(32, 5))
     expected_base = copy.deepcopy(base[0])
     model = _adapted(base, BOFTConfig(target_modules=["0"], **kwargs))
     layer = model.base_model.model[0]
-    x = torch.randn(3, 7, 32)
+    x = torch.randn(shape)
     weight = _reference_weight(expected_base.weight, layer.boft_R["default"].detach(), layer.boft_s["default"].detach())
     torch.testing.assert_close(model(x), F.linear(x, weight, expected_base.bias), atol=1e-5, rtol=1e-5)
 
@@ -313,7 +315,7 @@ def test_gradients_match_hf() -> None:
 
 
 # ---- mixed batches, merge, dropout ---------------------------------------------------------------
-def test_mixed_batch_with_different_layouts_is_vectorised(monkeypatch: pytest.MonkeyPatch) -> None:
+def _mixed_model() -> PeftModel:
     torch.manual_seed(0)
     base = nn.Sequential(nn.Linear(16, 8), nn.ReLU(), nn.Linear(8, 4))
     model = get_peft_model(base, BOFTConfig(target_modules=["0", "2"], boft_block_size=4, boft_n_butterfly_factor=2),
@@ -321,9 +323,13 @@ def test_mixed_batch_with_different_layouts_is_vectorised(monkeypatch: pytest.Mo
     model.add_adapter("two", BOFTConfig(target_modules=["0", "2"], boft_block_size=2, boft_n_butterfly_factor=3))
     model.add_adapter("three", BOFTConfig(target_modules=["0"], boft_block_size=4, boft_n_butterfly_factor=2))
     _randomise(model, 3)
-    model.eval()
-    names = ["one", "two", "__base__", "three", "two", "one", "three", "__base__", "one"]
-    x = torch.randn(len(names), 3, 16)
+    return model.eval()
+
+
+NAMES = ["one", "two", "__base__", "three", "two", "one", "three", "__base__", "one"]
+
+
+def _single_runs(model: PeftModel, names: list[str], x: torch.Tensor) -> torch.Tensor:
     expected = []
     for i, name in enumerate(names):
         if name == "__base__":
@@ -332,6 +338,14 @@ def test_mixed_batch_with_different_layouts_is_vectorised(monkeypatch: pytest.Mo
         else:
             model.set_adapter(name)
             expected.append(model(x[i:i + 1]))
+    return torch.cat(expected)
+
+
+def test_mixed_batch_rotates_rows_vectorised(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Few tokens: each row's input rotated with its gathered blocks, one gather per block layout."""
+    model = _mixed_model()
+    x = torch.randn(len(NAMES), 1, 16)
+    expected = _single_runs(model, NAMES, x)
     calls: list[int] = []
     real = butterfly.apply_row_butterfly
 
@@ -340,9 +354,17 @@ def test_mixed_batch_with_different_layouts_is_vectorised(monkeypatch: pytest.Mo
         return real(h, blocks)
 
     monkeypatch.setattr("peft_kernel_boft.layers.apply_row_butterfly", counting)
-    mixed = model(x, adapter_names=names)
-    torch.testing.assert_close(mixed, torch.cat(expected), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(model(x, adapter_names=NAMES), expected, atol=1e-5, rtol=1e-5)
     assert calls == [5, 2, 3, 2]  # one gather per (layer, layout): the rows of that layout's adapters
+
+
+def test_mixed_batch_folds_weights_per_adapter_with_many_tokens(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Many tokens: one folded weight and one matmul per adapter group, no per-row rotation."""
+    model = _mixed_model()
+    x = torch.randn(len(NAMES), 40, 16)
+    expected = _single_runs(model, NAMES, x)
+    monkeypatch.setattr("peft_kernel_boft.layers.apply_row_butterfly", None)  # must not be called
+    torch.testing.assert_close(model(x, adapter_names=NAMES), expected, atol=1e-5, rtol=1e-5)
 
 
 def test_unmerge_restores_base_and_safe_merge_refuses_non_finite() -> None:

@@ -16,9 +16,14 @@ Several active adapters ``[a, b]`` act as HF's do: ``x R_b R_a`` (the last adapt
 scales multiplied; merging folds ``a`` then ``b``, so merged == unmerged. Unmerging divides by the
 scale and applies the exact inverse rotation, computed in float64.
 
+Linear forwards pick the cheaper of two exact forms: rotating the input's rows, or (more tokens
+than output features per weight to fold) folding the rotation into the weight -- never a dense
+``d x d`` matrix (HF builds one per forward).
+
 Mixed batches: each row is rotated by its own adapter's blocks, gathered per row (one gather per
 group of adapters sharing a block layout; ``"__base__"`` rows get identity blocks) and scaled by
-its own ``boft_s``; the base Linear runs once. Conv2d runs one convolution per adapter group.
+its own ``boft_s``, and the base Linear runs once; with many tokens per adapter, each adapter group
+runs with its folded weight instead. Conv2d runs one convolution per adapter group.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ import warnings
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.plugin_api import ConfigError, Routing
@@ -167,6 +173,31 @@ class BOFTLayer(RotationLayer):
         stacked = torch.cat([stacked, torch.ones_like(stacked[:1])])
         return stacked.index_select(0, routing.slots(batch, device, order) % stacked.shape[0])
 
+    # ---- folded weights ------------------------------------------------------------------------
+    def with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """The base layer's operation on ``x`` with ``weight`` in place of its own."""
+        raise NotImplementedError
+
+    def effective_weight(self, adapters: list[str]) -> torch.Tensor:
+        """The base weight with ``adapters`` folded in, in merge order (== their unmerged forward)."""
+        weight = self.base_layer.weight
+        w = weight.to(self.rotation_dtype())
+        for name in adapters:
+            w = self._out_scaled(self.fold(w, self.blocks(name)), self.scale(name))
+        return w.to(weight.dtype)
+
+    def grouped_forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
+        """Mixed batch by adapter groups: one folded weight and one base operation per group."""
+        result: torch.Tensor | None = None
+        for name, rows in routing.groups(x.shape[0], x.device).items():
+            weight = self.effective_weight([name]) if self.has_adapter(name) else self.base_layer.weight
+            part = self.with_weight(x.index_select(0, rows), weight)
+            if result is None:
+                result = part.new_empty((x.shape[0], *part.shape[1:]))
+            result.index_copy_(0, rows, part)
+        assert result is not None
+        return result
+
     # ---- the multiplicative merge -----------------------------------------------------------
     def merge_into_base(self, adapter_name: str, safe_merge: bool = False) -> None:
         weight = self.base_layer.weight
@@ -204,7 +235,18 @@ class Linear(BOFTLayer):
         scale = scale.to(y.dtype)
         return y * scale if bias is None else (y - bias) * scale + bias
 
+    def folds(self, x: torch.Tensor, weights: int) -> bool:
+        """Whether folding the rotation into ``weights`` weights (``out_features`` rows each) costs
+        less than rotating ``x``'s rows (both cost ``rows * d * b * m``); only for a plain Linear base,
+        whose operation :meth:`with_weight` reproduces."""
+        return isinstance(self.base_layer, nn.Linear) and x.numel() // self.in_features > weights * self.out_features
+
+    def with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.linear(x, weight.to(x.dtype), self.base_layer.bias)
+
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.folds(x, 1):
+            return self.with_weight(x, self.effective_weight(adapters))
         y = self.base_layer(self.rotate(x, adapters), *args, **kwargs)
         scale = self.scale(adapters[0])
         for name in adapters[1:]:
@@ -214,9 +256,10 @@ class Linear(BOFTLayer):
     def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
         if not self.adapter_names():
             return self.base_layer(x, *args, **kwargs)
+        if self.folds(x, len(routing.groups(x.shape[0], x.device))):
+            return self.grouped_forward(x, routing)
         y = self.base_layer(self.rotate_rows(x, routing), *args, **kwargs)
         return self._scaled(y, _rows(self.row_scales(x.shape[0], routing, x.device), y))
-
 
 class Conv2d(BOFTLayer):
     """BOFT for ``nn.Conv2d``: the rotation acts on the ``in_channels / groups * kh * kw`` kernel
@@ -236,31 +279,14 @@ class Conv2d(BOFTLayer):
     def scale_shape(self) -> tuple[int, int]:
         return (1, self.out_features)
 
-    def effective_weight(self, adapters: list[str]) -> torch.Tensor:
-        """The kernel with ``adapters`` folded in, in merge order (== their unmerged forward)."""
-        weight = self.base_layer.weight
-        w = weight.to(self.rotation_dtype())
-        for name in adapters:
-            w = self._out_scaled(self.fold(w, self.blocks(name)), self.scale(name))
-        return w.to(weight.dtype)
-
-    def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+    def with_weight(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self.base_layer._conv_forward(x, weight, self.base_layer.bias)
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        return self._conv(x, self.effective_weight(adapters))
+        return self.with_weight(x, self.effective_weight(adapters))
 
     def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
-        result: torch.Tensor | None = None
-        for name, rows in routing.groups(x.shape[0], x.device).items():
-            weight = self.effective_weight([name]) if self.has_adapter(name) else self.base_layer.weight
-            part = self._conv(x.index_select(0, rows), weight)
-            if result is None:
-                result = part.new_empty((x.shape[0], *part.shape[1:]))
-            result.index_copy_(0, rows, part)
-        assert result is not None
-        return result
-
+        return self.grouped_forward(x, routing)
 
 def make_layer(config: BOFTConfig, adapter_name: str, base_layer: nn.Module, module_name: str) -> BOFTLayer | None:
     """The BOFT layer for ``base_layer``'s type with ``adapter_name`` added, or None if unsupported."""
