@@ -14,6 +14,7 @@ from torch import nn
 
 from boft_hf_standin import hf_fbd_standin  # noqa: F401  (autouse fixture: HF's extension, per test)
 from peft_kernel import PeftModel, get_peft_model
+from peft_kernel import TargetNotFoundError
 from peft_kernel.plugin_api import ConfigError
 from peft_kernel_boft import BOFTConfig
 from peft_kernel_orthogonal import butterfly
@@ -449,7 +450,12 @@ def test_fan_in_fan_out_on_linear_warns_as_hf() -> None:
     assert any("Setting fan_in_fan_out to False" in str(w.message) for w in caught)
 
 
-@pytest.mark.parametrize("module", [nn.Embedding(10, 8), nn.Conv1d(4, 8, 2)])
-def test_unsupported_layer_types_are_refused_by_name(module: nn.Module) -> None:
-    with pytest.raises(Exception, match=type(module).__name__):
+@pytest.mark.parametrize("kind", ["Embedding", "Conv1d", "Conv1D"])
+def test_unsupported_layer_types_are_refused_by_name(kind: str) -> None:
+    """HF PEFT wraps nn.Linear and nn.Conv2d only (not GPT-2's Conv1D either)."""
+    from transformers.pytorch_utils import Conv1D
+
+    module = {"Embedding": lambda: nn.Embedding(10, 8), "Conv1d": lambda: nn.Conv1d(4, 8, 2),
+              "Conv1D": lambda: Conv1D(8, 4)}[kind]()
+    with pytest.raises(TargetNotFoundError, match=f"type {kind} .*no installed plugin can wrap it"):
         get_peft_model(nn.Sequential(module), BOFTConfig(target_modules=["0"]))

@@ -80,9 +80,11 @@ class BOFTLayer(RotationLayer):
     def _layout(self, config: BOFTConfig, module_name: str) -> tuple[int, int]:
         """``(block count, block size)`` for this layer, or a ``ConfigError`` naming the field."""
         features, factors = self.in_features, config.boft_n_butterfly_factor
-        field, value = ("boft_block_size", config.boft_block_size) if config.boft_block_size else \
-            ("boft_block_num", config.boft_block_num)
-        size = value if field == "boft_block_size" else (features // value if features % value == 0 else 0)
+        if config.boft_block_size:
+            field, value, size = "boft_block_size", config.boft_block_size, config.boft_block_size
+        else:
+            field, value = "boft_block_num", config.boft_block_num
+            size = features // value if features % value == 0 else 0
         problem = (f"the block count ({value}) must divide the features ({features})" if size == 0
                    else butterfly_problem(features, size, factors))
         if problem:
