@@ -459,3 +459,38 @@ def test_unsupported_layer_types_are_refused_by_name(kind: str) -> None:
               "Conv1D": lambda: Conv1D(8, 4)}[kind]()
     with pytest.raises(TargetNotFoundError, match=f"type {kind} .*no installed plugin can wrap it"):
         get_peft_model(nn.Sequential(module), BOFTConfig(target_modules=["0"]))
+
+
+# ---- mixed models (HF PEFT's PeftMixedModel refuses BOFT) ----------------------------------------
+@pytest.mark.parametrize("boft_first", [False, True], ids=["boft-over-lora", "lora-over-boft"])
+def test_stacks_with_lora_in_a_mixed_model(boft_first: bool) -> None:
+    """BOFT over LoRA computes ``((W + dW)(x R) + b - b) s + b``; LoRA over BOFT adds ``dW x`` to
+    BOFT's output. Either way merge_and_unload folds them inside out into the same function."""
+    from peft_kernel import LoraConfig
+
+    torch.manual_seed(0)
+    base = nn.Sequential(nn.Linear(16, 6))
+    reference = copy.deepcopy(base[0])
+    configs = {"bo": BOFTConfig(target_modules=["0"], boft_block_size=4, boft_n_butterfly_factor=2),
+               "lo": LoraConfig(target_modules=["0"], r=2, init_lora_weights=False)}
+    order = ["bo", "lo"] if boft_first else ["lo", "bo"]
+    model = get_peft_model(base, configs[order[0]], adapter_name=order[0], mixed=True)
+    model.add_adapter(order[1], configs[order[1]])
+    model.set_adapter(order)
+    _randomise(model, 0)
+    model.eval()
+    outer = model.base_model.model[0]
+    boft = outer if not boft_first else outer.base_layer
+    lora = outer.base_layer if not boft_first else outer
+    x = torch.randn(3, 16)
+    delta = lora.lora_B["lo"].weight @ lora.lora_A["lo"].weight * lora.scaling["lo"]
+    weight = _reference_weight(reference.weight, boft.boft_R["bo"].detach(), boft.boft_s["bo"].detach())
+    if boft_first:  # LoRA outermost: its delta on the raw input
+        expected = F.linear(x, weight, reference.bias) + x @ delta.T
+    else:
+        expected = F.linear(x, _reference_weight(reference.weight + delta, boft.boft_R["bo"].detach(),
+                                                 boft.boft_s["bo"].detach()), reference.bias)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), expected, atol=1e-5, rtol=1e-5)
+        merged = model.merge_and_unload()
+        torch.testing.assert_close(merged(x), expected, atol=1e-5, rtol=1e-5)
