@@ -138,6 +138,10 @@ class BOFTLayer(RotationLayer):
     def _out_scaled(self, weight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
         return weight * scale.reshape(-1, *([1] * (weight.dim() - 1)))
 
+    def folded(self, weight: torch.Tensor, adapter_name: str, dropout: bool = True) -> torch.Tensor:
+        """``weight`` (in the rotation dtype) with ``adapter_name`` folded in: ``W R^T * s``."""
+        return self._out_scaled(self.fold(weight, self.blocks(adapter_name, dropout)), self.scale(adapter_name))
+
     def rotate(self, t: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         """``t[..., in_features]`` rotated as HF's active ``adapters`` are: the last one first."""
         h = t.to(self.rotation_dtype())
@@ -185,7 +189,7 @@ class BOFTLayer(RotationLayer):
         weight = self.base_layer.weight
         w = weight.to(self.rotation_dtype())
         for name in adapters:
-            w = self._out_scaled(self.fold(w, self.blocks(name)), self.scale(name))
+            w = self.folded(w, name)
         return w.to(weight.dtype)
 
     def grouped_forward(self, x: torch.Tensor, routing: Routing) -> torch.Tensor:
@@ -204,8 +208,7 @@ class BOFTLayer(RotationLayer):
     def merge_into_base(self, adapter_name: str, safe_merge: bool = False) -> None:
         weight = self.base_layer.weight
         with torch.no_grad():
-            blocks = self.blocks(adapter_name, dropout=False)
-            new = self._out_scaled(self.fold(weight.to(blocks.dtype), blocks), self.scale(adapter_name))
+            new = self.folded(weight.to(self.rotation_dtype()), adapter_name, dropout=False)
             if safe_merge and not torch.isfinite(new).all():
                 raise ValueError(
                     f"NaNs or infs detected while merging adapter {adapter_name!r} into {type(self).__name__}; "
