@@ -43,7 +43,7 @@ def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
             q = torch.cat(columns, dim=-1)
             residual = col - q @ (q.transpose(-1, -2) @ col)
         norm = residual.norm(dim=-2, keepdim=True)
-        keep = norm > rtol * col.norm(dim=-2, keepdim=True)
+        keep = ~(norm <= rtol * col.norm(dim=-2, keepdim=True))  # NaN stays NaN: a broken vector shows
         columns.append(torch.where(keep, residual / norm.clamp_min(_tiny(u.dtype)), torch.zeros_like(residual)))
     return torch.cat(columns, dim=-1)
 
