@@ -45,10 +45,22 @@ def test_reflect_transposed_is_the_inverse_and_rows_apply_their_own_product():
     torch.testing.assert_close(reflect(out, y, t, transpose=True), m, atol=1e-12, rtol=0)
 
 
-def test_zero_columns_reflect_nothing():
+@pytest.mark.parametrize("vectors", [unit_columns, gram_schmidt])
+def test_zero_columns_reflect_nothing_with_finite_gradients(vectors):
     u = torch.randn(6, 3, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    padded = unit_columns(torch.cat([u, torch.zeros(6, 2, dtype=u.dtype)], dim=1))
-    torch.testing.assert_close(dense(padded, compact_wy(padded)), explicit_product(u), atol=1e-12, rtol=0)
+    padded = torch.cat([u[:, :1], torch.zeros(6, 2, dtype=u.dtype), u[:, 1:]], dim=1).requires_grad_(True)
+    y = vectors(padded)
+    expected = explicit_product(gram_schmidt(u) if vectors is gram_schmidt else u)
+    torch.testing.assert_close(dense(y, compact_wy(y)), expected, atol=1e-12, rtol=0)
+    (grad,) = torch.autograd.grad(dense(y, compact_wy(y)).sum(), padded)
+    assert torch.isfinite(grad).all()
+
+
+def test_nan_vectors_stay_visible():
+    u = torch.randn(5, 3, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    u[0, 1] = float("nan")
+    for vectors in (unit_columns, gram_schmidt):
+        assert torch.isnan(vectors(u)[:, 1]).all()
 
 
 def test_gram_schmidt_gives_the_product_of_reflections_in_orthonormal_vectors():

@@ -20,13 +20,16 @@ from __future__ import annotations
 import torch
 
 
-def _tiny(dtype: torch.dtype) -> float:
-    return torch.finfo(dtype).tiny
+def _scaled(v: torch.Tensor, norm: torch.Tensor, keep: torch.Tensor) -> torch.Tensor:
+    """``v / norm`` where ``keep``, zero elsewhere; finite gradients everywhere (the dropped
+    columns divide by 1, so neither the value nor its gradient is ever 0/0)."""
+    return torch.where(keep, v / torch.where(keep, norm, torch.ones_like(norm)), torch.zeros_like(v))
 
 
 def unit_columns(u: torch.Tensor) -> torch.Tensor:
     """``u[..., d, r]`` with each column scaled to unit length (zero columns stay zero)."""
-    return u / u.norm(dim=-2, keepdim=True).clamp_min(_tiny(u.dtype))
+    norm = u.norm(dim=-2, keepdim=True)
+    return _scaled(u, norm, norm != 0)
 
 
 def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
@@ -44,7 +47,7 @@ def gram_schmidt(u: torch.Tensor) -> torch.Tensor:
             residual = col - q @ (q.transpose(-1, -2) @ col)
         norm = residual.norm(dim=-2, keepdim=True)
         keep = ~(norm <= rtol * col.norm(dim=-2, keepdim=True))  # NaN stays NaN: a broken vector shows
-        columns.append(torch.where(keep, residual / norm.clamp_min(_tiny(u.dtype)), torch.zeros_like(residual)))
+        columns.append(_scaled(residual, norm, keep))
     return torch.cat(columns, dim=-1)
 
 
