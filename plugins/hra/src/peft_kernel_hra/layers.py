@@ -58,7 +58,8 @@ class HRALayer(AdapterLayer):
                 warnings.warn(
                     f"{module_name or type(self).__name__}: HRA's symmetric initialisation repeats each vector and "
                     "Gram-Schmidt (apply_GS=True) drops the repeats, so the adapter does not start as the identity "
-                    "(HF PEFT 0.21.2 outputs NaN here).", UserWarning, stacklevel=2)
+                    "(HF PEFT 0.21.2 normalises their rounding-size residuals: NaN, or a matrix that is not orthogonal).",
+                    UserWarning, stacklevel=2)
         else:
             if config.init_weights:
                 warnings.warn("The symmetric initialization can NOT be performed when r is odd!", UserWarning,
