@@ -86,6 +86,8 @@ def test_bad_configs_raise_naming_the_field(kwargs, match):
 def test_unsupported_layers_are_named():
     with pytest.raises(TargetNotFoundError, match="Embedding"):
         get_peft_model(make_model("embedding"), HRAConfig(target_modules=["emb"]))
+    with pytest.raises(TargetNotFoundError, match="Conv1D"):  # GPT-2's layers: HF does not wrap them either
+        get_peft_model(make_model("gpt2-conv1d"), HRAConfig(target_modules=["c_fc"]))
     conv = nn.Sequential(nn.Conv2d(4, 4, 3, groups=2))
     with pytest.raises(NotImplementedError, match="groups > 1"):
         get_peft_model(conv, HRAConfig(target_modules=["0"]))

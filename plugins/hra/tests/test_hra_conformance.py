@@ -7,7 +7,7 @@ from peft_kernel_hra import HRAConfig
 from peft_kernel_testing import ConformanceCase, conformance_suite
 
 pytestmark = pytest.mark.filterwarnings("ignore:The symmetric initialization:UserWarning",
-                                        "ignore:.*Gram-Schmidt:UserWarning")
+                                        "ignore:.*Gram-Schmidt:UserWarning", "ignore:Careful, disabling adapter layers")
 
 
 def hra(**kwargs):
