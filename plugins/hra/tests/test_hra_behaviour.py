@@ -282,7 +282,7 @@ def test_half_precision_base_keeps_float32_adapters_and_matches_hf():
 
 
 # ---- mixed models ------------------------------------------------------------------------
-def test_hra_stacks_on_lora_in_a_mixed_model_and_merges_exactly():
+def test_hra_stacks_on_lora_in_a_mixed_model_serves_mixed_batches_and_merges_exactly():
     inputs = make_inputs("mlp")
     model = get_peft_model(make_model("mlp"), pk.LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False),
                            adapter_name="l", mixed=True)
@@ -296,6 +296,16 @@ def test_hra_stacks_on_lora_in_a_mixed_model_and_merges_exactly():
     expected_w = (lora.base_layer.weight + delta).double() @ reflection_product(layer.hra_u["h"].detach().double())
     torch.testing.assert_close(_effective(model), expected_w, atol=1e-5, rtol=0)
     adapted = run(model, inputs)
+    singles = {}
+    for name in ("l", "h"):  # mixed batches across methods: each layer of the chain routes its own rows
+        model.set_adapter(name)
+        singles[name] = run(model, inputs)
+    names = ["h", "l", "__base__", "h"]
+    mixed = run(model, inputs, adapter_names=names)
+    singles["__base__"] = run(make_model("mlp"), inputs)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(mixed[row], singles[name][row], atol=1e-5, rtol=0)
+    model.set_adapter(["l", "h"])
     torch.testing.assert_close(run(model.merge_and_unload(), inputs), adapted, atol=1e-5, rtol=0)
 
 
