@@ -9,8 +9,9 @@ revisited*, 2006). Applying it to rows costs ``2 d r`` per row plus an ``r x r``
 pads adapters of different ``r`` into one stack.
 
 :func:`unit_columns` normalises raw vectors; :func:`gram_schmidt` orthonormalises them first
-(in column order, classical Gram-Schmidt), after which the product is ``I - 2 Y Y^T``. Vectors
-that are (numerically) dependent on earlier ones, or zero, reflect nothing in both.
+(in column order, classical Gram-Schmidt), after which the product is ``I - 2 Y Y^T``. A zero
+vector reflects nothing in both; after Gram-Schmidt neither does one (numerically) dependent on the
+earlier ones.
 
 Every function takes optional leading batch dimensions (``[..., d, r]``).
 """
