@@ -91,6 +91,8 @@ class OSFLinear(LowRankForwards, AdapterLayer):
         """``(A, B)`` of the class docstring, in HF PEFT's order of operations; with ``project`` the
         gradients reaching ``U_low`` / ``V_low`` through them are projected."""
         u, s, v, u0, s0, v0 = self._sources(adapter_name)
+        if u.shape[1] == 0:  # everything preserved: one zero component, so every kernel still runs
+            return u.new_zeros(1, self.in_features), u.new_zeros(self.out_features, 1)
         if project:
             u = _projected(u, functools.partial(project_u, high=self._high(self._osf_U_high, adapter_name), low=u0))
             v = _projected(v, functools.partial(project_v, high=self._high(self._osf_V_high, adapter_name), low=v0))
