@@ -269,23 +269,26 @@ def test_saved_keys_and_config_equal_hf(tmp_path):
     assert {k: v for k, v in ours_json.items() if k not in skip} == {k: v for k, v in hf_json.items() if k not in skip}
 
 
-def test_bfloat16_base_equals_hf():
-    """On a bf16 base the SVD runs in float32, is rounded to bf16, and the adapter is upcast to
-    float32 (``autocast_adapter_dtype``); each delta is rounded to bf16 before it is added."""
-    ours = get_peft_model(make_model("mlp").to(torch.bfloat16), OSFConfig(target_modules=ALL))
-    with hf_oracle("HF peft building an OSF adapter on bf16"):
-        theirs = peft.get_peft_model(make_model("mlp").to(torch.bfloat16), peft.OSFConfig(target_modules=ALL))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("autocast", [True, False])
+def test_half_precision_base_equals_hf_bit_for_bit(dtype, autocast):
+    """On a half-precision base the SVD runs in float32 and is rounded to the base dtype; with
+    ``autocast_adapter_dtype`` the adapter is then upcast to float32 and each delta rounded to the
+    base dtype before it is added. Factors, buffers and outputs are HF PEFT's exactly."""
+    inputs = {"x": make_inputs("mlp")["x"].to(dtype)}
+    ours = get_peft_model(make_model("mlp").to(dtype), OSFConfig(target_modules=ALL), autocast_adapter_dtype=autocast)
+    with hf_oracle("HF peft running an OSF adapter on a half-precision base"):
+        theirs = peft.get_peft_model(make_model("mlp").to(dtype), peft.OSFConfig(target_modules=ALL),
+                                     autocast_adapter_dtype=autocast)
         perturb(theirs, 0)
-        expected = run(theirs.eval(), {"x": make_inputs("mlp")["x"].to(torch.bfloat16)})
-    for buffers in (False, True):  # HF's perturbed parameters: compare the buffers only
-        got, hf_tensors = _tensors(ours, buffers), _tensors(theirs, buffers)
-        assert all(t.dtype == torch.float32 for t in got.values())
-        if buffers:
-            assert all(torch.equal(got[k], hf_tensors[k]) for k in got)
+        expected = run(theirs.eval(), inputs)
     perturb(ours, 0)
-    got = run(ours.eval(), {"x": make_inputs("mlp")["x"].to(torch.bfloat16)})
-    assert got.dtype == torch.bfloat16
-    torch.testing.assert_close(got, expected, atol=2e-2, rtol=0)
+    for buffers in (False, True):
+        got, hf_tensors = _tensors(ours, buffers), _tensors(theirs, buffers)
+        assert {t.dtype for t in got.values()} == {torch.float32 if autocast else dtype}
+        assert all(torch.equal(got[k], hf_tensors[k]) for k in got)
+    got = run(ours.eval(), inputs)
+    assert got.dtype == dtype and torch.equal(got, expected)
 
 
 def test_from_pretrained_rebuilds_the_frozen_part_from_the_base(tmp_path):

@@ -1,19 +1,19 @@
 """``OSFConfig``: HF PEFT's field names, types and defaults, with checks at construction.
 
 No ``from __future__ import annotations``: the core's converter reads these annotations as types.
-Like HF PEFT's, the config has no ``exclude_modules`` / ``layers_to_transform`` / ``layers_pattern``
-(HF refuses them), so it subclasses :class:`PeftConfig` and declares its two targeting fields.
+``target_modules`` and ``modules_to_save`` come from :class:`TargetModulesConfig`; like HF PEFT's,
+the config has no ``exclude_modules``, ``layers_to_transform`` or ``layers_pattern``.
 """
 
 from typing import Optional, Union
 
 import attrs
 
-from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftConfig, PeftType
+from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetModulesConfig
 
 
 @attrs.define(kw_only=True)
-class OSFConfig(PeftConfig):
+class OSFConfig(TargetModulesConfig):
     """Orthogonal Subspace Fine-tuning (https://huggingface.co/papers/2504.07097): each targeted
     ``nn.Linear`` weight is split by SVD into its top ``effective_rank`` singular directions (frozen,
     "high") and the rest (trainable ``U_low``, ``S_low``, ``V_low``); gradients of ``U_low`` / ``V_low``
@@ -28,11 +28,12 @@ class OSFConfig(PeftConfig):
     """
 
     peft_type: Optional[Union[PeftType, str]] = "OSF"
+    exclude_modules: Optional[Union[list[str], set[str], str]] = attrs.field(default=None, init=False)
+    """HF PEFT's ``OSFConfig`` has no ``exclude_modules``: not an argument, not in ``to_dict`` (so
+    HF's ``OSFConfig(**our_dict)`` works), and dropped with a warning when a file carries it."""
     effective_rank: Optional[Union[int, float]] = None
-    target_modules: Optional[Union[list[str], set[str], str]] = None
     rank_pattern: Optional[dict[str, Union[int, float]]] = None
     init_weights: Optional[bool] = True  # False: random U_low, S_low, V_low (tests); True / None: the SVD
-    modules_to_save: Optional[list[str]] = None
     target_svd_config: Optional[dict[str, int]] = None
 
     def __attrs_post_init__(self) -> None:
