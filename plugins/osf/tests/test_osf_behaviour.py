@@ -72,6 +72,7 @@ def test_split_reconstructs_the_weight_and_starts_as_the_base():
     {}, {"effective_rank": 2}, {"effective_rank": 0.8}, {"effective_rank": 1.0}, {"effective_rank": 2.0},
     {"effective_rank": 100}, {"rank_pattern": {"in0": 1}}, {"rank_pattern": {".*": 3}, "effective_rank": 0.5},
     {"rank_pattern": {"lin[12]": 0.5, "lin2": 1}, "effective_rank": 5},
+    {"kind": "llama", "rank_pattern": {"layers.0.self_attn.q_proj": 1, "down": 0.75}, "effective_rank": 3},
 ])
 def test_preserved_ranks_equal_hf(kwargs):
     """None = half the smaller dimension, a float in (0, 1] a fraction of it (rounded down), larger
@@ -191,7 +192,11 @@ def test_unmerge_restores_the_base_where_hf_refuses():
     ours.unmerge_adapter()
     for name, layer in _layers(ours).items():
         torch.testing.assert_close(layer.base_layer.weight, weights[name], atol=1e-6, rtol=0)
+    perturb(theirs, 0)
+    ours.merge_adapter()
     theirs.merge_adapter()
+    for name, layer in _layers(theirs).items():  # the same merged weights
+        torch.testing.assert_close(_layers(ours)[name].base_layer.weight, layer.base_layer.weight, atol=1e-6, rtol=0)
     with pytest.raises(NotImplementedError):
         theirs.unmerge_adapter()
 
