@@ -25,6 +25,10 @@ class OSFConfig(TargetModulesConfig):
     ``rank_pattern`` overrides it per module: the first key (a regex) *found anywhere* in the module's
     name wins (HF PEFT's ``re.search`` rule for OSF, unlike LoRA's end-of-name rule).
     ``target_svd_config`` is kept for HF PEFT's format only: HF PEFT 0.21.2 does not read it either.
+
+    ``target_modules=None`` targets every linear layer but the output layer, for any model (HF
+    PEFT's default for OSF). Only ``nn.Linear`` is supported: other targets (GPT-2's ``Conv1D``,
+    convolutions, embeddings), which HF PEFT leaves unadapted without a word, are refused by name.
     """
 
     peft_type: Optional[Union[PeftType, str]] = "OSF"
