@@ -31,7 +31,7 @@ class OSFConfig(TargetModulesConfig):
     convolutions, embeddings), which HF PEFT leaves unadapted without a word, are refused by name.
     """
 
-    peft_type: Optional[Union[PeftType, str]] = "OSF"
+    peft_type: Optional[Union[PeftType, str]] = PeftType.OSF
     exclude_modules: Optional[Union[list[str], set[str], str]] = attrs.field(default=None, init=False)
     """HF PEFT's ``OSFConfig`` has no ``exclude_modules``: not an argument, not in ``to_dict`` (so
     HF's ``OSFConfig(**our_dict)`` works), and dropped with a warning when a file carries it."""

@@ -84,9 +84,6 @@ class OSFLinear(LowRankForwards, AdapterLayer):
         return (params["U_low"], params["S_low"], params["V_low"], self._osf_U_low_init[adapter_name],
                 self._osf_S_low_init[adapter_name], self._osf_V_low_init[adapter_name])
 
-    def _high(self, container: BufferDict, adapter_name: str) -> torch.Tensor | None:
-        return container[adapter_name] if adapter_name in container else None
-
     def _fold(self, adapter_name: str, project: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """``(A, B)`` of the class docstring, in HF PEFT's order of operations; with ``project`` the
         gradients reaching ``U_low`` / ``V_low`` through them are projected."""
@@ -94,8 +91,8 @@ class OSFLinear(LowRankForwards, AdapterLayer):
         if u.shape[1] == 0:  # everything preserved: one zero component, so every kernel still runs
             return u.new_zeros(1, self.in_features), u.new_zeros(self.out_features, 1)
         if project:
-            u = _projected(u, functools.partial(project_u, high=self._high(self._osf_U_high, adapter_name), low=u0))
-            v = _projected(v, functools.partial(project_v, high=self._high(self._osf_V_high, adapter_name), low=v0))
+            u = _projected(u, functools.partial(project_u, high=_held(self._osf_U_high, adapter_name), low=u0))
+            v = _projected(v, functools.partial(project_v, high=_held(self._osf_V_high, adapter_name), low=v0))
         b = torch.cat([u * s.unsqueeze(0), -(u0 * s0.unsqueeze(0)).to(u.dtype)], dim=1)
         a = torch.cat([v, v0.to(v.dtype)], dim=0)
         return a, b
@@ -119,6 +116,10 @@ class OSFLinear(LowRankForwards, AdapterLayer):
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         a, b, _ = self.low_rank_factors(adapter_name)
         return b @ a
+
+
+def _held(container: BufferDict, adapter_name: str) -> torch.Tensor | None:
+    return container[adapter_name] if adapter_name in container else None
 
 
 def _projected(param: torch.Tensor, project: Callable[[torch.Tensor], torch.Tensor]) -> torch.Tensor:
