@@ -6,8 +6,13 @@ from typing import Any, Mapping
 
 import attrs
 
-CAPABILITIES = frozenset({"mergeable", "mixed_batch", "hotswap", "prompt_learning", "multi_adapter"})
-"""Capabilities a method may declare. The conformance suite runs the checks they allow."""
+CAPABILITIES = frozenset({"mergeable", "mixed_batch", "hotswap", "prompt_learning", "multi_adapter", "additive"})
+"""Capabilities a method may declare. The conformance suite runs the checks they allow.
+
+``additive``: the adapter changes a weight by a fixed ``delta_weight`` (``W' = W + ΔW``, as LoRA,
+LoHa, VeRA...), so it can be rewritten as a LoRA (``convert_to_lora``). Multiplicative and
+orthogonal methods (IA3, OFT, BOFT, HRA, RoAd) do not declare it: their change scales or rotates
+``W`` (``W' = W·R``), and ``convert_to_lora`` refuses them with a ``TypeError``."""
 
 
 def _check_capabilities(instance: Any, attribute: attrs.Attribute, value: frozenset[str]) -> None:

@@ -148,19 +148,25 @@ def expand_target_modules(config: Any, model: nn.Module, record: MethodRecord) -
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         table = record.default_target_modules
         defaults = table.get(model_type or "", table.get(ANY_MODEL_TYPE))
-        if defaults is None:
-            raise TargetNotFoundError(
-                f"{type(config).__name__}.target_modules is not set and there is no default for "
-                f"model_type {model_type!r}; pass target_modules=[...] (module names such as 'q_proj') "
-                f"or target_modules='all-linear'."
-            )
-        config.target_modules = targets = defaults if isinstance(defaults, str) else set(defaults)  # a regex stays one
+        if defaults is not None:  # else the method's prepare_config may resolve it (check_targets_resolved)
+            config.target_modules = targets = defaults if isinstance(defaults, str) else set(defaults)  # a regex stays one
     if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         config.target_modules = {
             name for name, module in candidate_modules(model)
             if is_linear(base_of(module)) and base_of(module) is not output
         }
+
+
+def check_targets_resolved(config: Any, model: nn.Module) -> None:
+    """After the defaults and the method's ``prepare_config``: ``target_modules`` must be set."""
+    if getattr(config, "target_modules", "<no field>") is None:
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        raise TargetNotFoundError(
+            f"{type(config).__name__}.target_modules is not set and there is no default for "
+            f"model_type {model_type!r}; pass target_modules=[...] (module names such as 'q_proj') "
+            f"or target_modules='all-linear'."
+        )
 
 
 MIN_TARGETS_TO_COMPRESS = 20

@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peft_kernel.adapter_io import HOST_KEY_PREFIX, LoadResult, layer_state_dict, load_layer_state_dict
-from peft_kernel.errors import AdapterNameError
+from peft_kernel.errors import AdapterNameError, UnknownMethodError
 from peft_kernel.injection import (
     cast_adapter_dtype,
     check_adapter_name,
@@ -36,6 +36,17 @@ from peft_kernel.plugins import get_registry
 
 _DUMMY_MODEL_CONFIG = {"model_type": "custom"}
 
+
+
+def is_additive(layer: AdapterLayer) -> bool:
+    """Whether ``layer``'s method declares the ``additive`` capability and the layer implements
+    ``delta_weight``: its adapters are ``W' = W + ΔW`` and can be rewritten as a LoRA."""
+    if type(layer).delta_weight is AdapterLayer.delta_weight:
+        return False
+    try:
+        return get_registry().method(layer.peft_type).supports("additive")
+    except UnknownMethodError:  # a layer of no registered method (built by hand): nothing vouches for it
+        return False
 
 class AdapterModel(nn.Module):
     """A transformers (or any torch) model with adapters of one method injected."""
@@ -232,7 +243,7 @@ class AdapterModel(nn.Module):
             if own is not None:
                 if not layer.supports_lora_conversion(adapter_name):
                     return False
-            elif type(layer).delta_weight is AdapterLayer.delta_weight:
+            elif not is_additive(layer):
                 return False
         return True
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from peft_kernel import ConfigError, PeftModel, get_peft_model
+from peft_kernel import ConfigError, PeftModel, get_peft_model, save_as_lora
 from peft_kernel.plugin_api import UnsupportedFeatureError
 from peft_kernel_testing import check_mixed_batch_against_hf, make_inputs, make_model, perturb, run
 from peft_kernel_testing.hf_oracle import hf_oracle
@@ -359,3 +359,20 @@ def test_a_fraction_leaving_nothing_preserved_names_the_module():
     with pytest.raises(ConfigError, match="'lin2'.*at least 1"):
         get_peft_model(model, OSFConfig(target_modules=ALL, effective_rank=0.1))
     assert not _layers(model)
+
+
+def test_converts_to_lora_where_hf_refuses(tmp_path):
+    """OSF is additive (``W + B A``), so ``save_as_lora`` at the update's full rank (lin0: 10) reproduces it;
+    HF PEFT 0.21.2's ``convert_to_lora`` refuses OSF layers."""
+    model = get_peft_model(make_model("mlp"), OSFConfig(target_modules=["lin0"]))
+    perturb(model, 0)
+    model.eval()
+
+    save_as_lora(tmp_path, model, rank=10)
+    lora = PeftModel.from_pretrained(make_model("mlp"), tmp_path)
+    inputs = make_inputs("mlp")
+    torch.testing.assert_close(run(lora, inputs), run(model, inputs), atol=1e-5, rtol=0)
+    with hf_oracle("HF peft building an OSF adapter"):
+        theirs = peft.get_peft_model(make_model("mlp"), peft.OSFConfig(target_modules=["lin0"]))
+    with pytest.raises(TypeError, match="do not support LoRA conversion"):
+        peft.convert_to_lora(theirs, 4)

@@ -15,7 +15,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             peft_type="LORA",
             config_class=LoraConfig,
             prefix="lora_",
-            capabilities={"mergeable", "mixed_batch", "hotswap", "multi_adapter"},
+            capabilities={"additive", "mergeable", "mixed_batch", "hotswap", "multi_adapter"},
             tuner_name="LoraModel",
             layer_factory="peft_kernel_lora.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,

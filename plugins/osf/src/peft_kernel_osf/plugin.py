@@ -15,7 +15,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             peft_type="OSF",
             config_class=OSFConfig,
             prefix="osf_",
-            capabilities={"mergeable", "mixed_batch", "multi_adapter"},
+            capabilities={"additive", "mergeable", "mixed_batch", "multi_adapter"},
             tuner_name="OSFModel",
             layer_factory="peft_kernel_osf.layers:make_layer",
             default_target_modules={ANY_MODEL_TYPE: ALL_LINEAR},  # HF PEFT: every linear layer of any model
