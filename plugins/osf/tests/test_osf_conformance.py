@@ -19,6 +19,7 @@ CASES = [
     ConformanceCase("llama", osf(target_modules=["q_proj", "v_proj", "down_proj"], effective_rank=4)),
     ConformanceCase("llama", osf(), id="llama-defaults"),
     ConformanceCase("bert", osf(task_type="SEQ_CLS")),
+    ConformanceCase("t5", osf(effective_rank=0.75), id="t5-all-linear-fraction"),
 ]
 
 TestOSFConformance = conformance_suite(CASES)
