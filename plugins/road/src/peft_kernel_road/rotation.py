@@ -1,6 +1,6 @@
 """The RoAd map ``y -> c * y + s * rotate_half(y)`` on the last dimension, grouped.
 
-Within each group of ``g`` features, ``rotate_half`` sends ``(y_lo, y_hi)`` (the two halves) to
+Within each group of ``g`` features, ``rotate_half`` sends the two halves ``(y_lo, y_hi)`` to
 ``(-y_hi, y_lo)``, so feature ``i`` of a pair ``(i, i + g/2)`` becomes ``c_i y_i - s_i y_{i+g/2}`` and its
 partner ``s_j y_i + c_j y_j``: a 2 x 2 rotation by angle ``theta`` scaled by ``alpha`` per pair, with
 ``c = alpha cos theta`` and ``s = alpha sin theta`` per feature.
@@ -9,12 +9,6 @@ partner ``s_j y_i + c_j y_j``: a 2 x 2 rotation by angle ``theta`` scaled by ``a
 from __future__ import annotations
 
 import torch
-
-
-def rotate_half(y: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``(-y_hi, y_lo)`` within each group of ``group_size`` features on the last dimension."""
-    halves = y.unflatten(-1, (-1, 2, group_size // 2))
-    return torch.cat([-halves[..., 1:, :], halves[..., :1, :]], dim=-2).flatten(-3)
 
 
 def swap_half(v: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -41,8 +35,14 @@ def coefficients(variant: str, theta: torch.Tensor, alpha: torch.Tensor, out_fea
 
 
 def rotate(y: torch.Tensor, c: torch.Tensor, s: torch.Tensor, group_size: int) -> torch.Tensor:
-    """``c * y + s * rotate_half(y)`` (``c``, ``s`` broadcast against ``y``)."""
-    return c * y + s * rotate_half(y, group_size)
+    """``c * y + s * rotate_half(y)`` (``c``, ``s`` broadcast against ``y`` on the feature dimension):
+    one product and two fused multiply-adds on the two halves of each group, no rotated copy of ``y``."""
+    split = (-1, 2, group_size // 2)
+    halves, c, s = y.unflatten(-1, split), c.unflatten(-1, split), s.unflatten(-1, split)
+    out = halves * c
+    out[..., 0, :].addcmul_(halves[..., 1, :], s[..., 0, :], value=-1)
+    out[..., 1, :].addcmul_(halves[..., 0, :], s[..., 1, :])
+    return out.flatten(-3)
 
 
 def inverse(c: torch.Tensor, s: torch.Tensor, group_size: int) -> tuple[torch.Tensor, torch.Tensor]:
