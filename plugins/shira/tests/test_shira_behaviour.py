@@ -139,13 +139,23 @@ def test_unknown_kwargs_raise_as_in_hf():
         ShiraConfig(exclude_modules=["lin0"])
 
 
-def test_unknown_mask_type_warns_and_needs_a_mask_fn():
+def test_unknown_mask_type_warns_and_uses_the_mask_fn_or_the_saved_positions():
     with pytest.warns(UserWarning, match="mask_type='magnitude' is not recognized"):
         config = ShiraConfig(target_modules=["lin0"], r=1, mask_type="magnitude")
-    with pytest.raises(ConfigError, match="mask_type='magnitude'.*no config.mask_fn"):
+    with pytest.warns(UserWarning, match="no config.mask_fn is set: module 'lin0' gets random positions"):
         get_peft_model(make_model("mlp"), config)
-    config.mask_fn = _first_rows_mask
-    assert _layers(get_peft_model(make_model("mlp"), config))
+    with tempfile.TemporaryDirectory() as tmp:
+        with hf_oracle("HF peft saving a SHiRA adapter with a custom mask_type and mask_fn"):
+            hf_config = peft.ShiraConfig(target_modules=["lin0"], r=1, mask_type="magnitude")
+            hf_config.mask_fn = _first_rows_mask
+            hf = peft.get_peft_model(make_model("mlp"), hf_config)
+            perturb(hf, 0)
+            hf.save_pretrained(tmp)
+            expected = run(hf.eval(), make_inputs("mlp"))
+        with pytest.warns(UserWarning, match="magnitude"):
+            ours = PeftModel.from_pretrained(make_model("mlp"), tmp)
+    assert torch.equal(_layers(ours)["base_model.model.lin0"].shira_indices["default"][0, :12], torch.tensor([0] * 10 + [1] * 2, dtype=torch.int32))
+    torch.testing.assert_close(run(ours, make_inputs("mlp")), expected, atol=1e-6, rtol=0)
 
 
 def test_r_larger_than_the_weight_allows_is_refused_naming_the_module():

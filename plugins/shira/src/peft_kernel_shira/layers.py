@@ -8,6 +8,7 @@ core's routing: a loop over adapters, never over rows). Imported on first use on
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import torch
@@ -42,11 +43,12 @@ class ShiraLayer(AdapterLayer):
         if config.mask_fn is not None:
             positions = positions_from_mask_fn(config.mask_fn, self.base_layer, config.r, count,
                                                config.random_seed, module_name)
-        elif config.mask_type in MASK_TYPES:
-            positions = random_positions(self.out_features, self.in_features, count, config.random_seed)
         else:
-            raise ConfigError(f"ShiraConfig.mask_type={config.mask_type!r} is not a built-in mask {list(MASK_TYPES)} "
-                              "and no config.mask_fn is set")
+            if config.mask_type not in MASK_TYPES:  # a checkpoint being loaded brings its own positions
+                warnings.warn(f"ShiraConfig.mask_type={config.mask_type!r} is not a built-in mask {list(MASK_TYPES)} and "
+                              f"no config.mask_fn is set: module {module_name!r} gets random positions (loading a "
+                              "checkpoint replaces them with its saved shira_indices)", UserWarning, stacklevel=2)
+            positions = random_positions(self.out_features, self.in_features, count, config.random_seed)
         weight = self.base_layer.weight
         values = torch.zeros(count) if config.init_weights else torch.randn(count)
         self.shira_weight[adapter_name] = nn.Parameter(values.to(weight.device, weight.dtype))
