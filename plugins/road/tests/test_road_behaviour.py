@@ -255,3 +255,12 @@ def test_half_precision_mixed_batch_runs(dtype):
     assert mixed.dtype == dtype
     for row, name in enumerate(["b", "a", "a", "b"]):
         assert torch.equal(mixed[row], singles[name][row])
+
+
+def test_generate_with_a_mixed_batch_matches_greedy_decoding():
+    from peft_kernel_testing.generation import check_generate_matches_greedy
+
+    model = get_peft_model(make_model("llama"), RoadConfig(group_size=4, init_weights=False), adapter_name="a")
+    model.add_adapter("b", RoadConfig(variant="road_4", group_size=8, init_weights=False))
+    ids = make_inputs("llama")["input_ids"][:3]
+    check_generate_matches_greedy(model.eval(), ids, max_new_tokens=3, adapter_names=["b", "__base__", "a"])

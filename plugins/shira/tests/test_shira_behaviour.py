@@ -250,3 +250,12 @@ def test_bfloat16_model_runs_merges_and_keeps_its_dtype():
     torch.testing.assert_close(mixed[0], out[0], atol=0, rtol=0)
     model.merge_adapter()
     assert model.base_model.model.model.layers[0].self_attn.q_proj.base_layer.weight.dtype == torch.bfloat16
+
+
+def test_generate_with_a_mixed_batch_matches_greedy_decoding():
+    from peft_kernel_testing.generation import check_generate_matches_greedy
+
+    model = get_peft_model(make_model("llama"), ShiraConfig(r=1, init_weights=False), adapter_name="a")
+    model.add_adapter("b", ShiraConfig(r=2, random_seed=4, init_weights=False))
+    ids = make_inputs("llama")["input_ids"][:3]
+    check_generate_matches_greedy(model.eval(), ids, max_new_tokens=3, adapter_names=["b", "__base__", "a"])
