@@ -104,8 +104,9 @@ def _bias(base_layer: nn.Linear, dtype: torch.dtype) -> torch.Tensor | None:
 def make_layer(config: ShiraConfig, adapter_name: str, base_layer: nn.Module, module_name: str) -> ShiraLayer | None:
     """The layer for an ``nn.Linear``; ``None`` for any other type (the core then raises a named
     error: HF PEFT's SHiRA supports ``nn.Linear`` only, not GPT-2's ``Conv1D``)."""
-    if not isinstance(base_layer, nn.Linear) or linear_fan_in_fan_out(config, base_layer) is None:
+    if not isinstance(base_layer, nn.Linear):
         return None
+    linear_fan_in_fan_out(config, base_layer)  # HF's warning when fan_in_fan_out=True, which is reset to False
     layer = ShiraLayer(base_layer)
     layer.update_layer(adapter_name, config, module_name)
     return layer
