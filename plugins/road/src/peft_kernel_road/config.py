@@ -1,5 +1,5 @@
-"""``RoadConfig`` with HF PEFT's fields, names and defaults (HF's class has no ``exclude_modules`` /
-``layers_to_transform``, so neither has this one).
+"""``RoadConfig`` with HF PEFT's fields, names and defaults. The targeting fields come from
+the core's ``TargetModulesConfig``, less ``exclude_modules``, which HF's class does not have.
 
 No ``from __future__ import annotations`` here: the core's cattrs converter reads these
 annotations as real types.
@@ -9,7 +9,7 @@ from typing import Optional, Union
 
 import attrs
 
-from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftConfig, PeftType
+from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetModulesConfig
 
 VARIANTS = {"road_1": 1, "road_2": 2, "road_4": 4}
 """``{variant: angles and scales per pair of output features}`` (``road_1`` shares one between the
@@ -17,7 +17,7 @@ two features of a pair, ``road_2`` has one per feature, ``road_4`` two per featu
 
 
 @attrs.define(kw_only=True)
-class RoadConfig(PeftConfig):
+class RoadConfig(TargetModulesConfig):
     """Configuration of a RoAd adapter (HF PEFT's ``RoadConfig``).
 
     The outputs of each targeted ``nn.Linear`` are split into groups of ``group_size``; within a
@@ -28,11 +28,11 @@ class RoadConfig(PeftConfig):
     """
 
     peft_type: Optional[Union[PeftType, str]] = PeftType.ROAD
+    exclude_modules: Optional[Union[list[str], set[str], str]] = attrs.field(default=None, init=False)
+    """Not in HF PEFT's class: not an argument, not saved, dropped with a warning when a file carries it."""
     variant: str = "road_1"
     group_size: int = 64
     init_weights: bool = True
-    target_modules: Optional[Union[list[str], set[str], str]] = None
-    modules_to_save: Optional[list[str]] = None
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -41,5 +41,3 @@ class RoadConfig(PeftConfig):
         if not 2 <= self.group_size <= MAX_SIZE or self.group_size % 2:
             raise ConfigError(f"RoadConfig.group_size must be a positive even integer (features are paired within "
                               f"a group) of at most {MAX_SIZE:,}, got {self.group_size}")
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)

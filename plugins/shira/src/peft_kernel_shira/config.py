@@ -1,5 +1,5 @@
-"""``ShiraConfig`` with HF PEFT's fields, names and defaults (HF's class has no ``exclude_modules`` /
-``layers_to_transform``, so neither has this one).
+"""``ShiraConfig`` with HF PEFT's fields, names and defaults. The targeting fields come from
+the core's ``TargetModulesConfig``, less ``exclude_modules``, which HF's class does not have.
 
 No ``from __future__ import annotations`` here: the core's cattrs converter reads these
 annotations as real types.
@@ -10,14 +10,14 @@ from typing import Any, Callable, Optional, Union
 
 import attrs
 
-from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftConfig, PeftType, check_range
+from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetModulesConfig, check_range
 
 MASK_TYPES = ("random",)
 """The built-in masks (``mask_type``); any other mask comes from a user ``mask_fn``."""
 
 
 @attrs.define(kw_only=True)
-class ShiraConfig(PeftConfig):
+class ShiraConfig(TargetModulesConfig):
     """Configuration of a SHiRA adapter (HF PEFT's ``ShiraConfig``).
 
     Each targeted ``nn.Linear`` of shape ``[m, n]`` trains ``r * (m + n)`` of its weight entries (as
@@ -30,13 +30,13 @@ class ShiraConfig(PeftConfig):
     """
 
     peft_type: Optional[Union[PeftType, str]] = PeftType.SHIRA
+    exclude_modules: Optional[Union[list[str], set[str], str]] = attrs.field(default=None, init=False)
+    """Not in HF PEFT's class: not an argument, not saved, dropped with a warning when a file carries it."""
     r: int = 32
     mask_type: str = "random"  # HF annotates Literal["random"] but accepts any name, for a mask_fn
     random_seed: Optional[int] = None
-    target_modules: Optional[Union[list[str], set[str], str]] = None
     fan_in_fan_out: bool = False
     init_weights: bool = True
-    modules_to_save: Optional[list[str]] = None
     mask_fn: Optional[Callable[..., Any]] = attrs.field(default=None, init=False, repr=False, eq=False)
 
     def __attrs_post_init__(self) -> None:
@@ -48,5 +48,3 @@ class ShiraConfig(PeftConfig):
         if self.random_seed is not None and not -(2**63) <= self.random_seed < 2**64:
             raise ConfigError(f"ShiraConfig.random_seed must fit a torch generator seed (from -2**63 to 2**64 - 1), "
                               f"got {self.random_seed}")
-        if isinstance(self.target_modules, (list, tuple)):
-            self.target_modules = set(self.target_modules)
