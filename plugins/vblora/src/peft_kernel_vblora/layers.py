@@ -52,22 +52,19 @@ def check_divisible(vector_length: int, module_name: str, features: tuple[int, i
 
 
 def make_vector_bank(config: VBLoRAConfig, targets: list[tuple[str, nn.Module]]) -> nn.Parameter:
-    """The new adapter's bank ``[num_vectors, vector_length]``, uniform in
-    ``±init_vector_bank_bound``, on the device and in the float dtype of the first target. Refuses
-    the adapter (:class:`ConfigError`) when ``vector_length`` does not divide a target's features."""
-    weight = None
+    """The new adapter's bank ``[num_vectors, vector_length]`` (float32 on the first target's
+    device; the core gives it the base dtype), drawn by each layer's :meth:`VBLoRALinear.update_layer`.
+    Refuses the adapter (:class:`ConfigError`) when ``vector_length`` does not divide a target's
+    features, before anything changes."""
+    device = None
     for path, module in targets:
         base = base_of(module)
         features = linear_features(base)
         if features is None:
             continue  # not a layer type VB-LoRA wraps: the core names it when the factory refuses it
         check_divisible(config.vector_length, path, features)
-        weight = base.weight if weight is None else weight
-    device = weight.device if weight is not None else None
-    dtype = weight.dtype if weight is not None and weight.is_floating_point() else torch.float32
-    bank = torch.empty(config.num_vectors, config.vector_length, device=device, dtype=dtype)
-    bound = config.init_vector_bank_bound
-    return nn.Parameter(nn.init.uniform_(bank, -bound, bound))
+        device = base.weight.device if device is None else device
+    return nn.Parameter(torch.zeros(config.num_vectors, config.vector_length, device=device))
 
 
 class VBLoRALinear(AdapterLayer):
@@ -101,6 +98,10 @@ class VBLoRALinear(AdapterLayer):
         r, num_vectors, std = config.r, bank.shape[0], config.init_logits_std
         logits_a = torch.empty(r, self.in_features // length, num_vectors, device=bank.device, dtype=bank.dtype)
         logits_b = torch.empty(self.out_features // length, r, num_vectors, device=bank.device, dtype=bank.dtype)
+        # HF PEFT redraws the shared bank in every layer, before the layer's logits: the same draws
+        # in the same order give the same adapter as HF's for one seed
+        with torch.no_grad():
+            bank.uniform_(-config.init_vector_bank_bound, config.init_vector_bank_bound)
         self.r[adapter_name] = r
         self.topk[adapter_name] = config.topk
         self.vblora_dropout[adapter_name] = nn.Dropout(config.vblora_dropout) if config.vblora_dropout > 0 else nn.Identity()
