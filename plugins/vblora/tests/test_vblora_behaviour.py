@@ -390,3 +390,23 @@ def test_default_targets_are_hfs(kind):
 def test_layer_status_is_hfs():
     ours = get_peft_model(make_model("gpt2-conv1d"), VBLoRAConfig(target_modules=["c_fc"], vector_length=2, num_vectors=4))
     assert ours.get_layer_status()[0].module_type == "vblora.Linear"
+
+
+def test_inference_mode_then_autograd():
+    """Factors composed under ``torch.inference_mode()`` are normal tensors: mixed batches work
+    there, and a later forward with autograd (input gradients, frozen adapters) can use them."""
+    model = get_peft_model(make_model("mlp"), _config(), adapter_name="a")
+    model.add_adapter("b", _config())
+    model.eval()
+    x = make_inputs("mlp")["x"]
+    with torch.inference_mode():
+        single = model(x=x)
+        mixed_rows = model(x=x, adapter_names=["a", "b", "a", "b"])
+    for p in model.parameters():
+        p.requires_grad_(False)
+    xg = x.clone().requires_grad_(True)
+    out = model(x=xg)
+    out.sum().backward()
+    assert xg.grad is not None
+    torch.testing.assert_close(out.detach(), single, rtol=0, atol=0)
+    torch.testing.assert_close(run(model, {"x": x}, adapter_names=["a", "b", "a", "b"]), mixed_rows, rtol=0, atol=0)

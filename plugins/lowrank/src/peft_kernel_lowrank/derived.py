@@ -34,7 +34,10 @@ class DerivedFactors:
         entry = self._entries.get(adapter_name)
         if entry is None or entry[1] != state or len(entry[0]) != len(sources) or any(
                 t is not s for t, s in zip(sources, entry[0])):
-            with torch.no_grad():
+            # normal tensors even under ``torch.inference_mode()``: inference tensors have no
+            # ``_version``, so the stacked kernels could not check them, and autograd outside that
+            # mode could not use them
+            with torch.inference_mode(False), torch.no_grad():
                 entry = (sources, state, compute())
             self._entries[adapter_name] = entry
         return entry[2]  # type: ignore[return-value]
