@@ -42,6 +42,10 @@ class DerivedFactors:
             self._entries[adapter_name] = entry
         return entry[2]  # type: ignore[return-value]
 
+    def __len__(self) -> int:
+        """How many adapters have a cached value."""
+        return len(self._entries)
+
     def drop(self, adapter_name: str) -> None:
         """Forget ``adapter_name`` (deleted adapters)."""
         self._entries.pop(adapter_name, None)
