@@ -22,6 +22,10 @@ CASES = [
     ConformanceCase("gpt2", vblora(vector_length=4, save_only_topk_weights=True, num_vectors=300)),
     ConformanceCase("llama", vblora(target_modules="all-linear", vector_length=4)),
     ConformanceCase("llama", vblora(vector_length=4), id="llama-defaults"),
+    ConformanceCase("llama", vblora(target_modules=["q_proj", "down_proj"], vector_length=8, layers_to_transform=[1],
+                                    layers_pattern="layers", exclude_modules=["model.layers.0.self_attn.q_proj"],
+                                    bias="all"), id="llama-layers-bias-all"),
+    ConformanceCase("opt", vblora(vector_length=8), id="opt-defaults"),  # HF's VB-LoRA defaults: all projections
     ConformanceCase("bert", vblora(task_type="SEQ_CLS", vector_length=4)),
 ]
 
