@@ -352,6 +352,7 @@ def test_vector_length_must_divide_every_target_and_a_refused_adapter_leaves_not
     (dict(topk=0), r"\$\.topk must be an integer from 1 to 8"),
     (dict(topk=9), r"\$\.topk must be an integer from 1 to 8, got 9 \(topk picks among num_vectors"),
     (dict(num_vectors=0), r"\$\.num_vectors must be an integer from 1"),
+    (dict(num_vectors=1 << 20), r"\$\.num_vectors must be an integer from 1 to 65,536"),
     (dict(vector_length=0), r"\$\.vector_length must be an integer from 1"),
     (dict(vblora_dropout=1.5), "vblora_dropout must be in"),
     (dict(init_logits_std=-1.0), "init_logits_std must be a finite number >= 0"),

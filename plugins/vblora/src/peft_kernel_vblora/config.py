@@ -8,7 +8,7 @@ from typing import Literal, Optional, Union
 
 import attrs
 
-from peft_kernel.plugin_api import MAX_SIZE, MAX_WIDTH, ConfigError, PeftType, TargetedConfig, check_range
+from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetedConfig, check_range
 
 
 @attrs.define(kw_only=True)
@@ -35,7 +35,7 @@ class VBLoRAConfig(TargetedConfig):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
         check_range("VBLoRAConfig", "r", self.r, 1, MAX_SIZE)
-        check_range("VBLoRAConfig", "num_vectors", self.num_vectors, 1, MAX_WIDTH)
+        check_range("VBLoRAConfig", "num_vectors", self.num_vectors, 1, MAX_SIZE)
         check_range("VBLoRAConfig", "vector_length", self.vector_length, 1, MAX_SIZE)
         check_range("VBLoRAConfig", "topk", self.topk, 1, self.num_vectors, " (topk picks among num_vectors vectors)")
         if not 0.0 <= self.vblora_dropout <= 1.0:
