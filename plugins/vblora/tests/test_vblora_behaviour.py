@@ -411,3 +411,31 @@ def test_inference_mode_then_autograd():
     assert xg.grad is not None
     torch.testing.assert_close(out.detach(), single, rtol=0, atol=0)
     torch.testing.assert_close(run(model, {"x": x}, adapter_names=["a", "b", "a", "b"]), mixed_rows, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("kwargs", [dict(), dict(modules_to_save=["lin2"]), dict(bias="all"),
+                                    dict(save_only_topk_weights=True, num_vectors=300),
+                                    dict(save_only_topk_weights=True, num_vectors=40000, topk=3),
+                                    dict(save_only_topk_weights=True, modules_to_save=["lin2"])])
+def test_savable_parameter_counts_are_hfs(kwargs, capsys):
+    """``VBLoRAModel.get_nb_savable_parameters`` / ``print_savable_parameters`` (HF's tuner API,
+    also reached from the ``PeftModel``): top-k indices count by their size in float32 values."""
+    config = {"target_modules": ["lin0", "lin1"], "r": 2, "num_vectors": 8, "vector_length": 2, **kwargs}
+    ours = get_peft_model(make_model("mlp"), VBLoRAConfig(**config))
+    with hf_oracle("HF peft counting a VB-LoRA adapter's savable parameters"):
+        hf = peft.get_peft_model(make_model("mlp"), peft.VBLoRAConfig(**config))
+        expected = hf.base_model.get_nb_savable_parameters()
+        hf.print_savable_parameters()
+    printed = capsys.readouterr().out
+    assert ours.base_model.get_nb_savable_parameters() == expected
+    ours.print_savable_parameters()
+    assert capsys.readouterr().out == printed
+
+
+def test_savable_parameters_count_the_asked_adapter():
+    """HF counts every adapter's VB-LoRA tensors whichever is asked for (704 for both here): ours
+    counts the adapter's own, as saved."""
+    model = get_peft_model(make_model("mlp"), _config(target_modules=["lin0"], r=2))
+    model.add_adapter("b", _config(target_modules=["lin0", "lin1"], r=2))
+    assert model.base_model.get_nb_savable_parameters() == (80 + 128 + 16, 0)
+    assert model.base_model.get_nb_savable_parameters("b") == (80 + 128 + 128 + 128 + 16, 0)

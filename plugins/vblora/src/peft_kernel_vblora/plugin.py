@@ -32,6 +32,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             prefix="vblora_",
             capabilities={"mergeable", "mixed_batch", "multi_adapter"},
             tuner_name="VBLoRAModel",
+            tuner_mixin="peft_kernel_vblora.tuner:VBLoRATunerMethods",
             layer_factory="peft_kernel_vblora.layers:make_layer",
             default_target_modules=VBLORA_TARGET_MODULES,
             exports={"VBLoRALinear": "peft_kernel_vblora.layers:VBLoRALinear"},
