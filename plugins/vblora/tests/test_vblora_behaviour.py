@@ -411,6 +411,9 @@ def test_inference_mode_then_autograd():
     assert xg.grad is not None
     torch.testing.assert_close(out.detach(), single, rtol=0, atol=0)
     torch.testing.assert_close(run(model, {"x": x}, adapter_names=["a", "b", "a", "b"]), mixed_rows, rtol=0, atol=0)
+    xg.grad = None
+    model(x=xg, adapter_names=["a", "b", "a", "b"]).sum().backward()  # the stack built in inference mode
+    assert xg.grad is not None
 
 
 @pytest.mark.parametrize("kwargs", [dict(), dict(modules_to_save=["lin2"]), dict(bias="all"),
