@@ -26,7 +26,10 @@ if TYPE_CHECKING:  # pragma: no cover - annotations only
 class AdapterHost(Protocol):
     """The adapter owner a ``PeftModel`` delegates to. Keys of tensors are HF PEFT's on-disk keys,
     relative to the ``PeftModel`` (``base_model.model.<module>.lora_A.weight``, ``prompt_embeddings``),
-    before ``peft_kernel_map_state_dict`` (which :mod:`peft_kernel.adapter_io` applies)."""
+    before ``peft_kernel_map_state_dict`` (which :mod:`peft_kernel.adapter_io` applies).
+
+    Optional: a host that sets ``takes_task_ids = True`` receives the task classes' ``task_ids``
+    argument (one task per row) in :meth:`serve`'s keywords; the others never see it."""
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:

@@ -523,9 +523,10 @@ def _task_init(peft_model: PeftModel, model: nn.Module, peft_config: PeftConfig 
 
 def _named_call(peft_model: PeftModel, named: dict[str, Any], kwargs: dict[str, Any]) -> Any:
     """Forward of a task class: HF's named parameters that were given, plus the other keywords.
-    ``task_ids`` only matter to multitask prompt tuning in HF PEFT and are dropped, as HF drops them
-    for every other method."""
-    named.pop("task_ids", None)
+    ``task_ids`` (one task per row) go on to hosts that declare ``takes_task_ids`` and are dropped for
+    the others, as HF PEFT drops them for methods without tasks."""
+    if not getattr(peft_model._host, "takes_task_ids", False):
+        named.pop("task_ids", None)
     call = {k: v for k, v in named.items() if v is not None}
     call.update(kwargs)
     return peft_model._serve((), call)

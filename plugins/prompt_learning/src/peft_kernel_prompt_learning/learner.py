@@ -8,7 +8,7 @@ import contextlib
 import functools
 import inspect
 import warnings
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any, ClassVar, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -47,13 +47,26 @@ class PromptEncoder(nn.Module):
     ``prompt_embeddings`` and hands that tensor back to ``load_saved_prompt`` when loading.
     Subclasses usually hold an ``embedding`` (``nn.Embedding``) as HF PEFT's encoders do, and
     override ``load_saved_prompt`` when their trainable form differs from the saved one.
+
+    An encoder that sets ``takes_task_ids`` computes different virtual tokens per task:
+    ``forward(task_ids)`` takes one task id per batch row (a long tensor, or ``None`` when the caller
+    gave none) and returns ``[rows, total_virtual_tokens, width]``.
     """
+
+    takes_task_ids: ClassVar[bool] = False
+    """Whether ``forward`` takes the rows' ``task_ids`` (what ``forward``/``generate`` were given)."""
 
     def forward(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
     def saved_prompt(self) -> torch.Tensor:
         return self().detach()
+
+    def top_level_tensors(self) -> dict[str, torch.Tensor]:
+        """Live trainable tensors saved under their own top-level keys next to ``prompt_embeddings``
+        and loaded back into in place (HF PEFT's format for encoders with further learned tensors,
+        such as per-task factors); the learner checks their shapes. None by default."""
+        return {}
 
     def saved_extras(self) -> dict[str, torch.Tensor]:
         """Tensors saved next to ``prompt_embeddings`` under ``prompt_encoder.<name>`` (HF PEFT's
@@ -224,10 +237,16 @@ class PromptLearner:
     its adapter host (:class:`peft_kernel.host.AdapterHost`), built by this family's
     ``peft_kernel_create_host`` for records with the ``prompt_learning`` capability.
 
+    It takes ``task_ids`` (one per row) in ``forward``/``generate`` and hands them to encoders that
+    declare ``takes_task_ids``; other encoders ignore them, as HF PEFT does.
+
     Not a module: :meth:`attach` gives the ``PeftModel`` the pieces users see in HF PEFT:
     ``base_model`` (the transformers model itself), ``prompt_encoder`` (an ``nn.ModuleDict`` of
     :class:`PromptEncoder` per adapter), ``prompt_tokens`` and ``word_embeddings``.
     """
+
+    takes_task_ids = True
+    """Read by ``PeftModel``'s task classes: hand ``task_ids`` on to :meth:`serve` instead of dropping them."""
 
     def __init__(self, record: MethodRecord, model: nn.Module) -> None:
         self.record = record
@@ -302,7 +321,7 @@ class PromptLearner:
 
     # ---- HF PEFT's prompt-learning API (PeftModel delegates) -----------------------------------
     def get_prompt(self, batch_size: int, task_ids: torch.Tensor | None = None, max_cache_len: int | None = None) -> Any:
-        prompts, config = self.prompts(batch_size)
+        prompts, config = self.prompts(batch_size, task_ids=task_ids)
         if self.injection != "past_key_values":
             return prompts
         return prefix_to_cache(prompts.to(_float_dtype(self.base)), config, getattr(self.base, "config", None))
@@ -420,28 +439,33 @@ class PromptLearner:
         tensors = {k: v.detach().cpu() for k, v in self._head_tensors(adapter_name).items()}
         encoder = self.encoders[adapter_name]
         tensors[SAVED_KEY] = encoder.saved_prompt().detach().cpu()
+        tensors.update({k: v.detach().cpu() for k, v in encoder.top_level_tensors().items()})
         tensors.update({EXTRA_PREFIX + k: v.detach().cpu() for k, v in encoder.saved_extras().items()})
         return tensors
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str,
                      ignore_mismatched_sizes: bool = False) -> LoadResult:
         heads = self._head_tensors(adapter_name)
-        unexpected = sorted(k for k in tensors if k != SAVED_KEY and k not in heads and not k.startswith(EXTRA_PREFIX))
-        if unexpected or SAVED_KEY not in tensors:
+        own = self.encoders[adapter_name].top_level_tensors()
+        required = [SAVED_KEY, *own]
+        unexpected = sorted(k for k in tensors if k not in required and k not in heads and not k.startswith(EXTRA_PREFIX))
+        missing = [k for k in required if k not in tensors]
+        if unexpected or missing:
             raise CheckpointError(
-                f"a {self.record.peft_type} checkpoint holds {SAVED_KEY!r} (and the adapter's modules_to_save "
+                f"a {self.record.peft_type} checkpoint holds {required} (and the adapter's modules_to_save "
                 f"{sorted(heads) or 'none'}); got unexpected keys {unexpected[:8]}"
-                f"{'' if SAVED_KEY in tensors else f' and no {SAVED_KEY!r}'}."
+                f"{f' and none of {missing}' if missing else ''}."
             )
+        live = {**heads, **own}
         for key, value in tensors.items():
-            if key in heads and tuple(value.shape) != tuple(heads[key].shape):
-                raise CheckpointError(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(heads[key].shape)}.")
+            if key in live and tuple(value.shape) != tuple(live[key].shape):
+                raise CheckpointError(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(live[key].shape)}.")
         extras = {k.removeprefix(EXTRA_PREFIX): v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
         self.encoders[adapter_name].load_checkpoint(tensors[SAVED_KEY], extras)
         with torch.no_grad():
             for key, value in tensors.items():
-                if key in heads:
-                    heads[key].copy_(value.to(device=heads[key].device, dtype=heads[key].dtype))
+                if key in live:
+                    live[key].copy_(value.to(device=live[key].device, dtype=live[key].dtype))
         return LoadResult(sorted(k for k in heads if k not in tensors), [])
 
     # ---- virtual tokens ---------------------------------------------------------------------
@@ -469,19 +493,31 @@ class PromptLearner:
             )
         return rows
 
-    def prompts(self, batch: int, adapter_names: Sequence[str] | None = None) -> tuple[torch.Tensor, PromptLearningConfig]:
-        """``[batch, n, width]`` virtual tokens (each row from its adapter) and the config of row 0."""
+    def prompts(self, batch: int, adapter_names: Sequence[str] | None = None,
+                task_ids: Any = None) -> tuple[torch.Tensor, PromptLearningConfig]:
+        """``[batch, n, width]`` virtual tokens (each row from its adapter, and from its task for
+        encoders that take ``task_ids``) and the config of row 0."""
         rows = self._row_adapters(batch, adapter_names)
         unique = list(dict.fromkeys(rows))
-        encoders = self.encoders
+        device = self.word_embeddings.weight.device
+        tasks = _row_task_ids(task_ids, batch, device)
         if len(unique) == 1:
-            prompt = encoders[unique[0]]()
-            out = prompt.unsqueeze(0).expand(batch, *prompt.shape)
-        else:
-            stack = torch.stack([encoders[name]() for name in unique])
-            index = torch.tensor([unique.index(n) for n in rows], device=stack.device)
-            out = stack.index_select(0, index)
-        return out, self.configs[unique[0]]
+            return self._virtual_tokens(unique[0], batch, tasks), self.configs[unique[0]]
+        index = torch.tensor([unique.index(n) for n in rows], device=device)
+        members = [torch.nonzero(index == i).squeeze(1) for i in range(len(unique))]
+        parts = [self._virtual_tokens(name, len(m), None if tasks is None else tasks.index_select(0, m))
+                 for name, m in zip(unique, members)]
+        # rows were grouped by adapter: put them back in batch order
+        order = torch.argsort(torch.cat(members))
+        return torch.cat(parts).index_select(0, order), self.configs[unique[0]]
+
+    def _virtual_tokens(self, adapter_name: str, rows: int, task_ids: torch.Tensor | None) -> torch.Tensor:
+        """``[rows, n, width]``: one adapter's virtual tokens for ``rows`` rows."""
+        encoder = self.encoders[adapter_name]
+        if encoder.takes_task_ids:
+            return encoder(task_ids)
+        prompt = encoder()
+        return prompt.unsqueeze(0).expand(rows, *prompt.shape)
 
     # ---- forward ----------------------------------------------------------------------------
     def _task(self) -> Any:
@@ -498,11 +534,12 @@ class PromptLearner:
             kwargs[name] = value
         input_ids = kwargs.pop("input_ids", None)
         inputs_embeds = kwargs.pop("inputs_embeds", None)
+        task_ids = kwargs.pop("task_ids", None)
         source = input_ids if input_ids is not None else inputs_embeds
         if source is None:
             raise ValueError("pass input_ids or inputs_embeds.")
         batch = source.shape[0]
-        prompts, config = self.prompts(batch, adapter_names)
+        prompts, config = self.prompts(batch, adapter_names, task_ids)
         n = prompts.shape[1] if self.injection == "inputs_embeds" else config.num_virtual_tokens
         self._drop_unsupported(kwargs, n, batch, source.device)
         mask = kwargs.get("attention_mask")
@@ -545,6 +582,7 @@ class PromptLearner:
     # ---- generate ---------------------------------------------------------------------------
     def serve_generate(self, args: tuple, kwargs: dict, adapter_names: Sequence[str] | None) -> Any:
         base = self.base
+        task_ids = kwargs.pop("task_ids", None)
         if self.disabled:
             return base.generate(*args, **kwargs)
         if kwargs.get("position_ids") is not None:
@@ -565,7 +603,7 @@ class PromptLearner:
             ids = inputs.get("input_ids")
             embeds = inputs.get("inputs_embeds")
             batch = (ids if ids is not None else embeds).shape[0]
-            prompts, config = learner.prompts(batch, adapter_names)
+            prompts, config = learner.prompts(batch, adapter_names, task_ids)
             n = prompts.shape[1] if learner.injection == "inputs_embeds" else config.num_virtual_tokens
             mask = inputs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
@@ -607,6 +645,19 @@ class PromptLearner:
                 del base.prepare_inputs_for_generation
             else:
                 base.prepare_inputs_for_generation = shadowed
+
+
+def _row_task_ids(task_ids: Any, batch: int, device: torch.device) -> torch.Tensor | None:
+    """``task_ids`` (a sequence or tensor of ints, one per row) as a long tensor of ``batch`` rows;
+    ids given for ``batch / k`` rows are repeated ``k`` times each (generate's beams and returned
+    sequences), as adapter names are."""
+    if task_ids is None:
+        return None
+    ids = torch.as_tensor(task_ids, device=device).reshape(-1)
+    if ids.is_floating_point() or ids.dtype == torch.bool or ids.numel() == 0 or batch % ids.numel():
+        raise ValueError(f"task_ids must hold one integer task id per batch row ({batch} rows); got "
+                         f"{ids.numel()} of dtype {ids.dtype}.")
+    return ids.long().repeat_interleave(batch // ids.numel())
 
 
 def _prepend(tensor: torch.Tensor, n: int, value: int) -> torch.Tensor:
