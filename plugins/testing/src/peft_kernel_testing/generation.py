@@ -61,10 +61,13 @@ def check_generate_matches_greedy(
     max_new_tokens: int = 4,
     adapter_names: Sequence[str] | None = None,
     tolerance: float = 1e-4,
+    **routing: Any,
 ) -> torch.Tensor:
     """``model.generate`` (greedy, with and without the cache) equals :func:`greedy_decode` through the
-    model's forward: same tokens, and logits within ``tolerance`` at every step. Returns the tokens."""
-    routing = {} if adapter_names is None else {"adapter_names": list(adapter_names)}
+    model's forward: same tokens, and logits within ``tolerance`` at every step. Returns the tokens.
+    Further keywords (``task_ids=...``) go to both, as ``adapter_names`` does."""
+    if adapter_names is not None:
+        routing["adapter_names"] = list(adapter_names)
     expected, expected_logits = greedy_decode(model, input_ids, attention_mask, max_new_tokens, **routing)
     mask = {} if attention_mask is None else {"attention_mask": attention_mask}
     with torch.no_grad():
