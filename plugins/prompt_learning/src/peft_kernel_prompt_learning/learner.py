@@ -51,12 +51,28 @@ class PromptEncoder(nn.Module):
     An encoder that sets ``takes_task_ids`` computes different virtual tokens per task:
     ``forward(task_ids)`` takes one task id per batch row (a long tensor, or ``None`` when the caller
     gave none) and returns ``[rows, total_virtual_tokens, width]``.
+
+    An encoder that sets ``computes_loss`` replaces the base model's loss with its :meth:`loss`
+    (for ``"inputs_embeds"`` injection); the forward keywords named in ``loss_inputs`` go to it
+    instead of the base model.
     """
 
     takes_task_ids: ClassVar[bool] = False
     """Whether ``forward`` takes the rows' ``task_ids`` (what ``forward``/``generate`` were given)."""
 
+    computes_loss: ClassVar[bool] = False
+    """Whether the training loss is the encoder's :meth:`loss` instead of the base model's."""
+
+    loss_inputs: ClassVar[tuple[str, ...]] = ()
+    """Forward keywords :meth:`loss` reads; they are taken out before the base model runs."""
+
     def forward(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def loss(self, logits: torch.Tensor, labels: torch.Tensor, **inputs: Any) -> torch.Tensor:  # pragma: no cover
+        """With ``computes_loss``: the loss from the logits over the virtual tokens and the input
+        (``[batch, n + length, vocab]``), the input's ``labels`` (``[batch, length]``) and the
+        ``loss_inputs`` the forward was given."""
         raise NotImplementedError
 
     def saved_prompt(self) -> torch.Tensor:
@@ -540,6 +556,8 @@ class PromptLearner:
             raise ValueError("pass input_ids or inputs_embeds.")
         batch = source.shape[0]
         prompts, config = self.prompts(batch, adapter_names, task_ids)
+        loss_owner, loss_inputs = self._loss_owner(batch, adapter_names, kwargs)
+        own_labels = kwargs.pop("labels", None) if loss_owner is not None else None
         n = prompts.shape[1] if self.injection == "inputs_embeds" else config.num_virtual_tokens
         self._drop_unsupported(kwargs, n, batch, source.device)
         mask = kwargs.get("attention_mask")
@@ -561,7 +579,25 @@ class PromptLearner:
         if labels is not None and self._task() in (None, TaskType.CAUSAL_LM):
             kwargs["labels"] = _prepend(labels, n, -100)
         inputs_embeds = torch.cat([prompts.to(inputs_embeds.dtype), inputs_embeds], dim=1)
-        return self.base(inputs_embeds=inputs_embeds, **kwargs)
+        output = self.base(inputs_embeds=inputs_embeds, **kwargs)
+        if own_labels is None:
+            return output
+        logits = output[0] if isinstance(output, tuple) else output.logits
+        return _with_loss(output, loss_owner.loss(logits, own_labels, **loss_inputs))
+
+    def _loss_owner(self, batch: int, adapter_names: Sequence[str] | None,
+                    kwargs: dict) -> tuple[PromptEncoder | None, dict[str, Any]]:
+        """The encoder whose :meth:`PromptEncoder.loss` replaces the base model's (None when the base
+        model's loss stands), and the ``loss_inputs`` taken out of ``kwargs`` for it."""
+        encoders = [self.encoders[n] for n in dict.fromkeys(self._row_adapters(batch, adapter_names))]
+        inputs = {k: kwargs.pop(k) for e in encoders for k in e.loss_inputs if k in kwargs}
+        owners = [e for e in encoders if e.computes_loss]
+        if not owners:
+            return None, inputs
+        if len(encoders) > 1 and kwargs.get("labels") is not None:
+            raise MixedBatchError(f"{self.record.peft_type} computes its own loss per adapter: pass labels for one "
+                                  "adapter at a time, not with a mixed batch.")
+        return owners[0], inputs
 
     def _drop_unsupported(self, kwargs: dict, n: int, batch: int, device: torch.device) -> None:
         if kwargs.get("position_ids") is not None:
@@ -658,6 +694,15 @@ def _row_task_ids(task_ids: Any, batch: int, device: torch.device) -> torch.Tens
         raise ValueError(f"task_ids must hold one integer task id per batch row ({batch} rows); got "
                          f"{ids.numel()} of dtype {ids.dtype}.")
     return ids.long().repeat_interleave(batch // ids.numel())
+
+
+def _with_loss(output: Any, loss: torch.Tensor) -> Any:
+    """``output`` with ``loss`` as its loss (first in a tuple, as transformers returns it)."""
+    if isinstance(output, tuple):
+        return (loss, *output)
+    output["loss"] = loss
+    output.move_to_end("loss", last=False)
+    return output
 
 
 def _prepend(tensor: torch.Tensor, n: int, value: int) -> torch.Tensor:
