@@ -14,7 +14,7 @@ from peft_kernel_prompt_learning.learner import PromptEncoder
 from peft_kernel_prompt_learning.text_init import embedded_tokens
 
 FROZEN_EPSILON = 1e-10
-"""The radius label tokens and untyped tokens are projected into (HF PEFT's): they do not move."""
+"""The radius label tokens and untyped tokens are projected into (HF PEFT's, not scaled): they do not move."""
 
 REFERENCE_DIM = 2048
 """Epsilons are scaled by ``sqrt(token_dim / REFERENCE_DIM)`` (HF PEFT's)."""
@@ -55,7 +55,7 @@ class CPTEmbedding(PromptEncoder):
         roles = types % 4
         trained = (types > 0) & (roles != 0)
         epsilon = torch.where(roles == 2, float(config.opt_projection_epsilon), float(config.opt_projection_format_epsilon))
-        epsilon = torch.where(trained, epsilon, FROZEN_EPSILON) * math.sqrt(dim / REFERENCE_DIM)
+        epsilon = torch.where(trained, epsilon * math.sqrt(dim / REFERENCE_DIM), FROZEN_EPSILON)
         self.register_buffer("epsilon", epsilon, persistent=False)
         self.register_buffer("trained", trained[:, None].float(), persistent=False)
 
@@ -76,12 +76,15 @@ class CPTEmbedding(PromptEncoder):
 
     def loss(self, logits: torch.Tensor, labels: torch.Tensor, input_type_mask: torch.Tensor | None = None,
              **_: object) -> torch.Tensor:
-        """Mean cross-entropy over the label tokens (context and input) whose label is not -100,
+        """Mean cross-entropy over the label tokens (context and input; every input token when
+        ``input_type_mask`` is not given) whose label is not -100,
         each weighted ``decay ** (later examples in its row)`` with ``"decay"``."""
         batch, n = labels.shape[0], self.token_ids.shape[0]
         device = logits.device
         labels = labels.to(device).long()
-        given = torch.zeros_like(labels) if input_type_mask is None else torch.as_tensor(input_type_mask, device=device).long()
+        # without types every input token is a label of one last example (as in HF PEFT)
+        given = (torch.full_like(labels, 4) if input_type_mask is None
+                 else torch.as_tensor(input_type_mask, device=device).long())
         if given.shape != labels.shape:
             raise ValueError(f"input_type_mask must have the labels' shape {tuple(labels.shape)}, got {tuple(given.shape)}.")
         given = torch.where(given > 0, given + self.token_types.max(), given)  # the input continues the context's numbering
