@@ -39,6 +39,8 @@ class CPTConfig(PromptLearningConfig):
     kept for HF compatibility. ``num_virtual_tokens`` is ``len(cpt_token_ids)``.
     """
 
+    task_type: Optional[Union[TaskType, str]] = attrs.field(default=None, metadata={"example": "CAUSAL_LM"})
+    """Required, and only ``CAUSAL_LM`` (as in HF PEFT); the metadata names a valid value for tests."""
     peft_type: Optional[Union[PeftType, str]] = PeftType.CPT
     cpt_token_ids: Optional[list[int]] = None
     cpt_mask: Optional[list[int]] = None
