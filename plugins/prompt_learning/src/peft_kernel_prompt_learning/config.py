@@ -25,7 +25,11 @@ tokens. Nothing here names a method.
 
 On disk an adapter is HF PEFT's format: ``adapter_model.safetensors`` with one tensor,
 ``prompt_embeddings`` (what the encoder computes; for an MLP-reparameterised encoder that is the
-projected output, which loads back as a plain embedding in inference mode).
+projected output, which loads back as a plain embedding in inference mode), plus any tensors an
+encoder keeps under their own top-level keys (``PromptEncoder.top_level_tensors``, e.g. per-task
+factors). Encoders may also take per-row ``task_ids`` from ``forward``/``generate``
+(``PromptEncoder.takes_task_ids``) and compute the training loss themselves
+(``PromptEncoder.computes_loss``).
 
 This module is light (no torch) so plugin entry modules can import the config base class.
 """
