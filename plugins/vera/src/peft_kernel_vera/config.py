@@ -42,4 +42,4 @@ class VeraConfig(TargetedConfig):
             warnings.warn(
                 "VeraConfig.save_projection=False: vera_A and vera_B are left out of checkpoints and rebuilt from "
                 "projection_prng_key on load, which may not reproduce them on every system and torch version; "
-                "set save_projection=True to guarantee an exact restore.", UserWarning, stacklevel=2)
+                "set save_projection=True to guarantee an exact restore.", UserWarning, stacklevel=3)
