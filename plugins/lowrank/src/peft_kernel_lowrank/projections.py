@@ -50,6 +50,24 @@ def kaiming_uniform(shape: Sequence[int], generator: torch.Generator) -> torch.T
     return tensor
 
 
+def unit_std(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor / tensor.std()`` in the tensor's own dtype, then float32 (HF PEFT's RandLora bases)."""
+    return (tensor / tensor.std()).float()
+
+
+def ternary(shape: Sequence[int], p: float, generator: torch.Generator) -> torch.Tensor:
+    """A float32 tensor of -1 (probability ``p``), +1 (probability ``p``) and 0, from ``torch.rand``
+    draws of ``generator`` (HF PEFT's sparse RandLora bases, before normalisation)."""
+    u = torch.rand(tuple(shape), generator=generator)
+    return (u > 1 - p).float() - (u < p).float()
+
+
+def without_keys(state_dict: dict[str, torch.Tensor], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``state_dict`` less every key whose last component is one of ``names`` (projections left out
+    of a checkpoint with ``save_projection=False``)."""
+    return {k: v for k, v in state_dict.items() if k.rpartition(".")[2] not in names}
+
+
 def leading(tensor: torch.Tensor, sizes: Sequence[int | None], name: str, module_name: str = "") -> torch.Tensor:
     """The leading ``sizes`` slice of a shared projection (``None``: the whole dimension), or a
     :class:`ConfigError` naming the projection when it is too small for the layer (a saved

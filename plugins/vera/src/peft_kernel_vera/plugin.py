@@ -52,4 +52,6 @@ def peft_kernel_map_state_dict(config: Any, state_dict: dict[str, Any], directio
     ``projection_prng_key`` when the adapter is created again), as HF PEFT does."""
     if not isinstance(config, VeraConfig) or direction != "save" or config.save_projection:
         return None
-    return {k: v for k, v in state_dict.items() if k.rpartition(".")[2] not in SHARED}
+    from peft_kernel_lowrank.projections import without_keys
+
+    return without_keys(state_dict, SHARED)
