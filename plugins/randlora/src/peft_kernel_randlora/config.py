@@ -18,7 +18,8 @@ class RandLoraConfig(TargetedConfig):
     ``(randlora_alpha / r) * sum_i B_i diag(lambda[:, i]) A diag(gamma[i])`` over ``n = ceil(m / r)``
     bases, where the frozen random bases ``A`` [r, 1, m] and ``B`` [M, n, r] are shared by every
     layer of the model (drawn from ``projection_prng_key``, sized for the largest layer, sliced per
-    layer; ternary with ``sparse`` / ``very_sparse``) and only ``randlora_lambda`` [r, n] and
+    layer; ternary with ``sparse`` / ``very_sparse``; ``B_i`` is every ``n``-th column of
+    ``B.reshape(M, n * r)`` from column ``i``) and only ``randlora_lambda`` [r, n] and
     ``randlora_gamma`` [n, m] train. Every RandLora adapter of one model must have the same ``r``,
     ``projection_prng_key``, ``save_projection``, ``sparse`` and ``very_sparse``."""
 
