@@ -9,7 +9,7 @@ from peft_kernel_testing.models import make_inputs, make_model
 from safetensors.torch import load_file
 
 from peft_kernel import PeftModel, get_peft_model
-from peft_kernel.plugin_api import AdapterLayer, CheckpointError, ConfigError
+from peft_kernel.plugin_api import AdapterLayer, CheckpointError, ConfigError, UnsupportedFeatureError
 from peft_kernel_lowrank import mixed
 from peft_kernel_randlora import RandLoraConfig
 from peft_kernel_randlora.layers import RandLoraLinear
@@ -143,5 +143,7 @@ def test_bad_configs_name_the_field():
         RandLoraConfig(randlora_dropout=-0.1)
     with pytest.raises(ConfigError, match="bias"):
         RandLoraConfig(bias="lora_only")
-    with pytest.raises(Exception, match="no installed plugin can wrap it"):
+    with pytest.raises(Exception, match="module 'emb' of type Embedding .* no installed plugin can wrap it"):
+        get_peft_model(make_model("embedding"), RandLoraConfig(target_modules=["emb", "lin"]))
+    with pytest.raises(UnsupportedFeatureError, match=r"RandLora adapts linear layers only .* 'emb' \(Embedding\)"):
         get_peft_model(make_model("embedding"), RandLoraConfig(target_modules=["emb"]))

@@ -8,7 +8,7 @@ from peft_kernel_testing.models import make_inputs, make_model
 from safetensors.torch import load_file
 
 from peft_kernel import PeftModel, get_peft_model
-from peft_kernel.plugin_api import AdapterLayer, CheckpointError, ConfigError
+from peft_kernel.plugin_api import AdapterLayer, CheckpointError, ConfigError, UnsupportedFeatureError
 from peft_kernel_lowrank import mixed
 from peft_kernel_vera import VeraConfig
 from peft_kernel_vera.layers import VeraLinear
@@ -172,4 +172,6 @@ def test_bad_configs_name_the_field():
     with pytest.raises(TypeError):
         VeraConfig(exclude_modules=["x"])  # HF's VeraConfig has no exclude_modules
     with pytest.raises(Exception, match="no installed plugin can wrap it"):
-        get_peft_model(make_model("embedding"), VeraConfig(target_modules=["emb"]))
+        get_peft_model(make_model("embedding"), VeraConfig(target_modules=["emb", "lin"]))
+    with pytest.raises(UnsupportedFeatureError, match=r"VeRA adapts linear layers only .* 'model.layers.0.mlp' \(LlamaMLP\)"):
+        get_peft_model(make_model("llama"), VeraConfig(target_modules=["mlp"]))

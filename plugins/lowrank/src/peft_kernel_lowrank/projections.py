@@ -16,24 +16,41 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_kernel.plugin_api import AdapterLayer, ConfigError, LowRankFactors, base_of, walk_modules
+from peft_kernel.plugin_api import (
+    AdapterLayer,
+    ConfigError,
+    LowRankFactors,
+    UnsupportedFeatureError,
+    base_of,
+    walk_modules,
+)
 from peft_kernel_lowrank import mixed
 
 
 # ---- generation -------------------------------------------------------------------------------
-def linear_features(module: nn.Module) -> tuple[int, int]:
-    """``(out_features, in_features)`` of a linear-like layer (``nn.Linear``, transformers'
-    ``Conv1D``, whose weight is stored ``[in, out]``), or of the layer an adapter layer wraps."""
+def linear_features(module: nn.Module) -> tuple[int, int] | None:
+    """``(out_features, in_features)`` of a linear layer (``nn.Linear``, or transformers' ``Conv1D``,
+    whose weight is stored ``[in, out]``) or of the one an adapter layer wraps; ``None`` for others."""
     base = base_of(module)
-    out_features, in_features = base.weight.shape
+    if isinstance(base, nn.Linear):
+        return tuple(base.weight.shape)
     if type(base).__name__ == "Conv1D":
-        out_features, in_features = in_features, out_features
-    return out_features, in_features
+        in_features, out_features = base.weight.shape
+        return out_features, in_features
+    return None
 
 
-def largest_features(targets: Iterable[tuple[str, nn.Module]]) -> tuple[int, int]:
-    """The largest ``(out_features, in_features)`` over the targeted modules."""
-    shapes = [linear_features(module) for _, module in targets]
+def largest_features(targets: Iterable[tuple[str, nn.Module]], method: str) -> tuple[int, int]:
+    """The largest ``(out_features, in_features)`` over the targeted linear layers (the method's
+    layer factory refuses the others by name); an error naming the modules when none is linear."""
+    targets = list(targets)
+    shapes = [shape for _, module in targets if (shape := linear_features(module)) is not None]
+    if not shapes:
+        found = ", ".join(f"{name!r} ({type(base_of(module)).__name__})" for name, module in targets[:4])
+        raise UnsupportedFeatureError(
+            f"{method} adapts linear layers only (nn.Linear, transformers' Conv1D), but target_modules matched "
+            f"none: {found}{' ...' if len(targets) > 4 else ''}. Point target_modules at linear layers."
+        )
     return max(s[0] for s in shapes), max(s[1] for s in shapes)
 
 
@@ -118,7 +135,10 @@ class ProjectionLayer(AdapterLayer):
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
         self.fan_in_fan_out = fan_in_fan_out
-        self.out_features, self.in_features = linear_features(base_layer)
+        features = linear_features(base_layer)
+        if features is None:
+            raise TypeError(f"{type(self).__name__} wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
+        self.out_features, self.in_features = features
         self.projection_settings: dict[str, dict[str, Any]] = {}
         self._folded: dict[str, tuple[tuple[torch.Tensor, ...], list[Any], tuple[torch.Tensor, torch.Tensor]]] = {}
 

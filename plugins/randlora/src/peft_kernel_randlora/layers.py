@@ -41,7 +41,7 @@ def make_bases(config: RandLoraConfig, targets: list[tuple[str, nn.Module]]) -> 
     uniform draws in bfloat16 (bounds ``1/sqrt(m)`` and ``1/sqrt(r)``, ``B`` drawn basis-major), or
     ternary float32 draws with ``sparse`` (probability 1/6 each for -1 and +1) and ``very_sparse``
     (``1 / (2 sqrt(m))`` each; it wins when both are set, as in HF PEFT)."""
-    out_max, in_max = largest_features(targets)
+    out_max, in_max = largest_features(targets, "RandLora")
     small, large, r = min(out_max, in_max), max(out_max, in_max), config.r
     n = num_bases(small, r)
     generator = seeded_generator(config.projection_prng_key)

@@ -20,7 +20,7 @@ SETTINGS = ("r", "projection_prng_key", "save_projection")
 def make_projections(config: VeraConfig, targets: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
     """``vera_A`` [r, in_max] then ``vera_B`` [out_max, r], drawn in that order from
     ``projection_prng_key`` (bit-identical to HF PEFT's), sized for the largest targeted layer."""
-    out_max, in_max = largest_features(targets)
+    out_max, in_max = largest_features(targets, "VeRA")
     generator = seeded_generator(config.projection_prng_key)
     vera_a = kaiming_uniform((config.r, in_max), generator)
     vera_b = kaiming_uniform((out_max, config.r), generator)
