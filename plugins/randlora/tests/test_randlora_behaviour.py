@@ -147,3 +147,14 @@ def test_bad_configs_name_the_field():
         get_peft_model(make_model("embedding"), RandLoraConfig(target_modules=["emb", "lin"]))
     with pytest.raises(UnsupportedFeatureError, match=r"RandLora adapts linear layers only .* 'emb' \(Embedding\)"):
         get_peft_model(make_model("embedding"), RandLoraConfig(target_modules=["emb"]))
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_hf_adapters_serve_a_mixed_batch_and_compose_like_hf(save_projection):
+    peft = pytest.importorskip("peft")
+    from peft_kernel_testing import check_mixed_batch_against_hf
+    from peft_kernel_testing.hf_oracle import check_active_adapters_against_hf
+
+    kwargs = dict(r=3, randlora_alpha=2, target_modules=["q_proj", "down_proj"], save_projection=save_projection)
+    check_mixed_batch_against_hf("llama", lambda: peft.RandLoraConfig(**kwargs))
+    check_active_adapters_against_hf("llama", lambda: peft.RandLoraConfig(**kwargs), lambda: RandLoraConfig(**kwargs))

@@ -175,3 +175,14 @@ def test_bad_configs_name_the_field():
         get_peft_model(make_model("embedding"), VeraConfig(target_modules=["emb", "lin"]))
     with pytest.raises(UnsupportedFeatureError, match=r"VeRA adapts linear layers only .* 'model.layers.0.mlp' \(LlamaMLP\)"):
         get_peft_model(make_model("llama"), VeraConfig(target_modules=["mlp"]))
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_hf_adapters_serve_a_mixed_batch_and_compose_like_hf(save_projection):
+    peft = pytest.importorskip("peft")
+    from peft_kernel_testing import check_mixed_batch_against_hf
+    from peft_kernel_testing.hf_oracle import check_active_adapters_against_hf
+
+    kwargs = dict(r=4, target_modules=["q_proj", "down_proj"], save_projection=save_projection, init_weights=False)
+    check_mixed_batch_against_hf("llama", lambda: peft.VeraConfig(**kwargs))
+    check_active_adapters_against_hf("llama", lambda: peft.VeraConfig(**kwargs), lambda: VeraConfig(**kwargs))
