@@ -4,6 +4,7 @@ mixed batches through the stacked low-rank kernels, merging, bad configs."""
 
 import pytest
 import torch
+from peft_kernel_testing.hf_oracle import perturb as perturb_trainable
 from peft_kernel_testing.models import make_inputs, make_model
 from safetensors.torch import load_file
 
@@ -186,3 +187,17 @@ def test_hf_adapters_serve_a_mixed_batch_and_compose_like_hf(save_projection):
     kwargs = dict(r=4, target_modules=["q_proj", "down_proj"], save_projection=save_projection, init_weights=False)
     check_mixed_batch_against_hf("llama", lambda: peft.VeraConfig(**kwargs))
     check_active_adapters_against_hf("llama", lambda: peft.VeraConfig(**kwargs), lambda: VeraConfig(**kwargs))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("autocast", [True, False])
+def test_half_precision_base_matches_hf_bit_for_bit(tmp_path, dtype, autocast):
+    """float32 adapters on a half-precision base add in float32 and round once; half-precision
+    adapters (``autocast_adapter_dtype=False``) compute in HF's order: HF's output exactly."""
+    peft = pytest.importorskip("peft")
+    hf = peft.get_peft_model(make_model("llama").to(dtype), peft.VeraConfig(r=4, target_modules=TARGETS, init_weights=False),
+                             autocast_adapter_dtype=autocast)
+    perturb_trainable(hf, 0)
+    hf.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(make_model("llama").to(dtype), tmp_path, autocast_adapter_dtype=autocast)
+    assert torch.equal(run(ours), run(hf))

@@ -120,6 +120,9 @@ def check_same_settings(model: nn.Module, layer_type: type, config: Any, fields:
                     )
 
 
+HALF = (torch.float16, torch.bfloat16)
+
+
 # ---- the layer --------------------------------------------------------------------------------
 class ProjectionLayer(AdapterLayer):
     """Base of adapter layers whose update is ``B' @ A'`` built from shared frozen projections and
@@ -203,20 +206,19 @@ class ProjectionLayer(AdapterLayer):
         return a, b, 1.0
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Base output plus each adapter in turn; the fused kernel adds in place where it can, and
-        a delta in another dtype than the base output is rounded to it before it is added."""
+        """Base output plus each adapter in turn: the fused kernel in place for full-precision
+        adapters on a base of their dtype; otherwise :meth:`delta` added in the wider of the two
+        dtypes and rounded once at the end, as HF PEFT does (float32 adapters on a half-precision
+        base give HF's output bit for bit)."""
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
         for name in adapters:
             factors = self.low_rank_factors(name)
-            if factors is None:
-                result = result + self.delta(x, name).to(dtype)
-            elif factors[1].dtype != dtype:
-                a, b, _ = factors
-                result = result + F.linear(F.linear(x.to(a.dtype), a), b).to(dtype)
-            else:
+            if factors is not None and factors[1].dtype == result.dtype and result.dtype not in HALF:
                 result = mixed.add_single(self, result, x, name, factors)
-        return result
+            else:
+                result = result + self.delta(x, name)
+        return result.to(dtype)
 
     def mixed_forward(self, x: torch.Tensor, routing: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         """The stacked kernels of :mod:`peft_kernel_lowrank.mixed`; a batch whose rows all use one

@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.plugin_api import BufferDict, linear_fan_in_fan_out
@@ -66,6 +67,16 @@ class VeraLinear(ProjectionLayer):
     def fold_inputs(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         return (self.vera_lambda_b[adapter_name], self.vera_lambda_d[adapter_name],
                 self.vera_A[adapter_name], self.vera_B[adapter_name])
+
+    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """``lambda_b * B(lambda_d * A(dropout(x)))`` in that order, as HF PEFT computes it (so
+        half-precision adapters round as HF's do); the fast paths use the folded factors."""
+        lambda_b, lambda_d, vera_a, vera_b = self.fold_inputs(adapter_name)
+        r = lambda_d.shape[0]
+        a = leading(vera_a, (r, self.in_features), "vera_A", self._module_name).to(lambda_d.dtype)
+        b = leading(vera_b, (self.out_features, r), "vera_B", self._module_name).to(lambda_b.dtype)
+        x = self.vera_dropout[adapter_name](x.to(lambda_d.dtype))
+        return lambda_b * F.linear(lambda_d * F.linear(x, a), b)
 
     def fold(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(diag(lambda_d) A[:r, :in], diag(lambda_b) B[:out, :r])``."""
