@@ -158,3 +158,20 @@ def test_hf_adapters_serve_a_mixed_batch_and_compose_like_hf(save_projection):
     kwargs = dict(r=3, randlora_alpha=2, target_modules=["q_proj", "down_proj"], save_projection=save_projection)
     check_mixed_batch_against_hf("llama", lambda: peft.RandLoraConfig(**kwargs))
     check_active_adapters_against_hf("llama", lambda: peft.RandLoraConfig(**kwargs), lambda: RandLoraConfig(**kwargs))
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("autocast", [True, False])
+def test_half_precision_base_matches_hf_bit_for_bit(tmp_path, dtype, autocast):
+    """HF PEFT computes RandLora's update in float32 (half-precision adapters too), adds it to the
+    base output and rounds once: the same here, so the outputs are HF's exactly."""
+    peft = pytest.importorskip("peft")
+    from peft_kernel_testing.hf_oracle import perturb as perturb_trainable
+
+    config = peft.RandLoraConfig(r=3, randlora_alpha=2, target_modules=TARGETS, init_weights=False)
+    hf = peft.get_peft_model(make_model("llama").to(dtype), config, autocast_adapter_dtype=autocast)
+    perturb_trainable(hf, 0)
+    hf.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(make_model("llama").to(dtype), tmp_path, autocast_adapter_dtype=autocast)
+    expected = run(hf)
+    assert expected.isfinite().all() and torch.equal(run(ours), expected)

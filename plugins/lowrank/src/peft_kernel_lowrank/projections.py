@@ -129,9 +129,10 @@ class ProjectionLayer(AdapterLayer):
     the layer's trainable tensors, on ``nn.Linear`` or transformers' ``Conv1D`` (``fan_in_fan_out``).
 
     A subclass names its dropout container in ``dropout_name`` and implements :meth:`fold_inputs`
-    (the adapter's tensors the factors are made from) and :meth:`fold` (``(A' [k, in],
-    B' [out, k])`` from them, the scale folded in). Per adapter, ``projection_settings`` records
-    the config fields every adapter of the model must share (:func:`check_same_settings`)."""
+    (the adapter's tensors the factors are made from), :meth:`fold` (``(A' [k, in], B' [out, k])``
+    from them) and, where a scalar follows the product, :meth:`scale`. Per adapter,
+    ``projection_settings`` records the config fields every adapter of the model must share
+    (:func:`check_same_settings`)."""
 
     dropout_name: str = ""
 
@@ -151,8 +152,12 @@ class ProjectionLayer(AdapterLayer):
         raise NotImplementedError
 
     def fold(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """``(A' [k, in], B' [out, k])`` with ``delta(x) = (x @ A'.T) @ B'.T``."""
+        """``(A' [k, in], B' [out, k])`` with ``delta(x) = scale * (x @ A'.T) @ B'.T``."""
         raise NotImplementedError
+
+    def scale(self, adapter_name: str) -> float:
+        """The scalar applied after the factors (1.0 unless the method has one)."""
+        return 1.0
 
     def adapter_dtype(self) -> torch.dtype:
         """The dtype new trainable tensors get: the base weight's when it is a float, else float32."""
@@ -188,22 +193,22 @@ class ProjectionLayer(AdapterLayer):
     def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b = self.folded(adapter_name)
         x = self._dropout(adapter_name)(x.to(a.dtype))
-        return F.linear(F.linear(x, a), b)
+        return F.linear(F.linear(x, a), b) * self.scale(adapter_name)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         a, b = self.folded(adapter_name)
-        weight = b @ a
+        weight = (b @ a) * self.scale(adapter_name)
         return weight.T if self.fan_in_fan_out else weight
 
     def low_rank_factors(self, adapter_name: str) -> LowRankFactors | None:
-        """``(A', B', 1.0)``; ``None`` for adapters this layer does not hold and for live dropout
+        """``(A', B', scale)``; ``None`` for adapters this layer does not hold and for live dropout
         in training (the generic path applies it)."""
         if adapter_name not in self.projection_settings:
             return None
         if self.training and not isinstance(self._dropout(adapter_name), nn.Identity):
             return None
         a, b = self.folded(adapter_name)
-        return a, b, 1.0
+        return a, b, self.scale(adapter_name)
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus each adapter in turn: the fused kernel in place for full-precision

@@ -2,7 +2,7 @@
 ``(alpha / r) * sum_i B_i diag(lambda[:, i]) A diag(gamma[i])`` from the model's shared frozen bases
 ``A`` [r, 1, m_max] and ``B`` [M_max, n_max, r], sliced to the layer's smaller side ``m`` and larger
 side ``M``. It is a low-rank product of rank ``k = r * n``: ``B[:M, :n].reshape(M, k)`` times the
-rows ``scale * lambda[j, i] * A[j] * gamma[i]`` (row ``j * n + i``), transposed where the layer's
+rows ``lambda[j, i] * A[j] * gamma[i]`` (row ``j * n + i``), times ``scale = alpha / r``, transposed where the layer's
 output is its smaller side. Imported on first use (torch)."""
 
 from __future__ import annotations
@@ -104,16 +104,23 @@ class RandLoraLinear(ProjectionLayer):
         b = leading(base_b, (self.large, n, r), "randlora_B", self._module_name)
         return a, b.reshape(self.large, n * r)
 
+    def scale(self, adapter_name: str) -> float:
+        return self.scaling[adapter_name]
+
     def fold_inputs(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         return (self.randlora_lambda[adapter_name], self.randlora_gamma[adapter_name],
                 self.randlora_A[adapter_name], self.randlora_B[adapter_name])
 
     def fold(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """The factors in float32 at least, also for half-precision adapters: HF PEFT computes
+        RandLora's update in float32 and adds it to the base output before rounding once."""
         lam, gamma, base_a, base_b = self.fold_inputs(adapter_name)
+        dtype = torch.promote_types(lam.dtype, torch.float32)
+        lam, gamma = lam.to(dtype), gamma.to(dtype)
         r, n = lam.shape
         a, b = self._slices(base_a, base_b, r, n)
-        rows = a.to(lam.dtype).repeat_interleave(n, 0) * gamma.repeat(r, 1) * (lam.reshape(-1, 1) * self.scaling[adapter_name])
-        b = b.to(lam.dtype)
+        rows = (lam.reshape(-1, 1) * a.to(dtype).repeat_interleave(n, 0)) * gamma.repeat(r, 1)
+        b = b.to(dtype)
         if self.out_features >= self.in_features:  # update [out = M, in = m] = b @ rows
             return rows, b
         return b.T, rows.T  # update [out = m, in = M] = rows.T @ b.T
