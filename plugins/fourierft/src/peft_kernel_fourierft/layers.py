@@ -9,16 +9,7 @@ from torch import nn
 
 from peft_kernel.plugin_api import AdapterLayer, ConfigError, linear_fan_in_fan_out, pattern_value
 from peft_kernel_fourierft.config import FourierFTConfig
-
-
-def spectral_positions(seed: int, out_features: int, in_features: int, n_frequency: int) -> torch.Tensor:
-    """The ``[2, n_frequency]`` (row, column) positions of the learned coefficients in the
-    ``[out, in]`` spectrum: the first ``n_frequency`` entries of a random permutation of the
-    flattened positions drawn from a CPU generator seeded with ``seed``. HF PEFT draws the same, so
-    the positions, which are never saved, are rebuilt identically when an adapter is loaded."""
-    generator = torch.Generator().manual_seed(seed)
-    flat = torch.randperm(out_features * in_features, generator=generator)[:n_frequency]
-    return torch.stack([flat // in_features, flat % in_features])
+from peft_kernel_spectral import seeded_positions
 
 
 class FourierFTLayer(AdapterLayer):
@@ -58,8 +49,8 @@ class FourierFTLayer(AdapterLayer):
         self.fourierft_spectrum[adapter_name] = nn.Parameter(spectrum.to(weight.device, weight.dtype))
         self.n_frequency[adapter_name] = n_frequency
         self.scaling[adapter_name] = config.scaling
-        self.indices[adapter_name] = spectral_positions(config.random_loc_seed, self.out_features,
-                                                        self.in_features, n_frequency)
+        self.indices[adapter_name] = seeded_positions(config.random_loc_seed, self.out_features,
+                                                      self.in_features, n_frequency)
 
     def spectral_delta(self, adapter_name: str) -> torch.Tensor:
         """``delta W`` in the ``[out, in]`` layout, in float32 (the FFT's precision) or wider."""
