@@ -107,7 +107,7 @@ def _hf_delta(family, out_features, in_features, use_idwt=True, seed=0):
 
 @pytest.mark.parametrize("family", HF_RUNNABLE)
 def test_inverse_transform_equals_hfs(family):
-    for out_features, in_features in [(16, 10), (7, 13), (1, 5), (24, 24)]:
+    for out_features, in_features in [(16, 10), (7, 13), (1, 5)]:
         expected, coefficients = _hf_delta(family, out_features, in_features)
         torch.testing.assert_close(inverse_dwt2(coefficients, family), expected, atol=1e-5, rtol=1e-5)
 
@@ -172,8 +172,8 @@ def test_a_haar_coefficient_in_each_quadrant():
 
 
 def test_the_transform_is_differentiable():
-    coefficients = torch.randn(7, 5, dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda c: inverse_dwt2(c, "sym3"), (coefficients,))
+    coefficients = torch.randn(5, 3, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda c: inverse_dwt2(c, "sym2"), (coefficients,), fast_mode=True)
     model = get_peft_model(make_model("mlp"), WaveFTConfig(target_modules=["lin0"], n_frequency=30, wavelet_family="coif1"))
     model(**make_inputs("mlp")).sum().backward()
     grad = _layers(model)["base_model.model.lin0"].waveft_spectrum["default"].grad
