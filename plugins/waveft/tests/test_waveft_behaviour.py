@@ -158,6 +158,32 @@ def test_synthesis_filters_are_orthonormal_wavelet_filters(family):
     torch.testing.assert_close(low @ high, torch.tensor(0.0, dtype=torch.float64), atol=1e-12, rtol=0)
 
 
+@pytest.mark.parametrize("family", ["db11", "sym20", "coif9", "coif5"])
+def test_families_hf_accepts_but_cannot_run_work_here(family):
+    """HF PEFT 0.21.2 bugs: its config accepts db1-38, sym2-20, coif1-17, but its transform knows only
+    db1-10, sym2-10, coif1-5 ("Unknown wavelet name" at the first forward), and its coif5 gives a
+    ``delta W`` of the wrong shape (a shape error). Here every accepted family runs (PyWavelets'
+    filters; the transform is checked against ``pywt.idwt2`` above)."""
+    config = dict(target_modules=["lin0"], n_frequency=40, wavelet_family=family, init_weights=False)
+    inputs = make_inputs("mlp")
+    ours = get_peft_model(make_model("mlp"), WaveFTConfig(**config))
+    assert torch.isfinite(run(ours, inputs)).all() and not torch.equal(run(ours, inputs), run(make_model("mlp"), inputs))
+    hf = peft.get_peft_model(make_model("mlp"), peft.WaveFTConfig(**config))
+    with pytest.raises((ValueError, RuntimeError)):
+        run(hf, inputs)
+
+
+def test_hfs_coif4_filter_is_not_the_coiflet():
+    """HF PEFT 0.21.2's coif4 filter is not an orthonormal wavelet filter (its low-pass taps sum to
+    1.4485, not sqrt(2); norm 1.0049; up to 0.012 off PyWavelets' coif4), so its coif4 ``delta W``
+    differs from the inverse transform by about 1e-3 of the coefficients. Here coif4 is PyWavelets'."""
+    expected, coefficients = _hf_delta("coif4", 24, 20)
+    ours = inverse_dwt2(coefficients, "coif4")
+    reference = torch.from_numpy(_pywt_reference(coefficients.double().numpy(), "coif4")).float()
+    torch.testing.assert_close(ours, reference, atol=1e-5, rtol=1e-5)
+    assert (expected - ours).abs().max() > 1e-3 * coefficients.abs().max()
+
+
 def test_a_haar_coefficient_in_each_quadrant():
     """db1 by hand: 2 x 2 blocks of +-1/2; the bottom-left quadrant is high-pass along columns."""
     unit = torch.zeros(4, 6)
