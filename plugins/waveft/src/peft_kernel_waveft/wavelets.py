@@ -10,7 +10,8 @@ the right ones; along columns, low-pass for the top quadrants, high-pass for the
 
     delta = R_lo^a C[:h0, :h1] Q_lo^a' + R_lo^b C[h0:, :h1] Q_hi^a' + R_hi^a C[:h0, h1:] Q_lo^b' + R_hi^b C[h0:, h1:] Q_hi^b'
 
-(``R^a`` / ``R^b``: the placements of the first / second half along rows, ``Q`` along columns).
+(``R^a`` / ``R^b``: the placements of the first / second half along rows, ``Q`` along columns, ``'``
+a transpose).
 Written as one standard synthesis step per axis: each quadrant is padded to ``m = h + (L - 2) / 2``
 per axis (a first-half axis by ``(L - 2) / 2`` zeros in front, a second-half one at its end), each
 axis is upsampled and filtered by a strided transposed convolution (``y[2k + t] += c[k] f[t]``),
@@ -22,6 +23,7 @@ from __future__ import annotations
 import functools
 import math
 
+import pywt
 import torch
 import torch.nn.functional as F
 
@@ -29,8 +31,6 @@ import torch.nn.functional as F
 @functools.lru_cache(maxsize=None)
 def synthesis_filters(family: str) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """``(rec_lo, rec_hi)`` of ``family`` (PyWavelets' reconstruction filters), as Python floats."""
-    import pywt
-
     wavelet = pywt.Wavelet(family)
     return tuple(wavelet.rec_lo), tuple(wavelet.rec_hi)
 
