@@ -399,8 +399,8 @@ def test_mixed_batch_of_different_families_equals_single_adapter_runs():
 def test_mixed_batch_builds_each_delta_once_per_adapter_not_per_row(monkeypatch):
     model = _two_family_model()
     calls = []
-    original = WaveFTLayer.wavelet_delta
-    monkeypatch.setattr(WaveFTLayer, "wavelet_delta", lambda self, name: calls.append(name) or original(self, name))
+    original = WaveFTLayer.spectral_delta
+    monkeypatch.setattr(WaveFTLayer, "spectral_delta", lambda self, name: calls.append(name) or original(self, name))
     run(model, make_inputs("mlp"), adapter_names=["a", "c", "b", "a"])
     assert sorted(calls) == ["a", "a", "b", "b", "c"]  # one delta W per adapter per layer that holds it
 

@@ -1,15 +1,14 @@
-"""The WaveFT layer: additive, so the core derives forward, mixed batches (one ``delta`` per
-adapter's group of rows: its dense ``delta W`` applied to those rows in one GEMM) and merging from
-``delta`` and ``delta_weight``. Imported on first use only (it imports torch)."""
+"""The WaveFT layer: a :class:`~peft_kernel_spectral.SpectralLayer`, so the core derives forward,
+mixed batches (each adapter's group of rows times its dense ``delta W``, one GEMM per adapter) and
+merging from its ``spectral_delta``. Imported on first use only (it imports torch)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from peft_kernel.plugin_api import AdapterLayer, ConfigError, base_of, linear_fan_in_fan_out, pattern_value
-from peft_kernel_spectral import seeded_positions
+from peft_kernel.plugin_api import ConfigError, base_of, linear_fan_in_fan_out, pattern_value
+from peft_kernel_spectral import SpectralLayer, seeded_positions
 from peft_kernel_waveft.config import WaveFTConfig
 from peft_kernel_waveft.wavelets import inverse_dwt2
 
@@ -31,7 +30,7 @@ def proportional_count(n_frequency: int, elements: int, sizes: torch.Tensor) -> 
     return max(1, round(n_frequency * layers * (elements / total)))
 
 
-class WaveFTLayer(AdapterLayer):
+class WaveFTLayer(SpectralLayer):
     """WaveFT on an ``nn.Linear`` or a transformers ``Conv1D`` (weight stored ``[in, out]``):
     ``delta W = scaling * IDWT2(C)``, ``C`` the ``[out, in]`` coefficient matrix that is zero except
     at the adapter's seeded positions, where it holds the learned ``waveft_spectrum``."""
@@ -43,10 +42,7 @@ class WaveFTLayer(AdapterLayer):
                          "waveft_random_loc_seed", "waveft_indices")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
-        super().__init__(base_layer)
-        self.fan_in_fan_out = fan_in_fan_out
-        weight = base_layer.weight
-        self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        super().__init__(base_layer, fan_in_fan_out)
         self.waveft_spectrum = nn.ParameterDict()
         self.waveft_n_frequency: dict[str, int] = {}
         self.waveft_scaling: dict[str, float] = {}
@@ -80,25 +76,12 @@ class WaveFTLayer(AdapterLayer):
         self.waveft_indices[adapter_name] = seeded_positions(config.random_loc_seed, self.out_features,
                                                              self.in_features, n_frequency)
 
-    def wavelet_delta(self, adapter_name: str) -> torch.Tensor:
+    def spectral_delta(self, adapter_name: str) -> torch.Tensor:
         """``delta W`` in the ``[out, in]`` layout, in float32 or wider (the transform's precision)."""
-        spectrum = self.waveft_spectrum[adapter_name]
-        dtype = torch.promote_types(spectrum.dtype, torch.float32)
-        if self.waveft_indices[adapter_name].device != spectrum.device:  # moved once, after model.to(device)
-            self.waveft_indices[adapter_name] = self.waveft_indices[adapter_name].to(spectrum.device)
-        rows, cols = self.waveft_indices[adapter_name]
-        dense = torch.zeros(self.out_features, self.in_features, device=spectrum.device, dtype=dtype)
-        dense = dense.index_put((rows, cols), spectrum.to(dtype))
+        dense = self.coefficient_matrix(self.waveft_spectrum[adapter_name], self.waveft_indices, adapter_name)
         if self.waveft_use_idwt[adapter_name]:
             dense = inverse_dwt2(dense, self.waveft_wavelet_family[adapter_name])
         return dense * self.waveft_scaling[adapter_name]
-
-    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        return F.linear(x, self.wavelet_delta(adapter_name).to(x.dtype))
-
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        delta = self.wavelet_delta(adapter_name)
-        return delta.T if self.fan_in_fan_out else delta
 
 
 def make_layer(config: WaveFTConfig, adapter_name: str, base_layer: nn.Module, module_name: str,
