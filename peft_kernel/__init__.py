@@ -92,7 +92,8 @@ def __getattr__(name: str) -> Any:
     if name in registry.tuner_names():
         from peft_kernel.tuner import tuner_class
 
-        return tuner_class(name)
+        record = next(r for r in registry.methods.values() if r.tuner_name == name)
+        return tuner_class(name, record.tuner_mixin)
     try:
         return registry.export(name)
     except AttributeError:

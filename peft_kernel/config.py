@@ -288,6 +288,10 @@ def _config_field_names(cls: type) -> set[str]:
     return {f.name for f in attrs.fields(cls) if f.init}
 
 
+OMIT_DEFAULT = "peft_kernel_omit_default"
+"""Field metadata key: the field is ours, not HF PEFT's; ``to_dict`` leaves it out at its default."""
+
+
 @attrs.define(kw_only=True)
 class PeftConfig:
     """Base of every adapter config. Field names and defaults follow HF PEFT's ``PeftConfig``."""
@@ -331,8 +335,13 @@ class PeftConfig:
 
     # ---- (de)serialisation ---------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
-        """A JSON-ready dict with HF PEFT's keys (enums as their string values)."""
+        """A JSON-ready dict with HF PEFT's keys (enums as their string values). A field of ours
+        that HF PEFT does not know (``metadata={OMIT_DEFAULT: True}``) is written only when it differs
+        from its default, so HF PEFT reads our configs without warnings about unknown keys."""
         raw = converter.unstructure(self)
+        for field in attrs.fields(type(self)):
+            if field.metadata.get(OMIT_DEFAULT) and getattr(self, field.name) == field.default:
+                raw.pop(field.name, None)
         return {k: (v.value if isinstance(v, enum.Enum) else v) for k, v in raw.items()}
 
     @classmethod

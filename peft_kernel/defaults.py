@@ -27,4 +27,4 @@ def peft_kernel_merge(layer: Any, adapter_name: str, safe_merge: bool, direction
 def peft_kernel_create_host(record: Any, model: Any, config: Any, adapter_name: str) -> Any:
     from peft_kernel.tuner import tuner_class
 
-    return tuner_class(record.tuner_name)(model, config, adapter_name)
+    return tuner_class(record.tuner_name, record.tuner_mixin)(model, config, adapter_name)

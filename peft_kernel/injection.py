@@ -19,7 +19,14 @@ from peft_kernel.layer import AdapterLayer, walk_modules
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
 from peft_kernel.plugins import Registry, get_registry
 from peft_kernel.transaction import guarding_base_weights
-from peft_kernel.targeting import base_of, candidate_modules, compress_target_modules, expand_target_modules, no_match_error
+from peft_kernel.targeting import (
+    base_of,
+    candidate_modules,
+    check_targets_resolved,
+    compress_target_modules,
+    expand_target_modules,
+    no_match_error,
+)
 
 CONFIGS_ATTR = "_peft_kernel_configs"
 """Where ``inject_adapter_in_model`` keeps a bare model's ``{adapter_name: config}``."""
@@ -89,6 +96,7 @@ def inject(
     record = registry.method_for_config(config)
     expand_target_modules(config, model, record)
     registry.prepare_config(config, model)
+    check_targets_resolved(config, model)
 
     def by_config(name: str, module: nn.Module) -> bool:
         return registry.match_target(config, name, module, model)

@@ -73,7 +73,11 @@ class AdapterLayer(nn.Module):
     status_type_names: dict[str, str] = {}
     """``{base layer kind: class name}`` shown by ``get_layer_status`` as ``<method>.<name>`` where
     HF PEFT's class name is not the base layer's (``{"Linear": "DeloraLinear"}``). The kind is the
-    base layer's class name, ``Linear`` for a GPT-2 ``Conv1D``."""
+    base layer's class name, ``Linear`` for a GPT-2 ``Conv1D``; ``"*"`` stands for every kind
+    (``{"*": "LNTuningLayer"}``)."""
+    status_type_prefixed: bool = True
+    """Whether ``get_layer_status`` prefixes the name with the method (``lora.Linear``); HF PEFT's IA3
+    layers show a bare ``Linear``."""
     peft_type: str = ""
 
     def __init__(self, base_layer: nn.Module) -> None:

@@ -101,7 +101,7 @@ def _tuner(record: Any) -> Any:
         return None
     from peft_kernel.tuner import tuner_class
 
-    return tuner_class(record.tuner_name)
+    return tuner_class(record.tuner_name, record.tuner_mixin)
 
 
 PEFT_TYPE_TO_CONFIG_MAPPING: Mapping[str, type[PeftConfig]] = _RegistryTable(lambda record: record.config_class)

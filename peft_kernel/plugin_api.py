@@ -21,6 +21,7 @@ from peft_kernel.config import (
     CONFIG_NAME,
     MAX_SIZE,
     MAX_WIDTH,
+    OMIT_DEFAULT,
     PeftConfig,
     TargetedConfig,
     TargetModulesConfig,
@@ -41,7 +42,15 @@ from peft_kernel.markers import hookimpl, hookspec
 from peft_kernel.model_defaults import DEFAULT_TARGET_MODULES
 from peft_kernel.plugins import Registry, build_registry, get_registry, install_hint, set_registry
 from peft_kernel.records import BackendRecord, MethodRecord
-from peft_kernel.targeting import base_of, compile_pattern, linear_fan_in_fan_out, pattern_value
+from peft_kernel.targeting import (
+    ALL_LINEAR,
+    ANY_MODEL_TYPE,
+    base_of,
+    compile_pattern,
+    linear_fan_in_fan_out,
+    pattern_value,
+    standard_match,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
     from peft_kernel.adapter_io import LoadResult
@@ -57,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
     from peft_kernel.layer import AdapterLayer, Fold, LowRankFactors, LowRankLayer, walk_modules
     from peft_kernel.modules_to_save import ModulesToSaveWrapper
     from peft_kernel.routing import BASE_ADAPTER, Routing, current_routing
+    from peft_kernel.tuner import is_additive
     from peft_kernel.utils import merge_utils
 
 _HEAVY = {
@@ -81,6 +91,7 @@ _HEAVY = {
     "atomic_save_tensors": "peft_kernel.checkpoint",
     "PICKLE_WEIGHTS_NAME": "peft_kernel.checkpoint",
     "merge_utils": "peft_kernel.utils.merge_utils",
+    "is_additive": "peft_kernel.tuner",
 }
 """``{name: core module}`` of the names that import torch, imported on first access."""
 
@@ -99,6 +110,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ALL_LINEAR",
+    "ANY_MODEL_TYPE",
     "BASE_ADAPTER",
     "CONFIGS_ATTR",
     "DEFAULT_TARGET_MODULES",
@@ -120,6 +133,7 @@ __all__ = [
     "LowRankLayer",
     "MethodRecord",
     "MixedBatchError",
+    "OMIT_DEFAULT",
     "ModulesToSaveWrapper",
     "PeftConfig",
     "PeftKernelError",
@@ -143,6 +157,7 @@ __all__ = [
     "hookimpl",
     "hookspec",
     "install_hint",
+    "is_additive",
     "linear_fan_in_fan_out",
     "load_adapter_weights",
     "merge_utils",
@@ -152,6 +167,7 @@ __all__ = [
     "render_table",
     "resolve_file",
     "set_registry",
+    "standard_match",
     "wrap_modules_to_save",
     "walk_modules",
 ]

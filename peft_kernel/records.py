@@ -6,8 +6,13 @@ from typing import Any, Mapping
 
 import attrs
 
-CAPABILITIES = frozenset({"mergeable", "mixed_batch", "hotswap", "prompt_learning", "multi_adapter"})
-"""Capabilities a method may declare. The conformance suite runs the checks they allow."""
+CAPABILITIES = frozenset({"mergeable", "mixed_batch", "hotswap", "prompt_learning", "multi_adapter", "additive"})
+"""Capabilities a method may declare. The conformance suite runs the checks they allow.
+
+``additive``: the adapter changes a weight by a fixed ``delta_weight`` (``W' = W + ΔW``, as LoRA,
+LoHa, VeRA...), so it can be rewritten as a LoRA (``convert_to_lora``). Multiplicative and
+orthogonal methods (IA3, OFT, BOFT, HRA, RoAd) do not declare it: their change scales or rotates
+``W`` (``W' = W·R``), and ``convert_to_lora`` refuses them with a ``TypeError``."""
 
 
 def _check_capabilities(instance: Any, attribute: attrs.Attribute, value: frozenset[str]) -> None:
@@ -25,7 +30,8 @@ class MethodRecord:
     that marks this method's parameters in state dicts (``"lora_"``); ``tuner_name`` the class
     name users see for ``peft_model.base_model`` (``"LoraModel"``), which the core generates and
     exports as ``peft_kernel.<tuner_name>``; ``default_target_modules`` maps a transformers
-    ``model_type`` to the modules targeted when the config names none; ``layer_factory`` builds the
+    ``model_type`` to the modules targeted when the config names none (the key ``"*"`` for every
+    other model type; a default may be ``"all-linear"``); ``layer_factory`` builds the
     method's adapter layers (see below).
     """
 
@@ -40,6 +46,11 @@ class MethodRecord:
     ``(config, adapter_name, base_layer, module_name) -> AdapterLayer | None`` that the core's default
     ``peft_kernel_create_layer`` calls for configs of ``config_class``; ``None`` means the layer type
     is not supported. Empty for methods that add no layers (or build them in their own hook)."""
+    tuner_mixin: str = ""
+    """``"package.module:Class"``, imported on first use: a class whose methods the generated
+    ``tuner_name`` class gains, for HF PEFT's method-specific tuner API
+    (``VBLoRAModel.get_nb_savable_parameters``). Its methods see the tuner as ``self``
+    (``self.model``, ``self.peft_config``). Empty for most methods."""
     exports: Mapping[str, str] = attrs.field(factory=dict)
     """Extra public names, ``{"LoraLayer": "peft_kernel_lora.layers:LoraLayer"}``, importable
     from ``peft_kernel`` while the plugin is installed. Imported on first access only. (The config

@@ -80,13 +80,17 @@ def _root(model: nn.Module, caller: str) -> nn.Module:
 
 def _module_type(module: nn.Module) -> str:
     """HF PEFT's names: ``lora.Linear`` (also over a GPT-2 ``Conv1D``), ``lora.Embedding``, ``ia3.Conv2d``,
-    ``delora.DeloraLinear`` (a layer's ``status_type_names``)..."""
+    ``delora.DeloraLinear`` (a layer's ``status_type_names``), IA3's bare ``Linear``..."""
     if isinstance(module, ModulesToSaveWrapper):
         return "ModulesToSaveWrapper"
     base = type(module.base_layer).__name__
     kind = "Linear" if base == "Conv1D" else base
     prefix = str(getattr(module.peft_type, "value", module.peft_type)).lower()
-    return f"{prefix}.{getattr(module, 'status_type_names', {}).get(kind, kind)}" if prefix else type(module).__name__
+    if not prefix:
+        return type(module).__name__
+    names = getattr(module, "status_type_names", {})
+    name = names.get(kind, names.get("*", kind))
+    return f"{prefix}.{name}" if getattr(module, "status_type_prefixed", True) else name
 
 
 def _per_adapter(module: nn.Module, attrs: tuple[str, ...], what: str) -> dict[str, list[Any]]:

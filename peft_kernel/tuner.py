@@ -19,7 +19,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from peft_kernel.adapter_io import HOST_KEY_PREFIX, LoadResult, layer_state_dict, load_layer_state_dict
-from peft_kernel.errors import AdapterNameError
+from peft_kernel.errors import AdapterNameError, UnknownMethodError
 from peft_kernel.injection import (
     cast_adapter_dtype,
     check_adapter_name,
@@ -31,11 +31,22 @@ from peft_kernel.injection import (
 )
 from peft_kernel.layer import AdapterLayer, adapter_layers, walk_modules
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
-from peft_kernel.plugins import get_registry
+from peft_kernel.plugins import get_registry, import_object
 
 
 _DUMMY_MODEL_CONFIG = {"model_type": "custom"}
 
+
+
+def is_additive(layer: AdapterLayer) -> bool:
+    """Whether ``layer``'s method declares the ``additive`` capability and the layer implements
+    ``delta_weight``: its adapters are ``W' = W + ΔW`` and can be rewritten as a LoRA."""
+    if type(layer).delta_weight is AdapterLayer.delta_weight:
+        return False
+    try:
+        return get_registry().method(layer.peft_type).supports("additive")
+    except UnknownMethodError:  # a layer of no registered method (built by hand): nothing vouches for it
+        return False
 
 class AdapterModel(nn.Module):
     """A transformers (or any torch) model with adapters of one method injected."""
@@ -232,7 +243,7 @@ class AdapterModel(nn.Module):
             if own is not None:
                 if not layer.supports_lora_conversion(adapter_name):
                     return False
-            elif type(layer).delta_weight is AdapterLayer.delta_weight:
+            elif not is_additive(layer):
                 return False
         return True
 
@@ -376,7 +387,14 @@ class AdapterModel(nn.Module):
         return replace_with_base(self.model, keep_trained_copies=True)
 
 
+def tuner_class(name: str, mixin: str = "") -> type[AdapterModel]:
+    """A subclass of :class:`AdapterModel` named after a method (``LoraModel``), with the methods of
+    the record's ``tuner_mixin`` class (``"package.module:Class"``) where it names one; one class
+    per ``(name, mixin)``."""
+    return _tuner_class(name, mixin)
+
+
 @lru_cache(maxsize=None)
-def tuner_class(name: str) -> type[AdapterModel]:
-    """A subclass of :class:`AdapterModel` named after a method (``LoraModel``)."""
-    return type(name or "AdapterModel", (AdapterModel,), {"__module__": __name__})
+def _tuner_class(name: str, mixin: str) -> type[AdapterModel]:
+    bases = (AdapterModel,) if not mixin else (import_object(mixin), AdapterModel)
+    return type(name or "AdapterModel", bases, {"__module__": __name__})

@@ -66,7 +66,8 @@ def _value(rng: random.Random, depth: int = 0) -> Any:
 
 
 def _base(cls: type) -> dict[str, Any]:
-    data = cls().to_dict()
+    required = {f.name: f.metadata["example"] for f in attrs.fields(cls) if "example" in f.metadata}  # no default
+    data = cls(**required).to_dict()
     names = {f.name for f in attrs.fields(cls)}
     if "target_modules" in names:
         data["target_modules"] = ["lin0", "lin1"]

@@ -15,7 +15,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             peft_type="TEMPLATE",
             config_class=TemplateConfig,
             prefix="template_",
-            capabilities={"mergeable", "mixed_batch", "multi_adapter"},
+            capabilities={"additive", "mergeable", "mixed_batch", "multi_adapter"},
             tuner_name="TemplateModel",
             layer_factory="peft_kernel_template.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,

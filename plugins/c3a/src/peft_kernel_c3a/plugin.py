@@ -15,7 +15,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             peft_type="C3A",
             config_class=C3AConfig,
             prefix="c3a_",
-            capabilities={"mergeable", "mixed_batch", "multi_adapter"},
+            capabilities={"additive", "mergeable", "mixed_batch", "multi_adapter"},
             tuner_name="C3AModel",
             layer_factory="peft_kernel_c3a.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,

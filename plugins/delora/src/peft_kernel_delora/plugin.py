@@ -15,7 +15,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             peft_type="DELORA",
             config_class=DeloraConfig,
             prefix="delora_",
-            capabilities={"mergeable", "mixed_batch", "multi_adapter"},
+            capabilities={"additive", "mergeable", "mixed_batch", "multi_adapter"},
             tuner_name="DeloraModel",
             layer_factory="peft_kernel_delora.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,

@@ -18,7 +18,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             peft_type="FOURIERFT",
             config_class=FourierFTConfig,
             prefix="fourierft_",
-            capabilities={"mergeable", "mixed_batch", "multi_adapter"},
+            capabilities={"additive", "mergeable", "mixed_batch", "multi_adapter"},
             tuner_name="FourierFTModel",
             layer_factory="peft_kernel_fourierft.layers:make_layer",
             default_target_modules=FOURIERFT_TARGET_MODULES,

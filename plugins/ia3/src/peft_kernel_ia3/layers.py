@@ -35,6 +35,7 @@ class IA3Layer(AdapterLayer):
 
     adapter_layer_names = ("ia3_l",)
     other_param_names = ("is_feedforward_for",)
+    status_type_prefixed = False  # HF PEFT's get_layer_status shows IA3 layers as a bare "Linear"
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int, channel_dim: int) -> None:
         super().__init__(base_layer)

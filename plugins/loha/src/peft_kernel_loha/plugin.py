@@ -15,7 +15,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             peft_type="LOHA",
             config_class=LoHaConfig,
             prefix="hada_",
-            capabilities={"mergeable", "mixed_batch", "hotswap", "multi_adapter"},
+            capabilities={"additive", "mergeable", "mixed_batch", "hotswap", "multi_adapter"},
             tuner_name="LoHaModel",
             layer_factory="peft_kernel_loha.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,

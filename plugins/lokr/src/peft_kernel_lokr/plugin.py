@@ -15,7 +15,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             peft_type="LOKR",
             config_class=LoKrConfig,
             prefix="lokr_",
-            capabilities={"mergeable", "mixed_batch", "hotswap", "multi_adapter"},
+            capabilities={"additive", "mergeable", "mixed_batch", "hotswap", "multi_adapter"},
             tuner_name="LoKrModel",
             layer_factory="peft_kernel_lokr.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,

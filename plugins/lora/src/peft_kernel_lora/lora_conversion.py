@@ -7,10 +7,11 @@ norm. ``rank`` is either that ``k`` or, as a float in (0, 1], the share of the s
 values to keep (the smallest ``k`` reaching it, per layer, written to ``rank_pattern``).
 
 Nothing here names a method: a layer is convertible when it says so itself
-(``supports_lora_conversion(adapter_name)``), or else when it implements ``delta_weight`` and its
-base layer is linear (``nn.Linear`` or transformers' ``Conv1D``) — HF PEFT converts linear layers
-only. Multiplicative or orthogonal methods (IA3, OFT) have no ``delta_weight`` and are refused with
-a ``TypeError`` naming their layer types, as HF does.
+(``supports_lora_conversion(adapter_name)``), or else when its method declares the ``additive``
+capability, implements ``delta_weight`` and its base layer is linear (``nn.Linear`` or
+transformers' ``Conv1D``) — HF PEFT converts linear layers only. Multiplicative or orthogonal
+methods (IA3, OFT, BOFT, HRA, RoAd) do not declare it and are refused with a ``TypeError`` naming
+their layer types, as HF does, and saying why.
 
 Differences from HF PEFT, on purpose:
 
@@ -18,6 +19,8 @@ Differences from HF PEFT, on purpose:
   ``‖ΔW - BA‖_F / ‖ΔW‖_F`` (from the discarded singular values, so it costs nothing).
 - A DoRA adapter is converted from its true weight change (magnitude included); HF converts only
   its ``s·BA`` part.
+- A LoRA trained with ``lora_bias=True`` keeps its bias (scaled) in the converted LoRA; HF drops it
+  and the converted adapter's outputs differ.
 - Layers that do not hold ``adapter_name`` are skipped (HF fails on them), and a ``modules_to_save``
   head is written from ``adapter_name``'s own copy under its full parameter path (HF keeps the last
   adapter's copy and only the last path component, which differs for nested heads).
@@ -35,7 +38,14 @@ import torch
 from torch import nn
 
 from peft_kernel import ModulesToSaveWrapper
-from peft_kernel.plugin_api import CONFIGS_ATTR, WEIGHTS_NAME, AdapterLayer, atomic_save_tensors, walk_modules
+from peft_kernel.plugin_api import (
+    CONFIGS_ATTR,
+    WEIGHTS_NAME,
+    AdapterLayer,
+    atomic_save_tensors,
+    is_additive,
+    walk_modules,
+)
 from peft_kernel_lora.config import LoraConfig
 
 PEFT_PREFIX = "base_model.model."
@@ -58,11 +68,11 @@ def _base(layer: AdapterLayer) -> nn.Module:
 
 def supports_lora_conversion(layer: AdapterLayer, adapter_name: str = "default") -> bool:
     """Whether ``layer``'s adapter ``adapter_name`` can become a LoRA: the layer's own answer if it
-    gives one, else additive (``delta_weight``) on a linear base layer."""
+    gives one, else an ``additive`` method's ``delta_weight`` on a linear base layer."""
     own = getattr(type(layer), "supports_lora_conversion", None)
     if own is not None:
         return bool(layer.supports_lora_conversion(adapter_name))
-    if type(layer).delta_weight is AdapterLayer.delta_weight:
+    if not is_additive(layer):
         return False
     base = _base(layer)
     conv1d = _conv1d_class()
@@ -140,7 +150,14 @@ def convert_to_lora_with_errors(
     layers = [(name, m) for name, m in _adapter_layers(model) if m.has_adapter(adapter_name)]
     unsupported = sorted({repr(type(m)) for _, m in layers if not supports_lora_conversion(m, adapter_name)})
     if unsupported:
-        raise TypeError(f"Some module types on this model do not support LoRA conversion: {', '.join(unsupported)}.")
+        methods = sorted({str(getattr(m.peft_type, "value", m.peft_type)) for _, m in layers
+                          if not supports_lora_conversion(m, adapter_name)})
+        raise TypeError(
+            f"Some module types on this model do not support LoRA conversion: {', '.join(unsupported)}. "
+            f"Only additive adapters (W' = W + delta W, the 'additive' capability) on linear layers convert; "
+            f"{', '.join(methods)} on these layers does not: a multiplicative or orthogonal update depends on the "
+            "base weight. Merge it into the base instead (merge_and_unload)."
+        )
     if not layers:
         raise TypeError("Could not detect any layer that supports LoRA conversion.")
 
@@ -150,9 +167,10 @@ def convert_to_lora_with_errors(
     peft_config = configs.get(adapter_name) if isinstance(configs, dict) else None
     if peft_config is not None and isinstance(peft_config, LoraConfig):
         warnings.warn("Converting a PEFT adapter to LoRA that is already a LoRA adapter. There is typically no need for that.", stacklevel=2)
-    config_bias = getattr(peft_config, "bias", getattr(peft_config, "lora_bias", "none"))
-    if config_bias not in ("none", False):
+    config_bias = getattr(peft_config, "bias", "none")
+    if config_bias != "none":
         raise ValueError(f"The adapter's config sets bias={config_bias}, this is not supported right now.")
+    lora_bias = bool(getattr(peft_config, "lora_bias", False))  # HF PEFT drops it silently
 
     kwargs: dict[str, Any] = {"rank_pattern": {}, "alpha_pattern": {}, "exclude_modules": set()}
     fixed = isinstance(rank, int)
@@ -168,6 +186,7 @@ def convert_to_lora_with_errors(
         lora_config = LoraConfig(r=rank if fixed else 1, target_modules=set(), **kwargs)
     if lora_config.target_modules is None or isinstance(lora_config.target_modules, list):
         lora_config.target_modules = set(lora_config.target_modules or ())
+    lora_config.lora_bias = lora_bias
 
     convert = torch.compile(_convert_layer, **compile_kwargs) if compile_kwargs is not None else _convert_layer
     from tqdm.auto import tqdm
@@ -187,6 +206,8 @@ def convert_to_lora_with_errors(
             lora_config.target_modules.add(short)
         state_dict[f"{name}.lora_A.weight"] = lora_A
         state_dict[f"{name}.lora_B.weight"] = lora_B
+        if lora_bias:  # lora_B's bias, scaled as the adapter scales it (the LoRA's scaling is 1)
+            state_dict[f"{name}.lora_B.bias"] = (layer.lora_B[adapter_name].bias * layer.scaling[adapter_name]).detach()
         errors[short] = error
 
     if peft_config is not None and getattr(peft_config, "modules_to_save", None):

@@ -17,7 +17,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             peft_type="MISS",
             config_class=MissConfig,
             prefix="miss_",
-            capabilities={"mergeable", "mixed_batch", "multi_adapter"},
+            capabilities={"additive", "mergeable", "mixed_batch", "multi_adapter"},
             tuner_name="MissModel",
             layer_factory="peft_kernel_miss.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,

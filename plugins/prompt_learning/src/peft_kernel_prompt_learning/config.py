@@ -41,13 +41,17 @@ from peft_kernel.plugin_api import MAX_SIZE, MAX_WIDTH, ConfigError, PeftConfig,
 if TYPE_CHECKING:  # annotations only: this module stays free of torch at import
     from torch import nn
 
-__all__ = ["INJECTIONS", "SAVED_KEY", "PromptLearningConfig", "fill_config"]
+__all__ = ["EXTRA_PREFIX", "INJECTIONS", "SAVED_KEY", "PromptLearningConfig", "fill_config"]
 
 INJECTIONS = ("inputs_embeds", "past_key_values")
 """How a prompt-learning method's virtual tokens can enter the model (``PromptLearningConfig.prompt_injection``)."""
 
 SAVED_KEY = "prompt_embeddings"
 """The on-disk key of a prompt-learning adapter's tensor (HF PEFT's format)."""
+
+EXTRA_PREFIX = "prompt_encoder."
+"""On-disk prefix of an encoder's optional extra tensors (``PromptEncoder.saved_extras``), which
+HF PEFT's loader ignores."""
 
 
 @attrs.define(kw_only=True)

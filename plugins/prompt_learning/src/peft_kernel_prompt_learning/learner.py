@@ -29,7 +29,7 @@ from peft_kernel.plugin_api import (
     replace_with_base,
     wrap_modules_to_save,
 )
-from peft_kernel_prompt_learning.config import SAVED_KEY, PromptLearningConfig, fill_config, text_config_of
+from peft_kernel_prompt_learning.config import EXTRA_PREFIX, SAVED_KEY, PromptLearningConfig, fill_config, text_config_of
 
 if TYPE_CHECKING:  # pragma: no cover
     from peft_kernel.plugin_api import MethodRecord
@@ -54,6 +54,20 @@ class PromptEncoder(nn.Module):
 
     def saved_prompt(self) -> torch.Tensor:
         return self().detach()
+
+    def saved_extras(self) -> dict[str, torch.Tensor]:
+        """Tensors saved next to ``prompt_embeddings`` under ``prompt_encoder.<name>`` (HF PEFT's
+        loader ignores them): what it takes to resume training, for encoders whose trainable form
+        is not their output (P-tuning's ``save_encoder``). None by default."""
+        return {}
+
+    def load_checkpoint(self, prompt: torch.Tensor, extras: dict[str, torch.Tensor]) -> None:
+        """Load a checkpoint's ``prompt_embeddings`` and its ``prompt_encoder.*`` tensors (prefix
+        removed). Encoders without extras refuse them; validate everything before changing anything."""
+        if extras:
+            raise CheckpointError(f"{type(self).__name__} saves no encoder tensors; the checkpoint has "
+                                  f"{sorted(EXTRA_PREFIX + k for k in extras)[:8]}.")
+        self.load_saved_prompt(prompt)
 
     def load_saved_prompt(self, tensor: torch.Tensor) -> None:
         weight = getattr(getattr(self, "embedding", None), "weight", None)
@@ -404,13 +418,15 @@ class PromptLearner:
         """``prompt_embeddings`` and the adapter's head copies (``state_dict`` and
         ``save_embedding_layers`` do not apply: there are no adapter layers)."""
         tensors = {k: v.detach().cpu() for k, v in self._head_tensors(adapter_name).items()}
-        tensors[SAVED_KEY] = self.encoders[adapter_name].saved_prompt().detach().cpu()
+        encoder = self.encoders[adapter_name]
+        tensors[SAVED_KEY] = encoder.saved_prompt().detach().cpu()
+        tensors.update({EXTRA_PREFIX + k: v.detach().cpu() for k, v in encoder.saved_extras().items()})
         return tensors
 
     def load_tensors(self, tensors: dict[str, torch.Tensor], adapter_name: str,
                      ignore_mismatched_sizes: bool = False) -> LoadResult:
         heads = self._head_tensors(adapter_name)
-        unexpected = sorted(k for k in tensors if k != SAVED_KEY and k not in heads)
+        unexpected = sorted(k for k in tensors if k != SAVED_KEY and k not in heads and not k.startswith(EXTRA_PREFIX))
         if unexpected or SAVED_KEY not in tensors:
             raise CheckpointError(
                 f"a {self.record.peft_type} checkpoint holds {SAVED_KEY!r} (and the adapter's modules_to_save "
@@ -420,7 +436,8 @@ class PromptLearner:
         for key, value in tensors.items():
             if key in heads and tuple(value.shape) != tuple(heads[key].shape):
                 raise CheckpointError(f"{key}: checkpoint {tuple(value.shape)} vs model {tuple(heads[key].shape)}.")
-        self.encoders[adapter_name].load_saved_prompt(tensors[SAVED_KEY])
+        extras = {k.removeprefix(EXTRA_PREFIX): v for k, v in tensors.items() if k.startswith(EXTRA_PREFIX)}
+        self.encoders[adapter_name].load_checkpoint(tensors[SAVED_KEY], extras)
         with torch.no_grad():
             for key, value in tensors.items():
                 if key in heads:

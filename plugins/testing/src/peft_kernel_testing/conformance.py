@@ -23,6 +23,7 @@ import pytest
 import torch
 from torch import nn
 
+from peft_kernel.plugin_api import AdapterLayer
 from peft_kernel_testing.hf_oracle import hf_oracle, hf_reads_ours, max_abs_diff, perturb, run
 from peft_kernel_testing.models import make_inputs, make_model, output_tensor
 
@@ -223,6 +224,32 @@ class _Checks:
         assert layers(ours) == layers(theirs)
         assert summary(ours) == summary(theirs)
         assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+
+    def test_lora_conversion_follows_capability(self, case: ConformanceCase) -> None:
+        """A method declaring ``additive`` converts to a LoRA (``save_as_lora``) that reproduces the
+        adapter's outputs at full rank; any other method is refused with HF's ``TypeError``."""
+        conversion = pytest.importorskip("peft_kernel_lora.lora_conversion")
+        from peft_kernel import PeftModel
+
+        model = _build(case)
+        record = _record(model.active_peft_config)
+        if record.supports("prompt_learning"):
+            pytest.skip("prompt learning adds no layers to convert")
+        if getattr(model.active_peft_config, "bias", "none") != "none":
+            pytest.skip("a trained bias has no LoRA form (refused with a ValueError, as HF)")
+        if case.changes_base_at_init:
+            pytest.skip("the adapter is relative to a rewritten base (PiSSA, OLoRA): a LoRA of the original base differs")
+        layers = [m for _, m in model.named_modules() if isinstance(m, AdapterLayer)]
+        if not record.supports("additive") or not all(conversion.supports_lora_conversion(m) for m in layers):
+            with pytest.raises(TypeError, match="do not support LoRA conversion"):
+                conversion.convert_to_lora(model, 2)
+            return
+        inputs = case.make_inputs()
+        expected = run(model, inputs)
+        with tempfile.TemporaryDirectory() as tmp:
+            conversion.save_as_lora(tmp, model, rank=1.0)  # every singular value: the exact delta
+            converted = PeftModel.from_pretrained(case.make_model(), tmp)
+        _close(run(converted, inputs), expected, max(case.tolerance, 1e-4), "full-rank LoRA conversion vs adapter")
 
     def test_mixed_batch_rows(self, case: ConformanceCase) -> None:
         model = _build(case, adapter_name="first", seed=0)
