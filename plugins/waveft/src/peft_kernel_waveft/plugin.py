@@ -23,7 +23,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             peft_type="WAVEFT",
             config_class=WaveFTConfig,
             prefix="waveft_",
-            capabilities={"mergeable", "mixed_batch", "multi_adapter"},
+            capabilities={"additive", "mergeable", "mixed_batch", "multi_adapter"},
             tuner_name="WaveFTModel",
             layer_factory="peft_kernel_waveft.layers:make_layer",
             default_target_modules=WAVEFT_TARGET_MODULES,
