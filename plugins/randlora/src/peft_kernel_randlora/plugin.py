@@ -21,7 +21,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             peft_type="RANDLORA",
             config_class=RandLoraConfig,
             prefix="randlora_",
-            capabilities={"mergeable", "mixed_batch", "multi_adapter"},
+            capabilities={"additive", "mergeable", "mixed_batch", "multi_adapter"},
             tuner_name="RandLoraModel",
             layer_factory="peft_kernel_randlora.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,

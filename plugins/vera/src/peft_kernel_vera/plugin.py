@@ -19,7 +19,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             peft_type="VERA",
             config_class=VeraConfig,
             prefix="vera_lambda_",
-            capabilities={"mergeable", "mixed_batch", "multi_adapter"},
+            capabilities={"additive", "mergeable", "mixed_batch", "multi_adapter"},
             tuner_name="VeraModel",
             layer_factory="peft_kernel_vera.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,
