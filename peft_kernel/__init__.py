@@ -90,9 +90,9 @@ def __getattr__(name: str) -> Any:
 
     registry = get_registry()
     if name in registry.tuner_names():
-        from peft_kernel.tuner import tuner_class
+        from peft_kernel.tuner import tuner_for
 
-        return tuner_class(name)
+        return tuner_for(next(r for r in registry.methods.values() if r.tuner_name == name))
     try:
         return registry.export(name)
     except AttributeError:

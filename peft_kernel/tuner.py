@@ -387,7 +387,21 @@ class AdapterModel(nn.Module):
         return replace_with_base(self.model, keep_trained_copies=True)
 
 
+def tuner_class(name: str, base: str = "") -> type[AdapterModel]:
+    """A subclass of :class:`AdapterModel` named after a method (``LoraModel``); with ``base``
+    (``"package.module:Class"``, a record's ``tuner_base``) that class comes first in its bases, so
+    its methods are the tuner's. One class per ``(name, base)``."""
+    return _tuner_class(name, base)
+
+
 @lru_cache(maxsize=None)
-def tuner_class(name: str) -> type[AdapterModel]:
-    """A subclass of :class:`AdapterModel` named after a method (``LoraModel``)."""
-    return type(name or "AdapterModel", (AdapterModel,), {"__module__": __name__})
+def _tuner_class(name: str, base: str) -> type[AdapterModel]:
+    from peft_kernel.plugins import import_object
+
+    bases = (import_object(base), AdapterModel) if base else (AdapterModel,)
+    return type(name or "AdapterModel", bases, {"__module__": __name__})
+
+
+def tuner_for(record: Any) -> type[AdapterModel]:
+    """The tuner class of a method's :class:`~peft_kernel.records.MethodRecord`."""
+    return tuner_class(record.tuner_name, record.tuner_base)
