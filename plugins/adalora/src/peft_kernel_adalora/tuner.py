@@ -47,7 +47,7 @@ class AdaLoraTuner:
     # ---- training -----------------------------------------------------------------------------
     def update_and_allocate(self, global_step: int) -> None:
         """Call after ``optimizer.step()`` and before ``optimizer.zero_grad()`` with the 0-based
-        step: updates the importance scores (until ``total_step - tfinal``), masks ``E`` to the
+        step: updates the importance scores (before step ``total_step - tfinal``), masks ``E`` to the
         step's budget (every ``deltaT`` steps of the reduction phase, finally at ``total_step -
         tfinal``, and with the final ``rank_pattern`` after that) and records the mask in the
         adapter's ``rank_pattern``. peft-kernel's Trainer does this itself (``peft_kernel_training_step``)."""
@@ -61,8 +61,7 @@ class AdaLoraTuner:
             budget, mask = allocator.budget_schedule(global_step)
             if mask:
                 config.rank_pattern = allocator.mask_to_budget(budget)
-        elif global_step == final:
-            allocator.update_ipt()
+        elif global_step == final:  # the final allocation, from the scores of the steps before
             budget, _ = allocator.budget_schedule(global_step)
             config.rank_pattern = allocator.mask_to_budget(budget)
             allocator.reset_ipt()
