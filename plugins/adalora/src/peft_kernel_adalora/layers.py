@@ -81,13 +81,14 @@ class SVDLayer(AdapterLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self._folded.drop(adapter_name)
+        self._folded.drop(f"{adapter_name}\0")
         mixed.drop_stack(self)
 
     # ---- the update ---------------------------------------------------------------------------
     def scale(self, adapter_name: str) -> float:
-        """``scaling / (ranknum + 1e-5)``."""
-        return self.scaling[adapter_name] / (float(self.ranknum[adapter_name]) + EPS)
+        """``scaling / (ranknum + 1e-5)``, read from ``ranknum`` once (no device sync per forward)."""
+        ranknum = self.ranknum[adapter_name]
+        return self.scaling[adapter_name] / (self._folded.get(f"{adapter_name}\0ranknum", (ranknum,), lambda: float(ranknum)) + EPS)
 
     def delta_matrix(self, adapter_name: str) -> torch.Tensor:
         """``scale * B diag(E) A`` ``[out, in]`` (flattened input side for convolutions)."""
@@ -127,7 +128,7 @@ class SVDLinear(SVDLayer):
         a, b, e = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
         if torch.is_grad_enabled() and (a.requires_grad or e.requires_grad or b.requires_grad):
             return a * e, b, self.scale(adapter_name)
-        return self._folded.get(adapter_name, (a, e), lambda: a * e), b, self.scale(adapter_name)
+        return self._folded.get(f"{adapter_name}\0A*E", (a, e), lambda: a * e), b, self.scale(adapter_name)
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         return forward.adapted_forward(self, x, adapters, *args, **kwargs)

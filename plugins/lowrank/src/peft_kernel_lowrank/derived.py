@@ -1,13 +1,15 @@
-"""A cache for a tensor derived from an adapter's live tensors (a folded ``A`` such as AdaLoRA's
-``A * E``), so that :func:`LowRankLayer.low_rank_factors` hands out the *same* tensor object until
+"""A cache for a value derived from an adapter's live tensors (a folded ``A`` such as AdaLoRA's
+``A * E``, a scale read from a tensor), so that :func:`LowRankLayer.low_rank_factors` hands out the *same* tensor object until
 one of its inputs changes, which keeps the stacked kernels' freshness check (identity, version,
 address) of :mod:`peft_kernel_lowrank.mixed` valid without rebuilding a stack on every forward."""
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import Any, Callable, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 
 class DerivedCache:
@@ -17,9 +19,9 @@ class DerivedCache:
     def __init__(self) -> None:
         # the input tensors themselves are kept (not their ids), so a replaced tensor is never
         # mistaken for the old one at a reused address
-        self._entries: dict[str, tuple[tuple[torch.Tensor, ...], list[tuple[int, int, torch.dtype]], torch.Tensor]] = {}
+        self._entries: dict[str, tuple[tuple[torch.Tensor, ...], list[tuple[int, int, torch.dtype]], Any]] = {}
 
-    def get(self, key: str, inputs: tuple[torch.Tensor, ...], compute: Callable[[], torch.Tensor]) -> torch.Tensor:
+    def get(self, key: str, inputs: tuple[torch.Tensor, ...], compute: Callable[[], T]) -> T:
         state = [(t._version, t.data_ptr(), t.dtype) for t in inputs]
         entry = self._entries.get(key)
         if entry is None or entry[1] != state or any(t is not c for t, c in zip(inputs, entry[0])):
@@ -28,5 +30,7 @@ class DerivedCache:
             self._entries[key] = entry
         return entry[2]
 
-    def drop(self, key: str) -> None:
-        self._entries.pop(key, None)
+    def drop(self, prefix: str) -> None:
+        """Forget every entry whose key starts with ``prefix`` (an adapter's name)."""
+        for key in [k for k in self._entries if k.startswith(prefix)]:
+            del self._entries[key]
