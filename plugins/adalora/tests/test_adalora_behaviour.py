@@ -240,3 +240,19 @@ def test_r_is_ignored_with_hf_warning() -> None:
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         AdaLoraConfig(total_step=10)
+
+
+def test_half_precision_base_rounds_once_as_hf(tmp_path) -> None:
+    """float32 adapters on a bfloat16 model: the delta is added in float32 and the sum rounded once
+    (HF's ``result +=``), so the logits equal HF's bit for bit."""
+    peft = hf_peft()
+    inputs = make_inputs("llama")
+    with hf_oracle("HF peft on a bfloat16 model"):
+        theirs = peft.get_peft_model(make_model("llama").to(torch.bfloat16),
+                                     peft.AdaLoraConfig(target_modules=["q_proj", "v_proj"], total_step=5,
+                                                        init_lora_weights=False)).eval()
+        expected = run(theirs, inputs)
+        theirs.save_pretrained(tmp_path)
+    ours = PeftModel.from_pretrained(make_model("llama").to(torch.bfloat16), tmp_path).eval()
+    assert ours.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].dtype == torch.float32
+    assert torch.equal(run(ours, inputs), expected)

@@ -102,9 +102,10 @@ class RankAllocator:
 
     @torch.no_grad()
     def mask_using_rank_pattern(self, rank_pattern: dict[str, list[bool]]) -> None:
-        """Keep the ``E`` entries ``rank_pattern`` drops at zero (after the final allocation)."""
+        """Keep the ``E`` entries ``rank_pattern`` drops at zero (after the final allocation). A layer
+        loaded from a checkpoint holds the kept triplets only (fewer than its mask): nothing to mask."""
         for path, layer in self.layers.items():
             kept = rank_pattern.get(f"{path}.lora_E")
-            if kept is not None:
-                e = layer.lora_E[self.adapter_name]
+            e = layer.lora_E[self.adapter_name]
+            if kept is not None and len(kept) == e.shape[0]:
                 e.masked_fill_(~torch.tensor(kept, dtype=torch.bool, device=e.device).view(-1, 1), 0.0)

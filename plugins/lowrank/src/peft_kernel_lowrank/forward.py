@@ -8,7 +8,6 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 
 from peft_kernel_lowrank import mixed
 
@@ -17,18 +16,15 @@ if TYPE_CHECKING:
 
 
 def adapted_forward(layer: AdapterLayer, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-    """Base output plus each adapter in turn: the fused kernel where the factors exist and share the
-    base's dtype; on a base of another dtype each delta is computed in the adapter's dtype and
-    rounded to the base's before it is added (HF PEFT's order); the layer's own ``delta`` otherwise."""
+    """Base output plus each adapter in turn: the fused kernel where the factors exist, the layer's
+    own ``delta`` otherwise. On a base of another dtype (float32 adapters on a half-precision model)
+    each delta is added in the adapter's dtype and the sum rounded once, as HF PEFT's ``result +=``."""
     result = layer.base_layer(x, *args, **kwargs)
     dtype = result.dtype
     for name in adapters:
         factors = layer.low_rank_factors(name)
         if factors is None:
-            result = result + layer.delta(x, name).to(dtype)
-        elif factors[1].dtype != dtype:
-            a, b, scale = factors
-            result = result + (F.linear(F.linear(x.to(a.dtype), a), b) * scale).to(dtype)
+            result = (result + layer.delta(x, name)).to(dtype)
         else:
             result = mixed.add_single(layer, result, x, name, factors)
     return result
