@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import torch
 
-from peft_kernel_adalora.config import AdaLoraConfig
+from peft_kernel_adalora.config import FACTORS, AdaLoraConfig
 from peft_kernel_adalora.layers import SVDLayer
-
-FACTORS = ("lora_A", "lora_B", "lora_E")
 
 
 class RankAllocator:

@@ -11,6 +11,9 @@ import attrs
 
 from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetedConfig, check_range
 
+FACTORS = ("lora_A", "lora_B", "lora_E")
+"""The saved tensors of an AdaLoRA layer: ``Q`` ``[r, in]``, ``P`` ``[out, r]``, ``Λ`` ``[r, 1]``."""
+
 UNSUPPORTED_FIELDS = {
     "alora_invocation_tokens": None,
     "arrow_config": None,

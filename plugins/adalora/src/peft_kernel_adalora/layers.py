@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out
-from peft_kernel_adalora.config import AdaLoraConfig
+from peft_kernel_adalora.config import FACTORS, AdaLoraConfig
 from peft_kernel_lowrank import forward, mixed
 from peft_kernel_lowrank.derived import DerivedCache
 
@@ -39,7 +39,7 @@ class SVDLayer(AdapterLayer):
     """The per-adapter containers and the SVD-form update, for any base whose weight is a matrix
     once flattened (``weight_shape`` says how it is stored)."""
 
-    adapter_layer_names = ("lora_A", "lora_B", "lora_E")
+    adapter_layer_names = FACTORS
     other_param_names = ("ranknum", "r", "lora_alpha", "scaling", "lora_dropout")
 
     def __init__(self, base_layer: nn.Module, in_features: int, out_features: int) -> None:

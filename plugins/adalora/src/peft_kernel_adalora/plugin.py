@@ -5,9 +5,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from peft_kernel.plugin_api import DEFAULT_TARGET_MODULES, MethodRecord, UnsupportedFeatureError, hookimpl
-from peft_kernel_adalora.config import AdaLoraConfig
-
-FACTORS = ("lora_A", "lora_B", "lora_E")
+from peft_kernel_adalora.config import FACTORS, AdaLoraConfig
 
 
 class AdaLoraCombineError(UnsupportedFeatureError, TypeError):
