@@ -256,3 +256,26 @@ def test_half_precision_base_rounds_once_as_hf(tmp_path) -> None:
     ours = PeftModel.from_pretrained(make_model("llama").to(torch.bfloat16), tmp_path).eval()
     assert ours.base_model.model.model.layers[0].self_attn.q_proj.lora_A["default"].dtype == torch.float32
     assert torch.equal(run(ours, inputs), expected)
+
+
+def test_mixed_model_stacks_adalora_on_lora_as_hf() -> None:
+    """``PeftMixedModel``: an AdaLoRA layer stacked on a LoRA layer of the same module gives HF's
+    output (the LoRA layer below must not answer for the AdaLoRA adapter)."""
+    import peft_kernel
+
+    peft = hf_peft()
+    inputs = make_inputs("mlp")
+    built = {}
+    for name, lib in (("hf", peft), ("ours", peft_kernel)):
+        model = lib.get_peft_model(make_model("mlp"), lib.LoraConfig(target_modules=["lin0", "lin1"], init_lora_weights=False),
+                                   mixed=True)
+        model.add_adapter("ada", lib.AdaLoraConfig(target_modules=["lin0"], total_step=5, init_lora_weights=False))
+        model.set_adapter(["default", "ada"])
+        built[name] = model.eval()
+    hf_params = dict(built["hf"].named_parameters())
+    with torch.no_grad():
+        for name, param in built["ours"].named_parameters():
+            param.copy_(hf_params[name])
+    with hf_oracle("HF peft's mixed model"):
+        expected = run(built["hf"], inputs)
+    assert (run(built["ours"], inputs) - expected).abs().max() <= TOL
