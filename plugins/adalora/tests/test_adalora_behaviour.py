@@ -279,3 +279,20 @@ def test_mixed_model_stacks_adalora_on_lora_as_hf() -> None:
     with hf_oracle("HF peft's mixed model"):
         expected = run(built["hf"], inputs)
     assert (run(built["ours"], inputs) - expected).abs().max() <= TOL
+
+
+def test_safe_merge_refuses_non_finite_and_masked_triplets_merge_to_nothing() -> None:
+    model = get_peft_model(make_model("mlp"), AdaLoraConfig(target_modules=["lin0"], init_r=3, total_step=10,
+                                                            init_lora_weights=False)).eval()
+    layer = model.base_model.model.lin0
+    weight = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        layer.lora_E["default"].copy_(torch.tensor([[0.0], [0.0], [0.0]]))
+    model.merge_adapter()
+    assert torch.equal(layer.base_layer.weight, weight)  # every singular value masked: a zero update
+    model.unmerge_adapter()
+    with torch.no_grad():
+        layer.lora_E["default"][1] = float("inf")
+    with pytest.raises(ValueError, match="NaNs or infs"):
+        model.merge_adapter(safe_merge=True)
+    assert torch.equal(layer.base_layer.weight, weight)
