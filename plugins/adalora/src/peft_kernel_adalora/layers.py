@@ -36,8 +36,8 @@ def layer_rank(config: AdaLoraConfig, module_name: str, adapter_name: str) -> in
 
 
 class SVDLayer(AdapterLayer):
-    """The per-adapter containers and the SVD-form update, for any base whose weight is a matrix
-    once flattened (``weight_shape`` says how it is stored)."""
+    """The per-adapter containers and the SVD-form update, for any base whose weight is an
+    ``[out, in]`` matrix once flattened; subclasses say how the update is laid out and applied."""
 
     adapter_layer_names = FACTORS
     other_param_names = ("ranknum", "r", "lora_alpha", "scaling", "lora_dropout")
