@@ -353,7 +353,9 @@ def load_layer_state_dict(
             if tuple(value.shape) == tuple(targets[key].shape):
                 targets[key].copy_(value.to(device=targets[key].device, dtype=targets[key].dtype))
     tie_shared_tensors(model, adapter_name)
-    missing = sorted(k for k in targets if k not in peft_model_state_dict and k not in unsaved_shared_keys(model, adapter_name, prefix))
+    loaded = {id(targets[k]) for k in peft_model_state_dict}  # a tensor tied across layers loads through any of its keys
+    missing = sorted(k for k in targets if k not in peft_model_state_dict and id(targets[k]) not in loaded
+                     and k not in unsaved_shared_keys(model, adapter_name, prefix))
     return LoadResult(missing, sorted(ignored))
 
 

@@ -20,6 +20,7 @@ import os
 import warnings
 from typing import Any, Iterator, Sequence
 
+import attrs
 import torch
 from torch import nn
 
@@ -130,7 +131,10 @@ class PeftModel(nn.Module):
         return self._host.plain_model
 
     def _add_task_modules(self, config: PeftConfig) -> None:
-        if self.task_modules_to_save and hasattr(config, "modules_to_save"):
+        """The task's head joins ``modules_to_save``, for configs that have that field (as an
+        argument: Trainable Tokens, like HF's, has none and leaves the head alone)."""
+        field = attrs.fields_dict(type(config)).get("modules_to_save") if attrs.has(type(config)) else None
+        if self.task_modules_to_save and field is not None and field.init:
             current = list(config.modules_to_save or [])
             config.modules_to_save = current + [m for m in self.task_modules_to_save if m not in current]
 

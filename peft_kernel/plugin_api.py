@@ -42,7 +42,15 @@ from peft_kernel.markers import hookimpl, hookspec
 from peft_kernel.model_defaults import DEFAULT_TARGET_MODULES
 from peft_kernel.plugins import Registry, build_registry, get_registry, install_hint, set_registry
 from peft_kernel.records import BackendRecord, MethodRecord
-from peft_kernel.targeting import base_of, compile_pattern, linear_fan_in_fan_out, pattern_value, standard_match
+from peft_kernel.targeting import (
+    ALL_LINEAR,
+    ANY_MODEL_TYPE,
+    base_of,
+    compile_pattern,
+    linear_fan_in_fan_out,
+    pattern_value,
+    standard_match,
+)
 
 if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
     from peft_kernel.adapter_io import LoadResult
@@ -102,6 +110,8 @@ def __dir__() -> list[str]:
 
 
 __all__ = [
+    "ALL_LINEAR",
+    "ANY_MODEL_TYPE",
     "BASE_ADAPTER",
     "CONFIGS_ATTR",
     "DEFAULT_TARGET_MODULES",

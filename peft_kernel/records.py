@@ -30,7 +30,8 @@ class MethodRecord:
     that marks this method's parameters in state dicts (``"lora_"``); ``tuner_name`` the class
     name users see for ``peft_model.base_model`` (``"LoraModel"``), which the core generates and
     exports as ``peft_kernel.<tuner_name>``; ``default_target_modules`` maps a transformers
-    ``model_type`` to the modules targeted when the config names none; ``layer_factory`` builds the
+    ``model_type`` to the modules targeted when the config names none (the key ``"*"`` for every
+    other model type; a default may be ``"all-linear"``); ``layer_factory`` builds the
     method's adapter layers (see below).
     """
 

@@ -21,6 +21,9 @@ if TYPE_CHECKING:  # torch is imported where it is used: configs validate their 
     from torch import nn
 
 ALL_LINEAR = "all-linear"
+ANY_MODEL_TYPE = "*"
+"""Key of a ``MethodRecord.default_target_modules`` entry used for every model type the table does
+not name, models without a ``config`` included (a method whose default is ``"all-linear"``)."""
 
 
 @functools.lru_cache(maxsize=1024)
@@ -136,16 +139,18 @@ def candidate_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
 
 
 def expand_target_modules(config: Any, model: nn.Module, record: MethodRecord) -> None:
-    """Resolve ``target_modules=None`` (model-type defaults) and ``"all-linear"`` in place, as HF does."""
+    """Resolve ``target_modules=None`` (model-type defaults, the :data:`ANY_MODEL_TYPE` entry for
+    the others) and ``"all-linear"`` (also as a default) in place, as HF does."""
     targets = getattr(config, "target_modules", "<no field>")
     if targets == "<no field>":
         return
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
-        defaults = record.default_target_modules.get(model_type or "")
+        table = record.default_target_modules
+        defaults = table.get(model_type or "", table.get(ANY_MODEL_TYPE))
         if defaults is not None:  # else the method's prepare_config may resolve it (check_targets_resolved)
-            config.target_modules = defaults if isinstance(defaults, str) else set(defaults)  # a regex stays one
-    elif isinstance(targets, str) and targets.lower() == ALL_LINEAR:
+            config.target_modules = targets = defaults if isinstance(defaults, str) else set(defaults)  # a regex stays one
+    if isinstance(targets, str) and targets.lower() == ALL_LINEAR:
         output = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
         config.target_modules = {
             name for name, module in candidate_modules(model)

@@ -98,3 +98,24 @@ def test_model_type_default_may_be_one_regex():
     assert model.peft_config["default"].target_modules == DEFAULT_TARGET_MODULES["gemma4"]
     found = sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, AdapterLayer))
     assert found == ["model.language_model.0.q_proj", "model.language_model.0.v_proj"]
+
+
+def test_default_for_any_model_type_may_be_all_linear():
+    """A method's table may hold a default for every model type it does not name (key
+    ``ANY_MODEL_TYPE``, models without a ``config`` included); ``"all-linear"`` as a default is
+    expanded as if the config had said it."""
+    from peft_kernel.records import MethodRecord
+    from peft_kernel.targeting import ALL_LINEAR, ANY_MODEL_TYPE, expand_target_modules
+
+    record = MethodRecord(peft_type="ANYDEFAULT", config_class=LoraConfig, prefix="anydefault_",
+                          default_target_modules={"llama": ["q_proj"], ANY_MODEL_TYPE: ALL_LINEAR})
+
+    def expanded(kind: str, target_modules=None):
+        config = LoraConfig(target_modules=target_modules)
+        expand_target_modules(config, make_model(kind), record)
+        return config.target_modules
+
+    assert expanded("llama") == {"q_proj"}
+    assert expanded("mlp") == {"lin0", "lin1", "lin2"}
+    assert expanded("gpt2") == expanded("gpt2", ALL_LINEAR) and expanded("gpt2")
+    assert expanded("bert") == expanded("bert", ALL_LINEAR)

@@ -10,7 +10,6 @@ PEFT, never saved). Rank reallocation masks entries of ``E`` in place (see
 
 from __future__ import annotations
 
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -18,8 +17,9 @@ from torch import nn
 
 from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out
 from peft_kernel_adalora.config import FACTORS, AdaLoraConfig
-from peft_kernel_lowrank import forward, mixed
-from peft_kernel_lowrank.derived import DerivedCache
+from peft_kernel_lowrank import mixed
+from peft_kernel_lowrank.derived import DerivedFactors
+from peft_kernel_lowrank.forwards import LowRankForwards
 
 EPS = 1e-5
 """Added to ``ranknum`` in the scale, as in HF PEFT."""
@@ -53,7 +53,7 @@ class SVDLayer(AdapterLayer):
         self.lora_B = nn.ParameterDict()
         self.lora_E = nn.ParameterDict()
         self.ranknum = nn.ParameterDict()
-        self._folded = DerivedCache()
+        self._folded = DerivedFactors()
 
     # ---- creation ---------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: AdaLoraConfig, module_name: str = "") -> None:
@@ -81,7 +81,8 @@ class SVDLayer(AdapterLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self._folded.drop(f"{adapter_name}\0")
+        self._folded.drop(adapter_name)
+        self._folded.drop(f"{adapter_name}\0ranknum")
         mixed.drop_stack(self)
 
     # ---- the update ---------------------------------------------------------------------------
@@ -96,10 +97,12 @@ class SVDLayer(AdapterLayer):
         return (b @ (a * e)) * self.scaling[adapter_name] / (self.ranknum[adapter_name] + EPS)
 
 
-class SVDLinear(SVDLayer):
-    """AdaLoRA for ``nn.Linear`` and transformers' ``Conv1D`` (``fan_in_fan_out``: weight ``[in, out]``)."""
+class SVDLinear(LowRankForwards, SVDLayer):
+    """AdaLoRA for ``nn.Linear`` and transformers' ``Conv1D`` (``fan_in_fan_out``: weight ``[in, out]``),
+    with the fused and stacked low-rank forwards of ``peft_kernel_lowrank``."""
 
     status_type_names = {"Linear": "SVDLinear"}
+    round_delta_to_base = False  # HF's `result += delta`: float32 adapters on a half base round once
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         weight = base_layer.weight
@@ -128,13 +131,7 @@ class SVDLinear(SVDLayer):
         a, b, e = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
         if torch.is_grad_enabled() and (a.requires_grad or e.requires_grad or b.requires_grad):
             return a * e, b, self.scale(adapter_name)
-        return self._folded.get(f"{adapter_name}\0A*E", (a, e), lambda: a * e), b, self.scale(adapter_name)
-
-    def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        return forward.adapted_forward(self, x, adapters, *args, **kwargs)
-
-    def mixed_forward(self, x: torch.Tensor, routing: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return forward.mixed_forward(self, x, routing, *args, **kwargs)
+        return self._folded.get(adapter_name, (a, e), lambda: a * e), b, self.scale(adapter_name)
 
 
 class SVDConv2d(SVDLayer):

@@ -25,7 +25,6 @@ UNSUPPORTED_FIELDS = {
     "megatron_config": None,
     "monteclora_config": None,
     "target_parameters": None,
-    "trainable_token_indices": None,
     "use_bdlora": None,
     "use_qalora": False,
     "velora_config": None,

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
-from peft_kernel_lora import dora, init
+from peft_kernel_lora import dora, init, tokens
 from peft_kernel_lora.config import LoraConfig
 from peft_kernel_lowrank import mixed
 
@@ -60,7 +60,9 @@ class LoraLayer(AdapterLayer):
         mixed.drop_stack(self)
 
     # ---- creation --------------------------------------------------------------------------
-    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "") -> None:
+    def update_layer(self, adapter_name: str, config: LoraConfig, module_name: str = "",
+                     shared: dict[str, torch.Tensor] | None = None) -> None:
+        """``shared``: the adapter's token rows for ``trainable_token_indices`` modules, not this layer's."""
         unsupported = config.unsupported()
         if unsupported:
             raise UnsupportedFeatureError(
@@ -344,8 +346,12 @@ class ConvNd(LoraLayer):
         return None if bias is None else bias * self.scaling[adapter_name]
 
 
-def make_layer(config: LoraConfig, adapter_name: str, base_layer: nn.Module, module_name: str) -> LoraLayer | None:
-    """The LoRA layer for ``base_layer``'s type with ``adapter_name`` added, or None if unsupported."""
+def make_layer(config: LoraConfig, adapter_name: str, base_layer: nn.Module, module_name: str,
+               shared: dict[str, torch.Tensor] | None = None) -> AdapterLayer | None:
+    """The LoRA layer for ``base_layer``'s type with ``adapter_name`` added, or None if unsupported;
+    for a ``trainable_token_indices`` module, the Trainable Tokens layer holding its rows."""
+    if tokens.has_rows_for(module_name, shared):
+        return tokens.make_token_layer(adapter_name, base_layer, module_name, shared)
     fan_in_fan_out = linear_fan_in_fan_out(config, base_layer)
     if fan_in_fan_out is not None:
         layer: LoraLayer = Linear(base_layer, fan_in_fan_out=fan_in_fan_out)

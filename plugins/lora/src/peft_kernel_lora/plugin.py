@@ -44,3 +44,31 @@ def peft_kernel_combine_adapters(config: Any, adapters: Any, configs: Any, weigh
     from peft_kernel_lora.combine import plan
 
     return plan(adapters, configs, weights, combination_type, options)
+
+
+@hookimpl
+def peft_kernel_match_target(config: Any, module_name: str, module: Any, model: Any) -> bool | None:
+    """``trainable_token_indices``: the embeddings that get token rows (else the standard rule)."""
+    if not isinstance(config, LoraConfig) or not config.trainable_token_indices:
+        return None
+    from peft_kernel_lora.tokens import match
+
+    return match(config, module_name, module, model)
+
+
+@hookimpl
+def peft_kernel_create_shared_tensors(config: Any, adapter_name: str, targets: Any) -> Any:
+    if not isinstance(config, LoraConfig) or not config.trainable_token_indices:
+        return None
+    from peft_kernel_lora.tokens import shared_rows
+
+    return shared_rows(config, targets)
+
+
+@hookimpl
+def peft_kernel_map_state_dict(config: Any, state_dict: Any, direction: str) -> Any:
+    if not isinstance(config, LoraConfig):
+        return None
+    from peft_kernel_lora.tokens import map_state_dict
+
+    return map_state_dict(state_dict, direction)

@@ -1,36 +1,40 @@
-"""A cache for a value derived from an adapter's live tensors (a folded ``A`` such as AdaLoRA's
-``A * E``, a scale read from a tensor), so that :func:`LowRankLayer.low_rank_factors` hands out the *same* tensor object until
-one of its inputs changes, which keeps the stacked kernels' freshness check (identity, version,
-address) of :mod:`peft_kernel_lowrank.mixed` valid without rebuilding a stack on every forward."""
+"""A per-adapter cache of tensors derived from an adapter's live tensors (folded low-rank factors).
+
+The stacked mixed-batch kernels of :mod:`peft_kernel_lowrank.mixed` tell a fresh stack by the
+*identity* of the factors ``low_rank_factors`` returns, so a layer whose factors are computed (DeLoRA's
+normalised ``A``, OSF's concatenated SVD parts) must hand back the same tensor objects while nothing
+changed. :class:`DerivedFactors` does that: it rebuilds an adapter's value only when one of its
+source tensors was replaced, moved, recast or written to in place.
+"""
 
 from __future__ import annotations
 
-from typing import Any, Callable, TypeVar
+from typing import Callable, Sequence, TypeVar
 
 import torch
 
 T = TypeVar("T")
 
 
-class DerivedCache:
-    """``get(key, inputs, compute)``: ``compute()`` under ``no_grad``, recomputed only when an input
-    tensor was replaced, written in place, moved or cast since the last call for ``key``."""
+class DerivedFactors:
+    """``{adapter name: value}`` built from source tensors, rebuilt (without autograd) when any source
+    changed: another tensor object, ``_version`` (in-place writes: optimizer steps, ``copy_`` on
+    load), ``data_ptr`` (``.to()``, ``.data =``), dtype or device. The sources are kept, not their
+    ids, so a replaced tensor is never mistaken for the old one at a reused address."""
 
     def __init__(self) -> None:
-        # the input tensors themselves are kept (not their ids), so a replaced tensor is never
-        # mistaken for the old one at a reused address
-        self._entries: dict[str, tuple[tuple[torch.Tensor, ...], list[tuple[int, int, torch.dtype]], Any]] = {}
+        self._entries: dict[str, tuple[tuple[torch.Tensor, ...], list[tuple[object, ...]], object]] = {}
 
-    def get(self, key: str, inputs: tuple[torch.Tensor, ...], compute: Callable[[], T]) -> T:
-        state = [(t._version, t.data_ptr(), t.dtype) for t in inputs]
-        entry = self._entries.get(key)
-        if entry is None or entry[1] != state or any(t is not c for t, c in zip(inputs, entry[0])):
+    def get(self, name: str, sources: Sequence[torch.Tensor], build: Callable[[], T]) -> T:
+        state = [(t._version, t.data_ptr(), t.dtype, t.device) for t in sources]
+        entry = self._entries.get(name)
+        if (entry is None or entry[1] != state or len(entry[0]) != len(sources)
+                or any(t is not kept for t, kept in zip(sources, entry[0]))):
             with torch.no_grad():
-                entry = (inputs, state, compute())
-            self._entries[key] = entry
-        return entry[2]
+                entry = (tuple(sources), state, build())
+            self._entries[name] = entry
+        return entry[2]  # type: ignore[return-value]
 
-    def drop(self, prefix: str) -> None:
-        """Forget every entry whose key starts with ``prefix`` (an adapter's name)."""
-        for key in [k for k in self._entries if k.startswith(prefix)]:
-            del self._entries[key]
+    def drop(self, name: str) -> None:
+        """Forget ``name``'s value (the adapter was deleted)."""
+        self._entries.pop(name, None)

@@ -7,11 +7,11 @@ from typing import Optional, Union
 
 import attrs
 
-from peft_kernel.plugin_api import ConfigError, PeftConfig, PeftType
+from peft_kernel.plugin_api import ConfigError, PeftType, TargetModulesConfig
 
 
 @attrs.define(kw_only=True)
-class TrainableTokensConfig(PeftConfig):
+class TrainableTokensConfig(TargetModulesConfig):
     """Trainable Tokens: only the embedding rows of ``token_indices`` train (new or rarely seen
     tokens), stored as their new values (``trainable_tokens_delta``) while the embedding stays
     frozen. ``target_modules`` names the embedding (default: the model's input embedding); a
@@ -19,8 +19,10 @@ class TrainableTokensConfig(PeftConfig):
 
     peft_type: Optional[Union[PeftType, str]] = "TRAINABLE_TOKENS"
     token_indices: list[int] = attrs.field(metadata={"example": [0, 1]})
-    target_modules: Optional[Union[list[str], str]] = None
-    init_weights: bool = True  # True: the rows start as the embedding's own values (the identity)
+    init_weights: bool = True
+    exclude_modules: Optional[Union[list[str], set[str], str]] = attrs.field(default=None, init=False)
+    modules_to_save: Optional[list[str]] = attrs.field(default=None, init=False)
+    """HF PEFT's ``TrainableTokensConfig`` has neither: not arguments, not saved."""  # True: the rows start as the embedding's own values (the identity)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()
@@ -32,5 +34,3 @@ class TrainableTokensConfig(PeftConfig):
         if len(set(indices)) != len(indices):
             raise ConfigError(f"TrainableTokensConfig.token_indices has duplicates: {indices!r}")
         self.token_indices = list(indices)
-        if isinstance(self.target_modules, (set, tuple)):
-            self.target_modules = list(self.target_modules)

@@ -21,6 +21,23 @@ from peft_kernel.plugin_api import AdapterLayer, BufferDict, ConfigError, Routin
 from peft_kernel_trainable_tokens.config import TrainableTokensConfig
 
 
+def check_indices(token_indices: list[int], weight: torch.Tensor, module_name: str) -> None:
+    out_of_range = [i for i in token_indices if i >= weight.shape[0]]
+    if out_of_range:
+        raise ConfigError(f"token_indices {out_of_range} are out of range for {module_name!r}, which has "
+                          f"{weight.shape[0]} tokens")
+
+
+def rows_key(module_name: str) -> str:
+    """Shared-tensor key under which another method hands a module its token rows (a parameter)..."""
+    return f"token_rows:{module_name}"
+
+
+def indices_key(module_name: str) -> str:
+    """... and the token ids of those rows (a ``LongTensor``)."""
+    return f"token_indices:{module_name}"
+
+
 def _tied_key(weight: torch.Tensor) -> str:
     return f"tied:{id(weight)}"
 
@@ -64,14 +81,21 @@ class TrainableTokensLayer(AdapterLayer):
     def update_layer(self, adapter_name: str, config: TrainableTokensConfig, module_name: str = "",
                      shared: dict[str, torch.Tensor] | None = None) -> None:
         weight = self.base_layer.weight
-        out_of_range = [i for i in config.token_indices if i >= weight.shape[0]]
-        if out_of_range:
-            raise ConfigError(f"TrainableTokensConfig.token_indices {out_of_range} are out of range for {module_name!r}, "
-                              f"which has {weight.shape[0]} tokens")
+        if shared and rows_key(module_name) in shared:  # rows built by another method (LoRA's trainable_token_indices)
+            self.add_rows(adapter_name, shared[rows_key(module_name)], shared[indices_key(module_name)].tolist())
+            return
+        check_indices(config.token_indices, weight, module_name)
         tied = (shared or {}).get(_tied_key(weight))
-        self.trainable_tokens_delta[adapter_name] = tied if tied is not None else nn.Parameter(_initial_rows(config, weight))
-        self.trainable_tokens_original[adapter_name] = weight.detach()[config.token_indices].clone()
-        self.token_indices[adapter_name] = list(config.token_indices)
+        self.add_rows(adapter_name, tied if tied is not None else nn.Parameter(_initial_rows(config, weight)),
+                      config.token_indices)
+
+    def add_rows(self, adapter_name: str, rows: nn.Parameter, token_indices: list[int]) -> None:
+        """Give ``adapter_name`` the trained ``rows`` of ``token_indices`` (``rows`` may be shared with
+        tied layers). Other methods use this too (LoRA's ``trainable_token_indices``)."""
+        weight = self.base_layer.weight
+        self.trainable_tokens_delta[adapter_name] = rows
+        self.trainable_tokens_original[adapter_name] = weight.detach()[token_indices].clone()
+        self.token_indices[adapter_name] = list(token_indices)
         self._lookups = {}
 
     def delete_adapter(self, adapter_name: str) -> None:
