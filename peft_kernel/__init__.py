@@ -90,9 +90,10 @@ def __getattr__(name: str) -> Any:
 
     registry = get_registry()
     if name in registry.tuner_names():
-        from peft_kernel.tuner import tuner_for
+        from peft_kernel.tuner import tuner_class
 
-        return tuner_for(next(r for r in registry.methods.values() if r.tuner_name == name))
+        record = next(r for r in registry.methods.values() if r.tuner_name == name)
+        return tuner_class(name, record.tuner_mixin)
     try:
         return registry.export(name)
     except AttributeError:

@@ -25,6 +25,6 @@ def peft_kernel_merge(layer: Any, adapter_name: str, safe_merge: bool, direction
 
 @hookimpl(trylast=True)
 def peft_kernel_create_host(record: Any, model: Any, config: Any, adapter_name: str) -> Any:
-    from peft_kernel.tuner import tuner_for
+    from peft_kernel.tuner import tuner_class
 
-    return tuner_for(record)(model, config, adapter_name)
+    return tuner_class(record.tuner_name, record.tuner_mixin)(model, config, adapter_name)

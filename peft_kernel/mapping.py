@@ -99,9 +99,9 @@ class _RegistryTable(Mapping):
 def _tuner(record: Any) -> Any:
     if record.supports("prompt_learning") or not record.tuner_name:
         return None
-    from peft_kernel.tuner import tuner_for
+    from peft_kernel.tuner import tuner_class
 
-    return tuner_for(record)
+    return tuner_class(record.tuner_name, record.tuner_mixin)
 
 
 PEFT_TYPE_TO_CONFIG_MAPPING: Mapping[str, type[PeftConfig]] = _RegistryTable(lambda record: record.config_class)

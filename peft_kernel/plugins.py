@@ -278,7 +278,7 @@ class Registry:
 
 
 OBJECT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
-"""``"package.module:name"``, the form of ``MethodRecord.layer_factory``, ``tuner_base`` and of ``exports`` values."""
+"""``"package.module:name"``, the form of ``MethodRecord.layer_factory``, ``tuner_mixin`` and of ``exports`` values."""
 
 
 def import_object(path: str) -> Any:
@@ -414,9 +414,9 @@ def _check_records(methods: list[Any], backends: list[Any]) -> None:
         if factory and not (isinstance(factory, str) and OBJECT_PATH.fullmatch(factory)):
             raise PluginError(f"registered {record.peft_type!r} with layer_factory {factory!r}; it must be "
                               "'package.module:function' (e.g. 'peft_kernel_lora.layers:make_layer')")
-        base = record.tuner_base
-        if base and not (isinstance(base, str) and OBJECT_PATH.fullmatch(base)):
-            raise PluginError(f"registered {record.peft_type!r} with tuner_base {base!r}; it must be "
+        mixin = record.tuner_mixin
+        if mixin and not (isinstance(mixin, str) and OBJECT_PATH.fullmatch(mixin)):
+            raise PluginError(f"registered {record.peft_type!r} with tuner_mixin {mixin!r}; it must be "
                               "'package.module:Class'")
     for record in backends:
         if not isinstance(record, BackendRecord):

@@ -46,12 +46,11 @@ class MethodRecord:
     ``(config, adapter_name, base_layer, module_name) -> AdapterLayer | None`` that the core's default
     ``peft_kernel_create_layer`` calls for configs of ``config_class``; ``None`` means the layer type
     is not supported. Empty for methods that add no layers (or build them in their own hook)."""
-    tuner_base: str = ""
-    """``"package.module:Class"``, imported on first use: a plain class (no ``__init__``) whose
-    methods the generated tuner class gets, placed before :class:`~peft_kernel.tuner.AdapterModel` in
-    its bases. How a method gives ``peft_model.base_model`` (and, through attribute fallback,
-    ``peft_model``) methods of its own, such as a training-time ``update_and_allocate(global_step)``.
-    Empty: the tuner is a plain ``AdapterModel``."""
+    tuner_mixin: str = ""
+    """``"package.module:Class"``, imported on first use: a class whose methods the generated
+    ``tuner_name`` class gains, for HF PEFT's method-specific tuner API
+    (``VBLoRAModel.get_nb_savable_parameters``). Its methods see the tuner as ``self``
+    (``self.model``, ``self.peft_config``). Empty for most methods."""
     exports: Mapping[str, str] = attrs.field(factory=dict)
     """Extra public names, ``{"LoraLayer": "peft_kernel_lora.layers:LoraLayer"}``, importable
     from ``peft_kernel`` while the plugin is installed. Imported on first access only. (The config

@@ -31,7 +31,7 @@ from peft_kernel.injection import (
 )
 from peft_kernel.layer import AdapterLayer, adapter_layers, walk_modules
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
-from peft_kernel.plugins import get_registry
+from peft_kernel.plugins import get_registry, import_object
 
 
 _DUMMY_MODEL_CONFIG = {"model_type": "custom"}
@@ -387,21 +387,14 @@ class AdapterModel(nn.Module):
         return replace_with_base(self.model, keep_trained_copies=True)
 
 
-def tuner_class(name: str, base: str = "") -> type[AdapterModel]:
-    """A subclass of :class:`AdapterModel` named after a method (``LoraModel``); with ``base``
-    (``"package.module:Class"``, a record's ``tuner_base``) that class comes first in its bases, so
-    its methods are the tuner's. One class per ``(name, base)``."""
-    return _tuner_class(name, base)
+def tuner_class(name: str, mixin: str = "") -> type[AdapterModel]:
+    """A subclass of :class:`AdapterModel` named after a method (``LoraModel``), with the methods of
+    the record's ``tuner_mixin`` class (``"package.module:Class"``) where it names one; one class
+    per ``(name, mixin)``."""
+    return _tuner_class(name, mixin)
 
 
 @lru_cache(maxsize=None)
-def _tuner_class(name: str, base: str) -> type[AdapterModel]:
-    from peft_kernel.plugins import import_object
-
-    bases = (import_object(base), AdapterModel) if base else (AdapterModel,)
+def _tuner_class(name: str, mixin: str) -> type[AdapterModel]:
+    bases = (AdapterModel,) if not mixin else (import_object(mixin), AdapterModel)
     return type(name or "AdapterModel", bases, {"__module__": __name__})
-
-
-def tuner_for(record: Any) -> type[AdapterModel]:
-    """The tuner class of a method's :class:`~peft_kernel.records.MethodRecord`."""
-    return tuner_class(record.tuner_name, record.tuner_base)

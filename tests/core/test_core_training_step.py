@@ -1,7 +1,6 @@
-"""The generic training-time extension points: ``peft_kernel_training_step`` (called by training
-loops after each optimizer step) and ``MethodRecord.tuner_base`` (a class whose methods the
-generated tuner gets). A toy plugin on the inline toy method uses both: its tuner counts the steps
-it was told about, and its hook forwards each step to that tuner method."""
+"""The generic training hook ``peft_kernel_training_step`` (called by training loops after each
+optimizer step): a toy plugin's hook forwards each step to a method its ``tuner_mixin`` gives the
+tuner (as AdaLoRA's rank reallocation does); a malformed ``tuner_mixin`` fails its plugin."""
 
 from __future__ import annotations
 
@@ -17,11 +16,10 @@ from core_toy import ToyConfig, make_stack, make_x
 from peft_kernel import get_peft_model, hookimpl
 from peft_kernel.plugins import Registry, build_registry, get_registry, set_registry
 from peft_kernel.records import MethodRecord
-from peft_kernel.tuner import AdapterModel
 
 
 class StepCounter:
-    """The toy's ``tuner_base``: a method the tuner (and, by fallback, the ``PeftModel``) gains."""
+    """The toy's ``tuner_mixin``: a method the tuner (and, by fallback, the ``PeftModel``) gains."""
 
     def update_and_allocate(self, global_step: int) -> None:
         self.__dict__.setdefault("seen_steps", []).append(global_step)
@@ -42,11 +40,11 @@ def _make_layer(config: Any, adapter_name: str, base_layer: Any, module_name: st
     return layer
 
 
-def step_plugin(tuner_base: str = f"{__name__}:StepCounter") -> types.SimpleNamespace:
+def step_plugin(tuner_mixin: str = f"{__name__}:StepCounter") -> types.SimpleNamespace:
     @hookimpl
     def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> None:
         register(MethodRecord(peft_type="STEPTOY", config_class=StepToyConfig, prefix="toy_",
-                              tuner_name="StepToyModel", tuner_base=tuner_base,
+                              tuner_name="StepToyModel", tuner_mixin=tuner_mixin,
                               layer_factory=f"{__name__}:_make_layer"))
 
     @hookimpl
@@ -69,23 +67,6 @@ def registry() -> Iterator[Registry]:
         set_registry(old)
 
 
-def test_tuner_base_gives_the_tuner_and_the_peft_model_its_methods(registry: Registry) -> None:
-    model = get_peft_model(make_stack(), StepToyConfig(target_modules=["v"], init_weights=False))
-    tuner = model.base_model
-    assert type(tuner).__name__ == "StepToyModel"
-    assert isinstance(tuner, StepCounter) and isinstance(tuner, AdapterModel)
-    assert model.update_and_allocate.__func__ is StepCounter.update_and_allocate  # PeftModel falls back to it
-    import peft_kernel
-
-    assert peft_kernel.StepToyModel is type(tuner)
-
-
-def test_a_method_without_tuner_base_keeps_a_plain_tuner() -> None:
-    plain = get_peft_model(make_stack(), ToyConfig(target_modules=["v"]))  # the conftest's toy-only registry
-    assert type(plain.base_model).__bases__ == (AdapterModel,)
-    assert not hasattr(plain.base_model, "update_and_allocate")
-
-
 def test_training_step_reaches_every_implementation_with_the_step(registry: Registry) -> None:
     model = get_peft_model(make_stack(), StepToyConfig(target_modules=["v"], init_weights=False))
     before = model(make_x()).detach()
@@ -97,7 +78,7 @@ def test_training_step_reaches_every_implementation_with_the_step(registry: Regi
     assert model.base_model.seen_steps == [0, 1, 2]
 
 
-def test_a_malformed_tuner_base_fails_the_plugin() -> None:
+def test_a_malformed_tuner_mixin_fails_the_plugin() -> None:
     built = build_registry(entry_points=[], extra_plugins={"steptoy": step_plugin("not a path")}, disabled=[])
     status = built.status_of("steptoy")
-    assert status.status == "failed" and "tuner_base" in status.error and "STEPTOY" not in built.methods
+    assert status.status == "failed" and "tuner_mixin" in status.error and "STEPTOY" not in built.methods

@@ -264,3 +264,15 @@ def test_quantized_linear_is_refused_by_name():
     model.add_module("q", base)
     with pytest.raises(UnsupportedFeatureError, match="'q'.*quantized"):
         get_peft_model(model, DeloraConfig(target_modules=["q"]))
+
+
+def test_mixed_batch_under_inference_mode():
+    """The folded ``A`` is cached through ``peft_kernel_lowrank.derived``: a normal tensor under
+    ``torch.inference_mode()`` (an inference tensor has no ``_version``: the stack check crashed)."""
+    model = get_peft_model(make_model("mlp"), _config(), adapter_name="a")
+    model.add_adapter("b", _config())
+    model.eval()
+    inputs = make_inputs("mlp")
+    with torch.inference_mode():
+        got = model(**inputs, adapter_names=["a", "b", "a", "b"])
+    torch.testing.assert_close(got, run(model, inputs, adapter_names=["a", "b", "a", "b"]), rtol=0, atol=0)

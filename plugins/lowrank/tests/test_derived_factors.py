@@ -1,5 +1,6 @@
-"""``DerivedFactors`` hands back the same value while its sources are unchanged, and rebuilds it
-after any change the stacked kernels must see."""
+"""``peft_kernel_lowrank.derived.DerivedFactors``: one cached value per adapter while its sources
+are unchanged, recomputed on replacement, in-place writes and moves; never cached under autograd;
+normal tensors even when computed under ``torch.inference_mode()``."""
 
 import torch
 from torch import nn
@@ -7,28 +8,46 @@ from torch import nn
 from peft_kernel_lowrank.derived import DerivedFactors
 
 
-def test_rebuilt_only_when_a_source_changes():
+def _setup():
     cache = DerivedFactors()
-    p = nn.Parameter(torch.ones(3))
-    buf = torch.full((3,), 2.0)
-    builds = []
+    source = nn.Parameter(torch.ones(3), requires_grad=False)
+    calls = []
 
-    def build():
-        builds.append(1)
-        return p * buf
+    def compute():
+        calls.append(1)
+        return source * 2
 
-    first = cache.get("a", (p, buf), build)
-    assert cache.get("a", (p, buf), build) is first and len(builds) == 1
-    assert not first.requires_grad  # built without autograd
+    return cache, source, calls, compute
+
+
+def test_cached_until_a_source_changes():
+    cache, source, calls, compute = _setup()
+    first = cache.get("a", (source,), compute)
+    assert cache.get("a", (source,), compute) is first and len(calls) == 1
     with torch.no_grad():
-        p.add_(1.0)  # an optimizer step: _version
-    second = cache.get("a", (p, buf), build)
+        source.add_(1)  # an optimizer step or a load: _version moves
+    second = cache.get("a", (source,), compute)
     assert second is not first and torch.equal(second, torch.full((3,), 4.0))
-    p.data = p.data.double()  # a recast: dtype and data_ptr
-    assert cache.get("a", (p, buf), build).dtype == torch.float64
-    other = torch.full((3,), 2.0)  # a replaced source (load_state_dict(assign=True), .to())
-    assert cache.get("a", (p, other), build) is not cache.get("a", (p, buf), build)
+    replaced = nn.Parameter(source.detach().clone(), requires_grad=False)
+    assert cache.get("a", (replaced,), compute) is not second  # another tensor object
+    assert len(cache) == 1
     cache.drop("a")
-    count = len(builds)
-    cache.get("a", (p, buf), build)
-    assert len(builds) == count + 1
+    assert len(cache) == 0
+
+
+def test_not_cached_under_autograd():
+    cache, source, calls, compute = _setup()
+    source.requires_grad_(True)
+    out = cache.get("a", (source,), compute)
+    assert out.requires_grad and len(cache) == 0
+    with torch.no_grad():
+        assert not cache.get("a", (source,), compute).requires_grad and len(cache) == 1
+
+
+def test_inference_mode_gives_normal_tensors():
+    cache, source, calls, compute = _setup()
+    with torch.inference_mode():
+        value = cache.get("a", (source,), compute)
+    assert not value.is_inference()
+    assert value._version == 0  # what the stacked kernels read
+    assert cache.get("a", (source,), compute) is value

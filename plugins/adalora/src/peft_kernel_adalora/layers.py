@@ -129,8 +129,6 @@ class SVDLinear(LowRankForwards, SVDLayer):
         if self.training and not isinstance(self.lora_dropout[adapter_name], nn.Identity):
             return None
         a, b, e = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
-        if torch.is_grad_enabled() and (a.requires_grad or e.requires_grad or b.requires_grad):
-            return a * e, b, self.scale(adapter_name)
         return self._folded.get(adapter_name, (a, e), lambda: a * e), b, self.scale(adapter_name)
 
 

@@ -22,7 +22,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             prefix="lora_E",
             capabilities={"mergeable", "mixed_batch", "multi_adapter"},
             tuner_name="AdaLoraModel",
-            tuner_base="peft_kernel_adalora.tuner:AdaLoraTuner",
+            tuner_mixin="peft_kernel_adalora.tuner:AdaLoraTuner",
             layer_factory="peft_kernel_adalora.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,
             exports={

@@ -1,5 +1,5 @@
 """What ``AdaLoraModel`` (the generated tuner, ``peft_model.base_model``) adds to the core's
-``AdapterModel`` (the record's ``tuner_base``): one trainable adapter, its rank allocator,
+``AdapterModel`` (the record's ``tuner_mixin``): one trainable adapter, its rank allocator,
 ``update_and_allocate(global_step)`` and the orthogonal regularisation of ``A`` and ``B`` added to
 the loss of a forward that returns one. Imported on first use only (it imports torch)."""
 

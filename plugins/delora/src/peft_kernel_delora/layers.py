@@ -19,6 +19,7 @@ from torch import nn
 from peft_kernel.plugin_api import AdapterLayer, BufferDict, LowRankFactors, UnsupportedFeatureError, pattern_value
 from peft_kernel_delora.config import DeloraConfig
 from peft_kernel_lowrank import mixed
+from peft_kernel_lowrank.derived import DerivedFactors
 
 EPS = 1e-4
 """Floor of the rank-one components' norms: a zero ``B`` column (the default init) adds zero."""
@@ -41,7 +42,7 @@ class DeloraLinear(AdapterLayer):
         self.delora_B = nn.ParameterDict()
         self.delora_lambda = nn.ParameterDict()
         self.delora_w_norm = BufferDict()
-        self._factors: dict[str, tuple[tuple[torch.Tensor, ...], tuple[Any, ...], torch.Tensor]] = {}
+        self._factors = DerivedFactors()
 
     # ---- creation ---------------------------------------------------------------------------
     def update_layer(self, adapter_name: str, config: DeloraConfig, module_name: str = "") -> None:
@@ -69,7 +70,7 @@ class DeloraLinear(AdapterLayer):
     # ---- bookkeeping ---------------------------------------------------------------------------
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
-        self._factors.pop(adapter_name, None)
+        self._factors.drop(adapter_name)
         mixed.drop_stack(self)
 
     # ---- the update ---------------------------------------------------------------------------
@@ -102,17 +103,8 @@ class DeloraLinear(AdapterLayer):
         if self.training and not isinstance(self.delora_dropout[adapter_name], nn.Identity):
             return None
         tensors = self._tensors(adapter_name)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return self._scaled_a(adapter_name), tensors[1], 1.0
-        # the tensors themselves are kept (not their ids), so a replaced tensor is never mistaken
-        # for the old one at a reused address
-        state = (self.r[adapter_name], [(t._version, t.data_ptr(), t.dtype) for t in tensors])
-        cached = self._factors.get(adapter_name)
-        if cached is None or cached[1] != state or any(t is not c for t, c in zip(tensors, cached[0])):
-            with torch.no_grad():
-                cached = (tensors, state, self._scaled_a(adapter_name))
-            self._factors[adapter_name] = cached
-        return cached[2], tensors[1], 1.0
+        scaled_a = self._factors.get(adapter_name, tensors, lambda: self._scaled_a(adapter_name))
+        return scaled_a, tensors[1], 1.0
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus each adapter in turn. On a base of another dtype (float32 adapters on a

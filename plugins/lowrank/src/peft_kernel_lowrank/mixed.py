@@ -194,7 +194,8 @@ def get_stack(layer: LowRankLayer) -> Stack | None:
     parts = [t for a, b, _, bias in factors.values() for t in (a, b, bias) if t is not None]
     if len({t.dtype for t in parts}) != 1 or len({t.device for t in parts}) != 1:
         return None
-    stack = Stack(held, factors)
+    with torch.inference_mode(False):  # normal tensors: autograd may use the stack after inference mode
+        stack = Stack(held, factors)
     layer.__dict__["_low_rank_stack"] = stack  # a plain attribute: not a buffer, not in the state dict
     return stack
 

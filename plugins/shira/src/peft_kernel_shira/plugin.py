@@ -18,7 +18,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             peft_type="SHIRA",
             config_class=ShiraConfig,
             prefix="shira_",
-            capabilities={"mergeable", "mixed_batch", "multi_adapter"},
+            capabilities={"additive", "mergeable", "mixed_batch", "multi_adapter"},
             tuner_name="ShiraModel",
             layer_factory="peft_kernel_shira.layers:make_layer",
             default_target_modules=SHIRA_TARGET_MODULES,
