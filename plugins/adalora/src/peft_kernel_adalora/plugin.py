@@ -20,7 +20,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             config_class=AdaLoraConfig,
             # HF's AdaLoRA keys share LoRA's "lora_" (lora_A, lora_B); "lora_E" marks AdaLoRA's alone
             prefix="lora_E",
-            capabilities={"mergeable", "mixed_batch", "multi_adapter"},
+            capabilities={"additive", "mergeable", "mixed_batch", "multi_adapter"},
             tuner_name="AdaLoraModel",
             tuner_mixin="peft_kernel_adalora.tuner:AdaLoraTuner",
             layer_factory="peft_kernel_adalora.layers:make_layer",
