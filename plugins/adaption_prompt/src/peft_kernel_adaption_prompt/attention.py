@@ -8,7 +8,9 @@ classes that share them work unchanged:
     Mistral and their kin). Queries get the rotary embedding the model hands the attention as
     ``position_embeddings`` (transformers' current API), through the modelling module's own
     ``apply_rotary_pos_emb``; the prompt's keys get none (it has no position). Key/value heads are
-    repeated for grouped-query attention. The prompt attention's output goes through ``o_proj``.
+    repeated for grouped-query attention. The prompt attention's output goes through ``o_proj``'s
+    weight; its bias, already in the attention's own output, is not added a second time (HF PEFT
+    adds it again, so on models with ``attention_bias=True`` its zero-gated adapter is no identity).
 ``"fused"``
     GPT-2's ``c_attn`` (queries, keys and values in one projection), ``split_size`` and
     ``head_dim``. As in HF PEFT the prompt attention's output is added *without* ``c_proj``.
@@ -102,4 +104,8 @@ def prompt_keys_values(module: nn.Module, prompts: torch.Tensor, heads: int) -> 
 
 def project_output(module: nn.Module, output: torch.Tensor) -> torch.Tensor:
     """``[batch, seq, heads * head_dim]`` -> what is added to the attention's output."""
-    return module.o_proj(output) if layout(module) == SPLIT else output
+    if layout(module) == FUSED:
+        return output
+    projected = module.o_proj(output)
+    bias = getattr(module.o_proj, "bias", None)
+    return projected if bias is None else projected - bias
