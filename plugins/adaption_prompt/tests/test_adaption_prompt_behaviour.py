@@ -167,6 +167,7 @@ def test_bad_configs_for_the_model_name_the_field(kwargs, error, field):
     ({"adapter_layers": -1}, "adapter_layers"),
     ({"adapter_len": "3"}, "adapter_len"),
     ({"target_modules": ""}, "target_modules"),
+    ({"target_modules": ["self_attn"]}, "target_modules"),
 ])
 def test_bad_values_name_the_field(kwargs, field):
     with pytest.raises(ConfigError, match=field):

@@ -89,7 +89,7 @@ class AdaptedAttention(AdapterLayer):
         stacked = nn.utils.rnn.pad_sequence(prompts, batch_first=True).to(q.dtype)
         key_mask = torch.arange(stacked.shape[1], device=q.device) < lengths[:, None]
         keys, values = attention.prompt_keys_values(self.base_layer, stacked, q.shape[1])
-        gates = torch.cat([torch.cat([self.adaption_gate[name] for name in order]), q.new_zeros(1)])
+        gates = torch.cat([*(self.adaption_gate[name] for name in order), self.adaption_gate[order[0]].new_zeros(1)])
         rows = slots.clamp(min=0)  # rows of the base model (slot -1) read the appended zero gate
         return prompt_attention(q, keys[rows], values[rows], gates[slots], key_mask[rows])
 
