@@ -57,23 +57,14 @@ class AdaptedAttention(AdapterLayer):
         self.adaption_gate[adapter_name] = nn.Parameter(torch.zeros(1, **like))
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        output = self.base_layer(*args, **kwargs)
-        if self._disabled:
-            return output
         routing = current_routing()
         active = [a for a in self._active_adapters if self.has_adapter(a)]
-        if routing is None and not active:
-            return output
-        call = attention.call_arguments(self.base_layer, args, kwargs)
-        q = attention.queries(self.base_layer, call["hidden_states"], call.get("position_embeddings"))
+        if self._disabled or (routing is None and not active):
+            return self.base_layer(*args, **kwargs)
         if routing is not None:
-            extra = self._mixed(q, routing)
-        else:
-            extra = sum(self._single(q, name) for name in active)
-        extra = attention.project_output(self.base_layer, extra)
-        if isinstance(output, tuple):
-            return (output[0] + extra.to(output[0].dtype), *output[1:])
-        return output + extra.to(output.dtype)
+            return attention.run_with_prompt_term(self.base_layer, args, kwargs, lambda q: self._mixed(q, routing))
+        return attention.run_with_prompt_term(self.base_layer, args, kwargs,
+                                              lambda q: sum(self._single(q, name) for name in active))
 
     def _single(self, q: torch.Tensor, name: str) -> torch.Tensor:
         keys, values = attention.prompt_keys_values(self.base_layer, self.adaption_prompt[name].to(q.dtype), q.shape[1])
