@@ -182,3 +182,19 @@ def test_unknown_keywords_raise():
 def test_model_type_without_a_default_asks_for_target_modules():
     with pytest.raises(ConfigError, match="target_modules"):
         get_peft_model(make_model("opt"), _config(adapter_layers=1))
+
+
+def test_every_attention_implementation_gives_the_same_outputs_and_no_hook_stays_behind():
+    """The prompt term enters through hooks held for one call around the unchanged attention, so
+    transformers' attention backends (eager, SDPA) all work and the projections end up hook-free."""
+    model = _two_adapters()
+    outputs = []
+    for implementation in ("eager", "sdpa"):
+        model.get_base_model().set_attn_implementation(implementation)
+        outputs.append(_logits(model))
+        outputs.append(_logits(model, adapter_names=["other", "default", "__base__", "default"]))
+    real = MASK.bool()  # padded positions attend to nothing, which the backends fill differently
+    assert max_abs_diff(outputs[0][real], outputs[2][real]) <= TOL
+    assert max_abs_diff(outputs[1][real], outputs[3][real]) <= TOL
+    attention = model.get_base_model().model.layers[1].self_attn.base_layer
+    assert not attention.q_proj._forward_hooks and not attention.o_proj._forward_pre_hooks
