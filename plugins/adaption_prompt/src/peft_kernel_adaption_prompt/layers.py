@@ -5,7 +5,7 @@ The wrapped attention runs unchanged; each active adapter adds ``gate * softmax(
 its keys and values of the adapter's prompt, projected as :mod:`peft_kernel_adaption_prompt.attention`
 describes. Mixed batches stack the adapters' prompts once per forward and give each row its
 adapter's keys, values and gate by indexing (rows of the base model get a zero gate): no loop over
-rows or adapters.
+rows, one batched prompt attention per layer.
 """
 
 from __future__ import annotations
