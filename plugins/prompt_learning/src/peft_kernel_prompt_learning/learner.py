@@ -132,7 +132,7 @@ def prefix_to_cache(prompts: torch.Tensor, config: PromptLearningConfig, model_c
 
     encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
     if cache is None:
-        cache = EncoderDecoderCache(new_cache(), new_cache()) if encoder_decoder else new_cache()
+        cache = EncoderDecoderCache(new_cache(), DynamicCache()) if encoder_decoder else new_cache()
     target = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
     for layer in range(layers):
         first = (group * layer) % (2 * layers)
