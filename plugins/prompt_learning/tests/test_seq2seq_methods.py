@@ -136,12 +136,17 @@ def test_hf_checkpoint_loads_with_equal_logits_loss_and_generate(method, kind, t
         perturb(hf.prompt_encoder, 1, scale=1.0)
         hf.save_pretrained(tmp_path)
         expected = _outputs(hf)
+        embeds = {"inputs_embeds": hf.word_embeddings(IDS), "attention_mask": MASK,
+                  "decoder_inputs_embeds": hf.word_embeddings(DECODER_IDS)}
         with torch.no_grad():
             hf_generated = hf.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=4, do_sample=False)
+            hf_embeds_logits = hf(**embeds).logits
     ours = PeftModel.from_pretrained(_base(kind), tmp_path)
     assert type(ours).__name__ == type(hf).__name__ == "PeftModelForSeq2SeqLM"
     assert ours.peft_config["default"].num_transformer_submodules == 2
     _assert_same(_outputs(ours), expected)
+    with torch.no_grad():
+        assert max_abs_diff(ours(**embeds).logits, hf_embeds_logits) <= TOL
     tokens = _check_generate(ours, IDS, MASK)
     assert len({tuple(row) for row in tokens.tolist()}) > 1  # the check is not vacuous
     if method != "PrefixTuningConfig":  # HF's prefix-tuning generate does not follow its forward
@@ -179,6 +184,13 @@ def test_mixed_batch_rows_and_generate_equal_single_adapter_runs(method):
             assert max_abs_diff(mixed[row: row + 1], single) <= TOL, (row, name)
     assert max_abs_diff(mixed[0], mixed[1]) > 1e-3
     _check_generate(model, IDS, MASK, adapter_names=names)
+    with torch.no_grad():  # beam search expands every row: each beam keeps its row's adapter
+        beams = model.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=4, num_beams=3, adapter_names=names)
+        for row, name in enumerate(names):
+            model.set_adapter(name)
+            single = model.generate(input_ids=IDS[row: row + 1], attention_mask=MASK[row: row + 1], max_new_tokens=4,
+                                    num_beams=3)
+            assert torch.equal(beams[row: row + 1, : single.shape[1]], single), (row, name)
 
 
 @pytest.mark.parametrize("method", list(METHODS))
