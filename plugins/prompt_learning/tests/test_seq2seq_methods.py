@@ -253,3 +253,22 @@ def test_prefix_goes_to_the_decoder_self_attention_in_hfs_layout():
     for layer, (a, b) in enumerate(zip(mine.self_attention_cache.layers, theirs.self_attention_cache.layers)):
         assert torch.equal(a.keys, b.keys) and torch.equal(a.values, b.values), layer
         assert torch.equal(a.keys[0], blocks[(4 * layer) % 8]) and torch.equal(a.values[1], blocks[(4 * layer + 1) % 8])
+
+
+@pytest.mark.parametrize("model_fields, fields, message", [
+    ({"num_decoder_layers": 3}, {}, "decoder has 3 layers"),
+    ({}, {"num_transformer_submodules": 1}, "num_transformer_submodules must be 2"),
+])
+def test_prefixes_that_cannot_fit_the_decoder_are_refused_when_created(model_fields, fields, message):
+    """HF PEFT fails in the forward (IndexError) for a deeper decoder, and with one submodule gives a
+    cache that transformers 5 also fills with cross-attention keys (HF's logits then differ from a
+    decoder-self-attention prefix by ~3): both refused up front, naming the field."""
+    pytest.importorskip("peft_kernel_prefix_tuning")
+    import transformers as tf
+
+    from peft_kernel.errors import ConfigError
+
+    model = tf.T5ForConditionalGeneration(tf.T5Config(d_model=16, d_ff=32, d_kv=8, num_layers=2, num_heads=2,
+                                                      vocab_size=64, decoder_start_token_id=0, **model_fields))
+    with pytest.raises(ConfigError, match=message):
+        get_peft_model(model, _config("PrefixTuningConfig", **fields))

@@ -231,12 +231,28 @@ def check_fits_model(config: PromptLearningConfig, model: nn.Module, injection: 
     head_dim = first("head_dim") or (hidden // model_heads if hidden and model_heads else None)
     if layers is not None and config.num_layers != layers:
         raise ConfigError(f"{owner}.num_layers is {config.num_layers} but the model has {layers} layers.")
+    if is_encoder_decoder(model):
+        _check_fits_decoder(config, first("num_decoder_layers", "decoder_layers"))
     if kv_heads and head_dim and (heads, dim // heads) != (kv_heads, head_dim):
         raise ConfigError(
             f"{owner}: a prefix of num_attention_heads={heads} x {dim // heads} (token_dim={dim}) does not fit the "
             f"model's key/value cache of {kv_heads} heads x {head_dim}; leave num_attention_heads and token_dim "
             "unset to take them from the model."
         )
+
+
+def _check_fits_decoder(config: PromptLearningConfig, decoder_layers: int | None) -> None:
+    """A key/value prefix on an encoder-decoder goes to the decoder's self-attention, one layer per
+    ``num_layers`` (see :func:`prefix_to_cache`), and only in HF PEFT's two-submodule layout: with
+    ``num_transformer_submodules=1`` HF PEFT hands the model a plain cache that transformers 5 also
+    fills with the cross-attention's keys, so the decoder attends to its own tokens there; refused."""
+    owner = type(config).__name__
+    if decoder_layers is not None and decoder_layers != config.num_layers:
+        raise ConfigError(f"{owner}.num_layers is {config.num_layers} but the model's decoder has {decoder_layers} "
+                          "layers; a prefix needs one per decoder layer.")
+    if config.num_transformer_submodules != 2:
+        raise ConfigError(f"{owner}.num_transformer_submodules must be 2 on an encoder-decoder model (got "
+                          f"{config.num_transformer_submodules}); leave it unset to have it filled.")
 
 
 # ---- the engine behind PeftModel for prompt-learning methods -----------------------------------
