@@ -272,3 +272,16 @@ def test_prefixes_that_cannot_fit_the_decoder_are_refused_when_created(model_fie
                                                       vocab_size=64, decoder_start_token_id=0, **model_fields))
     with pytest.raises(ConfigError, match=message):
         get_peft_model(model, _config("PrefixTuningConfig", **fields))
+
+
+def test_one_submodule_prompt_tuning_cross_loads_as_hf(tmp_path):
+    """``num_transformer_submodules=1`` (not the default on seq2seq): HF learns ``num_virtual_tokens``
+    tokens only and prepends them to the encoder, as with two."""
+    with hf_oracle("HF peft saving one-submodule seq2seq prompt tuning"):
+        hf = peft.get_peft_model(_base("t5"), _config("PromptTuningConfig", hf=True, num_transformer_submodules=1))
+        perturb(hf.prompt_encoder, 5, scale=1.0)
+        hf.eval().save_pretrained(tmp_path)
+        expected = _outputs(hf)
+    ours = PeftModel.from_pretrained(_base("t5"), tmp_path)
+    assert tuple(ours.get_prompt_embedding_to_save("default").shape) == (3, 16)
+    _assert_same(_outputs(ours), expected)
