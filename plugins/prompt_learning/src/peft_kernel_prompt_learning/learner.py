@@ -592,7 +592,7 @@ class PromptLearner:
                           UserWarning, stacklevel=3)
             kwargs.pop("position_ids")
         if self.injection == "inputs_embeds" and is_encoder_decoder(base):
-            return self._generate_encoder_prompted(kwargs, adapter_names)
+            return self._generate_encoder_prompted(args, kwargs, adapter_names)
         original = base.prepare_inputs_for_generation
         learner = self
 
@@ -650,10 +650,12 @@ class PromptLearner:
             else:
                 base.prepare_inputs_for_generation = shadowed
 
-    def _generate_encoder_prompted(self, kwargs: dict, adapter_names: Sequence[str] | None) -> Any:
+    def _generate_encoder_prompted(self, args: tuple, kwargs: dict, adapter_names: Sequence[str] | None) -> Any:
         """``generate`` of an encoder-decoder whose virtual tokens are embeddings: as HF PEFT, the
         encoder's inputs get them (and its mask ones) once, and the base model decodes as usual."""
-        input_ids = kwargs.pop("input_ids", None)
+        if len(args) > 1 or (args and "input_ids" in kwargs):
+            raise TypeError("generate() takes the input ids as its only positional argument; pass the rest by keyword.")
+        input_ids = args[0] if args else kwargs.pop("input_ids", None)
         embeds = kwargs.pop("inputs_embeds", None)
         if embeds is None:
             if input_ids is None:
