@@ -26,6 +26,8 @@ import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
+import attrs
+
 PROG = "peft-kernel"
 
 
@@ -145,14 +147,17 @@ def _config_summary(config: Any, raw: dict[str, Any]) -> dict[str, Any]:
     if config is None:  # no plugin to know the defaults: show what was saved, minus empty fields
         return {k: v for k, v in sorted(raw.items()) if k not in _HIDDEN_CONFIG_FIELDS and v is not None}
     values = config.to_dict()
+    # a field without a usable default names a valid value in its metadata ({"example": ...}); it is
+    # always shown
+    required = {f.name: f.metadata["example"] for f in attrs.fields(type(config)) if "example" in f.metadata}
     defaults: dict[str, Any] = {}
     try:
-        defaults = type(config)().to_dict()
+        defaults = type(config)(**required).to_dict()
     except Exception:  # a config class whose defaults do not validate on their own
         defaults = {}
     return {
         k: v for k, v in sorted(values.items())
-        if k not in _HIDDEN_CONFIG_FIELDS and (k not in defaults or defaults[k] != v)
+        if k not in _HIDDEN_CONFIG_FIELDS and (k not in defaults or k in required or defaults[k] != v)
     }
 
 
@@ -190,12 +195,11 @@ def inspect_adapter(name: str, model_id: str, subfolder: str | None) -> dict[str
     prefix = record.prefix if record is not None else f"{peft_type.lower()}_"
     tensors = load_adapter_weights(model_id, subfolder=subfolder)
 
-    adapted, full = [], []
-    for key in tensors:
-        module, is_adapter = _module_of(key, prefix)
-        (adapted if is_adapter else full).append(module)
-    adapted = sorted(set(adapted))
-    full = sorted(set(full))
+    found = [_module_of(key, prefix) for key in tensors]
+    adapted = sorted({module for module, is_adapter in found if is_adapter})
+    # a tensor directly under an adapted module is the adapter's too, even when the record's prefix
+    # marks only some of its containers (AdaLoRA's "lora_E" beside lora_A / lora_B)
+    full = sorted({module for module, is_adapter in found if not is_adapter and module not in adapted})
     dtypes: dict[str, int] = {}
     for tensor in tensors.values():
         dtype = str(tensor.dtype).removeprefix("torch.")

@@ -30,7 +30,8 @@ class AdapterNameError(PeftKernelError, ValueError):
 
 
 class MixedBatchError(PeftKernelError, ValueError):
-    """``adapter_names`` that cannot be served (wrong length, unknown names, training mode, merged)."""
+    """Per-row routing that cannot be served: ``adapter_names`` (wrong length, unknown names, training
+    mode, merged) or ``task_ids`` (missing where the method needs them, wrong length or range)."""
 
 
 class UnsupportedFeatureError(PeftKernelError, NotImplementedError):

@@ -257,6 +257,22 @@ class PeftKernelSpecs:
         runs.
         """
 
+    @hookspec
+    def peft_kernel_training_step(self, model: nn.Module, global_step: int) -> None:
+        """React to one finished optimizer step of a training loop (AdaLoRA's rank reallocation).
+
+        Called by training loops through ``get_registry().training_step(model, global_step)`` once per
+        optimizer step, *after* ``optimizer.step()`` and *before* the gradients are zeroed, so the
+        gradients of the step are still on the parameters. ``peft-kernel-finetune``'s ``Trainer``
+        calls it from its ``on_optimizer_step`` callback; a hand-written loop calls it itself.
+        ``model`` is the model being trained (a ``PeftModel``, or whatever the loop trains: check
+        before touching it), ``global_step`` the 0-based index of the step that just finished
+        (transformers' ``state.global_step`` before it is incremented). Act only on models holding
+        adapters of your method (inspect ``model.peft_config``) and return ``None``; you may change
+        adapter tensors in place (under ``torch.no_grad()``) and the adapters' configs. Every
+        implementation runs; the return value is ignored.
+        """
+
     @hookspec(firstresult=True)
     def peft_kernel_combine_adapters(
         self,

@@ -188,6 +188,11 @@ class Registry:
         kwargs = {"record": record, "model": model, "config": config, "adapter_name": adapter_name}
         return self.call_hook("peft_kernel_create_host", kwargs)
 
+    def training_step(self, model: nn.Module, global_step: int) -> None:
+        """Every plugin's ``peft_kernel_training_step``: call once per optimizer step, after
+        ``optimizer.step()`` and before the gradients are zeroed."""
+        self.call_hook("peft_kernel_training_step", {"model": model, "global_step": global_step})
+
     def register_commands(self, subparsers: Any) -> None:
         """Every plugin's ``peft_kernel_register_commands``."""
         self.call_hook("peft_kernel_register_commands", {"subparsers": subparsers})
@@ -273,7 +278,7 @@ class Registry:
 
 
 OBJECT_PATH = re.compile(r"[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*")
-"""``"package.module:name"``, the form of ``MethodRecord.layer_factory`` and of ``exports`` values."""
+"""``"package.module:name"``, the form of ``MethodRecord.layer_factory``, ``tuner_mixin`` and of ``exports`` values."""
 
 
 def import_object(path: str) -> Any:
@@ -409,6 +414,10 @@ def _check_records(methods: list[Any], backends: list[Any]) -> None:
         if factory and not (isinstance(factory, str) and OBJECT_PATH.fullmatch(factory)):
             raise PluginError(f"registered {record.peft_type!r} with layer_factory {factory!r}; it must be "
                               "'package.module:function' (e.g. 'peft_kernel_lora.layers:make_layer')")
+        mixin = record.tuner_mixin
+        if mixin and not (isinstance(mixin, str) and OBJECT_PATH.fullmatch(mixin)):
+            raise PluginError(f"registered {record.peft_type!r} with tuner_mixin {mixin!r}; it must be "
+                              "'package.module:Class'")
     for record in backends:
         if not isinstance(record, BackendRecord):
             raise PluginError(f"registered {record!r}, expected a peft_kernel.records.BackendRecord")

@@ -85,8 +85,8 @@ def test_unknown_keys_from_newer_versions_warn_and_are_dropped():
 
 
 def test_unknown_peft_type_is_a_clear_error(tmp_path):
-    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "VERA", "r": 4}))
-    with pytest.raises(UnknownMethodError, match="Unknown peft_type 'VERA'.*installed methods:.*LORA"):
+    (tmp_path / "adapter_config.json").write_text(json.dumps({"peft_type": "NO_SUCH_METHOD", "r": 4}))
+    with pytest.raises(UnknownMethodError, match="Unknown peft_type 'NO_SUCH_METHOD'.*installed methods:.*LORA"):
         PeftConfig.from_pretrained(tmp_path)
     with pytest.raises(ConfigError, match="peft_type: required field missing"):
         PeftConfig.from_dict({"r": 4})

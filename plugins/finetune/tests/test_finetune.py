@@ -153,8 +153,8 @@ def test_data_without_a_usable_field(tmp_path, capsys):
 
 
 def test_method_without_a_plugin(capsys):
-    err = _error(capsys, ["--method", "vera"])
-    assert "--method vera: no installed plugin provides this method" in err and "Installed methods: " in err and "lora" in err
+    err = _error(capsys, ["--method", "no_such_method"])
+    assert "--method no_such_method: no installed plugin provides this method" in err and "Installed methods: " in err and "lora" in err
     err = _error(capsys, ["--method", "lokr", "--max-steps", "0"])
     assert "--max-steps 0: must be greater than 0" in err
 

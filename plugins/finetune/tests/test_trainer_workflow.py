@@ -207,3 +207,27 @@ def test_a_peft_model_without_task_type_trains_with_the_integration_trainer(tmp_
     trainer.train()
     assert len(_losses(trainer)) == 2 and any("eval_loss" in e for e in trainer.state.log_history)
     assert "adapter_model.safetensors" in os.listdir(tmp_path / "plain" / "checkpoint-2")
+
+
+def test_the_trainer_calls_the_training_step_hook_after_each_optimizer_step(tmp_path, isolated_registry):
+    """``peft_kernel_finetune.trainer.Trainer`` calls ``peft_kernel_training_step`` once per optimizer
+    step (not per micro-batch), with the 0-based step, while the step's gradients are still there."""
+    import types
+    from importlib import metadata
+
+    from peft_kernel import LoraConfig, get_peft_model, hookimpl
+    from peft_kernel_finetune.trainer import Trainer
+
+    seen: list[tuple[int, bool]] = []
+
+    @hookimpl
+    def peft_kernel_training_step(model, global_step):
+        grads = [p.grad for p in model.parameters() if p.requires_grad]
+        seen.append((global_step, any(g is not None and bool(g.abs().sum() > 0) for g in grads)))
+
+    isolated_registry(entry_points=[ep for ep in metadata.entry_points(group="peft_kernel") if ep.name == "lora"],
+                      extra_plugins={"recorder": types.SimpleNamespace(peft_kernel_training_step=peft_kernel_training_step)})
+    model = get_peft_model(_tiny_llama(), LoraConfig(r=4, target_modules=["q_proj"], task_type="CAUSAL_LM",
+                                                     init_lora_weights="gaussian"))
+    Trainer(model=model, args=_args(tmp_path, "hook", gradient_accumulation_steps=2), train_dataset=TRAIN).train()
+    assert seen == [(0, True), (1, True), (2, True), (3, True)]

@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import peft_kernel
 from peft_kernel import PeftModel, get_peft_model
-from peft_kernel.errors import CheckpointError, ConfigError
+from peft_kernel.errors import CheckpointError, ConfigError, MixedBatchError
 from peft_kernel_multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
 from peft_kernel_testing import make_model, max_abs_diff, perturb, run
 from peft_kernel_testing.generation import check_generate_matches_greedy, greedy_decode
@@ -181,13 +181,13 @@ def test_source_init_errors_name_the_problem(tmp_path):
 
 def test_missing_or_bad_task_ids_raise_clear_errors_as_hf():
     model = _ours("llama")
-    with pytest.raises(ValueError, match="task_ids cannot be None"):
+    with pytest.raises(MixedBatchError, match="task_ids cannot be None"):  # a ValueError, as HF's
         model(input_ids=IDS)
-    with pytest.raises(ValueError, match="task_ids cannot be None"):
+    with pytest.raises(MixedBatchError, match="task_ids cannot be None"):
         model.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=2)
-    with pytest.raises(ValueError, match=r"in \[0, 3\)"):
+    with pytest.raises(MixedBatchError, match=r"in \[0, 3\)"):
         model(input_ids=IDS, task_ids=[0, 1, 2, 3])
-    with pytest.raises(ValueError, match="one integer task id per batch row"):
+    with pytest.raises(MixedBatchError, match="one integer task id per batch row"):
         model(input_ids=IDS, task_ids=[0, 1, 2])
     with hf_oracle("HF peft without task_ids"), pytest.raises(ValueError, match="task_ids cannot be None"):
         peft.get_peft_model(make_model("llama"), peft.MultitaskPromptTuningConfig(**_kw()))(input_ids=IDS)

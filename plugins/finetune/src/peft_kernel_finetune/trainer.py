@@ -41,7 +41,8 @@ import torch
 import transformers
 from torch import nn
 
-__all__ = ["PeftKernelTrainerMixin", "Trainer", "Seq2SeqTrainer", "is_peft_kernel_model", "load_adapter_checkpoint"]
+__all__ = ["PeftKernelTrainerMixin", "Trainer", "Seq2SeqTrainer", "TrainingStepCallback", "is_peft_kernel_model",
+           "load_adapter_checkpoint"]
 
 TRAINING_ARGS_NAME = "training_args.bin"
 
@@ -104,6 +105,21 @@ def load_adapter_checkpoint(model: nn.Module, path: str | os.PathLike) -> list[s
     return list(folders)
 
 
+class TrainingStepCallback(transformers.TrainerCallback):
+    """Calls the plugins' ``peft_kernel_training_step`` hook after every optimizer step, before the
+    gradients are zeroed (transformers' ``on_optimizer_step``), with the 0-based index of that step.
+    Methods that act during training (AdaLoRA's rank reallocation) then train through the
+    ``Trainer`` with no user code. :class:`PeftKernelTrainerMixin` adds it; add it yourself to a
+    stock ``transformers.Trainer`` (``callbacks=[TrainingStepCallback()]``)."""
+
+    def on_optimizer_step(self, args: Any, state: Any, control: Any, model: nn.Module | None = None,
+                          **kwargs: Any) -> None:
+        if model is not None:
+            from peft_kernel.plugin_api import get_registry
+
+            get_registry().training_step(model, state.global_step)
+
+
 class PeftKernelTrainerMixin:
     """Adapter-only checkpoints for peft-kernel models in a ``transformers.Trainer`` subclass.
 
@@ -111,11 +127,14 @@ class PeftKernelTrainerMixin:
     ``_save``, ``_load_from_checkpoint`` and ``_load_best_model`` for peft-kernel models only; FSDP
     sharded and DeepSpeed checkpoints are left to transformers. A model sharded with FSDP2 by
     :func:`peft_kernel_finetune.fsdp.shard_peft_model` is saved from its gathered full state dict.
+    For peft-kernel models it also adds :class:`TrainingStepCallback` (the training-step hook).
     """
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         ours = self._peft_kernel_model()
+        if ours is not None:
+            self.add_callback(TrainingStepCallback)  # type: ignore[attr-defined]
         if ours is not None and _generic_forward(ours):
             # a PeftModel without task type: its forward(*args, **kwargs) names nothing, so read the base
             # model's (HF's Trainer does the same for HF PEFT models)

@@ -1,27 +1,17 @@
-"""The FourierFT layer: additive, so the core derives forward, mixed batches and merging from
-``delta`` and ``delta_weight``. Imported on first use only (it imports torch)."""
+"""The FourierFT layer: a :class:`~peft_kernel_spectral.SpectralLayer`, so the core derives forward,
+mixed batches and merging from its ``spectral_delta``. Imported on first use only (it imports torch)."""
 
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from peft_kernel.plugin_api import AdapterLayer, ConfigError, linear_fan_in_fan_out, pattern_value
+from peft_kernel.plugin_api import ConfigError, linear_fan_in_fan_out, pattern_value
 from peft_kernel_fourierft.config import FourierFTConfig
+from peft_kernel_spectral import SpectralLayer, seeded_positions
 
 
-def spectral_positions(seed: int, out_features: int, in_features: int, n_frequency: int) -> torch.Tensor:
-    """The ``[2, n_frequency]`` (row, column) positions of the learned coefficients in the
-    ``[out, in]`` spectrum: the first ``n_frequency`` entries of a random permutation of the
-    flattened positions drawn from a CPU generator seeded with ``seed``. HF PEFT draws the same, so
-    the positions, which are never saved, are rebuilt identically when an adapter is loaded."""
-    generator = torch.Generator().manual_seed(seed)
-    flat = torch.randperm(out_features * in_features, generator=generator)[:n_frequency]
-    return torch.stack([flat // in_features, flat % in_features])
-
-
-class FourierFTLayer(AdapterLayer):
+class FourierFTLayer(SpectralLayer):
     """FourierFT on an ``nn.Linear`` or a transformers ``Conv1D`` (weight stored ``[in, out]``):
     ``delta W = scaling * Re(ifft2(S))``, ``S`` the ``[out, in]`` spectrum that is zero except at
     the adapter's positions, where it holds the learned ``fourierft_spectrum``."""
@@ -32,10 +22,7 @@ class FourierFTLayer(AdapterLayer):
     other_param_names = ("n_frequency", "scaling", "indices")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool) -> None:
-        super().__init__(base_layer)
-        self.fan_in_fan_out = fan_in_fan_out
-        weight = base_layer.weight
-        self.out_features, self.in_features = weight.shape[::-1] if fan_in_fan_out else weight.shape
+        super().__init__(base_layer, fan_in_fan_out)
         self.fourierft_spectrum = nn.ParameterDict()
         self.n_frequency: dict[str, int] = {}
         self.scaling: dict[str, float] = {}
@@ -58,26 +45,13 @@ class FourierFTLayer(AdapterLayer):
         self.fourierft_spectrum[adapter_name] = nn.Parameter(spectrum.to(weight.device, weight.dtype))
         self.n_frequency[adapter_name] = n_frequency
         self.scaling[adapter_name] = config.scaling
-        self.indices[adapter_name] = spectral_positions(config.random_loc_seed, self.out_features,
-                                                        self.in_features, n_frequency)
+        self.indices[adapter_name] = seeded_positions(config.random_loc_seed, self.out_features,
+                                                      self.in_features, n_frequency)
 
     def spectral_delta(self, adapter_name: str) -> torch.Tensor:
         """``delta W`` in the ``[out, in]`` layout, in float32 (the FFT's precision) or wider."""
-        spectrum = self.fourierft_spectrum[adapter_name]
-        dtype = torch.promote_types(spectrum.dtype, torch.float32)
-        if self.indices[adapter_name].device != spectrum.device:  # moved once, after model.to(device)
-            self.indices[adapter_name] = self.indices[adapter_name].to(spectrum.device)
-        rows, cols = self.indices[adapter_name]
-        dense = torch.zeros(self.out_features, self.in_features, device=spectrum.device, dtype=dtype)
-        dense = dense.index_put((rows, cols), spectrum.to(dtype))
+        dense = self.coefficient_matrix(self.fourierft_spectrum[adapter_name], self.indices, adapter_name)
         return torch.fft.ifft2(dense).real * self.scaling[adapter_name]
-
-    def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        return F.linear(x, self.spectral_delta(adapter_name).to(x.dtype))
-
-    def delta_weight(self, adapter_name: str) -> torch.Tensor:
-        delta = self.spectral_delta(adapter_name)
-        return delta.T if self.fan_in_fan_out else delta
 
 
 def make_layer(config: FourierFTConfig, adapter_name: str, base_layer: nn.Module, module_name: str) -> FourierFTLayer | None:

@@ -1,5 +1,6 @@
 """LoRA's ``trainable_token_indices``: next to the LoRA layers, selected embedding rows train (new
-special tokens), through the Trainable Tokens plugin's layer (``peft-kernel-trainable-tokens``).
+special tokens), through the shared token-rows layer (the ``peft-kernel-tokens`` library, as the Trainable Tokens
+method uses).
 
 ``trainable_token_indices`` is a list of token ids for the input embedding, or ``{module name:
 token ids}``. A module tied to the input embedding (a tied ``lm_head``, T5's encoder / decoder
@@ -92,12 +93,12 @@ def shared_rows(config: Any, targets: list[tuple[str, Any]]) -> dict[str, Any] |
 
 
 def _trainable_tokens(*names: str) -> tuple[Any, ...]:
-    """Names from the Trainable Tokens plugin's layer module (an optional dependency: ``tokens`` extra)."""
+    """Names from the token-rows library (an optional dependency: the ``tokens`` extra)."""
     try:
-        from peft_kernel_trainable_tokens import layers
+        from peft_kernel_tokens import layers
     except ImportError:
-        raise ConfigError("LoraConfig.trainable_token_indices needs the Trainable Tokens plugin: "
-                          "pip install peft-kernel-trainable-tokens (or peft-kernel-lora[tokens])") from None
+        raise ConfigError("LoraConfig.trainable_token_indices needs the token-rows library: "
+                          "pip install peft-kernel-tokens (or peft-kernel-lora[tokens])") from None
     return tuple(getattr(layers, name) for name in names)
 
 

@@ -18,11 +18,16 @@ from peft_kernel_lowrank import mixed
 class LowRankForwards:
     """Mixin, listed before ``AdapterLayer``: ``class MyLinear(LowRankForwards, AdapterLayer)``."""
 
+    round_delta_to_base: bool = True
+    """On a base of another dtype (float32 adapters on a half-precision model): ``True`` rounds each
+    delta to the base dtype before adding it (HF PEFT's DeLoRA, OSF); ``False`` adds it in the
+    adapter's dtype and rounds the sum once (HF PEFT's ``result +=``: AdaLoRA)."""
+
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus each adapter in turn. On a base of another dtype (float32 adapters on a
-        half-precision model) each delta is computed in the adapter's dtype and rounded to the base
-        dtype before it is added, as HF PEFT does; otherwise the fused kernel adds it in place.
-        Adapters without factors right now take the layer's own ``delta``."""
+        half-precision model) each delta is computed in the adapter's dtype and rounded as
+        :attr:`round_delta_to_base` says, as HF PEFT does; otherwise the fused kernel adds it in
+        place. Adapters without factors right now take the layer's own ``delta``."""
         result = self.base_layer(x, *args, **kwargs)
         dtype = result.dtype
         for name in adapters:
@@ -30,8 +35,8 @@ class LowRankForwards:
             if factors is None:
                 delta = self.delta(x, name)
                 if delta is not None:
-                    result = result + delta.to(dtype)
-            elif factors[1].dtype != dtype:
+                    result = result + delta.to(dtype) if self.round_delta_to_base else (result + delta).to(dtype)
+            elif factors[1].dtype != dtype and self.round_delta_to_base:
                 a, b, scale = factors
                 delta = F.linear(F.linear(x.to(a.dtype), a), b)
                 result = result + (delta if scale == 1.0 else delta * scale).to(dtype)

@@ -64,9 +64,11 @@ def can_add_inplace(result: torch.Tensor) -> bool:
 
 
 def low_rank_bias(layer: nn.Module, name: str) -> torch.Tensor | None:
-    """The layer's optional ``low_rank_bias(name)`` (``[out]``, scaled like ``B``), else ``None``."""
-    get = getattr(layer, "low_rank_bias", None)
-    return None if get is None else get(name)
+    """The layer's optional ``low_rank_bias(name)`` (``[out]``, scaled like ``B``), else ``None``.
+    Looked up on the class: an adapter layer reads missing attributes through to its base layer,
+    which in a mixed model is another method's adapter layer with a ``low_rank_bias`` of its own."""
+    get = getattr(type(layer), "low_rank_bias", None)
+    return None if get is None else get(layer, name)
 
 
 def add_single(layer: LowRankLayer, result: torch.Tensor, x: torch.Tensor, name: str,

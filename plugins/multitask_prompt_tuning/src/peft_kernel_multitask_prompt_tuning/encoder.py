@@ -7,7 +7,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from peft_kernel.plugin_api import CheckpointError
+from peft_kernel.plugin_api import CheckpointError, MixedBatchError
 from peft_kernel_multitask_prompt_tuning.config import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
 from peft_kernel_prompt_learning.learner import PromptEncoder
 from peft_kernel_prompt_learning.text_init import embedded_tokens, text_token_ids
@@ -74,10 +74,10 @@ class MultitaskPromptEmbedding(PromptEncoder):
     def forward(self, task_ids: torch.Tensor | None) -> torch.Tensor:
         """``[rows, n, token_dim]``: the virtual tokens of each row's task."""
         if task_ids is None:
-            raise ValueError("task_ids cannot be None: multitask prompt tuning needs one task id per row "
+            raise MixedBatchError("task_ids cannot be None: multitask prompt tuning needs one task id per row "
                              "(pass task_ids=[...] to forward/generate).")
         if task_ids.numel() and (int(task_ids.min()) < 0 or int(task_ids.max()) >= self.num_tasks):
-            raise ValueError(f"task_ids must be in [0, {self.num_tasks}) (num_tasks); got {task_ids.tolist()}.")
+            raise MixedBatchError(f"task_ids must be in [0, {self.num_tasks}) (num_tasks); got {task_ids.tolist()}.")
         scale = torch.matmul(self.prefix_task_cols.index_select(0, task_ids), self.prefix_task_rows.index_select(0, task_ids))
         return self.embedding.weight.unsqueeze(0) * scale
 

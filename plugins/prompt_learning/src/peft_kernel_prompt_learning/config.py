@@ -17,6 +17,13 @@ through ``peft_kernel_create_host``):
     (``width == num_layers * 2 * token_dim``, laid out ``[layer][key|value][head][head_dim]``),
     handed to the model as a transformers ``Cache``; the attention mask gets the same prefix.
 
+On encoder-decoder models (``model.config.is_encoder_decoder``: T5, BART; ``task_type="SEQ_2_SEQ_LM"``
+fills ``num_transformer_submodules=2``) the family does what HF PEFT does: ``"inputs_embeds"`` tokens go
+in front of the *encoder's* inputs only (the encoders learn ``2 * num_virtual_tokens`` tokens, of which
+HF uses the first half), and a ``"past_key_values"`` prefix goes into the *decoder's* self-attention
+only, in HF's layout (``learner.prefix_to_cache``), with ones in front of ``decoder_attention_mask``.
+Labels and decoder inputs are left alone; ``generate`` decodes as the base model does.
+
 The method plugin supplies the encoder through the ``peft_kernel_create_prompt_encoder`` hook (the
 family adds its spec, :mod:`peft_kernel_prompt_learning.hookspecs`). Because the learner builds the
 virtual tokens of every batch row from that row's adapter, mixed batches (``adapter_names=[...]``)

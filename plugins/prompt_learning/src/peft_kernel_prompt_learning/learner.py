@@ -23,7 +23,6 @@ from peft_kernel.plugin_api import (
     ModulesToSaveWrapper,
     PeftConfig,
     TaskType,
-    UnsupportedFeatureError,
     check_adapter_name,
     get_registry,
     replace_with_base,
@@ -128,10 +127,24 @@ def word_embeddings_of(model: nn.Module) -> nn.Module:
     raise ValueError(f"cannot find the input embeddings of {type(model).__name__}; prompt learning needs them.")
 
 
+def is_encoder_decoder(model: nn.Module) -> bool:
+    """Whether ``model`` is an encoder-decoder (T5, BART): its config says ``is_encoder_decoder``."""
+    return bool(getattr(getattr(model, "config", None), "is_encoder_decoder", False))
+
+
 def prefix_to_cache(prompts: torch.Tensor, config: PromptLearningConfig, model_config: Any, cache: Any = None) -> Any:
     """Turn ``[batch, n, num_layers * 2 * token_dim]`` virtual tokens into a transformers ``Cache``
-    holding a key/value prefix of length ``n`` in every layer (filled into ``cache`` when given)."""
-    from transformers import DynamicCache
+    holding a key/value prefix of length ``n`` in every layer (filled into ``cache`` when given).
+
+    HF PEFT's layout: the ``2 * num_layers`` key/value blocks are repeated once per transformer
+    submodule and grouped ``2 * num_transformer_submodules`` to a layer, of which a layer's
+    self-attention takes the first two. With one submodule that is simply (key, value) of layer
+    ``l`` at blocks ``2l, 2l + 1``. With two (encoder-decoder models) layer ``l`` reads blocks
+    ``4l, 4l + 1`` modulo ``2 * num_layers``, and the prefix goes into the *decoder's*
+    self-attention only: under transformers 5 HF PEFT leaves the cross-attention half empty (computed
+    from the encoder as usual) and the encoder without a prefix. The cache is then an
+    ``EncoderDecoderCache`` (``cache`` may be one, whose self-attention part is filled)."""
+    from transformers import DynamicCache, EncoderDecoderCache
 
     batch, n, width = prompts.shape
     heads, layers = config.num_attention_heads, config.num_layers
@@ -141,10 +154,18 @@ def prefix_to_cache(prompts: torch.Tensor, config: PromptLearningConfig, model_c
             f"{heads} heads of token_dim {config.token_dim}; check num_layers / token_dim / num_attention_heads."
         )
     kv = prompts.reshape(batch, n, layers * 2, heads, config.token_dim // heads).permute(2, 0, 3, 1, 4)
+    group = 2 * (config.num_transformer_submodules or 1)
+
+    def new_cache() -> Any:
+        return DynamicCache(config=model_config) if model_config is not None else DynamicCache()
+
+    encoder_decoder = bool(getattr(model_config, "is_encoder_decoder", False))
     if cache is None:
-        cache = DynamicCache(config=model_config) if model_config is not None else DynamicCache()
+        cache = EncoderDecoderCache(new_cache(), DynamicCache()) if encoder_decoder else new_cache()
+    target = cache.self_attention_cache if isinstance(cache, EncoderDecoderCache) else cache
     for layer in range(layers):
-        cache.update(kv[2 * layer], kv[2 * layer + 1], layer)
+        first = (group * layer) % (2 * layers)
+        target.update(kv[first], kv[first + 1], layer)
     return cache
 
 
@@ -239,12 +260,28 @@ def check_fits_model(config: PromptLearningConfig, model: nn.Module, injection: 
     head_dim = first("head_dim") or (hidden // model_heads if hidden and model_heads else None)
     if layers is not None and config.num_layers != layers:
         raise ConfigError(f"{owner}.num_layers is {config.num_layers} but the model has {layers} layers.")
+    if is_encoder_decoder(model):
+        _check_fits_decoder(config, first("num_decoder_layers", "decoder_layers"))
     if kv_heads and head_dim and (heads, dim // heads) != (kv_heads, head_dim):
         raise ConfigError(
             f"{owner}: a prefix of num_attention_heads={heads} x {dim // heads} (token_dim={dim}) does not fit the "
             f"model's key/value cache of {kv_heads} heads x {head_dim}; leave num_attention_heads and token_dim "
             "unset to take them from the model."
         )
+
+
+def _check_fits_decoder(config: PromptLearningConfig, decoder_layers: int | None) -> None:
+    """A key/value prefix on an encoder-decoder goes to the decoder's self-attention, one layer per
+    ``num_layers`` (see :func:`prefix_to_cache`), and only in HF PEFT's two-submodule layout: with
+    ``num_transformer_submodules=1`` HF PEFT hands the model a plain cache that transformers 5 also
+    fills with the cross-attention's keys, so the decoder attends to its own tokens there; refused."""
+    owner = type(config).__name__
+    if decoder_layers is not None and decoder_layers != config.num_layers:
+        raise ConfigError(f"{owner}.num_layers is {config.num_layers} but the model's decoder has {decoder_layers} "
+                          "layers; a prefix needs one per decoder layer.")
+    if config.num_transformer_submodules != 2:
+        raise ConfigError(f"{owner}.num_transformer_submodules must be 2 on an encoder-decoder model (got "
+                          f"{config.num_transformer_submodules}); leave it unset to have it filled.")
 
 
 # ---- the engine behind PeftModel for prompt-learning methods -----------------------------------
@@ -357,11 +394,6 @@ class PromptLearner:
             )
         if not isinstance(config, PromptLearningConfig):
             raise ConfigError(f"{type(config).__name__} must subclass peft_kernel_prompt_learning.PromptLearningConfig.")
-        if config.task_type == TaskType.SEQ_2_SEQ_LM or getattr(getattr(self.base, "config", None), "is_encoder_decoder", False):
-            raise UnsupportedFeatureError(
-                f"{record.peft_type} on encoder-decoder models (SEQ_2_SEQ_LM) is not supported by peft-kernel yet; "
-                "use a decoder-only (CAUSAL_LM) or encoder (SEQ_CLS) model."
-            )
         fill_config(config, self.base)
         config.check_ready()
         check_fits_model(config, self.base, self.injection, self.word_embeddings)
@@ -558,11 +590,11 @@ class PromptLearner:
         prompts, config = self.prompts(batch, adapter_names, task_ids)
         loss_owner, loss_inputs = self._loss_owner(batch, adapter_names, kwargs)
         own_labels = kwargs.pop("labels", None) if loss_owner is not None else None
-        n = prompts.shape[1] if self.injection == "inputs_embeds" else config.num_virtual_tokens
+        n = config.num_virtual_tokens
         self._drop_unsupported(kwargs, n, batch, source.device)
-        mask = kwargs.get("attention_mask")
+        mask = kwargs.get(self._mask_key)
         if mask is not None:
-            kwargs["attention_mask"] = _prepend(mask, n, 1)
+            kwargs[self._mask_key] = _prepend(mask, n, 1)
         if self.injection == "past_key_values":
             dtype = _float_dtype(self.base)
             for name in CACHE_KWARGS:
@@ -576,10 +608,9 @@ class PromptLearner:
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
         labels = kwargs.get("labels")
-        if labels is not None and self._task() in (None, TaskType.CAUSAL_LM):
+        if labels is not None and self._task() in (None, TaskType.CAUSAL_LM) and not is_encoder_decoder(self.base):
             kwargs["labels"] = _prepend(labels, n, -100)
-        inputs_embeds = torch.cat([prompts.to(inputs_embeds.dtype), inputs_embeds], dim=1)
-        output = self.base(inputs_embeds=inputs_embeds, **kwargs)
+        output = self.base(inputs_embeds=_with_prompts(prompts, n, inputs_embeds), **kwargs)
         if own_labels is None:
             return output
         logits = output[0] if isinstance(output, tuple) else output.logits
@@ -598,6 +629,15 @@ class PromptLearner:
             raise MixedBatchError(f"{self.record.peft_type} computes its own loss per adapter: pass labels for one "
                                   "adapter at a time, not with a mixed batch.")
         return owners[0], inputs
+
+    @property
+    def _mask_key(self) -> str:
+        """The attention mask that covers the virtual tokens: the (encoder's) ``attention_mask``, or
+        on an encoder-decoder the decoder's when the prefix is a key/value cache (which HF PEFT
+        gives the decoder only; see :func:`prefix_to_cache`)."""
+        if self.injection == "past_key_values" and is_encoder_decoder(self.base):
+            return "decoder_attention_mask"
+        return "attention_mask"
 
     def _drop_unsupported(self, kwargs: dict, n: int, batch: int, device: torch.device) -> None:
         if kwargs.get("position_ids") is not None:
@@ -625,6 +665,8 @@ class PromptLearner:
             warnings.warn("Position ids are not supported for parameter efficient tuning. Ignoring position ids.",
                           UserWarning, stacklevel=3)
             kwargs.pop("position_ids")
+        if self.injection == "inputs_embeds" and is_encoder_decoder(base):
+            return self._generate_encoder_prompted(args, kwargs, adapter_names, task_ids)
         original = base.prepare_inputs_for_generation
         learner = self
 
@@ -638,12 +680,12 @@ class PromptLearner:
             inputs = original(input_ids, *p_args, **p_kwargs)
             ids = inputs.get("input_ids")
             embeds = inputs.get("inputs_embeds")
-            batch = (ids if ids is not None else embeds).shape[0]
+            batch = next(t for t in (ids, embeds, input_ids) if t is not None).shape[0]  # the decoder's on seq2seq
             prompts, config = learner.prompts(batch, adapter_names, task_ids)
-            n = prompts.shape[1] if learner.injection == "inputs_embeds" else config.num_virtual_tokens
-            mask = inputs.get("attention_mask")
+            n = config.num_virtual_tokens
+            mask = inputs.get(learner._mask_key)
             if isinstance(mask, torch.Tensor) and mask.dim() == 2:
-                inputs["attention_mask"] = _prepend(mask, n, 1)
+                inputs[learner._mask_key] = _prepend(mask, n, 1)
             elif mask is not None:
                 raise NotImplementedError("prompt learning in generate() needs a 2D attention mask (no static cache).")
             inputs.pop("position_ids", None)
@@ -668,7 +710,7 @@ class PromptLearner:
             elif fresh:
                 if embeds is None:
                     embeds = learner.word_embeddings(ids)
-                inputs["inputs_embeds"] = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)
+                inputs["inputs_embeds"] = _with_prompts(prompts, n, embeds)
                 inputs["input_ids"] = None
             return inputs
 
@@ -682,6 +724,32 @@ class PromptLearner:
             else:
                 base.prepare_inputs_for_generation = shadowed
 
+    def _generate_encoder_prompted(self, args: tuple, kwargs: dict, adapter_names: Sequence[str] | None,
+                                   task_ids: Any = None) -> Any:
+        """``generate`` of an encoder-decoder whose virtual tokens are embeddings: as HF PEFT, the
+        encoder's inputs get them (and its mask ones) once, and the base model decodes as usual."""
+        if len(args) > 1 or (args and "input_ids" in kwargs):
+            raise TypeError("generate() takes the input ids as its only positional argument; pass the rest by keyword.")
+        input_ids = args[0] if args else kwargs.pop("input_ids", None)
+        embeds = kwargs.pop("inputs_embeds", None)
+        if embeds is None:
+            if input_ids is None:
+                raise ValueError("pass input_ids or inputs_embeds to generate().")
+            embeds = self.word_embeddings(input_ids)
+        prompts, config = self.prompts(embeds.shape[0], adapter_names, task_ids)
+        n = config.num_virtual_tokens
+        mask = kwargs.get("attention_mask")
+        if mask is not None:
+            kwargs["attention_mask"] = _prepend(mask, n, 1)
+        return self.base.generate(inputs_embeds=_with_prompts(prompts, n, embeds), **kwargs)
+
+
+def _with_prompts(prompts: torch.Tensor, n: int, embeds: torch.Tensor) -> torch.Tensor:
+    """``embeds`` with the first ``n`` virtual tokens of each row in front: all of them on a
+    decoder-only model; on an encoder-decoder (``num_transformer_submodules=2``, twice as many
+    tokens) the encoder's half, the only one HF PEFT uses."""
+    return torch.cat([prompts[:, :n].to(embeds.dtype), embeds], dim=1)
+
 
 def _row_task_ids(task_ids: Any, batch: int, device: torch.device) -> torch.Tensor | None:
     """``task_ids`` (a sequence or tensor of ints, one per row) as a long tensor of ``batch`` rows;
@@ -691,7 +759,7 @@ def _row_task_ids(task_ids: Any, batch: int, device: torch.device) -> torch.Tens
         return None
     ids = torch.as_tensor(task_ids, device=device).reshape(-1)
     if ids.is_floating_point() or ids.dtype == torch.bool or ids.numel() == 0 or batch % ids.numel():
-        raise ValueError(f"task_ids must hold one integer task id per batch row ({batch} rows); got "
+        raise MixedBatchError(f"task_ids must hold one integer task id per batch row ({batch} rows); got "
                          f"{ids.numel()} of dtype {ids.dtype}.")
     return ids.long().repeat_interleave(batch // ids.numel())
 

@@ -46,6 +46,9 @@ class ConformanceCase:
     changes_base_at_init: bool = False
     perturb: bool = True
     hf: bool = True
+    second_config: Callable[[], Any] | None = None
+    """The config of the extra adapter the mixed-batch and delete checks add (``config`` when
+    ``None``): a method allowing one trainable adapter (AdaLoRA) gives one in ``inference_mode``."""
 
     def __attrs_post_init__(self) -> None:
         if not self.id:
@@ -255,7 +258,7 @@ class _Checks:
         model = _build(case, adapter_name="first", seed=0)
         if not _record(model.active_peft_config).supports("mixed_batch"):
             pytest.skip(f"{model.active_peft_config.peft_type} declares no 'mixed_batch' capability")
-        model.add_adapter("second", case.config())
+        model.add_adapter("second", (case.second_config or case.config)())
         model.set_adapter("second")
         perturb(model, 1)
         model.eval()
@@ -274,7 +277,7 @@ class _Checks:
     def test_delete_leaves_nothing(self, case: ConformanceCase) -> None:
         model = _build(case)
         before = {k: v.clone() for k, v in model.state_dict().items()}
-        model.add_adapter("extra", case.config())
+        model.add_adapter("extra", (case.second_config or case.config)())
         model.delete_adapter("extra")
         after = model.state_dict()
         assert set(after) == set(before), f"keys left behind: {sorted(set(after) ^ set(before))[:5]}"
