@@ -130,10 +130,12 @@ def test_encoder_decoder_models_are_refused_clearly():
 
 def test_generate_with_beams_repeats_each_rows_task():
     model = _ours("llama")
+    beams = dict(max_new_tokens=3, do_sample=False, num_beams=2, num_return_sequences=2)
     with torch.no_grad():
-        out = model.generate(input_ids=IDS[:2], attention_mask=MASK[:2], task_ids=[2, 0], max_new_tokens=3,
-                             do_sample=False, num_beams=2, num_return_sequences=2)
-    assert out.shape == (4, 8)
+        out = model.generate(input_ids=IDS[:2], attention_mask=MASK[:2], task_ids=[2, 0], **beams)
+        for row, task in enumerate([2, 0]):
+            single = model.generate(input_ids=IDS[row: row + 1], attention_mask=MASK[row: row + 1], task_ids=[task], **beams)
+            assert torch.equal(out[2 * row: 2 * row + 2], single)
 
 
 @pytest.mark.parametrize("init", ["AVERAGE_SOURCE_TASKS", "EXACT_SOURCE_TASK", "ONLY_SOURCE_SHARED"])
@@ -177,6 +179,9 @@ def test_source_init_errors_name_the_problem(tmp_path):
     with pytest.raises(CheckpointError, match="prefix_task_cols"):
         get_peft_model(make_model("llama"), MultitaskPromptTuningConfig(**_kw(
             num_tasks=1, prompt_tuning_init="AVERAGE_SOURCE_TASKS", prompt_tuning_init_state_dict_path=str(source))))
+    only_shared = _kw(num_tasks=2, prompt_tuning_init="ONLY_SOURCE_SHARED", prompt_tuning_init_state_dict_path=str(source))
+    model = get_peft_model(make_model("llama"), MultitaskPromptTuningConfig(**only_shared))  # a prompt-tuning source
+    assert torch.equal(model.prompt_encoder["default"].embedding.weight, torch.zeros(3, 16))
     with pytest.raises(CheckpointError, match="does not fit"):
         get_peft_model(make_model("llama"), MultitaskPromptTuningConfig(**_kw(
             num_virtual_tokens=4, prompt_tuning_init="ONLY_SOURCE_SHARED", prompt_tuning_init_state_dict_path=str(source))))
