@@ -12,7 +12,7 @@ import contextlib
 import dataclasses
 import warnings
 from functools import lru_cache
-from typing import Any, Iterator, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -37,6 +37,22 @@ from peft_kernel.plugins import get_registry, import_object
 _DUMMY_MODEL_CONFIG = {"model_type": "custom"}
 
 
+
+
+def merge_all(layers: Iterable[AdapterLayer], safe_merge: bool, adapter_names: list[str] | None) -> None:
+    """Merge every layer, or none: a layer that refuses (``safe_merge`` finding NaNs, a method that
+    cannot merge there) makes the layers merged before it in this call unmerge again."""
+    fold = get_registry().merge
+    done: list[tuple[AdapterLayer, int]] = []
+    try:
+        for layer in layers:
+            done.append((layer, len(layer.merged_adapters)))
+            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names, fold=fold)
+    except BaseException:
+        for layer, before in reversed(done):
+            while len(layer.merged_adapters) > before:
+                fold(layer, layer.merged_adapters.pop(), False, "unmerge")
+        raise
 
 def is_additive(layer: AdapterLayer) -> bool:
     """Whether ``layer``'s method declares the ``additive`` capability and the layer implements
@@ -357,8 +373,7 @@ class AdapterModel(nn.Module):
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
         if adapter_names is not None:
             self._check_names(adapter_names)
-        for _, layer in adapter_layers(self.model):
-            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names, fold=get_registry().merge)
+        merge_all([layer for _, layer in adapter_layers(self.model)], safe_merge, adapter_names)
 
     def unmerge_adapter(self) -> None:
         for _, layer in adapter_layers(self.model):
@@ -370,9 +385,8 @@ class AdapterModel(nn.Module):
         """Merge the active (or given) adapters into the base weights and return the plain model."""
         if adapter_names is not None:
             self._check_names(adapter_names)
-        layers = list(adapter_layers(self.model))
-        for _, layer in tqdm(layers, disable=not progressbar, desc="Unloading and merging model"):
-            layer.merge(safe_merge=safe_merge, adapter_names=adapter_names, fold=get_registry().merge)
+        layers = [layer for _, layer in adapter_layers(self.model)]
+        merge_all(tqdm(layers, disable=not progressbar, desc="Unloading and merging model"), safe_merge, adapter_names)
         return replace_with_base(self.model, keep_trained_copies=True)
 
     def unload(self) -> nn.Module:

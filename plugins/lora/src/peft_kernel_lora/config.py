@@ -20,7 +20,6 @@ UNSUPPORTED_FIELDS = {
     "corda_config": None,
     "eva_config": None,
     "kasa_config": None,
-    "layer_replication": None,
     "lora_ga_config": None,
     "megatron_config": None,
     "monteclora_config": None,

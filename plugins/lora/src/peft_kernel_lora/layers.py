@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
-from peft_kernel_lora import dora, init, tokens
+from peft_kernel_lora import dora, init, replication, tokens
 from peft_kernel_lora.config import LoraConfig
 from peft_kernel_lowrank import mixed
 
@@ -172,6 +172,7 @@ class LoraLayer(AdapterLayer):
             self._unmerged_weight = None
 
     def merge_into_base(self, adapter_name: str, safe_merge: bool = False) -> None:
+        replication.check_merge(self, adapter_name)
         if not self.use_dora[adapter_name]:
             return super().merge_into_base(adapter_name, safe_merge)
         self._dora_factor[adapter_name] = dora.factor(self, adapter_name, self.unmerged_base_weight()).detach()

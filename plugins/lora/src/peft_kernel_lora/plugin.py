@@ -72,3 +72,12 @@ def peft_kernel_map_state_dict(config: Any, state_dict: Any, direction: str) -> 
     from peft_kernel_lora.tokens import map_state_dict
 
     return map_state_dict(state_dict, direction)
+
+
+@hookimpl
+def peft_kernel_prepare_config(config: Any, model: Any) -> None:
+    """``layer_replication``: rebuild the layer stack before targets are matched."""
+    if isinstance(config, LoraConfig) and config.layer_replication:
+        from peft_kernel_lora.replication import replicate
+
+        replicate(model, config.layer_replication)
