@@ -29,6 +29,7 @@ class MultitaskPromptEmbedding(PromptEncoder):
     """
 
     takes_task_ids = True
+    prompts_decoder = True  # on an encoder-decoder the second n tokens go in front of the decoder, as in HF PEFT
 
     def __init__(self, config: MultitaskPromptTuningConfig, word_embeddings: nn.Module) -> None:
         super().__init__()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from peft_kernel.plugin_api import MethodRecord, TaskType, UnsupportedFeatureError, hookimpl
+from peft_kernel.plugin_api import MethodRecord, hookimpl
 from peft_kernel_multitask_prompt_tuning.config import MultitaskPromptTuningConfig
 from peft_kernel_prompt_learning import FAMILY_EXPORTS
 
@@ -32,10 +32,4 @@ def peft_kernel_create_prompt_encoder(config: Any, adapter_name: str, model: Any
         return None
     from peft_kernel_multitask_prompt_tuning.encoder import MultitaskPromptEmbedding
 
-    if config.task_type == TaskType.SEQ_2_SEQ_LM or getattr(getattr(model, "config", None), "is_encoder_decoder", False):
-        # HF PEFT also prepends the second half of the virtual tokens to the decoder's inputs here
-        raise UnsupportedFeatureError(
-            "multitask prompt tuning on encoder-decoder models (SEQ_2_SEQ_LM) is not supported by peft-kernel yet; "
-            "use a decoder-only (CAUSAL_LM) or encoder (SEQ_CLS) model."
-        )
     return MultitaskPromptEmbedding(config, word_embeddings)

@@ -65,6 +65,13 @@ class PromptEncoder(nn.Module):
     loss_inputs: ClassVar[tuple[str, ...]] = ()
     """Forward keywords :meth:`loss` reads; they are taken out before the base model runs."""
 
+    prompts_decoder: ClassVar[bool] = False
+    """On an encoder-decoder (``"inputs_embeds"`` injection): whether the virtual tokens after the
+    encoder's ``num_virtual_tokens`` (the second submodule's share) go in front of the *decoder's*
+    input embeddings too, in ``forward`` and ``generate``, with ``-100`` in front of the labels and
+    ones in front of ``decoder_attention_mask``. Off by default: that share is learned but unused,
+    as HF PEFT does for most methods."""
+
     def forward(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
@@ -607,6 +614,9 @@ class PromptLearner:
                 return self.base(input_ids=input_ids, inputs_embeds=inputs_embeds, **kwargs)
         if inputs_embeds is None:
             inputs_embeds = self.word_embeddings(input_ids)
+        decoder_prompts = self._decoder_prompts(prompts, n, batch, adapter_names)
+        if decoder_prompts is not None:
+            self._prompt_decoder(kwargs, decoder_prompts)
         labels = kwargs.get("labels")
         if labels is not None and self._task() in (None, TaskType.CAUSAL_LM) and not is_encoder_decoder(self.base):
             kwargs["labels"] = _prepend(labels, n, -100)
@@ -615,6 +625,39 @@ class PromptLearner:
             return output
         logits = output[0] if isinstance(output, tuple) else output.logits
         return _with_loss(output, loss_owner.loss(logits, own_labels, **loss_inputs))
+
+    def _decoder_prompts(self, prompts: torch.Tensor, n: int, batch: int,
+                         adapter_names: Sequence[str] | None) -> torch.Tensor | None:
+        """``[rows, m, token_dim]``: the virtual tokens that go in front of an encoder-decoder's
+        decoder inputs (those after the encoder's ``n``, for encoders that set ``prompts_decoder``);
+        None when the decoder gets none."""
+        if self.injection != "inputs_embeds" or not is_encoder_decoder(self.base) or prompts.shape[1] == n:
+            return None
+        rows = dict.fromkeys(self._row_adapters(batch, adapter_names))
+        return prompts[:, n:] if any(self.encoders[name].prompts_decoder for name in rows) else None
+
+    def _prompt_decoder(self, kwargs: dict, prompts: torch.Tensor) -> None:
+        """Put ``prompts`` in front of the decoder's input embeddings in ``kwargs`` (made from
+        ``decoder_input_ids``, else from the labels shifted right, as the base model would), ones in
+        front of ``decoder_attention_mask`` and ``-100`` in front of the labels."""
+        count = prompts.shape[1]
+        embeds = kwargs.pop("decoder_inputs_embeds", None)
+        ids = kwargs.pop("decoder_input_ids", None)
+        labels = kwargs.get("labels")
+        if embeds is not None and ids is not None:
+            raise ValueError("pass decoder_input_ids or decoder_inputs_embeds, not both.")
+        if embeds is None:
+            if ids is None:
+                if labels is None:
+                    raise ValueError("an encoder-decoder's forward needs decoder_input_ids, decoder_inputs_embeds or labels.")
+                ids = self.base.prepare_decoder_input_ids_from_labels(labels=labels)
+            embeds = self.word_embeddings(ids)
+        kwargs["decoder_inputs_embeds"] = torch.cat([prompts.to(embeds.dtype), embeds], dim=1)
+        mask = kwargs.get("decoder_attention_mask")
+        if mask is not None:
+            kwargs["decoder_attention_mask"] = _prepend(mask, count, 1)
+        if labels is not None:
+            kwargs["labels"] = _prepend(labels, count, -100)
 
     def _loss_owner(self, batch: int, adapter_names: Sequence[str] | None,
                     kwargs: dict) -> tuple[PromptEncoder | None, dict[str, Any]]:
@@ -714,15 +757,8 @@ class PromptLearner:
                 inputs["input_ids"] = None
             return inputs
 
-        shadowed = base.__dict__.get("prepare_inputs_for_generation")
-        base.prepare_inputs_for_generation = prepare
-        try:
+        with _preparing(base, prepare):
             return base.generate(*args, **kwargs)
-        finally:
-            if shadowed is None:
-                del base.prepare_inputs_for_generation
-            else:
-                base.prepare_inputs_for_generation = shadowed
 
     def _generate_encoder_prompted(self, args: tuple, kwargs: dict, adapter_names: Sequence[str] | None,
                                    task_ids: Any = None) -> Any:
@@ -741,7 +777,54 @@ class PromptLearner:
         mask = kwargs.get("attention_mask")
         if mask is not None:
             kwargs["attention_mask"] = _prepend(mask, n, 1)
-        return self.base.generate(inputs_embeds=_with_prompts(prompts, n, embeds), **kwargs)
+        decoder_prompts = self._decoder_prompts(prompts, n, embeds.shape[0], adapter_names)
+        if decoder_prompts is None:
+            return self.base.generate(inputs_embeds=_with_prompts(prompts, n, embeds), **kwargs)
+        with _preparing(self.base, self._decoder_prompting_prepare(n, decoder_prompts.shape[1], adapter_names, task_ids)):
+            return self.base.generate(inputs_embeds=_with_prompts(prompts, n, embeds), **kwargs)
+
+    def _decoder_prompting_prepare(self, n: int, count: int, adapter_names: Sequence[str] | None,
+                                   task_ids: Any) -> Any:
+        """The base model's ``prepare_inputs_for_generation`` with the decoder's ``count`` virtual
+        tokens (see :meth:`_decoder_prompts`) in front of its input embeddings whenever the decoder
+        starts from scratch (the first step, every step without a cache), and ones in front of
+        ``decoder_attention_mask`` at every step (the cache holds the virtual tokens)."""
+        original = self.base.prepare_inputs_for_generation
+        learner = self
+
+        @functools.wraps(original)  # generate() validates kwargs against this signature
+        def prepare(input_ids: Any, *p_args: Any, **p_kwargs: Any) -> dict:
+            cache = next((p_kwargs[k] for k in CACHE_KWARGS if p_kwargs.get(k) is not None), None)
+            fresh = p_kwargs.get("use_cache") is False or cache is None or not cache.get_seq_length()
+            inputs = original(input_ids, *p_args, **p_kwargs)
+            mask = inputs.get("decoder_attention_mask")
+            if isinstance(mask, torch.Tensor) and mask.dim() == 2:
+                inputs["decoder_attention_mask"] = _prepend(mask, count, 1)
+            elif mask is not None:
+                raise NotImplementedError("prompt learning in generate() needs a 2D decoder attention mask.")
+            ids = inputs.get("decoder_input_ids")
+            if fresh and ids is not None:
+                prompts, _ = learner.prompts(ids.shape[0], adapter_names, task_ids)
+                embeds = learner.word_embeddings(ids)
+                inputs["decoder_inputs_embeds"] = torch.cat([prompts[:, n:].to(embeds.dtype), embeds], dim=1)
+                inputs["decoder_input_ids"] = None
+            return inputs
+
+        return prepare
+
+
+@contextlib.contextmanager
+def _preparing(model: nn.Module, prepare: Any) -> Iterator[None]:
+    """Have ``model.generate`` prepare its inputs with ``prepare`` for the duration of the block."""
+    shadowed = model.__dict__.get("prepare_inputs_for_generation")
+    model.prepare_inputs_for_generation = prepare
+    try:
+        yield
+    finally:
+        if shadowed is None:
+            del model.prepare_inputs_for_generation
+        else:
+            model.prepare_inputs_for_generation = shadowed
 
 
 def _with_prompts(prompts: torch.Tensor, n: int, embeds: torch.Tensor) -> torch.Tensor:
