@@ -14,7 +14,7 @@ from safetensors.torch import load_file, save_file
 
 import peft_kernel
 from peft_kernel import PeftModel, get_peft_model
-from peft_kernel.errors import CheckpointError, ConfigError, MixedBatchError, UnsupportedFeatureError
+from peft_kernel.errors import CheckpointError, ConfigError, MixedBatchError
 from peft_kernel_multitask_prompt_tuning import MultitaskPromptTuningConfig, MultitaskPromptTuningInit
 from peft_kernel_testing import make_model, max_abs_diff, perturb, run
 from peft_kernel_testing.generation import check_generate_matches_greedy, greedy_decode
@@ -120,12 +120,6 @@ def test_mixed_batch_rows_with_adapters_and_tasks_equal_single_runs_and_generate
         assert max_abs_diff(mixed[row: row + 1], single) <= TOL, (row, name, task)
     assert max_abs_diff(mixed[1], mixed[2]) > 1e-3
     check_generate_matches_greedy(model, IDS, MASK, max_new_tokens=4, adapter_names=names, task_ids=torch.tensor(tasks))
-
-
-def test_encoder_decoder_models_are_refused_clearly():
-    """HF PEFT's multitask prompt tuning also prompts the decoder of an encoder-decoder; not supported yet."""
-    with pytest.raises(UnsupportedFeatureError, match="encoder-decoder"):
-        get_peft_model(make_model("t5"), MultitaskPromptTuningConfig(**_kw(task_type="SEQ_2_SEQ_LM")))
 
 
 def test_generate_with_beams_repeats_each_rows_task():

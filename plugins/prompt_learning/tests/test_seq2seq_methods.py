@@ -27,9 +27,10 @@ from safetensors.torch import load_file
 from torch import nn
 
 from peft_kernel import PeftModel, get_peft_model
-from peft_kernel_testing import make_model, max_abs_diff, perturb
-from peft_kernel_testing.generation import greedy_decode
+from peft_kernel_testing import max_abs_diff, perturb
 from peft_kernel_testing.hf_oracle import hf_oracle
+from peft_kernel_testing.seq2seq import check_seq2seq_generate as _check_generate
+from peft_kernel_testing.seq2seq import seq2seq_model as _base
 
 peft = pytest.importorskip("peft", reason="HF peft (the test oracle) is not installed")
 
@@ -46,23 +47,6 @@ METHODS = {  # config class name: (plugin module, extra config fields)
     "PrefixTuningConfig": ("peft_kernel_prefix_tuning", {}),
 }
 CASES = [(method, kind) for method in METHODS for kind in ("t5", "bart")]
-
-
-def _base(kind: str) -> nn.Module:
-    """A tiny encoder-decoder whose greedy outputs vary from row to row (weights larger than usual)."""
-    if kind == "bart":
-        import transformers as tf
-
-        torch.manual_seed(0)
-        return tf.BartForConditionalGeneration(tf.BartConfig(
-            d_model=16, encoder_layers=2, decoder_layers=2, encoder_attention_heads=2, decoder_attention_heads=2,
-            encoder_ffn_dim=32, decoder_ffn_dim=32, vocab_size=64, max_position_embeddings=64, pad_token_id=1,
-            bos_token_id=0, eos_token_id=2, decoder_start_token_id=2, forced_eos_token_id=None, init_std=0.2)).eval()
-    model = make_model("t5")
-    with torch.no_grad():
-        for p in model.parameters():
-            p.mul_(3)
-    return model
 
 
 def _config(method: str, hf: bool = False, **kw: Any) -> Any:
@@ -97,36 +81,6 @@ def _assert_same(got: list, expected: list) -> None:
         assert (loss is None) == (want_loss is None)
         if loss is not None:
             assert abs(loss.item() - want_loss.item()) <= TOL, CALLS[i].keys()
-
-
-class _DecoderView(nn.Module):
-    """The decoder of a seq2seq model as a causal LM over ``decoder_input_ids`` with the encoder's
-    inputs fixed, so :func:`greedy_decode` decodes through the model's own forward."""
-
-    def __init__(self, model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None) -> None:
-        super().__init__()
-        self.model, self.encoder_inputs = model, {"input_ids": input_ids, "attention_mask": attention_mask}
-        self.generation_config = model.generation_config
-
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor, **kwargs: Any) -> Any:
-        return self.model(**self.encoder_inputs, decoder_input_ids=input_ids, **kwargs)
-
-
-def _check_generate(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor | None,
-                    max_new_tokens: int = 4, **routing: Any) -> torch.Tensor:
-    """``generate`` (greedy, with and without the cache) equals greedy decoding through the forward:
-    same tokens, same logits at every step. Returns the tokens."""
-    start = torch.full((input_ids.shape[0], 1), model.generation_config.decoder_start_token_id)
-    expected, expected_logits = greedy_decode(_DecoderView(model, input_ids, attention_mask), start, None,
-                                              max_new_tokens, **routing)
-    with torch.no_grad():
-        out = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                             do_sample=False, output_logits=True, return_dict_in_generate=True, **routing)
-        uncached = model.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_new_tokens,
-                                  do_sample=False, use_cache=False, **routing)
-    assert max_abs_diff(torch.stack(out.logits), expected_logits) <= 1e-4
-    assert torch.equal(out.sequences, expected) and torch.equal(uncached, expected)
-    return expected
 
 
 @pytest.mark.parametrize("method, kind", CASES)
