@@ -22,6 +22,7 @@ import torch
 from safetensors.torch import load_file
 
 from peft_kernel import PeftModel, get_peft_model
+from peft_kernel.errors import MixedBatchError
 from peft_kernel_multitask_prompt_tuning import MultitaskPromptTuningConfig
 from peft_kernel_testing import greedy_decode, max_abs_diff, perturb
 from peft_kernel_testing.hf_oracle import hf_oracle
@@ -60,9 +61,10 @@ def _calls(model) -> list[dict[str, torch.Tensor]]:
     ]
 
 
-def _outputs(model, **routing) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+def _outputs(model, first: int = 4, **routing) -> list[tuple[torch.Tensor, torch.Tensor | None]]:
+    """``(logits, loss)`` of the first ``first`` calls of :func:`_calls`."""
     with torch.no_grad():
-        outs = [model(input_ids=IDS, attention_mask=MASK, **call, **routing) for call in _calls(model)]
+        outs = [model(input_ids=IDS, attention_mask=MASK, **call, **routing) for call in _calls(model)[:first]]
     return [(out.logits, out.get("loss")) for out in outs]
 
 
@@ -129,3 +131,81 @@ def test_generate_equals_greedy_decoding_through_the_forward_with_task_ids(kind,
     assert torch.equal(tokens, hf_greedy)
     assert len({tuple(row) for row in tokens.tolist()}) > 1  # the check is not vacuous
     assert not torch.equal(hf_generated, hf_greedy)  # HF's generate leaves the decoder's tokens out
+
+
+def test_mixed_batch_rows_with_adapters_and_tasks_equal_single_runs_and_generate():
+    model = _ours("t5")
+    model.add_adapter("other", MultitaskPromptTuningConfig(**_kw(num_tasks=2, num_ranks=1)))
+    perturb(model.prompt_encoder["other"], 7, scale=1.0)
+    model.eval()
+    names, tasks = ["default", "other", "other", "default"], torch.tensor([0, 1, 0, 2])
+    mixed = _outputs(model, adapter_names=names, task_ids=tasks)
+    for i, call in enumerate(_calls(model)):
+        for row, (name, task) in enumerate(zip(names, tasks.tolist())):
+            model.set_adapter(name)
+            single = {k: v[row: row + 1] for k, v in {"input_ids": IDS, "attention_mask": MASK, **call}.items()}
+            with torch.no_grad():
+                logits = model(**single, task_ids=[task]).logits
+            assert max_abs_diff(mixed[i][0][row: row + 1], logits) <= TOL, (i, row, name, task)
+    assert max_abs_diff(mixed[0][0][1], mixed[0][0][2]) > 1e-3  # same adapter, other task
+    check_seq2seq_generate(model, IDS, MASK, adapter_names=names, task_ids=tasks)
+    with torch.no_grad():  # beam search expands every row: each beam keeps its row's adapter and task
+        beams = model.generate(input_ids=IDS, attention_mask=MASK, max_new_tokens=4, num_beams=3,
+                               adapter_names=names, task_ids=tasks)
+        for row, (name, task) in enumerate(zip(names, tasks.tolist())):
+            model.set_adapter(name)
+            single = model.generate(input_ids=IDS[row: row + 1], attention_mask=MASK[row: row + 1], max_new_tokens=4,
+                                    num_beams=3, task_ids=[task])
+            assert torch.equal(beams[row: row + 1, : single.shape[1]], single), (row, name, task)
+
+
+def test_training_changes_only_the_prompt_parameters():
+    model = _ours("bart").train()
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert trainable == {f"prompt_encoder.default.{k}" for k in ("embedding.weight", "prefix_task_cols", "prefix_task_rows")}
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.5)
+    for _ in range(2):
+        opt.zero_grad()
+        model(input_ids=IDS, attention_mask=MASK, labels=LABELS, task_ids=TASKS).loss.backward()
+        opt.step()
+    for name, p in model.named_parameters():
+        assert (not torch.equal(p, before[name])) == (name in trainable), name
+
+
+def test_one_submodule_prompts_the_encoder_only_as_hf(tmp_path):
+    """``num_transformer_submodules=1``: ``n`` tokens, all in front of the encoder; the decoder keeps
+    its inputs. HF then drops a ``decoder_inputs_embeds`` it is given and still puts ``n`` ones in
+    front of ``decoder_attention_mask`` (longer than the decoder's inputs, so the mask's zeros land on
+    other tokens); ours keeps both as given, so only the call with labels alone is compared."""
+    with hf_oracle("HF peft saving one-submodule seq2seq multitask prompt tuning"):
+        hf = peft.get_peft_model(seq2seq_model("t5"), peft.MultitaskPromptTuningConfig(**_kw(num_transformer_submodules=1)))
+        perturb(hf.prompt_encoder, 5, scale=1.0)
+        hf.eval().save_pretrained(tmp_path)
+        expected = _outputs(hf, first=1, task_ids=TASKS)
+    ours = PeftModel.from_pretrained(seq2seq_model("t5"), tmp_path)
+    assert tuple(ours.get_prompt_embedding_to_save("default").shape) == (N, 16)
+    got = _outputs(ours, task_ids=TASKS)
+    _assert_same(got[:1], expected)
+    assert got[0][0].shape[1] == LABELS.shape[1]
+    with torch.no_grad():  # the independent oracle: the base model with the encoder's tokens prepended
+        embeds = torch.cat([ours.get_prompt(4, task_ids=TASKS), ours.word_embeddings(IDS)], dim=1)
+        mask = torch.cat([torch.ones(4, N, dtype=MASK.dtype), MASK], dim=1)
+        plain = ours.base_model(inputs_embeds=embeds, attention_mask=mask, labels=LABELS, decoder_attention_mask=DECODER_MASK)
+    _assert_same(got[1:2], [(plain.logits, plain.loss)])
+    with pytest.raises(MixedBatchError, match="num_transformer_submodules"):
+        ours.add_adapter("two", MultitaskPromptTuningConfig(**_kw()))
+        ours(input_ids=IDS, labels=LABELS, task_ids=TASKS, adapter_names=["default", "two", "two", "default"])
+
+
+def test_decoder_inputs_are_needed_once():
+    model = _ours("t5")
+    with pytest.raises(ValueError, match="not both"):
+        model(input_ids=IDS, decoder_input_ids=DECODER_IDS, decoder_inputs_embeds=model.word_embeddings(DECODER_IDS),
+              task_ids=TASKS)
+    with pytest.raises(ValueError, match="decoder_input_ids, decoder_inputs_embeds or labels"):
+        model(input_ids=IDS, task_ids=TASKS)
+    with pytest.raises(MixedBatchError, match="task_ids"):
+        model(input_ids=IDS, labels=LABELS)
+    with pytest.raises(MixedBatchError, match="task_ids"):
+        model.generate(input_ids=IDS, max_new_tokens=2)

@@ -541,9 +541,11 @@ class PromptLearner:
                 "tokens has another sequence length. Run base rows in a separate call (or inside disable_adapter())."
             )
         counts = {n: self.configs[n].num_virtual_tokens for n in dict.fromkeys(rows)}
-        if len(set(counts.values())) > 1:
+        totals = {n: len(self.tokens[n]) for n in counts}
+        if len(set(counts.values())) > 1 or len(set(totals.values())) > 1:
             raise MixedBatchError(
-                f"adapters in one mixed batch must have the same num_virtual_tokens; got {counts}. "
+                f"adapters in one mixed batch must have the same num_virtual_tokens and num_transformer_submodules; "
+                f"got num_virtual_tokens {counts}, virtual tokens in all {totals}. "
                 "Group rows by adapter length and run one call per group."
             )
         return rows
