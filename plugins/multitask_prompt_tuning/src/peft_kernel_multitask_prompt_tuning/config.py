@@ -43,7 +43,9 @@ class MultitaskPromptTuningConfig(PromptLearningConfig):
 
     The virtual tokens of a row with task ``t`` are the shared prompt ``[n, token_dim]`` multiplied
     elementwise by the rank-``num_ranks`` matrix ``prefix_task_cols[t] @ prefix_task_rows[t]``;
-    ``forward`` and ``generate`` take ``task_ids`` (one per row, each in ``[0, num_tasks)``).
+    ``forward`` and ``generate`` take ``task_ids`` (one per row, each in ``[0, num_tasks)``). On an
+    encoder-decoder (``SEQ_2_SEQ_LM``, ``num_transformer_submodules=2``) there are ``2n`` tokens: the
+    first ``n`` in front of the encoder's inputs, the last ``n`` in front of the decoder's.
 
     ``prompt_tuning_init``: ``RANDOM``, ``TEXT`` (as prompt tuning's), or from a source checkpoint
     (``prompt_tuning_init_state_dict_path``, a ``.safetensors`` file or a torch state dict of a

@@ -22,7 +22,10 @@ fills ``num_transformer_submodules=2``) the family does what HF PEFT does: ``"in
 in front of the *encoder's* inputs only (the encoders learn ``2 * num_virtual_tokens`` tokens, of which
 HF uses the first half), and a ``"past_key_values"`` prefix goes into the *decoder's* self-attention
 only, in HF's layout (``learner.prefix_to_cache``), with ones in front of ``decoder_attention_mask``.
-Labels and decoder inputs are left alone; ``generate`` decodes as the base model does.
+Labels and decoder inputs are left alone; ``generate`` decodes as the base model does. An encoder that
+sets ``PromptEncoder.prompts_decoder`` also has its second ``num_virtual_tokens`` put in front of the
+decoder's input embeddings (forward and generate; ``-100`` in front of the labels, ones in front of
+``decoder_attention_mask``), as HF PEFT does for some methods.
 
 The method plugin supplies the encoder through the ``peft_kernel_create_prompt_encoder`` hook (the
 family adds its spec, :mod:`peft_kernel_prompt_learning.hookspecs`). Because the learner builds the
