@@ -209,3 +209,17 @@ def test_decoder_inputs_are_needed_once():
         model(input_ids=IDS, labels=LABELS)
     with pytest.raises(MixedBatchError, match="task_ids"):
         model.generate(input_ids=IDS, max_new_tokens=2)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_continues_given_decoder_inputs(use_cache):
+    """``decoder_input_ids`` (and a decoder mask) given to ``generate`` follow the decoder's virtual tokens."""
+    model = _ours("t5", seed=4)
+    first = torch.full((4, 1), model.generation_config.decoder_start_token_id)  # else generate puts it in front
+    start = torch.cat([first, DECODER_IDS[:, 1:3]], dim=1)
+    expected, _ = greedy_decode(DecoderView(model, IDS, MASK), start, None, 3, task_ids=TASKS)
+    with torch.no_grad():
+        for mask in ({}, {"decoder_attention_mask": torch.ones_like(start)}):
+            got = model.generate(input_ids=IDS, attention_mask=MASK, decoder_input_ids=start, max_new_tokens=3,
+                                 do_sample=False, use_cache=use_cache, task_ids=TASKS, **mask)
+            assert torch.equal(got, expected), mask
