@@ -734,14 +734,7 @@ class PromptLearner:
             elif mask is not None:
                 raise NotImplementedError("prompt learning in generate() needs a 2D attention mask (no static cache).")
             inputs.pop("position_ids", None)
-            positions = inputs.get("cache_position")
-            if isinstance(positions, torch.Tensor):
-                # transformers < 5.x counts positions itself, without the virtual tokens: shift them past
-                # the prefix, and on a prefill with prepended embeddings cover the virtual tokens too
-                positions = positions + n
-                if fresh and learner.injection == "inputs_embeds":
-                    positions = torch.cat([torch.arange(n, dtype=positions.dtype, device=positions.device), positions])
-                inputs["cache_position"] = positions
+            _shift_positions(inputs, n, fresh and learner.injection == "inputs_embeds")
             if fresh and learner.injection == "past_key_values":
                 # the prefix goes in under the keyword the model reads (the one prepare used, else the
                 # forward's): under a deprecated name it is dropped in favour of `cache` and the
@@ -780,9 +773,9 @@ class PromptLearner:
         if mask is not None:
             kwargs["attention_mask"] = _prepend(mask, n, 1)
         decoder_prompts = self._decoder_prompts(prompts, n, embeds.shape[0], adapter_names)
-        if decoder_prompts is None:
-            return self.base.generate(inputs_embeds=_with_prompts(prompts, n, embeds), **kwargs)
-        with _preparing(self.base, self._decoder_prompting_prepare(n, decoder_prompts.shape[1], adapter_names, task_ids)):
+        preparing = contextlib.nullcontext() if decoder_prompts is None else _preparing(
+            self.base, self._decoder_prompting_prepare(n, decoder_prompts.shape[1], adapter_names, task_ids))
+        with preparing:
             return self.base.generate(inputs_embeds=_with_prompts(prompts, n, embeds), **kwargs)
 
     def _decoder_prompting_prepare(self, n: int, count: int, adapter_names: Sequence[str] | None,
@@ -810,6 +803,7 @@ class PromptLearner:
                 embeds = learner.word_embeddings(ids)
                 inputs["decoder_inputs_embeds"] = torch.cat([prompts[:, n:].to(embeds.dtype), embeds], dim=1)
                 inputs["decoder_input_ids"] = None
+            _shift_positions(inputs, count, fresh)
             return inputs
 
         return prepare
@@ -827,6 +821,18 @@ def _preparing(model: nn.Module, prepare: Any) -> Iterator[None]:
             del model.prepare_inputs_for_generation
         else:
             model.prepare_inputs_for_generation = shadowed
+
+
+def _shift_positions(inputs: dict, count: int, prefill: bool) -> None:
+    """transformers < 5.x hands ``cache_position`` to the forward, counted without the ``count``
+    virtual tokens: shift them past the virtual tokens, and on a step whose embeddings get the virtual
+    tokens in front (``prefill``) cover those too. Nothing to do where no positions are handed over."""
+    positions = inputs.get("cache_position")
+    if isinstance(positions, torch.Tensor):
+        positions = positions + count
+        if prefill:
+            positions = torch.cat([torch.arange(count, dtype=positions.dtype, device=positions.device), positions])
+        inputs["cache_position"] = positions
 
 
 def _with_prompts(prompts: torch.Tensor, n: int, embeds: torch.Tensor) -> torch.Tensor:
