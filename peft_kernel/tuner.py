@@ -32,6 +32,7 @@ from peft_kernel.injection import (
 from peft_kernel.layer import AdapterLayer, adapter_layers, walk_modules
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
 from peft_kernel.plugins import get_registry, import_object
+from peft_kernel.routing import tasks_routed
 
 
 _DUMMY_MODEL_CONFIG = {"model_type": "custom"}
@@ -130,19 +131,34 @@ class AdapterModel(nn.Module):
             return getattr(self.model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        with self._tasks(kwargs):
+            return self.model(*args, **kwargs)
 
     # ---- the adapter-host protocol (peft_kernel.host.AdapterHost) ------------------------------
     @property
     def plain_model(self) -> nn.Module:
         return self.model
 
+    @property
+    def takes_task_ids(self) -> bool:
+        """Whether the method's layers read per-row ``task_ids`` (its record's ``task_ids`` capability):
+        ``PeftModel``'s task classes then hand them on, and :meth:`serve` publishes them."""
+        return bool(self.peft_config) and self._record().supports("task_ids")
+
+    def _tasks(self, kwargs: dict) -> contextlib.AbstractContextManager[Any]:
+        """``task_ids`` taken out of ``kwargs`` and published for the layers, for methods that take them."""
+        if not self.takes_task_ids:
+            return contextlib.nullcontext()
+        return tasks_routed(kwargs.pop("task_ids", None))
+
     def serve(self, args: tuple, kwargs: dict, adapter_names: Any) -> Any:
         """Forward; mixed-batch routing is already published by ``PeftModel`` for the layers."""
-        return self.model(*args, **kwargs)
+        with self._tasks(kwargs):
+            return self.model(*args, **kwargs)
 
     def serve_generate(self, args: tuple, kwargs: dict, adapter_names: Any) -> Any:
-        return self.model.generate(*args, **kwargs)
+        with self._tasks(kwargs):
+            return self.model.generate(*args, **kwargs)
 
     def release(self) -> None:
         """Give the user's model back as it came (used when loading fails): unlike ``unload``, a
@@ -152,7 +168,8 @@ class AdapterModel(nn.Module):
         replace_with_base(self.model, keep_trained_copies=False)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model.generate(*args, **kwargs)
+        with self._tasks(kwargs):
+            return self.model.generate(*args, **kwargs)
 
     def attach(self, peft_model: nn.Module) -> None:
         """The tuner is the ``PeftModel``'s ``base_model`` (HF PEFT's ``LoraModel``...)."""
