@@ -72,6 +72,10 @@ class AdapterModel(nn.Module):
     """HF PEFT's flag for tuners with model-level shared tensors (VeRA); no layer-adapter method here has them."""
     tuner_layer_cls: type[AdapterLayer] = AdapterLayer
     """The class every adapter layer of this tuner derives from (HF PEFT's ``LoraLayer``...)."""
+    takes_task_ids: bool = False
+    """Whether the method's layers read per-row ``task_ids`` (its record's ``task_ids`` capability, set
+    when the first adapter is injected): ``PeftModel``'s task classes then hand them on, and
+    :meth:`serve` publishes them for the layers (``peft_kernel.routing.current_task_ids``)."""
 
     def __init__(
         self,
@@ -89,6 +93,7 @@ class AdapterModel(nn.Module):
         self._active: list[str] = [adapter_name]
         config = peft_config[adapter_name] if isinstance(peft_config, dict) else peft_config
         self._inject(adapter_name, config, state_dict)
+        self.takes_task_ids = self._record().supports("task_ids")
 
     # ---- HF PEFT names ----------------------------------------------------------------------
     @property
@@ -138,12 +143,6 @@ class AdapterModel(nn.Module):
     @property
     def plain_model(self) -> nn.Module:
         return self.model
-
-    @property
-    def takes_task_ids(self) -> bool:
-        """Whether the method's layers read per-row ``task_ids`` (its record's ``task_ids`` capability):
-        ``PeftModel``'s task classes then hand them on, and :meth:`serve` publishes them."""
-        return bool(self.peft_config) and self._record().supports("task_ids")
 
     def _tasks(self, kwargs: dict) -> contextlib.AbstractContextManager[Any]:
         """``task_ids`` taken out of ``kwargs`` and published for the layers, for methods that take them."""
