@@ -15,7 +15,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             peft_type="POLY",
             config_class=PolyConfig,
             prefix="poly_",
-            capabilities={"task_ids"},
+            capabilities={"task_ids", "mixed_batch", "multi_adapter"},
             tuner_name="PolyModel",
             layer_factory="peft_kernel_poly.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,
