@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from peft_kernel.plugin_api import AdapterLayer, MixedBatchError, UnsupportedFeatureError, current_task_ids
+from peft_kernel.plugin_api import AdapterLayer, ConfigError, MixedBatchError, current_task_ids
 from peft_kernel_poly.config import PolyConfig
 
 EPS = 1e-12
@@ -70,8 +70,8 @@ class PolyLinear(AdapterLayer):
         splits = config.n_splits
         for what, size in (("in_features", self.in_features), ("out_features", self.out_features)):
             if size % splits:
-                raise UnsupportedFeatureError(
-                    f"PolyConfig.n_splits={splits} does not divide {module_name!r}'s {what} ({size}): each "
+                raise ConfigError(
+                    f"PolyConfig.n_splits={splits} does not divide the {what} ({size}) of {module_name!r}: each "
                     "skill is cut into n_splits equal blocks along the input and the output features."
                 )
         r, skills = config.r, config.n_skills
