@@ -119,3 +119,17 @@ def test_training_mode_draws_hfs_skill_weights_under_one_seed():
     got = run(ours, _inputs("llama"), task_ids=TASKS)
     assert max_abs_diff(got, expected) <= TOL
     assert max_abs_diff(got, run(ours.eval(), _inputs("llama"), task_ids=TASKS)) > 1e-4  # sampling is live
+
+
+def test_half_precision_base_equals_hf():
+    """On a bfloat16 Llama the adapters stay float32 (autocast) and the outputs are HF's bit for bit."""
+    kw = CASES["llama"]
+    ours = get_peft_model(make_model("llama").to(torch.bfloat16), PolyConfig(**kw))
+    perturb(ours, 1, scale=0.5)
+    assert all(p.dtype == torch.float32 for p in ours.parameters() if p.requires_grad)
+    with hf_oracle("HF peft running Poly on a bfloat16 model"):
+        hf = peft.get_peft_model(make_model("llama").to(torch.bfloat16), peft.PolyConfig(**kw))
+        hf.load_state_dict(ours.state_dict())
+        expected = _hf_out(hf.eval(), "llama")
+    got = _ours_out(ours.eval(), "llama")
+    assert got.dtype == torch.bfloat16 and max_abs_diff(got, expected) == 0
