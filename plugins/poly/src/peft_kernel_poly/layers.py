@@ -101,7 +101,7 @@ class PolyLinear(AdapterLayer):
     def row_delta(self, x: torch.Tensor, adapter_name: str, tasks: torch.Tensor) -> torch.Tensor:
         """The update of each row of ``x`` (``[rows, ..., in]``) for its task in ``tasks`` (``[rows]``)."""
         n_tasks = self.n_tasks[adapter_name]
-        if int(tasks.min()) < 0 or int(tasks.max()) >= n_tasks:
+        if tasks.numel() and (int(tasks.min()) < 0 or int(tasks.max()) >= n_tasks):
             raise MixedBatchError(f"task_ids must be from 0 to n_tasks - 1 = {n_tasks - 1} (adapter "
                                   f"{adapter_name!r}); got {sorted(set(tasks.tolist()))}")
         a, b = self.poly_lora_A[adapter_name], self.poly_lora_B[adapter_name]
