@@ -43,7 +43,8 @@ class PeftKernelSpecs:
         with a :class:`peft_kernel.records.MethodRecord` giving the ``peft_type`` string written in
         ``adapter_config.json`` (``"LORA"``), the config class, the state-dict prefix that marks the
         method's parameters (``"lora_"``), and its capabilities (``mergeable``, ``mixed_batch``,
-        ``hotswap``, ``prompt_learning``...). Two plugins registering the same ``peft_type``,
+        ``hotswap``, ``prompt_learning``, ``additive``, ``task_ids``...; ``records.CAPABILITIES``
+        documents them). Two plugins registering the same ``peft_type``,
         config class name or prefix make the manager raise an error naming both distributions.
 
         Keep this cheap: import the config class here, never torch-heavy layer code.

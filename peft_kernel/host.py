@@ -29,7 +29,8 @@ class AdapterHost(Protocol):
     before ``peft_kernel_map_state_dict`` (which :mod:`peft_kernel.adapter_io` applies).
 
     Optional: a host that sets ``takes_task_ids = True`` receives the task classes' ``task_ids``
-    argument (one task per row) in :meth:`serve`'s keywords; the others never see it."""
+    argument (one task per row) in :meth:`serve`'s keywords; the others never see it. The core's
+    tuner sets it from its method's ``task_ids`` capability and publishes the ids to the layers."""
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:

@@ -65,7 +65,7 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
     from peft_kernel.injection import CONFIGS_ATTR, check_adapter_name, replace_with_base, wrap_modules_to_save
     from peft_kernel.layer import AdapterLayer, Fold, LowRankFactors, LowRankLayer, walk_modules
     from peft_kernel.modules_to_save import ModulesToSaveWrapper
-    from peft_kernel.routing import BASE_ADAPTER, Routing, current_routing
+    from peft_kernel.routing import BASE_ADAPTER, Routing, current_routing, current_task_ids
     from peft_kernel.tuner import is_additive
     from peft_kernel.utils import merge_utils
 
@@ -79,6 +79,7 @@ _HEAVY = {
     "BASE_ADAPTER": "peft_kernel.routing",
     "Routing": "peft_kernel.routing",
     "current_routing": "peft_kernel.routing",
+    "current_task_ids": "peft_kernel.routing",
     "LoadResult": "peft_kernel.adapter_io",
     "ModulesToSaveWrapper": "peft_kernel.modules_to_save",
     "check_adapter_name": "peft_kernel.injection",
@@ -153,6 +154,7 @@ __all__ = [
     "cli_main",
     "compile_pattern",
     "current_routing",
+    "current_task_ids",
     "get_registry",
     "hookimpl",
     "hookspec",

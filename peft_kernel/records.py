@@ -6,13 +6,19 @@ from typing import Any, Mapping
 
 import attrs
 
-CAPABILITIES = frozenset({"mergeable", "mixed_batch", "hotswap", "prompt_learning", "multi_adapter", "additive"})
+CAPABILITIES = frozenset(
+    {"mergeable", "mixed_batch", "hotswap", "prompt_learning", "multi_adapter", "additive", "task_ids"}
+)
 """Capabilities a method may declare. The conformance suite runs the checks they allow.
 
 ``additive``: the adapter changes a weight by a fixed ``delta_weight`` (``W' = W + ΔW``, as LoRA,
 LoHa, VeRA...), so it can be rewritten as a LoRA (``convert_to_lora``). Multiplicative and
 orthogonal methods (IA3, OFT, BOFT, HRA, RoAd) do not declare it: their change scales or rotates
-``W`` (``W' = W·R``), and ``convert_to_lora`` refuses them with a ``TypeError``."""
+``W`` (``W' = W·R``), and ``convert_to_lora`` refuses them with a ``TypeError``.
+
+``task_ids``: the method's layers compute per task: its tuner takes the ``task_ids`` argument of
+``forward`` / ``generate`` (one task per row) and publishes them for the forward's duration, where
+layers read them with :func:`peft_kernel.routing.current_task_ids`."""
 
 
 def _check_capabilities(instance: Any, attribute: attrs.Attribute, value: frozenset[str]) -> None:

@@ -92,3 +92,42 @@ def routed(names: Sequence[str] | None) -> Iterator[Routing | None]:
         yield _current.get()
     finally:
         _current.reset(token)
+
+
+_task_ids: contextvars.ContextVar[torch.Tensor | None] = contextvars.ContextVar("peft_kernel_task_ids", default=None)
+
+
+def current_task_ids(batch: int, device: torch.device) -> torch.Tensor | None:
+    """The rows' task ids of the forward in progress as a long tensor of ``batch`` rows on ``device``
+    (ids given for ``batch / k`` rows are repeated ``k`` times each, for generate's beams and returned
+    sequences, as adapter names are), or ``None`` where none were given."""
+    ids = _task_ids.get()
+    if ids is None:
+        return None
+    if batch % ids.numel():
+        from peft_kernel.errors import MixedBatchError
+
+        raise MixedBatchError(
+            f"task_ids has {ids.numel()} entries but the layer sees a batch of {batch} rows; pass one task id per input row."
+        )
+    return ids.to(device).repeat_interleave(batch // ids.numel())
+
+
+@contextlib.contextmanager
+def tasks_routed(task_ids: Any) -> Iterator[torch.Tensor | None]:
+    """Publish the rows' ``task_ids`` (a sequence or tensor of integers, one per row; ``None`` for
+    none) for the duration of one forward (or generate) call."""
+    ids = None
+    if task_ids is not None:
+        ids = torch.as_tensor(task_ids).reshape(-1)
+        if ids.is_floating_point() or ids.is_complex() or ids.dtype == torch.bool or ids.numel() == 0:
+            from peft_kernel.errors import MixedBatchError
+
+            raise MixedBatchError(f"task_ids must hold one integer task id per batch row; got {ids.numel()} "
+                                  f"of dtype {ids.dtype}.")
+        ids = ids.long()
+    token = _task_ids.set(ids)
+    try:
+        yield ids
+    finally:
+        _task_ids.reset(token)

@@ -32,6 +32,7 @@ from peft_kernel.injection import (
 from peft_kernel.layer import AdapterLayer, adapter_layers, walk_modules
 from peft_kernel.modules_to_save import ModulesToSaveWrapper
 from peft_kernel.plugins import get_registry, import_object
+from peft_kernel.routing import tasks_routed
 
 
 _DUMMY_MODEL_CONFIG = {"model_type": "custom"}
@@ -71,6 +72,10 @@ class AdapterModel(nn.Module):
     """HF PEFT's flag for tuners with model-level shared tensors (VeRA); no layer-adapter method here has them."""
     tuner_layer_cls: type[AdapterLayer] = AdapterLayer
     """The class every adapter layer of this tuner derives from (HF PEFT's ``LoraLayer``...)."""
+    takes_task_ids: bool = False
+    """Whether the method's layers read per-row ``task_ids`` (its record's ``task_ids`` capability, set
+    when the first adapter is injected): ``PeftModel``'s task classes then hand them on, and
+    :meth:`serve` publishes them for the layers (``peft_kernel.routing.current_task_ids``)."""
 
     def __init__(
         self,
@@ -88,6 +93,7 @@ class AdapterModel(nn.Module):
         self._active: list[str] = [adapter_name]
         config = peft_config[adapter_name] if isinstance(peft_config, dict) else peft_config
         self._inject(adapter_name, config, state_dict)
+        self.takes_task_ids = self._record().supports("task_ids")
 
     # ---- HF PEFT names ----------------------------------------------------------------------
     @property
@@ -130,19 +136,28 @@ class AdapterModel(nn.Module):
             return getattr(self.model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model(*args, **kwargs)
+        with self._tasks(kwargs):
+            return self.model(*args, **kwargs)
 
     # ---- the adapter-host protocol (peft_kernel.host.AdapterHost) ------------------------------
     @property
     def plain_model(self) -> nn.Module:
         return self.model
 
+    def _tasks(self, kwargs: dict) -> contextlib.AbstractContextManager[Any]:
+        """``task_ids`` taken out of ``kwargs`` and published for the layers, for methods that take them."""
+        if not self.takes_task_ids:
+            return contextlib.nullcontext()
+        return tasks_routed(kwargs.pop("task_ids", None))
+
     def serve(self, args: tuple, kwargs: dict, adapter_names: Any) -> Any:
         """Forward; mixed-batch routing is already published by ``PeftModel`` for the layers."""
-        return self.model(*args, **kwargs)
+        with self._tasks(kwargs):
+            return self.model(*args, **kwargs)
 
     def serve_generate(self, args: tuple, kwargs: dict, adapter_names: Any) -> Any:
-        return self.model.generate(*args, **kwargs)
+        with self._tasks(kwargs):
+            return self.model.generate(*args, **kwargs)
 
     def release(self) -> None:
         """Give the user's model back as it came (used when loading fails): unlike ``unload``, a
@@ -152,7 +167,8 @@ class AdapterModel(nn.Module):
         replace_with_base(self.model, keep_trained_copies=False)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        return self.model.generate(*args, **kwargs)
+        with self._tasks(kwargs):
+            return self.model.generate(*args, **kwargs)
 
     def attach(self, peft_model: nn.Module) -> None:
         """The tuner is the ``PeftModel``'s ``base_model`` (HF PEFT's ``LoraModel``...)."""
