@@ -93,7 +93,8 @@ class AdapterModel(nn.Module):
         self._active: list[str] = [adapter_name]
         config = peft_config[adapter_name] if isinstance(peft_config, dict) else peft_config
         self._inject(adapter_name, config, state_dict)
-        self.takes_task_ids = self._record().supports("task_ids")
+        # from the adapter's own method (a mixed model has no single record)
+        self.takes_task_ids = get_registry().method_for_config(config).supports("task_ids")
 
     # ---- HF PEFT names ----------------------------------------------------------------------
     @property
