@@ -87,7 +87,7 @@ class LoraConfig(TargetedConfig):
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not valid; use True, False, "
                 f"{', '.join(repr(c) for c in INIT_CHOICES)} or 'pissa_niter_<n>'"
             )
-        if self.lora_bias and self.init_lora_weights not in (True, False):
+        if self.lora_bias and self.init_lora_weights == "loftq":  # HF refuses every string init; LoftQ here
             raise ConfigError("The argument lora_bias=True is only supported with init_lora_weights=True or False, "
                               f"got init_lora_weights={self.init_lora_weights} instead.")
         self.loftq_config = check_lora_loftq(self.init_lora_weights, self.loftq_config)
