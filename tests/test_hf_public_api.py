@@ -21,8 +21,6 @@ _TRANSFORMERS_4 = int(__import__("transformers").__version__.split(".")[0]) < 5
 
 # ---- deliberate exceptions ----------------------------------------------------------------------
 NOT_YET = {
-    # LoftQ initialisation (quantization-aware LoRA init) is not built.
-    "replace_lora_weights_loftq": "LoftQ not built",
     # KappaTune's condition-number based target selection (peft.helpers) is not built.
     "find_kappa_target_modules": "KappaTune target selection not built",
 }

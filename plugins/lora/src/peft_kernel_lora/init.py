@@ -1,4 +1,5 @@
-"""LoRA initialisations: ``init_lora_weights`` = True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora".
+"""LoRA initialisations: ``init_lora_weights`` = True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora",
+"loftq" (in :mod:`peft_kernel_lora.loftq`).
 
 True/"gaussian" make B (or, for embeddings, A) zero so the adapter starts as the identity.
 PiSSA and OLoRA start from a decomposition of the base weight and subtract the part the adapter
@@ -8,7 +9,7 @@ now carries from the base weight, so the model output is unchanged at initialisa
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING, Union
+from typing import TYPE_CHECKING, Any, Union
 
 import torch
 from torch import nn
@@ -17,8 +18,13 @@ if TYPE_CHECKING:
     from peft_kernel_lora.layers import LoraLayer
 
 
-def initialize(layer: LoraLayer, adapter_name: str, how: Union[bool, str]) -> None:
+def initialize(layer: LoraLayer, adapter_name: str, how: Union[bool, str], loftq_config: Any = None) -> None:
     if how is False:
+        return
+    if how == "loftq":
+        from peft_kernel_lora import loftq
+
+        loftq.initialize(layer, adapter_name, loftq_config)
         return
     with torch.no_grad():
         if adapter_name in layer.lora_embedding_A:

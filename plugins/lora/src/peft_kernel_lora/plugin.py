@@ -22,7 +22,9 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             exports={"LoraLayer": "peft_kernel_lora.layers:LoraLayer",
                      "convert_to_lora": "peft_kernel_lora.lora_conversion:convert_to_lora",
                      "save_as_lora": "peft_kernel_lora.lora_conversion:save_as_lora",
-                     "convert_to_lora_with_errors": "peft_kernel_lora.lora_conversion:convert_to_lora_with_errors"},
+                     "convert_to_lora_with_errors": "peft_kernel_lora.lora_conversion:convert_to_lora_with_errors",
+                     "LoftQConfig": "peft_kernel_lora.loftq_config:LoftQConfig",
+                     "replace_lora_weights_loftq": "peft_kernel_lora.loftq:replace_lora_weights_loftq"},
         )
     )
 
