@@ -6,7 +6,9 @@ from typing import Any, Literal, Optional, Union
 
 import attrs
 
+
 from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetedConfig, check_range
+from peft_kernel_lora.alora import check_config as check_alora
 
 INIT_CHOICES = ("gaussian", "pissa", "olora")
 """String values of ``init_lora_weights`` this plugin implements (plus ``pissa_niter_<n>``)."""
@@ -15,7 +17,6 @@ INIT_CHOICES = ("gaussian", "pissa", "olora")
 # refused with a clear error when the adapter is injected (the config itself still loads, so
 # `peft-kernel inspect` can show it).
 UNSUPPORTED_FIELDS = {
-    "alora_invocation_tokens": None,
     "arrow_config": None,
     "corda_config": None,
     "eva_config": None,
@@ -76,6 +77,7 @@ class LoraConfig(TargetedConfig):
             check_range("LoraConfig", f"rank_pattern[{key!r}]", rank, 1, MAX_SIZE, " (a rank)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check_alora(self.alora_invocation_tokens, self.task_type)
         if self.use_dora and self.lora_bias:
             raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         if isinstance(self.init_lora_weights, str) and not (
