@@ -188,3 +188,50 @@ def test_inputs_embeds_only_runs_the_base_model_with_a_warning_as_hf():
     with pytest.warns(UserWarning, match="Cannot calculate aLoRA offsets"), torch.no_grad():
         got = ours(inputs_embeds=embeds).logits
     assert max_abs_diff(got, _logits(base)) <= 1e-6
+
+
+def test_beam_search_rows_equal_single_row_beam_search():
+    """HF PEFT refuses beam search with aLoRA; here the starts follow each row's beams."""
+    ours = _ours()
+    with torch.no_grad():
+        batch = ours.generate(input_ids=IDS, max_new_tokens=3, do_sample=False, num_beams=3, num_return_sequences=2)
+        for row in range(IDS.shape[0]):
+            single = ours.generate(input_ids=IDS[row:row + 1], max_new_tokens=3, do_sample=False, num_beams=3,
+                                   num_return_sequences=2)
+            assert torch.equal(batch[2 * row:2 * row + 2], single), row
+
+
+def test_training_reaches_the_adapter_from_the_invocation_on_only():
+    ours = _ours()
+    ours.train()
+    ours(input_ids=IDS[2:], labels=IDS[2:]).loss.backward()  # no invocation: no gradient into the adapter
+    grads = [p.grad for n, p in ours.named_parameters() if "lora_" in n]
+    assert all(g is None or not g.any() for g in grads)
+    ours.zero_grad()
+    ours(input_ids=IDS[:1], labels=IDS[:1]).loss.backward()
+    assert all(p.grad is not None and p.grad.any() for n, p in ours.named_parameters() if "lora_B" in n)
+    assert all(p.grad is None for n, p in ours.named_parameters() if "lora_" not in n)
+
+
+def test_status_and_weighted_combination_as_hf():
+    ours = _ours()
+    with hf_oracle("HF peft building an aLoRA adapter"):
+        theirs = peft.get_peft_model(make_model("llama"), _config(peft))
+        theirs.add_adapter("plain", _config(peft, tokens=None))
+        theirs.add_weighted_adapter(["default", "plain"], [0.5, 0.5], "both", combination_type="linear")
+    ours.add_adapter("plain", _config(pk, tokens=None))
+    ours.add_weighted_adapter(["default", "plain"], [0.5, 0.5], "both", combination_type="linear")
+    assert ours.peft_config["both"].alora_invocation_tokens == theirs.peft_config["both"].alora_invocation_tokens
+    assert [(s.name, s.module_type, s.available_adapters) for s in ours.get_layer_status()] == \
+        [(s.name, s.module_type, s.available_adapters) for s in theirs.get_layer_status()]
+    assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
+    ours.set_adapter("both")  # the combination is an aLoRA adapter too: base model before the invocation
+    base = _logits(make_model("llama"))
+    assert max_abs_diff(_logits(ours)[2], base[2]) <= 1e-6 and max_abs_diff(_logits(ours)[0, 2:], base[0, 2:]) > 1e-3
+
+
+def test_one_hook_pair_per_model_for_several_adapters():
+    ours = _ours()
+    ours.add_adapter("other", _config(pk, tokens=[20]))
+    model = ours.get_base_model()
+    assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
