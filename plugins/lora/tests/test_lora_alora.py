@@ -6,6 +6,7 @@ single runs, merging / DoRA / other layer types are refused by name."""
 
 from __future__ import annotations
 
+import copy
 import json
 
 import pytest
@@ -158,11 +159,11 @@ def test_merging_is_refused_by_name():
 
 
 def test_dora_and_other_layer_types_are_refused_by_name():
-    with pytest.raises(UnsupportedFeatureError, match="alora_invocation_tokens.*use_dora"):
-        pk.get_peft_model(make_model("llama"), _config(pk, use_dora=True))
-    with pytest.raises(UnsupportedFeatureError, match="alora_invocation_tokens.*Embedding"):
+    with pytest.raises(ConfigError, match="alora_invocation_tokens.*use_dora"):
+        _config(pk, use_dora=True)
+    with pytest.raises(ConfigError, match="alora_invocation_tokens.*Embedding"):
         pk.get_peft_model(make_model("llama"), _config(pk, targets=("embed_tokens",)))
-    with pytest.raises(UnsupportedFeatureError, match="alora_invocation_tokens.*Conv2d"):
+    with pytest.raises(ConfigError, match="alora_invocation_tokens.*Conv2d"):
         pk.get_peft_model(make_model("conv2d"), _config(pk, targets=("conv0",)))
 
 
@@ -235,3 +236,15 @@ def test_one_hook_pair_per_model_for_several_adapters():
     ours.add_adapter("other", _config(pk, tokens=[20]))
     model = ours.get_base_model()
     assert len(model._forward_pre_hooks) == 1 and len(model._forward_hooks) == 1
+    copied = copy.deepcopy(ours)  # its own decoding state
+    with torch.no_grad():
+        assert torch.equal(copied.generate(input_ids=IDS, max_new_tokens=3, do_sample=False),
+                           ours.generate(input_ids=IDS, max_new_tokens=3, do_sample=False))
+
+
+def test_a_layer_run_outside_the_model_forward_warns_and_adds_nothing():
+    layer = _ours().get_base_model().model.layers[0].self_attn.q_proj
+    x = torch.randn(2, 3, 16)
+    with pytest.warns(UserWarning, match="outside a forward"), torch.no_grad():
+        got = layer(x)
+    assert torch.equal(got, layer.base_layer(x))

@@ -28,11 +28,14 @@ _NEVER = torch.iinfo(torch.long).max // 2
 """The start of a row without the invocation sequence: past any position."""
 
 
-def check_config(tokens: Any, task_type: Any) -> None:
+def check_config(tokens: Any, task_type: Any, use_dora: bool) -> None:
     """``alora_invocation_tokens``: ``None`` or a list of non-negative token ids (``[]`` is plain
-    LoRA, as in HF PEFT, which also warns for task types other than ``CAUSAL_LM``)."""
+    LoRA, as in HF PEFT, which also warns for task types other than ``CAUSAL_LM``); not with DoRA."""
     if tokens is None:
         return
+    if tokens and use_dora:
+        raise ConfigError("LoraConfig.alora_invocation_tokens cannot be combined with use_dora=True "
+                          "(HF PEFT refuses this variant combination too).")
     if tokens and str(getattr(task_type, "value", task_type)) != "CAUSAL_LM":
         warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", UserWarning, stacklevel=4)
     if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple)):
@@ -111,42 +114,39 @@ def _cache_length(kwargs: dict[str, Any]) -> int:
     return 0
 
 
+def _before(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
+    offsets = kwargs.pop("alora_offsets", None)
+    ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
+    if ids is not None and (ids.dim() != 2 or ids.is_floating_point()):
+        ids = None
+    state = module.__dict__.setdefault("_peft_kernel_alora_state", {})  # a deep copy of the model gets its own
+    module.__dict__.setdefault("_peft_kernel_alora_tokens", []).append(
+        _current.set(Invocations(ids, _cache_length(kwargs), offsets, state)))
+    return args, kwargs
+
+
+def _after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    stack = module.__dict__.get("_peft_kernel_alora_tokens")
+    if stack:
+        _current.reset(stack.pop())
+
+
 def install(model: nn.Module) -> None:
     """Publish an :class:`Invocations` around every forward of ``model`` (once per model)."""
-    if getattr(model, "_peft_kernel_alora_hooks", None) is not None:
+    if _before in model._forward_pre_hooks.values():
         return
-    state: dict[Any, torch.Tensor] = {}
-    tokens: list[contextvars.Token] = []
-
-    def before(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-        offsets = kwargs.pop("alora_offsets", None)
-        ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
-        if ids is not None and (ids.dim() != 2 or ids.is_floating_point()):
-            ids = None
-        tokens.append(_current.set(Invocations(ids, _cache_length(kwargs), offsets, state)))
-        return args, kwargs
-
-    def after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        if tokens:
-            _current.reset(tokens.pop())
-
-    model._peft_kernel_alora_hooks = (  # type: ignore[attr-defined]
-        model.register_forward_pre_hook(before, with_kwargs=True, prepend=True),
-        model.register_forward_hook(after, with_kwargs=True, always_call=True),
-    )
+    model.register_forward_pre_hook(_before, with_kwargs=True, prepend=True)
+    model.register_forward_hook(_after, with_kwargs=True, always_call=True)
 
 
 def check_layer(layer: nn.Module, config: Any, module_name: str, supported: bool) -> tuple[int, ...] | None:
     """The layer's invocation sequence for an adapter of ``config`` (None for plain LoRA); refuses
-    layer types and options HF PEFT refuses with aLoRA."""
+    layer types HF PEFT refuses with aLoRA (all but Linear / Conv1D)."""
     tokens = config.alora_invocation_tokens
     if not tokens:
         return None
-    if config.use_dora:
-        raise UnsupportedFeatureError("LoraConfig.alora_invocation_tokens cannot be combined with use_dora=True "
-                                      "(HF PEFT refuses this variant combination too).")
     if not supported:
-        raise UnsupportedFeatureError(
+        raise ConfigError(
             f"LoraConfig.alora_invocation_tokens (aLoRA) supports Linear / Conv1D layers only; module {module_name!r} "
             f"is a {type(layer.base_layer).__name__}. Leave it out of target_modules."
         )
@@ -164,7 +164,11 @@ def mask(delta: torch.Tensor, tokens: tuple[int, ...], rows: torch.Tensor | None
     """``delta`` [batch, seq, ...] kept from each row's start on (``rows``: the batch rows ``delta``
     holds, for a mixed batch); zero where no start is known."""
     context = _current.get()
-    starts = None if context is None else context.starts(tokens, delta.device)
+    if context is None:
+        warnings.warn("An aLoRA layer ran outside a forward of the model it was added to, so no invocation offsets "
+                      "are known: the adapter is off for this call.", UserWarning, stacklevel=3)
+        return torch.zeros_like(delta)
+    starts = context.starts(tokens, delta.device)
     if starts is None:
         return torch.zeros_like(delta)
     if rows is not None:

@@ -77,7 +77,7 @@ class LoraConfig(TargetedConfig):
             check_range("LoraConfig", f"rank_pattern[{key!r}]", rank, 1, MAX_SIZE, " (a rank)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
-        check_alora(self.alora_invocation_tokens, self.task_type)
+        check_alora(self.alora_invocation_tokens, self.task_type, self.use_dora)
         if self.use_dora and self.lora_bias:
             raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         if isinstance(self.init_lora_weights, str) and not (
