@@ -248,3 +248,14 @@ def test_a_layer_run_outside_the_model_forward_warns_and_adds_nothing():
     with pytest.warns(UserWarning, match="outside a forward"), torch.no_grad():
         got = layer(x)
     assert torch.equal(got, layer.base_layer(x))
+
+
+def test_left_padded_rows_generate_as_unpadded_single_rows():
+    ours = _ours()
+    short = torch.tensor([[5, 6, 11, 12, 13]])
+    ids = torch.cat([torch.cat([torch.zeros(1, 2, dtype=torch.long), short], 1), IDS[:1]])
+    mask = (torch.arange(7) >= torch.tensor([[2], [0]])).long()
+    with torch.no_grad():
+        batch = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
+        single = ours.generate(input_ids=short, max_new_tokens=3, do_sample=False)
+    assert torch.equal(batch[0, 2:], single[0])
