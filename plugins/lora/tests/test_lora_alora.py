@@ -259,3 +259,14 @@ def test_left_padded_rows_generate_as_unpadded_single_rows():
         batch = ours.generate(input_ids=ids, attention_mask=mask, max_new_tokens=3, do_sample=False)
         single = ours.generate(input_ids=short, max_new_tokens=3, do_sample=False)
     assert torch.equal(batch[0, 2:], single[0])
+
+
+def test_conversion_to_lora_keeps_the_invocation(tmp_path):
+    """HF PEFT's ``convert_to_lora`` drops ``alora_invocation_tokens`` (its LoRA adapts every token)."""
+    from peft_kernel import save_as_lora
+
+    ours = _ours()
+    save_as_lora(tmp_path, ours, rank=8)
+    back = pk.PeftModel.from_pretrained(make_model("llama"), tmp_path).eval()
+    assert back.peft_config["default"].alora_invocation_tokens == INVOKE
+    assert max_abs_diff(_logits(back), _logits(ours)) <= 1e-4
