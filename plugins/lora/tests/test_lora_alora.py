@@ -270,3 +270,21 @@ def test_conversion_to_lora_keeps_the_invocation(tmp_path):
     back = pk.PeftModel.from_pretrained(make_model("llama"), tmp_path).eval()
     assert back.peft_config["default"].alora_invocation_tokens == INVOKE
     assert max_abs_diff(_logits(back), _logits(ours)) <= 1e-4
+
+
+@pytest.mark.parametrize("reentrant", [True, False])
+def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
+    """Checkpointed layers run again in the backward, outside the model's forward: same starts."""
+    def grads(checkpointing):
+        base = make_model("llama")
+        if checkpointing:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": reentrant})
+        model = pk.get_peft_model(base, _config(pk))
+        perturb(model, 0, scale=0.3)
+        model.train()
+        model(input_ids=IDS, labels=IDS, use_cache=False).loss.backward()
+        return {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+
+    expected, got = grads(False), grads(True)
+    assert expected.keys() == got.keys() and expected
+    assert max(max_abs_diff(got[n], expected[n]) for n in expected) <= 1e-6

@@ -6,7 +6,8 @@ Per-row starts are found once per forward of the model, not per layer: a forward
 adapted model (installed by :func:`install`) publishes an :class:`Invocations` for the call, built
 from that forward's ``input_ids`` and the length of the cache it continues; every aLoRA layer asks
 it for the starts of its invocation sequence (memoised per sequence) and masks its delta with
-``position >= start[row]``. A row whose chunk does not hold the sequence keeps the start found by
+``position >= start[row]`` (gradient checkpointing, which runs layers again during the backward,
+reuses the last forward's view). A row whose chunk does not hold the sequence keeps the start found by
 the forward that built its cache (decoding steps of ``generate``, beams included); a row without
 it anywhere gets no adapter, as in HF PEFT. ``alora_offsets=[...]`` (HF's keyword: per row, how
 many trailing tokens are adapted) overrides the search.
@@ -24,6 +25,8 @@ from torch import nn
 from peft_kernel.plugin_api import ConfigError, UnsupportedFeatureError
 
 _current: contextvars.ContextVar[Invocations | None] = contextvars.ContextVar("peft_kernel_lora_alora", default=None)
+_finished: Invocations | None = None
+"""The last forward's view, for layers that gradient checkpointing recomputes during the backward."""
 _NEVER = torch.iinfo(torch.long).max // 2
 """The start of a row without the invocation sequence: past any position."""
 
@@ -126,9 +129,17 @@ def _before(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
 
 
 def _after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
+    global _finished
     stack = module.__dict__.get("_peft_kernel_alora_tokens")
     if stack:
+        _finished = _current.get()
         _current.reset(stack.pop())
+
+
+def _in_backward() -> bool:
+    """Whether autograd is running a backward pass (where gradient checkpointing recomputes layers)."""
+    task = getattr(torch._C, "_current_graph_task_id", None)
+    return task is not None and task() != -1
 
 
 def install(model: nn.Module) -> None:
@@ -164,6 +175,8 @@ def mask(delta: torch.Tensor, tokens: tuple[int, ...], rows: torch.Tensor | None
     """``delta`` [batch, seq, ...] kept from each row's start on (``rows``: the batch rows ``delta``
     holds, for a mixed batch); zero where no start is known."""
     context = _current.get()
+    if context is None and _in_backward():
+        context = _finished
     if context is None:
         warnings.warn("An aLoRA layer ran outside a forward of the model it was added to, so no invocation offsets "
                       "are known: the adapter is off for this call.", UserWarning, stacklevel=3)
