@@ -288,3 +288,19 @@ def test_gradient_checkpointing_gives_the_same_gradients(reentrant):
     expected, got = grads(False), grads(True)
     assert expected.keys() == got.keys() and expected
     assert max(max_abs_diff(got[n], expected[n]) for n in expected) <= 1e-6
+
+
+def test_hotswap_takes_the_new_invocation(tmp_path):
+    """HF PEFT keeps the old invocation when hotswapping (the swapped adapter then equals neither)."""
+    from peft_kernel import hotswap_adapter
+
+    _ours(tokens=[20], seed=1).save_pretrained(tmp_path / "other")
+    _ours(tokens=None, seed=1).save_pretrained(tmp_path / "plain")
+    for saved in ("other", "plain"):
+        ours = _ours()
+        hotswap_adapter(ours, tmp_path / saved, adapter_name="default")
+        loaded = pk.PeftModel.from_pretrained(make_model("llama"), tmp_path / saved).eval()
+        assert max_abs_diff(_logits(ours), _logits(loaded)) <= 1e-6, saved
+    plain = _ours(tokens=None)
+    with pytest.raises(UnsupportedFeatureError, match="cannot hotswap the plain LoRA adapter"):
+        hotswap_adapter(plain, tmp_path / "other", adapter_name="default")

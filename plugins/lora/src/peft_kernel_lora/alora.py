@@ -164,6 +164,23 @@ def check_layer(layer: nn.Module, config: Any, module_name: str, supported: bool
     return tuple(int(t) for t in tokens)
 
 
+def hotswap(layer: Any, adapter_name: str, config: Any, module_name: str, supported: bool) -> None:
+    """Hotswapping takes the new adapter's invocation sequence (HF PEFT keeps the old one, so the
+    swapped adapter computes as neither); a plain LoRA adapter cannot become an aLoRA one there, as
+    the model was never set up to find invocations."""
+    invocation = check_layer(layer, config, module_name, supported)
+    held = layer.alora_invocation_tokens
+    if invocation is None:
+        held.pop(adapter_name, None)
+    elif adapter_name in held:
+        held[adapter_name] = invocation
+    else:
+        raise UnsupportedFeatureError(
+            f"cannot hotswap the plain LoRA adapter {adapter_name!r} for an aLoRA one (alora_invocation_tokens="
+            f"{list(invocation)}); load it with load_adapter() instead."
+        )
+
+
 def refuse_merge(adapter_name: str) -> None:
     raise UnsupportedFeatureError(
         f"aLoRA does not support merging: adapter {adapter_name!r} (alora_invocation_tokens) applies to the tokens "

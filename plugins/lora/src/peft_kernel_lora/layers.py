@@ -98,6 +98,7 @@ class LoraLayer(AdapterLayer):
         alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
         self.lora_alpha[adapter_name] = alpha
         self.scaling[adapter_name] = self._scaling(alpha, self.r[adapter_name], config.use_rslora)
+        alora.hotswap(self, adapter_name, config, module_name, isinstance(self, Linear))
 
     def create_adapter(self, adapter_name: str, r: int, config: LoraConfig) -> None:
         raise NotImplementedError
