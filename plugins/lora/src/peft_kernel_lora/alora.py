@@ -31,23 +31,6 @@ _NEVER = torch.iinfo(torch.long).max // 2
 """The start of a row without the invocation sequence: past any position."""
 
 
-def check_config(tokens: Any, task_type: Any, use_dora: bool) -> None:
-    """``alora_invocation_tokens``: ``None`` or a list of non-negative token ids (``[]`` is plain
-    LoRA, as in HF PEFT, which also warns for task types other than ``CAUSAL_LM``); not with DoRA."""
-    if tokens is None:
-        return
-    if tokens and use_dora:
-        raise ConfigError("LoraConfig.alora_invocation_tokens cannot be combined with use_dora=True "
-                          "(HF PEFT refuses this variant combination too).")
-    if tokens and str(getattr(task_type, "value", task_type)) != "CAUSAL_LM":
-        warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", UserWarning, stacklevel=4)
-    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple)):
-        raise ConfigError(f"LoraConfig.alora_invocation_tokens must be a list of token ids, got {tokens!r}")
-    for t in tokens:
-        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
-            raise ConfigError(f"LoraConfig.alora_invocation_tokens must hold non-negative integer token ids, got {t!r}")
-
-
 def last_starts(input_ids: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
     """Per row of ``input_ids`` [batch, seq], the position where the last occurrence of ``tokens``
     begins, or ``-1`` where the row does not hold it (vectorised over rows and positions)."""

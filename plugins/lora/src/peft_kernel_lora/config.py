@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal, Optional, Union
 
 import attrs
 
-
 from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetedConfig, check_range
-from peft_kernel_lora.alora import check_config as check_alora
 
 INIT_CHOICES = ("gaussian", "pissa", "olora")
 """String values of ``init_lora_weights`` this plugin implements (plus ``pissa_niter_<n>``)."""
@@ -102,3 +101,20 @@ class LoraConfig(TargetedConfig):
         if isinstance(self.init_lora_weights, str) and self.init_lora_weights in ("eva", "corda", "loftq", "orthogonal"):
             problems.append(f"init_lora_weights={self.init_lora_weights!r}")
         return problems
+
+
+def check_alora(tokens: Any, task_type: Any, use_dora: bool) -> None:
+    """``alora_invocation_tokens``: ``None`` or a list of non-negative token ids (``[]`` is plain
+    LoRA, as in HF PEFT, which also warns for task types other than ``CAUSAL_LM``); not with DoRA."""
+    if tokens is None:
+        return
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple)):
+        raise ConfigError(f"LoraConfig.alora_invocation_tokens must be a list of token ids, got {tokens!r}")
+    for t in tokens:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ConfigError(f"LoraConfig.alora_invocation_tokens must hold non-negative integer token ids, got {t!r}")
+    if tokens and use_dora:
+        raise ConfigError("LoraConfig.alora_invocation_tokens cannot be combined with use_dora=True "
+                          "(HF PEFT refuses this variant combination too).")
+    if tokens and str(getattr(task_type, "value", task_type)) != "CAUSAL_LM":
+        warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", UserWarning, stacklevel=4)
