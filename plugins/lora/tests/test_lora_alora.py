@@ -118,10 +118,16 @@ def test_explicit_alora_offsets_as_hf():
         torch.manual_seed(3)
         hf = peft.get_peft_model(make_model("llama"), _config(peft)).eval()
         expected = _logits(hf, alora_offsets=[3, 1, 5])
+        none = _logits(hf, alora_offsets=[3, None, 0])
         state = peft.get_peft_model_state_dict(hf)
     ours = pk.get_peft_model(make_model("llama"), _config(pk)).eval()
     pk.set_peft_model_state_dict(ours, state)
     assert max_abs_diff(_logits(ours, alora_offsets=[3, 1, 5]), expected) <= 1e-5
+    assert max_abs_diff(_logits(ours, alora_offsets=[3, None, 0]), none) <= 1e-5
+    embeds = make_model("llama").model.embed_tokens(IDS).detach()
+    with torch.no_grad():  # the offsets need no input_ids
+        got = ours(inputs_embeds=embeds, alora_offsets=[3, 1, 5]).logits
+    assert max_abs_diff(got, expected) <= 1e-5
 
 
 def test_mixed_alora_lora_and_base_rows_equal_single_runs():

@@ -48,8 +48,10 @@ def last_starts(input_ids: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
 class Invocations:
     """One forward's view: per invocation sequence, the row starts relative to this chunk."""
 
-    def __init__(self, input_ids: torch.Tensor | None, past: int, offsets: Any, state: dict[Any, torch.Tensor]):
+    def __init__(self, input_ids: torch.Tensor | None, embeds: torch.Tensor | None, past: int, offsets: Any,
+                 state: dict[Any, torch.Tensor]):
         self.input_ids = input_ids
+        self.embeds = embeds  # for the shape only, with explicit offsets
         self.past = past
         self.offsets = offsets
         self.state = state  # per sequence: the absolute starts of the rows in the cache, kept between forwards
@@ -67,29 +69,30 @@ class Invocations:
 
     def _absolute(self, tokens: tuple[int, ...]) -> torch.Tensor | None:
         ids = self.input_ids
+        if self.offsets is not None and (ids is not None or self.embeds is not None):
+            batch, seq = (ids if ids is not None else self.embeds).shape[:2]
+            found = _explicit(self.offsets, batch, self.past + seq)
+            self.state[tokens] = found
+            return found
         if ids is None:
             warnings.warn("Cannot calculate aLoRA offsets when only inputs_embeds are provided. Disabling aLoRA for "
                           "this forward pass.", UserWarning, stacklevel=4)
             return None
-        length = self.past + ids.shape[1]
-        if self.offsets is not None:
-            found = _explicit(self.offsets, ids.shape[0], length, ids.device)
-        else:
-            found = last_starts(ids, tokens)
-            found = torch.where(found >= 0, found + self.past, _NEVER)
-            kept = self.state.get(tokens) if self.past else None
-            if kept is not None and kept.shape == found.shape:
-                found = torch.where(found == _NEVER, kept.to(found.device), found)
+        found = last_starts(ids, tokens)
+        found = torch.where(found >= 0, found + self.past, _NEVER)
+        kept = self.state.get(tokens) if self.past else None
+        if kept is not None and kept.shape == found.shape:
+            found = torch.where(found == _NEVER, kept.to(found.device), found)
         self.state[tokens] = found
         return found
 
 
-def _explicit(offsets: Any, batch: int, length: int, device: torch.device) -> torch.Tensor:
+def _explicit(offsets: Any, batch: int, length: int) -> torch.Tensor:
     """HF's ``alora_offsets``: per row, the number of trailing tokens adapted (None: none)."""
     values = list(offsets.tolist() if isinstance(offsets, torch.Tensor) else offsets)
     if len(values) != batch:
         raise ValueError(f"alora_offsets has {len(values)} entries but the batch has {batch} rows")
-    return torch.tensor([_NEVER if v is None else length - int(v) for v in values], dtype=torch.long, device=device)
+    return torch.tensor([_NEVER if v is None else length - int(v) for v in values], dtype=torch.long)
 
 
 def _cache_length(kwargs: dict[str, Any]) -> int:
@@ -105,9 +108,10 @@ def _before(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
     ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
     if ids is not None and (ids.dim() != 2 or ids.is_floating_point()):
         ids = None
+    embeds = kwargs.get("inputs_embeds")
     state = module.__dict__.setdefault("_peft_kernel_alora_state", {})  # a deep copy of the model gets its own
     module.__dict__.setdefault("_peft_kernel_alora_tokens", []).append(
-        _current.set(Invocations(ids, _cache_length(kwargs), offsets, state)))
+        _current.set(Invocations(ids, embeds, _cache_length(kwargs), offsets, state)))
     return args, kwargs
 
 
