@@ -310,3 +310,17 @@ def test_hotswap_takes_the_new_invocation(tmp_path):
     plain = _ours(tokens=None)
     with pytest.raises(UnsupportedFeatureError, match="cannot hotswap the plain LoRA adapter"):
         hotswap_adapter(plain, tmp_path / "other", adapter_name="default")
+
+
+def test_alora_and_lora_active_together_as_hf(tmp_path):
+    with hf_oracle("HF peft with an aLoRA and a LoRA adapter active together"):
+        torch.manual_seed(3)
+        hf = peft.get_peft_model(make_model("llama"), _config(peft), adapter_name="first")
+        hf.add_adapter("second", _config(peft, tokens=None))
+        hf.base_model.set_adapter(["first", "second"])
+        expected = _logits(hf.eval())
+        hf.save_pretrained(tmp_path)
+    ours = pk.PeftModel.from_pretrained(make_model("llama"), tmp_path / "first", adapter_name="first")
+    ours.load_adapter(tmp_path / "second", adapter_name="second")
+    ours.base_model.set_adapter(["first", "second"])
+    assert max_abs_diff(_logits(ours.eval()), expected) <= 1e-5
