@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Any, Literal, Optional, Union
 
 import attrs
@@ -16,7 +17,6 @@ INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq")
 # refused with a clear error when the adapter is injected (the config itself still loads, so
 # `peft-kernel inspect` can show it).
 UNSUPPORTED_FIELDS = {
-    "alora_invocation_tokens": None,
     "arrow_config": None,
     "corda_config": None,
     "eva_config": None,
@@ -77,6 +77,7 @@ class LoraConfig(TargetedConfig):
             check_range("LoraConfig", f"rank_pattern[{key!r}]", rank, 1, MAX_SIZE, " (a rank)")
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        check_alora(self.alora_invocation_tokens, self.task_type, self.use_dora)
         if self.use_dora and self.lora_bias:
             raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         if isinstance(self.init_lora_weights, str) and not (
@@ -104,3 +105,20 @@ class LoraConfig(TargetedConfig):
         if isinstance(self.init_lora_weights, str) and self.init_lora_weights in ("eva", "corda", "orthogonal"):
             problems.append(f"init_lora_weights={self.init_lora_weights!r}")
         return problems
+
+
+def check_alora(tokens: Any, task_type: Any, use_dora: bool) -> None:
+    """``alora_invocation_tokens``: ``None`` or a list of non-negative token ids (``[]`` is plain
+    LoRA, as in HF PEFT, which also warns for task types other than ``CAUSAL_LM``); not with DoRA."""
+    if tokens is None:
+        return
+    if isinstance(tokens, (str, bytes)) or not isinstance(tokens, (list, tuple)):
+        raise ConfigError(f"LoraConfig.alora_invocation_tokens must be a list of token ids, got {tokens!r}")
+    for t in tokens:
+        if isinstance(t, bool) or not isinstance(t, int) or t < 0:
+            raise ConfigError(f"LoraConfig.alora_invocation_tokens must hold non-negative integer token ids, got {t!r}")
+    if tokens and use_dora:
+        raise ConfigError("LoraConfig.alora_invocation_tokens cannot be combined with use_dora=True "
+                          "(HF PEFT refuses this variant combination too).")
+    if tokens and str(getattr(task_type, "value", task_type)) != "CAUSAL_LM":
+        warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", UserWarning, stacklevel=4)

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
-from peft_kernel_lora import dora, init, replication, tokens
+from peft_kernel_lora import alora, dora, init, replication, tokens
 from peft_kernel_lora.config import LoraConfig
 from peft_kernel_lowrank import mixed
 
@@ -30,7 +30,7 @@ class LoraLayer(AdapterLayer):
     """State and bookkeeping shared by every LoRA layer type."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "alora_invocation_tokens")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -39,6 +39,7 @@ class LoraLayer(AdapterLayer):
         self.lora_alpha: dict[str, float] = {}
         self.scaling: dict[str, float] = {}
         self.use_dora: dict[str, bool] = {}
+        self.alora_invocation_tokens: dict[str, tuple[int, ...]] = {}  # aLoRA adapters (see alora)
         self.lora_dropout = nn.ModuleDict()
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
@@ -78,6 +79,9 @@ class LoraLayer(AdapterLayer):
         self.scaling[adapter_name] = self._scaling(alpha, r, config.use_rslora)
         self.lora_dropout[adapter_name] = nn.Dropout(config.lora_dropout) if config.lora_dropout > 0 else nn.Identity()
         self.use_dora[adapter_name] = config.use_dora
+        invocation = alora.check_layer(self, config, module_name, isinstance(self, Linear))
+        if invocation is not None:
+            self.alora_invocation_tokens[adapter_name] = invocation
         self.create_adapter(adapter_name, r, config)
         weight = self.base_layer.weight
         for p in self.adapter_parameters(adapter_name):
@@ -94,6 +98,7 @@ class LoraLayer(AdapterLayer):
         alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
         self.lora_alpha[adapter_name] = alpha
         self.scaling[adapter_name] = self._scaling(alpha, self.r[adapter_name], config.use_rslora)
+        alora.hotswap(self, adapter_name, config, module_name, isinstance(self, Linear))
 
     def create_adapter(self, adapter_name: str, r: int, config: LoraConfig) -> None:
         raise NotImplementedError
@@ -129,9 +134,12 @@ class LoraLayer(AdapterLayer):
         bias = getattr(self.base_layer, "bias", None)
         return result if bias is None else result - bias.to(result.dtype)
 
-    def delta(self, x: torch.Tensor, adapter_name: str, result: torch.Tensor | None = None) -> torch.Tensor:
+    def delta(self, x: torch.Tensor, adapter_name: str, result: torch.Tensor | None = None,
+              rows: torch.Tensor | None = None) -> torch.Tensor:
         """``adapter_name``'s addition to the output. ``result`` (optional) is the output so far;
-        DoRA rescales it as HF PEFT does when several adapters are active (see ``dora``)."""
+        DoRA rescales it as HF PEFT does when several adapters are active (see ``dora``). An aLoRA
+        adapter's delta is masked to its rows' tokens from the invocation on (``rows``: the batch
+        rows ``x`` holds, in a mixed batch)."""
         if x.is_floating_point():
             dropout = self.lora_dropout[adapter_name]
             if result is not None and self.training and not isinstance(dropout, nn.Identity):
@@ -139,6 +147,9 @@ class LoraLayer(AdapterLayer):
             x = dropout(x.to(next(iter(self.adapter_parameters(adapter_name))).dtype))
         if self.use_dora[adapter_name]:
             return dora.delta(self, x, adapter_name, None if result is None else self.without_bias(result))
+        invocation = self.alora_invocation_tokens.get(adapter_name)
+        if invocation is not None:
+            return alora.mask(self.lora_product(x, adapter_name), invocation, rows)
         return self.lora_product(x, adapter_name)
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -173,6 +184,8 @@ class LoraLayer(AdapterLayer):
 
     def merge_into_base(self, adapter_name: str, safe_merge: bool = False) -> None:
         replication.check_merge(self, adapter_name)
+        if adapter_name in self.alora_invocation_tokens:
+            alora.refuse_merge(adapter_name)
         if not self.use_dora[adapter_name]:
             return super().merge_into_base(adapter_name, safe_merge)
         self._dora_factor[adapter_name] = dora.factor(self, adapter_name, self.unmerged_base_weight()).detach()
@@ -218,7 +231,7 @@ class Linear(LoraLayer):
     def low_rank_factors(self, adapter_name: str) -> LowRankFactors | None:
         """``(lora_A.weight [r, in], lora_B.weight [out, r], scaling)``; ``None`` for DoRA, for
         live dropout in training, and for adapters this layer does not hold."""
-        if self.use_dora.get(adapter_name, True):  # DoRA, or not held
+        if self.use_dora.get(adapter_name, True) or adapter_name in self.alora_invocation_tokens:  # DoRA, aLoRA, not held
             return None
         modules = self._modules  # read for every adapter on every mixed-batch forward: no Module.__getattr__
         if self.training and not isinstance(modules["lora_dropout"]._modules[adapter_name], nn.Identity):
@@ -247,6 +260,8 @@ class Linear(LoraLayer):
         return result.to(dtype)
 
     def mixed_forward(self, x: torch.Tensor, routing: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.alora_invocation_tokens and any(n in self.alora_invocation_tokens for n in routing.unique):
+            return alora.mixed_forward(self, x, routing, *args, **kwargs)
         result = mixed.mixed_forward(self, x, routing, *args, **kwargs)
         if result is None:
             return super().mixed_forward(x, routing, *args, **kwargs)

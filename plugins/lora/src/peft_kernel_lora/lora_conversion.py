@@ -187,6 +187,8 @@ def convert_to_lora_with_errors(
     if lora_config.target_modules is None or isinstance(lora_config.target_modules, list):
         lora_config.target_modules = set(lora_config.target_modules or ())
     lora_config.lora_bias = lora_bias
+    # aLoRA stays aLoRA (HF PEFT drops the invocation: its LoRA then adapts every token)
+    lora_config.alora_invocation_tokens = getattr(peft_config, "alora_invocation_tokens", None)
 
     convert = torch.compile(_convert_layer, **compile_kwargs) if compile_kwargs is not None else _convert_layer
     from tqdm.auto import tqdm

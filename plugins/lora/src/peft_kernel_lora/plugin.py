@@ -78,7 +78,12 @@ def peft_kernel_map_state_dict(config: Any, state_dict: Any, direction: str) -> 
 
 @hookimpl
 def peft_kernel_prepare_config(config: Any, model: Any) -> None:
-    """``layer_replication``: rebuild the layer stack before targets are matched."""
+    """``layer_replication``: rebuild the layer stack before targets are matched; aLoRA: find the
+    invocation sequences once per forward of the model."""
+    if isinstance(config, LoraConfig) and config.alora_invocation_tokens:
+        from peft_kernel_lora.alora import install
+
+        install(model)
     if isinstance(config, LoraConfig) and config.layer_replication:
         from peft_kernel_lora.replication import replicate
 
