@@ -1,5 +1,5 @@
 """LoRA initialisations: ``init_lora_weights`` = True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora",
-"loftq" (in :mod:`peft_kernel_lora.loftq`).
+"loftq" (in :mod:`peft_kernel_lora.loftq`), "corda" (in :mod:`peft_kernel_lora.corda`).
 
 True/"gaussian" make B (or, for embeddings, A) zero so the adapter starts as the identity.
 PiSSA and OLoRA start from a decomposition of the base weight and subtract the part the adapter
@@ -25,6 +25,11 @@ def initialize(layer: LoraLayer, adapter_name: str, how: Union[bool, str], loftq
         from peft_kernel_lora import loftq
 
         loftq.initialize(layer, adapter_name, loftq_config)
+        return
+    if how == "corda":
+        from peft_kernel_lora import corda
+
+        corda.initialize(layer, adapter_name)
         return
     with torch.no_grad():
         if adapter_name in layer.lora_embedding_A:
@@ -57,7 +62,7 @@ def _float_base(layer: LoraLayer) -> torch.Tensor:
     return weight.to(torch.float32)
 
 
-def _write(layer: LoraLayer, adapter_name: str, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> None:
+def write_factors(layer: LoraLayer, adapter_name: str, a: torch.Tensor, b: torch.Tensor, weight: torch.Tensor) -> None:
     """Set A, B and the residual base weight ``W - s·BA`` (in the base's layout and dtype)."""
     lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
     lora_a.copy_(a.to(lora_a.dtype))
@@ -77,11 +82,11 @@ def _pissa(layer: LoraLayer, adapter_name: str, niter: int | None) -> None:
         left, singular, right = torch.svd_lowrank(weight, r, niter=niter)
         right_h = right.T
     root = torch.sqrt(singular / scaling)
-    _write(layer, adapter_name, root[:, None] * right_h, left * root[None, :], weight)
+    write_factors(layer, adapter_name, root[:, None] * right_h, left * root[None, :], weight)
 
 
 def _olora(layer: LoraLayer, adapter_name: str) -> None:
     weight = _float_base(layer)
     r = layer.r[adapter_name]
     q, upper = torch.linalg.qr(weight)
-    _write(layer, adapter_name, upper[:r].contiguous(), q[:, :r].contiguous(), weight)
+    write_factors(layer, adapter_name, upper[:r].contiguous(), q[:, :r].contiguous(), weight)

@@ -24,6 +24,8 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
                      "save_as_lora": "peft_kernel_lora.lora_conversion:save_as_lora",
                      "convert_to_lora_with_errors": "peft_kernel_lora.lora_conversion:convert_to_lora_with_errors",
                      "LoftQConfig": "peft_kernel_lora.loftq_config:LoftQConfig",
+                     "CordaConfig": "peft_kernel_lora.corda_config:CordaConfig",
+                     "preprocess_corda": "peft_kernel_lora.corda:preprocess_corda",
                      "replace_lora_weights_loftq": "peft_kernel_lora.loftq:replace_lora_weights_loftq"},
         )
     )
