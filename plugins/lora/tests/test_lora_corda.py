@@ -166,3 +166,26 @@ def test_failed_injection_restores_the_base_weights():
     state = model.state_dict()
     assert sorted(state) == sorted(original)
     assert all(torch.equal(state[k], v) for k, v in original.items())
+
+
+def test_default_corda_config_warns_as_hf():
+    with pytest.warns(UserWarning, match="corda_config` is not specified. Using default CorDA config"):
+        config = pk.LoraConfig(init_lora_weights="corda")
+    with pytest.warns(UserWarning, match="Using default CorDA config"):
+        hf = peft.LoraConfig(init_lora_weights="corda")
+    assert config.to_dict()["corda_config"] == hf.to_dict()["corda_config"]
+
+
+@pytest.mark.parametrize("corda", [{"use_float16_for_covariance": True}, {"corda_method": "kpm"}], ids=["fp16", "kpm"])
+def test_hooked_model_and_options_equal_hf(corda):
+    """``hooked_model``: the calibration runs through another model (here with other weights); its
+    same-named layers' inputs orient the decomposition of ``model``'s weights."""
+    results = {}
+    for lib, (module, corda_config, preprocess) in LIBS.items():
+        model, hooked = make_model("llama"), make_model("llama", seed=5)
+        config = module.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="corda",
+                                   corda_config=corda_config(**corda))
+        preprocess(model, config, run_model=calibration(hooked), hooked_model=hooked)
+        results[lib] = tensors(module.get_peft_model(model, config))
+    for key, value in results["hf"].items():
+        assert max_abs_diff(results["ours"][key], value) <= TOL, key

@@ -67,13 +67,14 @@ def _targets(model: nn.Module, lora_config: LoraConfig) -> dict[str, nn.Linear]:
 @torch.no_grad()
 def _collect_covariances(targets: dict[str, nn.Linear], hooked: nn.Module, run_model: Callable[[], None],
                          settings: CordaConfig) -> dict[str, torch.Tensor]:
-    dtype = torch.float16 if settings.use_float16_for_covariance else torch.float32
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(targets, 0)
 
     def hook(name: str) -> Callable[..., None]:
         def collect(module: nn.Module, args: tuple, output: Any) -> None:
-            x = args[0].detach().reshape(-1, args[0].shape[-1]).to(dtype)
+            x = args[0].detach().reshape(-1, args[0].shape[-1])
+            if not settings.use_float16_for_covariance:  # else the model's own (half) precision
+                x = x.to(torch.float32)
             x = x / x.max().abs()
             product = x.T @ x
             sums[name] = product if name not in sums else sums[name] + product

@@ -20,7 +20,8 @@ class CordaConfig:
 
     ``cache_file``: where the per-layer decompositions are saved, and loaded from when it exists;
     ``covariance_file``: the same for the input covariances (skips calibration when present);
-    ``use_float16_for_covariance``: accumulate covariances in half precision;
+    ``use_float16_for_covariance``: accumulate covariances in the inputs' own precision (half for a
+    half-precision model) instead of float32;
     ``prune_temporary_fields``: drop the covariances from the modules once decomposed;
     ``verbose``: show a progress bar over the decomposed layers.
     HF PEFT accepts any ``corda_method``; this class names the field at once."""
@@ -57,10 +58,15 @@ def corda_settings(value: Any) -> CordaConfig:
 
 
 def check_lora_corda(init_lora_weights: Any, corda_config: Any) -> Optional[dict]:
-    """HF's rule for ``corda_config`` (a warning when ``init_lora_weights`` is not "corda"); the config
-    as a dict (how it is saved), or ``None``."""
+    """HF's rules for ``corda_config`` (the default one, with a warning, for ``init_lora_weights="corda"``
+    without it; a warning when ``init_lora_weights`` is not "corda"); the config as a dict (how it is
+    saved), or ``None``."""
     if corda_config is None:
-        return None
+        if init_lora_weights != "corda":
+            return None
+        warnings.warn("`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA config.",
+                      stacklevel=3)
+        return attrs.asdict(CordaConfig())
     if init_lora_weights != "corda":
         warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.",
                       stacklevel=3)
