@@ -65,9 +65,9 @@ def check_lora_corda(init_lora_weights: Any, corda_config: Any) -> Optional[dict
         if init_lora_weights != "corda":
             return None
         warnings.warn("`init_lora_weights` is 'corda' but `corda_config` is not specified. Using default CorDA config.",
-                      stacklevel=3)
+                      stacklevel=4)
         return attrs.asdict(CordaConfig())
     if init_lora_weights != "corda":
         warnings.warn("`corda_config` specified but will be ignored when `init_lora_weights` is not 'corda'.",
-                      stacklevel=3)
+                      stacklevel=4)
     return attrs.asdict(corda_settings(corda_config))
