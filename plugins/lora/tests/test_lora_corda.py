@@ -189,3 +189,15 @@ def test_hooked_model_and_options_equal_hf(corda):
         results[lib] = tensors(module.get_peft_model(model, config))
     for key, value in results["hf"].items():
         assert max_abs_diff(results["ours"][key], value) <= TOL, key
+
+
+def test_public_names_fields_and_signature_are_hfs():
+    import dataclasses
+    import inspect
+
+    import attrs
+
+    ours = {f.name: f.default for f in attrs.fields(pk.CordaConfig)}
+    assert ours == {f.name: f.default for f in dataclasses.fields(HfCordaConfig)}
+    mine, theirs = inspect.signature(pk.preprocess_corda).parameters, inspect.signature(hf_preprocess_corda).parameters
+    assert [(p.name, p.kind, p.default) for p in mine.values()] == [(p.name, p.kind, p.default) for p in theirs.values()]
