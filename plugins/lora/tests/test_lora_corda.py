@@ -25,9 +25,9 @@ TARGETS = ["q_proj", "v_proj", "down_proj"]
 LIBS = {"ours": (pk, pk.CordaConfig, pk.preprocess_corda), "hf": (peft, HfCordaConfig, hf_preprocess_corda)}
 
 
-def calibration(model):
+def calibration(model, kind: str = "llama"):
     """HF PEFT's hooks take one sequence per call (a batch of several fails there): feed rows one by one."""
-    ids = make_inputs("llama", seed=7)["input_ids"]
+    ids = make_inputs(kind, seed=7)["input_ids"]
 
     @torch.no_grad()
     def run_model():
@@ -36,17 +36,17 @@ def calibration(model):
     return run_model
 
 
-def build(lib: str, corda: dict | None = None, calibrate: bool = True, **lora):
+def build(lib: str, corda: dict | None = None, calibrate: bool = True, kind: str = "llama", **lora):
     module, corda_config, preprocess = LIBS[lib]
-    model = make_model("llama")
+    model = make_model(kind)
     config = module.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": TARGETS, "init_lora_weights": "corda",
                                   "corda_config": corda_config(**(corda or {})), **lora})
-    preprocess(model, config, run_model=calibration(model) if calibrate else None)
+    preprocess(model, config, run_model=calibration(model, kind) if calibrate else None)
     return module.get_peft_model(model, config), config
 
 
 def tensors(model) -> dict[str, torch.Tensor]:
-    return {k: v for k, v in model.state_dict().items() if "lora_" in k or "_proj.base_layer" in k}
+    return {k: v for k, v in model.state_dict().items() if "lora_" in k or ".base_layer" in k}
 
 
 @pytest.mark.parametrize("method", ["ipm", "kpm"])
@@ -64,6 +64,16 @@ def test_adapter_and_residual_base_equal_hf(method, lora):
     assert max_abs_diff(run(ours, x), run(make_model("llama"), x)) <= 1e-4
     base = ours.base_model.model.model.layers[0].self_attn.q_proj.base_layer
     assert not hasattr(base, "eigens") and not hasattr(base, "covariance_matrix")
+
+
+@pytest.mark.parametrize("method", ["ipm", "kpm"])
+def test_gpt2_conv1d_equals_hf(method):
+    """transformers' ``Conv1D`` stores its weight [in, out]: decomposed (and rewritten) transposed."""
+    lora = {"kind": "gpt2", "target_modules": ["c_attn", "c_fc"], "fan_in_fan_out": True}
+    mine, theirs = (tensors(build(lib, {"corda_method": method}, **lora)[0]) for lib in ("ours", "hf"))
+    assert sorted(mine) == sorted(theirs)
+    for key, value in theirs.items():
+        assert max_abs_diff(mine[key], value) <= TOL, key
 
 
 def test_ipm_and_kpm_take_opposite_ends_of_the_spectrum():

@@ -1,7 +1,7 @@
 """CorDA initialisation (``init_lora_weights="corda"``): context-oriented decomposition adaptation.
 
-:func:`preprocess_corda` runs before the adapter is created. For every targeted ``nn.Linear`` it
-collects ``C``, the covariance of the layer's inputs over the calibration data (each forward call's
+:func:`preprocess_corda` runs before the adapter is created. For every targeted ``nn.Linear`` (or
+transformers ``Conv1D``) it collects ``C``, the covariance of the layer's inputs over the calibration data (each forward call's
 inputs ``X`` are scaled by ``|max(X)|``, ``C`` is the mean of ``XᵀX`` over calls), damps it,
 ``C' = C + 0.01·mean(diag C)·I``, and decomposes ``W·C' = U·S·Vᵀ``: ``W = U·S·(C'⁻¹ᵀV)ᵀ``. The
 decomposition (``CordaEigens``: ``U``, ``S`` and ``C'⁻¹ᵀV``, cropped to the layer's rank: the
@@ -50,22 +50,31 @@ class CordaError(ValueError):
     """CorDA cannot run as asked (no calibration, a layer the calibration never reached...)."""
 
 
-def _targets(model: nn.Module, lora_config: LoraConfig) -> dict[str, nn.Linear]:
+def _weight(module: nn.Module, name: str = "") -> torch.Tensor:
+    """A targeted layer's weight as [out, in]: ``nn.Linear``'s, transformers ``Conv1D``'s transposed."""
+    from transformers.pytorch_utils import Conv1D
+
+    if isinstance(module, Conv1D):
+        return module.weight.T
+    if isinstance(module, nn.Linear):
+        return module.weight
+    raise UnsupportedFeatureError(f"init_lora_weights='corda' supports nn.Linear and Conv1D layers only, "
+                                  f"not {type(module).__name__} {name!r}")
+
+
+def _targets(model: nn.Module, lora_config: LoraConfig) -> dict[str, nn.Module]:
     targets = {}
     for name, module in model.named_modules():
-        if not name or not standard_match(lora_config, name):
-            continue
-        if not isinstance(module, nn.Linear):
-            raise UnsupportedFeatureError(
-                f"init_lora_weights='corda' supports nn.Linear layers only, not {type(module).__name__} ({name!r})")
-        targets[name] = module
+        if name and standard_match(lora_config, name):
+            _weight(module, name)  # refuses what CorDA cannot decompose
+            targets[name] = module
     if not targets:
-        raise CordaError("preprocess_corda: no nn.Linear module of the model matches the LoraConfig's targets")
+        raise CordaError("preprocess_corda: no module of the model matches the LoraConfig's targets")
     return targets
 
 
 @torch.no_grad()
-def _collect_covariances(targets: dict[str, nn.Linear], hooked: nn.Module, run_model: Callable[[], None],
+def _collect_covariances(targets: dict[str, nn.Module], hooked: nn.Module, run_model: Callable[[], None],
                          settings: CordaConfig) -> dict[str, torch.Tensor]:
     sums: dict[str, torch.Tensor] = {}
     counts = dict.fromkeys(targets, 0)
@@ -160,7 +169,7 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Optio
                              f"for {name!r}")
         covariance = covariances[name].to(module.weight.device)
         rank = pattern_value(lora_config.rank_pattern, name, lora_config.r)
-        module.eigens = decompose(module.weight, covariance, rank, settings.corda_method)
+        module.eigens = decompose(_weight(module), covariance, rank, settings.corda_method)
         if not settings.prune_temporary_fields:
             module.covariance_matrix, module.corda_method, module.rank = covariance, settings.corda_method, rank
         elif hasattr(module, "sample_count"):
@@ -180,8 +189,8 @@ def initialize(layer: LoraLayer, adapter_name: str) -> None:
     eigens = getattr(base, "eigens", None)
     if eigens is None:
         raise CordaError("`eigens` attribute not found for layer, please run `preprocess_corda` first.")
-    if not isinstance(layer, Linear) or layer.fan_in_fan_out:
-        raise UnsupportedFeatureError("init_lora_weights='corda' supports nn.Linear layers only")
+    if not isinstance(layer, Linear):
+        raise UnsupportedFeatureError("init_lora_weights='corda' supports nn.Linear and Conv1D layers only")
     rank, scaling = layer.r[adapter_name], layer.scaling[adapter_name]
     if eigens.S_WC.shape[0] != rank:
         raise CordaError(f"preprocess_corda decomposed this layer to rank {eigens.S_WC.shape[0]}, but the adapter "
@@ -189,5 +198,5 @@ def initialize(layer: LoraLayer, adapter_name: str) -> None:
     root = torch.sqrt(eigens.S_WC.to(torch.float32) / scaling)
     a = root[:, None] * eigens.V_WC.to(torch.float32).T
     b = eigens.U_WC.to(torch.float32) * root[None, :]
-    write_factors(layer, adapter_name, a, b, base.weight.detach().to(torch.float32))
+    write_factors(layer, adapter_name, a, b, layer.base_weight().detach().to(torch.float32))
     del base.eigens
