@@ -211,3 +211,22 @@ def test_public_names_fields_and_signature_are_hfs():
     assert ours == {f.name: f.default for f in dataclasses.fields(HfCordaConfig)}
     mine, theirs = inspect.signature(pk.preprocess_corda).parameters, inspect.signature(hf_preprocess_corda).parameters
     assert [(p.name, p.kind, p.default) for p in mine.values()] == [(p.name, p.kind, p.default) for p in theirs.values()]
+
+
+def test_covariance_formula_and_batches_of_several_sequences():
+    """Independent of HF: each call's inputs ``X`` (all rows of the batch; HF PEFT fails on a batch
+    of several sequences) scaled by ``|max X|``, ``C`` the mean of ``XᵀX`` over calls."""
+    model = make_model("llama")
+    calls = [make_inputs("llama", seed=s)["input_ids"] for s in (3, 4)]
+    seen = []
+    layer = model.model.layers[1].mlp.down_proj
+    handle = layer.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().reshape(-1, 32)))
+    config = pk.LoraConfig(r=3, target_modules=["down_proj"], init_lora_weights="corda",
+                           corda_config=pk.CordaConfig(prune_temporary_fields=False))
+    pk.preprocess_corda(model, config, run_model=lambda: [model(input_ids=ids) for ids in calls])
+    handle.remove()
+    expected = sum((x / x.max().abs()).T @ (x / x.max().abs()) for x in seen) / len(seen)
+    assert layer.sample_count == 2 and max_abs_diff(layer.covariance_matrix, expected) <= 1e-6
+    damped = expected + 0.01 * expected.diagonal().mean() * torch.eye(32)
+    singular = torch.linalg.svdvals(layer.weight @ damped)
+    assert max_abs_diff(layer.eigens.S_WC, singular[:3]) <= 1e-5

@@ -2,7 +2,8 @@
 
 :func:`preprocess_corda` runs before the adapter is created. For every targeted ``nn.Linear`` (or
 transformers ``Conv1D``) it collects ``C``, the covariance of the layer's inputs over the calibration data (each forward call's
-inputs ``X`` are scaled by ``|max(X)|``, ``C`` is the mean of ``XᵀX`` over calls), damps it,
+inputs ``X``, all rows of the batch, are scaled by ``|max(X)|``, ``C`` is the mean of ``XᵀX`` over
+calls; HF PEFT takes one sequence per call and fails on a batch of several), damps it,
 ``C' = C + 0.01·mean(diag C)·I``, and decomposes ``W·C' = U·S·Vᵀ``: ``W = U·S·(C'⁻¹ᵀV)ᵀ``. The
 decomposition (``CordaEigens``: ``U``, ``S`` and ``C'⁻¹ᵀV``, cropped to the layer's rank: the
 largest components for ``corda_method="ipm"``, the smallest for ``"kpm"``) is left on the module.
