@@ -230,3 +230,11 @@ def test_covariance_formula_and_batches_of_several_sequences():
     damped = expected + 0.01 * expected.diagonal().mean() * torch.eye(32)
     singular = torch.linalg.svdvals(layer.weight @ damped)
     assert max_abs_diff(layer.eigens.S_WC, singular[:3]) <= 1e-5
+
+
+def test_merge_and_unload_gives_back_the_original_weights():
+    model, _ = build("ours")
+    merged = model.merge_and_unload()
+    original = make_model("llama").state_dict()
+    for key, value in merged.state_dict().items():
+        assert max_abs_diff(value, original[key]) <= 1e-6, key
