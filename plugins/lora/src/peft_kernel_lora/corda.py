@@ -35,8 +35,6 @@ DAMPING = 0.01
 """``C' = C + DAMPING·mean(diag C)·I``: keeps ``C'`` invertible when the calibration data spans
 fewer directions than the layer has inputs."""
 
-_TEMPORARY = ("covariance_matrix", "sample_count", "corda_method", "rank")
-
 
 @dataclasses.dataclass
 class CordaEigens:
