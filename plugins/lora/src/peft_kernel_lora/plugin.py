@@ -24,7 +24,10 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
                      "save_as_lora": "peft_kernel_lora.lora_conversion:save_as_lora",
                      "convert_to_lora_with_errors": "peft_kernel_lora.lora_conversion:convert_to_lora_with_errors",
                      "LoftQConfig": "peft_kernel_lora.loftq_config:LoftQConfig",
-                     "replace_lora_weights_loftq": "peft_kernel_lora.loftq:replace_lora_weights_loftq"},
+                     "replace_lora_weights_loftq": "peft_kernel_lora.loftq:replace_lora_weights_loftq",
+                     "EvaConfig": "peft_kernel_lora.eva_config:EvaConfig",
+                     "initialize_lora_eva_weights": "peft_kernel_lora.eva:initialize_lora_eva_weights",
+                     "get_eva_state_dict": "peft_kernel_lora.eva:get_eva_state_dict"},
         )
     )
 
