@@ -4,8 +4,8 @@ targeted layer's inputs on calibration data, ranks redistributed by explained va
 :func:`get_eva_state_dict` runs the model on ``dataloader`` (cycled until every layer has
 converged), feeding each layer's inputs (positions kept by the attention mask and, with
 ``use_label_mask``, by the labels) into an :class:`~peft_kernel_lora.eva_pca.IncrementalPCA` of
-``round(r * rho)`` directions. A layer has converged when its leading ``r`` directions moved less
-than ``tau`` (cosine) in one step. Layers fed the very same inputs (q/k/v projections) are
+``round(r * rho)`` directions. A layer has converged when its leading directions (as many as its current
+share of the rank budget, recomputed after every batch) moved less than ``tau`` (cosine) in one step. Layers fed the very same inputs (q/k/v projections) are
 decomposed once (the twin counting that layer's ratios again); all layers share ``r`` per layer,
 the largest explained variance ratios across all of them winning. :func:`initialize_lora_eva_weights` resizes each
 adapter to its rank (``rank_pattern``; ``alpha_pattern`` keeps ``lora_alpha / r`` with
@@ -211,28 +211,38 @@ class _Collector:
         return captured
 
     def run(self, dataloader: Iterable, show_progress_bar: bool) -> None:
+        """Cycle over ``dataloader`` until every distinct layer's leading directions (as many as its
+        current share of the rank budget, which is recomputed after every batch) have converged; a
+        layer whose share grows past its converged directions is fed again."""
         first = next(iter(dataloader), None)
         if first is None:
             raise ValueError("get_eva_state_dict: the dataloader is empty")
         self._find_duplicates(self._capture(first, self.targets))
-        rho = self.settings.rho
         for name in self.targets:
             if name not in self.duplicate_of:
-                self.pcas[name] = IncrementalPCA(round(self.ranks[name] * rho))
+                self.pcas[name] = IncrementalPCA(round(self.ranks[name] * self.settings.rho))
+        shares = {name: pca.n_components for name, pca in self.pcas.items()}
+        stable = {name: torch.zeros(pca.n_components, dtype=torch.bool) for name, pca in self.pcas.items()}
         bar = tqdm(total=len(self.pcas), desc="EVA: layers converged", disable=not show_progress_bar)
         try:
             for inputs in itertools.cycle(dataloader):
                 pending = [n for n in self.pcas if n not in self.done]
                 for name, rows in self._capture(inputs, pending).items():
                     pca = self.pcas[name]
-                    if rows.shape[0] < pca.n_components:
-                        continue
-                    pca.update(rows)
-                    if pca.converged(self.ranks[name], self.settings.tau):
+                    if rows.shape[0] >= pca.n_components:
+                        pca.update(rows)
+                        stable[name] = pca.stable_directions(self.settings.tau)
+                for name in self.pcas:
+                    converged = bool(torch.all(stable[name][: shares[name]]))
+                    if converged and name not in self.done:
                         self.done.add(name)
-                        bar.update(1)
+                    elif not converged and name in self.done:
+                        self.done.discard(name)
+                bar.n = len(self.done)
+                bar.refresh()
                 if len(self.done) == len(self.pcas):
                     break
+                shares = self._redistribute()
         finally:
             bar.close()
 

@@ -47,12 +47,11 @@ class IncrementalPCA:
         self.n_seen, self.mean, self.var = total, mean, var
         self.explained_variance_ratio = self.singular_values**2 / (var * total).sum()
 
-    def converged(self, rank: int, tau: float) -> bool:
-        """Whether the leading ``rank`` directions moved less than ``tau`` (cosine) in the last update."""
+    def stable_directions(self, tau: float) -> torch.Tensor:
+        """Per direction: whether it moved less than ``tau`` (cosine) in the last update."""
         if self.previous is None:
-            return False
-        cosine = (self.components[:rank] * self.previous[:rank]).sum(1)
-        return bool(torch.all(cosine >= tau))
+            return torch.zeros(self.n_components, dtype=torch.bool)
+        return ((self.components * self.previous).sum(1) >= tau).cpu()
 
 
 def _svd(matrix: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
