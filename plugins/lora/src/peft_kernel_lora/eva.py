@@ -212,7 +212,7 @@ class _Collector:
 
     def run(self, dataloader: Iterable, show_progress_bar: bool) -> None:
         """Cycle over ``dataloader`` until every distinct layer's leading directions (as many as its
-        current share of the rank budget, which is recomputed after every batch) have converged; a
+        current share of the rank budget, recomputed after every batch) have converged; a
         layer whose share grows past its converged directions is fed again."""
         first = next(iter(dataloader), None)
         if first is None:
@@ -221,7 +221,6 @@ class _Collector:
         for name in self.targets:
             if name not in self.duplicate_of:
                 self.pcas[name] = IncrementalPCA(round(self.ranks[name] * self.settings.rho))
-        shares = {name: pca.n_components for name, pca in self.pcas.items()}
         stable = {name: torch.zeros(pca.n_components, dtype=torch.bool) for name, pca in self.pcas.items()}
         bar = tqdm(total=len(self.pcas), desc="EVA: layers converged", disable=not show_progress_bar)
         try:
@@ -232,17 +231,16 @@ class _Collector:
                     if rows.shape[0] >= pca.n_components:
                         pca.update(rows)
                         stable[name] = pca.stable_directions(self.settings.tau)
+                shares = self._redistribute()
                 for name in self.pcas:
-                    converged = bool(torch.all(stable[name][: shares[name]]))
-                    if converged and name not in self.done:
+                    if bool(torch.all(stable[name][: shares[name]])):
                         self.done.add(name)
-                    elif not converged and name in self.done:
+                    else:
                         self.done.discard(name)
                 bar.n = len(self.done)
                 bar.refresh()
                 if len(self.done) == len(self.pcas):
                     break
-                shares = self._redistribute()
         finally:
             bar.close()
 
