@@ -115,7 +115,7 @@ def initialize_lora_eva_weights(
     settings = eva_settings(config.eva_config or {})
     layers = _targets(model, config, adapter_name)
     rank_pattern, alpha_pattern = dict(config.rank_pattern or {}), dict(config.alpha_pattern or {})
-    for name, layer in layers.items():
+    for name in layers:
         key = _short(name)
         components = eva_state_dict.get(name, eva_state_dict.get(key))
         if components is None:

@@ -29,17 +29,20 @@ class IncrementalPCA:
         """Fold ``rows`` ([n, features], ``n >= n_components``) into the decomposition."""
         count = rows.shape[0]
         batch_mean = rows.mean(0)
-        batch_var = rows.var(0, unbiased=False)
+        batch_mean64 = rows.double().mean(0)
+        batch_var = rows.double().var(0, unbiased=False)
         if self.n_seen == 0:
-            total, mean, var = count, batch_mean, batch_var
+            total, mean, var = count, batch_mean64, batch_var
             stacked = rows - batch_mean
         else:
+            # the running statistics are float64, so from the second batch on the SVD is too
             total = self.n_seen + count
-            mean = (self.n_seen * self.mean + count * batch_mean) / total
-            shift = self.mean - batch_mean
-            var = (self.n_seen * self.var + count * batch_var + self.n_seen * count / total * shift**2) / total
-            correction = ((self.n_seen / total) * count) ** 0.5 * shift
-            stacked = torch.cat([self.singular_values[:, None] * self.components, rows - batch_mean, correction[None]])
+            mean = (self.n_seen * self.mean + count * batch_mean64) / total
+            var = (self.n_seen * self.var + count * batch_var
+                   + self.n_seen * count / total * (self.mean - batch_mean64) ** 2) / total
+            correction = ((self.n_seen / total) * count) ** 0.5 * (self.mean - batch_mean)
+            stacked = torch.cat([(self.singular_values[:, None] * self.components).double(),
+                                 (rows - batch_mean).double(), correction[None]])
         singular, right_h = _svd(stacked, self.n_components)
         self.previous = self.components
         self.components = right_h[: self.n_components]

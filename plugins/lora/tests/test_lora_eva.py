@@ -1,0 +1,157 @@
+"""EVA initialisation (``init_lora_weights="eva"``) against HF PEFT, run on the same tiny llama and
+calibration batches: the same A rows (HF fixes the SVD signs: largest entry positive, and seeds
+its randomised SVD, so no sign freedom is left), the same ``rank_pattern`` / ``alpha_pattern``,
+and adapters that cross-load both ways."""
+
+from __future__ import annotations
+
+import tempfile
+import warnings
+
+import pytest
+import torch
+
+import peft_kernel
+from peft_kernel.plugin_api import ConfigError, UnsupportedFeatureError
+from peft_kernel_lora.eva_config import EvaConfig
+from peft_kernel_testing.models import make_model, output_tensor
+
+peft = pytest.importorskip("peft")
+
+TARGETS = ["q_proj", "v_proj", "up_proj", "down_proj"]
+ATOL = 5e-5  # float32 SVDs of the same data
+
+
+def _batches(labels: bool = False, count: int = 6) -> list[dict[str, torch.Tensor]]:
+    g = torch.Generator().manual_seed(3)
+    batches = []
+    for _ in range(count):
+        ids = torch.randint(1, 64, (4, 12), generator=g)
+        mask = torch.ones(4, 12, dtype=torch.long)
+        mask[0, -3:] = 0
+        batch = {"input_ids": ids, "attention_mask": mask}
+        if labels:
+            batch["labels"] = ids.clone()
+            batch["labels"][:, :4] = -100
+        batches.append(batch)
+    return batches
+
+
+def _eva(lib, labels: bool = False, **eva_kwargs):
+    torch.manual_seed(0)
+    model = make_model("llama")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = lib.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="eva",
+                                eva_config=lib.EvaConfig(**eva_kwargs))
+        peft_model = lib.get_peft_model(model, config)
+        lib.initialize_lora_eva_weights(peft_model, _batches(labels), show_progress_bar=False)
+    return peft_model
+
+
+def _lora_a(model) -> dict[str, torch.Tensor]:
+    return {k.replace(".default", ""): v.detach() for k, v in model.state_dict().items() if "lora_A" in k}
+
+
+@pytest.mark.parametrize("labels, eva_kwargs", [
+    (False, {}),
+    (True, {}),
+    (True, {"use_label_mask": False}),
+    (False, {"rho": 1.0}),
+    (False, {"rho": 1.5, "tau": 0.95, "adjust_scaling_factors": False}),
+])
+def test_matches_hf(labels: bool, eva_kwargs: dict) -> None:
+    hf, ours = _eva(peft, labels, **eva_kwargs), _eva(peft_kernel, labels, **eva_kwargs)
+    hf_config, our_config = hf.peft_config["default"], ours.peft_config["default"]
+    assert our_config.rank_pattern == hf_config.rank_pattern
+    assert our_config.alpha_pattern == pytest.approx(hf_config.alpha_pattern, abs=1e-5)
+    hf_a, our_a = _lora_a(hf), _lora_a(ours)
+    assert hf_a.keys() == our_a.keys()
+    for key, value in hf_a.items():
+        torch.testing.assert_close(our_a[key], value, atol=ATOL, rtol=0)
+    assert all(float(v.abs().max()) == 0 for k, v in ours.state_dict().items() if "lora_B" in k)
+
+
+def test_get_eva_state_dict_matches_hf_and_initialises_from_it() -> None:
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        hf_model = peft.get_peft_model(make_model("llama"), peft.LoraConfig(
+            r=4, target_modules=TARGETS, init_lora_weights="eva", eva_config=peft.EvaConfig()))
+    hf_state = peft.get_eva_state_dict(hf_model, _batches(), show_progress_bar=False)
+    torch.manual_seed(0)
+    ours = peft_kernel.get_peft_model(make_model("llama"), peft_kernel.LoraConfig(
+        r=4, target_modules=TARGETS, init_lora_weights="eva", eva_config=peft_kernel.EvaConfig()))
+    state = peft_kernel.get_eva_state_dict(ours, _batches(), show_progress_bar=False)
+    assert list(state) == list(hf_state)
+    for key, value in hf_state.items():
+        torch.testing.assert_close(state[key], value, atol=ATOL, rtol=0)
+    peft_kernel.initialize_lora_eva_weights(ours, eva_state_dict=hf_state)
+    for key, value in hf_state.items():
+        torch.testing.assert_close(ours.get_submodule(key).lora_A["default"].weight, value)
+
+
+def test_plain_model_with_config() -> None:
+    """``get_eva_state_dict`` on a model without adapters, given the config (HF's keys: module names)."""
+    config = peft_kernel.LoraConfig(r=4, target_modules=TARGETS, init_lora_weights="eva")
+    torch.manual_seed(0)
+    state = peft_kernel.get_eva_state_dict(make_model("llama"), _batches(), peft_config=config,
+                                           show_progress_bar=False)
+    torch.manual_seed(0)
+    hf_state = peft.get_eva_state_dict(make_model("llama"), _batches(), peft_config=peft.LoraConfig(
+        r=4, target_modules=TARGETS, init_lora_weights="eva", eva_config=peft.EvaConfig()), show_progress_bar=False)
+    assert list(state) == list(hf_state)
+    for key, value in hf_state.items():
+        torch.testing.assert_close(state[key], value, atol=ATOL, rtol=0)
+
+
+def _train_b(model) -> None:
+    g = torch.Generator().manual_seed(7)
+    with torch.no_grad():
+        for name, param in sorted(model.named_parameters()):
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=g) * 0.1)
+
+
+@pytest.mark.parametrize("direction", ["hf_to_ours", "ours_to_hf"])
+def test_saved_adapter_cross_loads(direction: str) -> None:
+    source_lib, target_lib = (peft, peft_kernel) if direction == "hf_to_ours" else (peft_kernel, peft)
+    source = _eva(source_lib, labels=True)
+    _train_b(source)
+    ids = _batches()[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        source.save_pretrained(tmp)
+        torch.manual_seed(0)
+        loaded = target_lib.PeftModel.from_pretrained(make_model("llama"), tmp)
+        with torch.no_grad():
+            expected = output_tensor(source(**ids))
+            got = output_tensor(loaded(**ids))
+    torch.testing.assert_close(got, expected, atol=1e-5, rtol=0)
+    assert loaded.peft_config["default"].rank_pattern == source.peft_config["default"].rank_pattern
+
+
+def test_eva_config_validation_and_warnings() -> None:
+    with pytest.raises(ConfigError, match="rho"):
+        EvaConfig(rho=0.5)
+    with pytest.raises(ConfigError, match="tau"):
+        EvaConfig(tau=1.5)
+    with pytest.raises(ConfigError, match="unknown keys"):
+        peft_kernel.LoraConfig(init_lora_weights="eva", eva_config={"rho": 2.0, "bogus": 1})
+    with pytest.warns(UserWarning, match="Using default EVA config"):
+        config = peft_kernel.LoraConfig(init_lora_weights="eva")
+    assert config.eva_config == {f: getattr(peft.EvaConfig(), f) for f in config.eva_config}
+    with pytest.warns(UserWarning, match="will be ignored"):
+        peft_kernel.LoraConfig(eva_config=peft_kernel.EvaConfig())
+
+
+def test_refusals() -> None:
+    torch.manual_seed(0)
+    plain = peft_kernel.get_peft_model(make_model("llama"), peft_kernel.LoraConfig(r=4, target_modules=TARGETS))
+    with pytest.raises(ValueError, match="init_lora_weights"):
+        peft_kernel.initialize_lora_eva_weights(plain, _batches())
+    whiten = peft_kernel.get_peft_model(make_model("llama"), peft_kernel.LoraConfig(
+        r=4, target_modules=TARGETS, init_lora_weights="eva", eva_config=peft_kernel.EvaConfig(whiten=True)))
+    with pytest.raises(UnsupportedFeatureError, match="whiten"):
+        peft_kernel.initialize_lora_eva_weights(whiten, _batches(), show_progress_bar=False)
+    with pytest.raises(ValueError, match="dataloader"):
+        peft_kernel.initialize_lora_eva_weights(whiten)
