@@ -37,12 +37,12 @@ def _batches(labels: bool = False, count: int = 6) -> list[dict[str, torch.Tenso
     return batches
 
 
-def _eva(lib, labels: bool = False, **eva_kwargs):
+def _eva(lib, labels: bool = False, r: int = 4, targets: list[str] = TARGETS, **eva_kwargs):
     torch.manual_seed(0)
     model = make_model("llama")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        config = lib.LoraConfig(r=4, lora_alpha=8, target_modules=TARGETS, init_lora_weights="eva",
+        config = lib.LoraConfig(r=r, lora_alpha=8, target_modules=targets, init_lora_weights="eva",
                                 eva_config=lib.EvaConfig(**eva_kwargs))
         peft_model = lib.get_peft_model(model, config)
         lib.initialize_lora_eva_weights(peft_model, _batches(labels), show_progress_bar=False)
@@ -59,11 +59,14 @@ def _lora_a(model) -> dict[str, torch.Tensor]:
     (True, {"use_label_mask": False}),
     (False, {"rho": 1.0}),
     (False, {"rho": 1.5, "tau": 0.95, "adjust_scaling_factors": False}),
+    # layers left without rank lose their adapter (HF lists the kept ones in target_modules)
+    (False, {"r": 1, "rho": 6.0, "targets": ["q_proj", "k_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]}),
 ])
 def test_matches_hf(labels: bool, eva_kwargs: dict) -> None:
     hf, ours = _eva(peft, labels, **eva_kwargs), _eva(peft_kernel, labels, **eva_kwargs)
     hf_config, our_config = hf.peft_config["default"], ours.peft_config["default"]
     assert our_config.rank_pattern == hf_config.rank_pattern
+    assert sorted(our_config.target_modules) == sorted(hf_config.target_modules)
     assert our_config.alpha_pattern == pytest.approx(hf_config.alpha_pattern, abs=1e-5)
     hf_a, our_a = _lora_a(hf), _lora_a(ours)
     assert hf_a.keys() == our_a.keys()

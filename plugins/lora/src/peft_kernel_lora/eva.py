@@ -114,22 +114,27 @@ def initialize_lora_eva_weights(
                                             show_progress_bar)
     settings = eva_settings(config.eva_config or {})
     layers = _targets(model, config, adapter_name)
+    missing = [name for name in layers if _components(eva_state_dict, name) is None]
+    if missing:
+        raise KeyError(f"eva_state_dict has no entry for the LoRA layers {missing}")
     rank_pattern, alpha_pattern = dict(config.rank_pattern or {}), dict(config.alpha_pattern or {})
-    for name in layers:
-        key = _short(name)
-        components = eva_state_dict.get(name, eva_state_dict.get(key))
-        if components is None:
-            raise KeyError(f"eva_state_dict has no entry for layer {name!r}")
+    kept = []
+    for name, layer in layers.items():
+        key, rank = _short(name), _components(eva_state_dict, name).shape[0]
         r = pattern_value(config.rank_pattern, key, config.r)
-        rank = components.shape[0]
+        if rank == 0:  # HF PEFT drops the adapter from layers that got no rank
+            _drop(model, name, layer, adapter_name)
+            continue
+        kept.append(key)
         if rank != r:
             rank_pattern[key] = rank
             if settings.adjust_scaling_factors:
                 alpha_pattern[key] = pattern_value(config.alpha_pattern, key, config.lora_alpha) * rank / r
-    config.rank_pattern, config.alpha_pattern = rank_pattern, alpha_pattern
+    config.rank_pattern, config.alpha_pattern, config.target_modules = rank_pattern, alpha_pattern, kept
     for name, layer in layers.items():
-        key = _short(name)
-        components = eva_state_dict.get(name, eva_state_dict.get(key))
+        key, components = _short(name), _components(eva_state_dict, name)
+        if key not in kept:
+            continue
         layer.update_layer(adapter_name, config, key)
         with torch.no_grad():
             lora_a, lora_b = layer.lora_A[adapter_name].weight, layer.lora_B[adapter_name].weight
@@ -138,6 +143,20 @@ def initialize_lora_eva_weights(
     if hasattr(model, "set_adapter") and adapter_name in getattr(model, "active_adapters", [adapter_name]):
         model.set_adapter(adapter_name)
     return model
+
+
+def _components(eva_state_dict: dict, name: str) -> Optional[torch.Tensor]:
+    """A layer's rows in ``eva_state_dict`` (keyed by the PeftModel's module names or the base model's)."""
+    return eva_state_dict.get(name, eva_state_dict.get(_short(name)))
+
+
+def _drop(model: nn.Module, name: str, layer: nn.Module, adapter_name: str) -> None:
+    """Remove ``adapter_name`` from ``layer``; a layer left without adapters becomes its base layer again."""
+    if layer.adapter_names() == [adapter_name]:
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, layer.base_layer)
+    else:
+        layer.delete_adapter(adapter_name)
 
 
 def _short(name: str) -> str:
