@@ -78,6 +78,10 @@ def get_eva_state_dict(
     if settings.whiten:
         raise UnsupportedFeatureError("EvaConfig.whiten=True is not implemented by peft-kernel-lora yet; "
                                       "leave whiten=False")
+    if gather_distributed_inputs and torch.distributed.is_available() and torch.distributed.is_initialized() \
+            and torch.distributed.get_world_size() > 1:
+        raise UnsupportedFeatureError("get_eva_state_dict does not gather layer inputs across processes yet; pass "
+                                      "gather_distributed_inputs=False to decompose each process's own batches")
     targets = _targets(model, peft_config, adapter_name)
     if not targets:
         raise ValueError("get_eva_state_dict: no layer of the model is targeted by the LoRA config")
