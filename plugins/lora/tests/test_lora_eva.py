@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import peft_kernel
-from peft_kernel.plugin_api import ConfigError, UnsupportedFeatureError
+from peft_kernel.plugin_api import ConfigError
 from peft_kernel_lora.eva_config import EvaConfig
 from peft_kernel_testing.models import make_model, output_tensor
 
@@ -152,9 +152,28 @@ def test_refusals() -> None:
     plain = peft_kernel.get_peft_model(make_model("llama"), peft_kernel.LoraConfig(r=4, target_modules=TARGETS))
     with pytest.raises(ValueError, match="init_lora_weights"):
         peft_kernel.initialize_lora_eva_weights(plain, _batches())
-    whiten = peft_kernel.get_peft_model(make_model("llama"), peft_kernel.LoraConfig(
-        r=4, target_modules=TARGETS, init_lora_weights="eva", eva_config=peft_kernel.EvaConfig(whiten=True)))
-    with pytest.raises(UnsupportedFeatureError, match="whiten"):
-        peft_kernel.initialize_lora_eva_weights(whiten, _batches(), show_progress_bar=False)
+    eva = peft_kernel.get_peft_model(make_model("llama"), peft_kernel.LoraConfig(
+        r=4, target_modules=TARGETS, init_lora_weights="eva"))
     with pytest.raises(ValueError, match="dataloader"):
-        peft_kernel.initialize_lora_eva_weights(whiten)
+        peft_kernel.initialize_lora_eva_weights(eva)
+    with pytest.raises(ValueError, match="empty"):
+        peft_kernel.initialize_lora_eva_weights(eva, [])
+
+
+def test_whiten() -> None:
+    """``whiten`` divides each direction by the square root of its singular value. HF PEFT 0.21.2
+    does so in place on a tensor that layers with identical inputs share (q_proj / v_proj here), so
+    those get divided twice (by the singular value itself); peft-kernel whitens every layer once.
+    Layers without a twin match HF; the twins match the once-whitened oracle."""
+    hf, ours = _eva(peft, whiten=True), _eva(peft_kernel, whiten=True)
+    plain = _lora_a(_eva(peft_kernel))
+    assert ours.peft_config["default"].rank_pattern == hf.peft_config["default"].rank_pattern
+    hf_a, our_a = _lora_a(hf), _lora_a(ours)
+    for key, value in hf_a.items():
+        if "q_proj" in key or "v_proj" in key:
+            # twins: HF's rows are V / S, ours V / sqrt(S) (V: the unwhitened unit rows)
+            ours_scale, hf_scale = (our_a[key] * plain[key]).sum(1), (value * plain[key]).sum(1)
+            torch.testing.assert_close(our_a[key], ours_scale[:, None] * plain[key], atol=ATOL, rtol=1e-4)
+            torch.testing.assert_close(ours_scale**2, hf_scale, atol=1e-6, rtol=1e-4)
+        else:
+            torch.testing.assert_close(our_a[key], value, atol=ATOL, rtol=1e-4)

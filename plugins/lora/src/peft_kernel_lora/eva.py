@@ -9,7 +9,8 @@ share of the rank budget, recomputed after every batch) moved less than ``tau`` 
 decomposed once (the twin counting that layer's ratios again); all layers share ``r`` per layer,
 the largest explained variance ratios across all of them winning. :func:`initialize_lora_eva_weights` resizes each
 adapter to its rank (``rank_pattern``; ``alpha_pattern`` keeps ``lora_alpha / r`` with
-``adjust_scaling_factors``) and writes the directions into A.
+``adjust_scaling_factors``) and writes the directions into A (``whiten``: each divided by the square
+root of its singular value).
 """
 
 from __future__ import annotations
@@ -75,9 +76,6 @@ def get_eva_state_dict(
                              f"with adapter {adapter_name!r}")
         peft_config = configs[adapter_name]
     settings = eva_settings(peft_config.eva_config or {})
-    if settings.whiten:
-        raise UnsupportedFeatureError("EvaConfig.whiten=True is not implemented by peft-kernel-lora yet; "
-                                      "leave whiten=False")
     if gather_distributed_inputs and torch.distributed.is_available() and torch.distributed.is_initialized() \
             and torch.distributed.get_world_size() > 1:
         raise UnsupportedFeatureError("get_eva_state_dict does not gather layer inputs across processes yet; pass "
@@ -280,10 +278,15 @@ class _Collector:
                 self.duplicate_of[name] = twin
 
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """The redistributed ranks' leading directions: distinct layers first, then their twins."""
+        """The redistributed ranks' leading directions (divided by the square roots of their singular
+        values with ``whiten``): distinct layers first, then their twins."""
         ranks = self._redistribute()
-        return {name: self.pcas[self.duplicate_of.get(name, name)].components[:rank].clone()
-                for name, rank in ranks.items()}
+        result = {}
+        for name, rank in ranks.items():
+            pca = self.pcas[self.duplicate_of.get(name, name)]
+            rows = pca.components[:rank].clone()
+            result[name] = rows / pca.singular_values[:rank, None].sqrt() if self.settings.whiten else rows
+        return result
 
     def _redistribute(self) -> dict[str, int]:
         """The budget ``sum(r)`` of all layers goes to their largest explained variance ratios (a

@@ -15,8 +15,8 @@ class EvaConfig:
     """Data-driven EVA initialisation (Explained Variance Adaptation): ``rho`` (>= 1) caps a layer's
     rank at ``round(r * rho)``, ``tau`` is the cosine-similarity threshold at which the incremental
     SVD of a layer's inputs counts as converged, ``use_label_mask`` / ``label_mask_value`` drop the
-    positions whose label is ``label_mask_value``, ``whiten`` scales the singular vectors (not
-    implemented), ``adjust_scaling_factors`` keeps ``lora_alpha / r`` unchanged when ranks move."""
+    positions whose label is ``label_mask_value``, ``whiten`` divides each direction by the square
+    root of its singular value, ``adjust_scaling_factors`` keeps ``lora_alpha / r`` unchanged when ranks move."""
 
     rho: float = 2.0
     tau: float = 0.99
