@@ -75,17 +75,24 @@ def test_matches_hf(labels: bool, eva_kwargs: dict) -> None:
     assert all(float(v.abs().max()) == 0 for k, v in ours.state_dict().items() if "lora_B" in k)
 
 
-def test_get_eva_state_dict_matches_hf_and_initialises_from_it() -> None:
+@pytest.mark.parametrize("sparse_batch", [False, True])
+def test_get_eva_state_dict_matches_hf_and_initialises_from_it(sparse_batch: bool) -> None:
+    """``sparse_batch``: one batch keeps fewer positions than the layers have directions; it is
+    skipped for them (HF prints a note, peft-kernel logs a warning)."""
+    batches = _batches()
+    if sparse_batch:
+        batches[2]["attention_mask"][:] = 0
+        batches[2]["attention_mask"][0, :3] = 1
     torch.manual_seed(0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         hf_model = peft.get_peft_model(make_model("llama"), peft.LoraConfig(
             r=4, target_modules=TARGETS, init_lora_weights="eva", eva_config=peft.EvaConfig()))
-    hf_state = peft.get_eva_state_dict(hf_model, _batches(), show_progress_bar=False)
+    hf_state = peft.get_eva_state_dict(hf_model, batches, show_progress_bar=False)
     torch.manual_seed(0)
     ours = peft_kernel.get_peft_model(make_model("llama"), peft_kernel.LoraConfig(
         r=4, target_modules=TARGETS, init_lora_weights="eva", eva_config=peft_kernel.EvaConfig()))
-    state = peft_kernel.get_eva_state_dict(ours, _batches(), show_progress_bar=False)
+    state = peft_kernel.get_eva_state_dict(ours, batches, show_progress_bar=False)
     assert list(state) == list(hf_state)
     for key, value in hf_state.items():
         torch.testing.assert_close(state[key], value, atol=ATOL, rtol=0)

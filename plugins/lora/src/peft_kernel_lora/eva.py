@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import itertools
+import logging
 from collections.abc import Iterable
 from typing import Any, Callable, Optional, Union
 
@@ -30,6 +31,7 @@ from peft_kernel_lora.eva_config import EvaConfig, eva_settings
 from peft_kernel_lora.eva_pca import IncrementalPCA
 
 PEFT_PREFIX = "base_model.model."
+logger = logging.getLogger(__name__)
 
 
 def forward_fn_dict(model: nn.Module, inputs: dict) -> Any:
@@ -249,9 +251,12 @@ class _Collector:
                 pending = [n for n in self.pcas if n not in self.done]
                 for name, rows in self._capture(inputs, pending).items():
                     pca = self.pcas[name]
-                    if rows.shape[0] >= pca.n_components:
-                        pca.update(rows)
-                        stable[name] = pca.stable_directions(self.settings.tau)
+                    if rows.shape[0] < pca.n_components:
+                        logger.warning("EVA: skipping the batch for %s, which has fewer than %d input rows",
+                                       name, pca.n_components)
+                        continue
+                    pca.update(rows)
+                    stable[name] = pca.stable_directions(self.settings.tau)
                 shares = self._redistribute()
                 for name in self.pcas:
                     if bool(torch.all(stable[name][: shares[name]])):
