@@ -115,6 +115,33 @@ def test_plain_model_with_config() -> None:
         torch.testing.assert_close(state[key], value, atol=ATOL, rtol=0)
 
 
+@pytest.mark.parametrize("kind, targets, task_type", [
+    ("gpt2", ["c_attn", "c_fc", "c_proj"], None),  # transformers' Conv1D
+    ("bert", ["query", "value", "intermediate.dense"], "SEQ_CLS"),
+])
+def test_other_models_match_hf(kind: str, targets: list[str], task_type: str | None) -> None:
+    results = []
+    for lib in (peft, peft_kernel):
+        torch.manual_seed(0)
+        model = lib.get_peft_model(make_model(kind), lib.LoraConfig(r=4, target_modules=targets, task_type=task_type,
+                                                                     init_lora_weights="eva"))
+        lib.initialize_lora_eva_weights(model, _batches(), show_progress_bar=False)
+        results.append((model.peft_config["default"].rank_pattern, _lora_a(model)))
+    (hf_ranks, hf_a), (ranks, ours) = results
+    assert ranks == hf_ranks
+    for key, value in hf_a.items():
+        torch.testing.assert_close(ours[key], value, atol=ATOL, rtol=0)
+
+
+def test_layer_inputs_without_token_positions_are_refused() -> None:
+    """BERT's pooler sees one row per sequence, not one per token (HF PEFT fails there too)."""
+    torch.manual_seed(0)
+    model = peft_kernel.get_peft_model(make_model("bert"), peft_kernel.LoraConfig(
+        r=4, target_modules=["pooler.dense"], task_type="SEQ_CLS", init_lora_weights="eva"))
+    with pytest.raises(ValueError, match="pooler.dense.*prepare_layer_inputs_fn"):
+        peft_kernel.initialize_lora_eva_weights(model, _batches(), show_progress_bar=False)
+
+
 def _train_b(model) -> None:
     g = torch.Generator().manual_seed(7)
     with torch.no_grad():

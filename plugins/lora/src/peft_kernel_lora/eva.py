@@ -55,6 +55,12 @@ def prepare_layer_inputs_fn_language_modeling(layer_input: Any, model_input: tor
     """The layer's input rows at the kept positions (``model_input`` is the mask), as [rows, features]."""
     if isinstance(layer_input, (tuple, list)):
         layer_input = layer_input[0]
+    if layer_input.shape[: model_input.dim()] != model_input.shape:
+        raise ValueError(
+            f"EVA: the inputs of layer {layer_name!r} have shape {tuple(layer_input.shape)}, which does not start with "
+            f"the token mask's {tuple(model_input.shape)}; leave this layer out of target_modules or pass a "
+            "prepare_layer_inputs_fn for it"
+        )
     return layer_input[model_input]
 
 
