@@ -211,3 +211,28 @@ def test_whiten() -> None:
             torch.testing.assert_close(ours_scale**2, hf_scale, atol=1e-6, rtol=1e-4)
         else:
             torch.testing.assert_close(our_a[key], value, atol=ATOL, rtol=1e-4)
+
+
+def test_second_adapter_and_mixed_batches() -> None:
+    """EVA on a second adapter leaves the first alone; mixed batches equal per-row runs afterwards
+    (the adapter's layers are rebuilt at their new ranks after stacks were cached)."""
+    torch.manual_seed(0)
+    model = peft_kernel.get_peft_model(make_model("llama"), peft_kernel.LoraConfig(
+        r=4, target_modules=["q_proj", "v_proj"], init_lora_weights=False)).eval()
+    batch = _batches()[0]
+    names = ["default", "eva", "default", "eva"]
+    model(**batch, adapter_names=["default"] * 4)
+    before = {k: v.clone() for k, v in model.state_dict().items() if ".default" in k}
+    model.add_adapter("eva", peft_kernel.LoraConfig(r=2, target_modules=["q_proj", "up_proj", "down_proj"],
+                                                   init_lora_weights="eva"))
+    peft_kernel.initialize_lora_eva_weights(model, _batches(), adapter_name="eva", show_progress_bar=False)
+    assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
+    _train_b(model)
+    model.eval()
+    with torch.no_grad():
+        mixed = output_tensor(model(**batch, adapter_names=names))
+        rows = []
+        for i, name in enumerate(names):
+            model.set_adapter(name)
+            rows.append(output_tensor(model(**{k: v[i:i + 1] for k, v in batch.items()})))
+    torch.testing.assert_close(mixed, torch.cat(rows), atol=1e-5, rtol=0)
