@@ -9,9 +9,10 @@ import attrs
 
 from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetedConfig, check_range
 from peft_kernel_lora.corda_config import check_lora_corda
+from peft_kernel_lora.eva_config import check_lora_eva
 from peft_kernel_lora.loftq_config import check_lora_loftq
 
-INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda")
+INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva")
 """String values of ``init_lora_weights`` this plugin implements (plus ``pissa_niter_<n>``)."""
 
 # Fields HF PEFT has for features this plugin does not implement yet: any non-default value is
@@ -19,7 +20,6 @@ INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda")
 # `peft-kernel inspect` can show it).
 UNSUPPORTED_FIELDS = {
     "arrow_config": None,
-    "eva_config": None,
     "kasa_config": None,
     "lora_ga_config": None,
     "megatron_config": None,
@@ -82,7 +82,7 @@ class LoraConfig(TargetedConfig):
             raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         if isinstance(self.init_lora_weights, str) and not (
             self.init_lora_weights in INIT_CHOICES or self.init_lora_weights.startswith("pissa_niter_")
-            or self.init_lora_weights in ("eva", "orthogonal")
+            or self.init_lora_weights == "orthogonal"
         ):
             raise ConfigError(
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not valid; use True, False, "
@@ -93,6 +93,7 @@ class LoraConfig(TargetedConfig):
                               f"got init_lora_weights={self.init_lora_weights} instead.")
         self.loftq_config = check_lora_loftq(self.init_lora_weights, self.loftq_config)
         self.corda_config = check_lora_corda(self.init_lora_weights, self.corda_config)
+        self.eva_config = check_lora_eva(self.init_lora_weights, self.eva_config)
 
     def rewrites_base_weights(self) -> bool:
         """PiSSA, OLoRA and CorDA move part of each targeted weight into the adapter; LoftQ replaces it
@@ -103,7 +104,7 @@ class LoraConfig(TargetedConfig):
     def unsupported(self) -> list[str]:
         """Fields set to values this plugin cannot honour (checked when an adapter is injected)."""
         problems = [f"{k}={getattr(self, k)!r}" for k, default in UNSUPPORTED_FIELDS.items() if getattr(self, k) != default]
-        if isinstance(self.init_lora_weights, str) and self.init_lora_weights in ("eva", "orthogonal"):
+        if isinstance(self.init_lora_weights, str) and self.init_lora_weights == "orthogonal":
             problems.append(f"init_lora_weights={self.init_lora_weights!r}")
         return problems
 

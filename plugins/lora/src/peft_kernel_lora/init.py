@@ -1,5 +1,6 @@
 """LoRA initialisations: ``init_lora_weights`` = True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora",
-"loftq" (in :mod:`peft_kernel_lora.loftq`), "corda" (in :mod:`peft_kernel_lora.corda`).
+"loftq" (in :mod:`peft_kernel_lora.loftq`), "corda" (in :mod:`peft_kernel_lora.corda`), "eva" (as True here;
+:mod:`peft_kernel_lora.eva` then sets A from data).
 
 True/"gaussian" make B (or, for embeddings, A) zero so the adapter starts as the identity.
 PiSSA and OLoRA start from a decomposition of the base weight and subtract the part the adapter
@@ -39,7 +40,7 @@ def initialize(layer: LoraLayer, adapter_name: str, how: Union[bool, str], loftq
         a, b = layer.lora_A[adapter_name], layer.lora_B[adapter_name]
         if b.bias is not None:
             nn.init.zeros_(b.bias)
-        if how is True:
+        if how is True or how == "eva":  # EVA: overwritten by initialize_lora_eva_weights
             nn.init.kaiming_uniform_(a.weight, a=math.sqrt(5))
             nn.init.zeros_(b.weight)
         elif how == "gaussian":
