@@ -78,3 +78,32 @@ def test_token_outside_the_vocabulary_is_named_and_leaves_the_model_as_it_was():
         pk.get_peft_model(base, pk.TrainableTokensConfig(token_indices=[1, 64]))
     assert all(torch.equal(p, before[n]) for n, p in base.named_parameters())
     assert type(base.model.embed_tokens).__name__ == "Embedding"
+
+
+def _tiny_gemma3():
+    import transformers
+
+    config = transformers.Gemma3TextConfig(vocab_size=64, hidden_size=16, intermediate_size=24, num_hidden_layers=2,
+                                           num_attention_heads=4, num_key_value_heads=2, head_dim=4,
+                                           max_position_embeddings=64)
+    torch.manual_seed(0)
+    return transformers.Gemma3ForCausalLM(config).eval()
+
+
+def test_embeddings_that_scale_their_output_scale_the_trained_rows_too(tmp_path):
+    """Gemma's embedding multiplies its output by ``embed_scale``: the trained rows are scaled the same
+    way (they were not: logits off by 7.8 against HF), unmerged and merged alike, both ways with HF."""
+    peft = pytest.importorskip("peft")
+    from peft_kernel_testing.hf_oracle import hf_oracle
+
+    ids = torch.tensor([[1, 2, 3, 4, 5]])
+    with hf_oracle("HF peft on a Gemma3 with trainable tokens"):
+        hf = peft.get_peft_model(_tiny_gemma3(), peft.TrainableTokensConfig(token_indices=TOKENS, init_weights=False))
+        hf.eval().save_pretrained(tmp_path / "hf")
+        with torch.no_grad():
+            expected = hf(input_ids=ids).logits
+    ours = pk.PeftModel.from_pretrained(_tiny_gemma3(), tmp_path / "hf").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=0, atol=1e-5)
+        ours.merge_adapter()
+        torch.testing.assert_close(ours(input_ids=ids).logits, expected, rtol=0, atol=1e-5)

@@ -89,6 +89,9 @@ class TrainableTokensLayer(AdapterLayer):
             position[indices] = torch.arange(len(indices), device=out.device)
             found = position[x]
             replaced = rows.to(out.dtype)[found.clamp(min=0)]
+            scale = getattr(self.base_layer, "embed_scale", None)  # embeddings that scale their output (Gemma)
+            if scale is not None:
+                replaced = replaced * torch.as_tensor(scale, dtype=out.dtype, device=out.device)
             return torch.where((found >= 0).unsqueeze(-1), replaced, out)
         bias = self.base_layer.bias
         logits = F.linear(x.to(rows.dtype), rows, None if bias is None else bias[indices])
