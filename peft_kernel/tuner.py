@@ -38,8 +38,6 @@ from peft_kernel.routing import tasks_routed
 _DUMMY_MODEL_CONFIG = {"model_type": "custom"}
 
 
-
-
 def merge_all(layers: Iterable[AdapterLayer], safe_merge: bool, adapter_names: list[str] | None) -> None:
     """Merge every layer, or none: a layer that refuses (``safe_merge`` finding NaNs, a method that
     cannot merge there) makes the layers merged before it in this call unmerge again."""
@@ -55,6 +53,7 @@ def merge_all(layers: Iterable[AdapterLayer], safe_merge: bool, adapter_names: l
                 fold(layer, layer.merged_adapters.pop(), False, "unmerge")
         raise
 
+
 def is_additive(layer: AdapterLayer) -> bool:
     """Whether ``layer``'s method declares the ``additive`` capability and the layer implements
     ``delta_weight``: its adapters are ``W' = W + ΔW`` and can be rewritten as a LoRA."""
@@ -65,11 +64,10 @@ def is_additive(layer: AdapterLayer) -> bool:
     except UnknownMethodError:  # a layer of no registered method (built by hand): nothing vouches for it
         return False
 
+
 class AdapterModel(nn.Module):
     """A transformers (or any torch) model with adapters of one method injected."""
 
-    uses_shared_state: bool = False
-    """HF PEFT's flag for tuners with model-level shared tensors (VeRA); no layer-adapter method here has them."""
     tuner_layer_cls: type[AdapterLayer] = AdapterLayer
     """The class every adapter layer of this tuner derives from (HF PEFT's ``LoraLayer``...)."""
     takes_task_ids: bool = False
@@ -97,6 +95,13 @@ class AdapterModel(nn.Module):
         self.takes_task_ids = get_registry().method_for_config(config).supports("task_ids")
 
     # ---- HF PEFT names ----------------------------------------------------------------------
+    @property
+    def uses_shared_state(self) -> bool:
+        """HF PEFT's flag: the adapters have model-level shared tensors (VeRA's projections, VB-LoRA's
+        bank: layers with ``shared_tensor_names``). HF's ``RandLoraModel`` says ``False`` although its
+        bases are shared too."""
+        return any(layer.shared_tensor_names for _, layer in adapter_layers(self.model))
+
     @property
     def active_adapters(self) -> list[str]:
         return list(self._active)
@@ -421,7 +426,8 @@ class AdapterModel(nn.Module):
 def tuner_class(name: str, mixin: str = "") -> type[AdapterModel]:
     """A subclass of :class:`AdapterModel` named after a method (``LoraModel``), with the methods of
     the record's ``tuner_mixin`` class (``"package.module:Class"``) where it names one; one class
-    per ``(name, mixin)``."""
+    per ``(name, mixin)`` (the cache below sees both positionally, so ``tuner_class("X")`` and
+    ``tuner_class("X", "")`` are the same class)."""
     return _tuner_class(name, mixin)
 
 

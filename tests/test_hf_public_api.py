@@ -168,6 +168,21 @@ def test_tuner_public_methods_match_hf():
     assert tuner.target_module_mapping["llama"] == peft.LoraModel.target_module_mapping["llama"]
 
 
+@pytest.mark.parametrize("config_name, kwargs", [
+    ("VeraConfig", {"target_modules": ["lin0"], "r": 2}),
+    ("VBLoRAConfig", {"target_modules": ["lin0"], "r": 2, "vector_length": 2}),
+    ("LoraConfig", {"target_modules": ["lin0"]}),
+])
+def test_uses_shared_state_as_hf(config_name, kwargs):
+    """Tuners whose adapters have model-level shared tensors say so, as HF's ``VeraModel`` and
+    ``VBLoRAModel`` do (HF's ``RandLoraModel`` says False although its bases are shared)."""
+    if not hasattr(pk, config_name):
+        pytest.skip(f"{config_name}'s plugin is not installed")
+    ours = pk.get_peft_model(make_model("mlp"), getattr(pk, config_name)(**kwargs))
+    hf = peft.get_peft_model(make_model("mlp"), getattr(peft, config_name)(**kwargs))
+    assert ours.base_model.uses_shared_state is hf.base_model.uses_shared_state
+
+
 def test_peft_model_instance_attributes_match_hf():
     hf = peft.get_peft_model(make_model("mlp"), peft.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))
     ours = pk.get_peft_model(make_model("mlp"), pk.LoraConfig(target_modules=["lin0"], modules_to_save=["lin1"]))

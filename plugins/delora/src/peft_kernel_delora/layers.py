@@ -10,22 +10,21 @@ rank-one component. The update's Frobenius norm is thus bounded by ``|lambda| * 
 from __future__ import annotations
 
 import math
-from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.plugin_api import AdapterLayer, BufferDict, LowRankFactors, UnsupportedFeatureError, pattern_value
 from peft_kernel_delora.config import DeloraConfig
 from peft_kernel_lowrank import mixed
 from peft_kernel_lowrank.derived import DerivedFactors
+from peft_kernel_lowrank.forwards import LowRankForwards
 
 EPS = 1e-4
 """Floor of the rank-one components' norms: a zero ``B`` column (the default init) adds zero."""
 
 
-class DeloraLinear(AdapterLayer):
+class DeloraLinear(LowRankForwards, AdapterLayer):
     """DeLoRA for ``nn.Linear``. ``delora_w_norm`` is a buffer, as in HF PEFT: saved and loaded with
     the adapter (HF's on-disk key), never trained, not counted as a parameter."""
 
@@ -106,35 +105,6 @@ class DeloraLinear(AdapterLayer):
         scaled_a = self._factors.get(adapter_name, tensors, lambda: self._scaled_a(adapter_name))
         return scaled_a, tensors[1], 1.0
 
-    def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Base output plus each adapter in turn. On a base of another dtype (float32 adapters on a
-        half-precision model) each delta is rounded to the base dtype before it is added, as HF
-        PEFT does for DeLoRA; otherwise the fused kernel adds it in place."""
-        result = self.base_layer(x, *args, **kwargs)
-        dtype = result.dtype
-        for name in adapters:
-            factors = self.low_rank_factors(name)
-            if factors is None:
-                result = result + self.delta(x, name).to(dtype)
-            elif factors[1].dtype != dtype:
-                a, b, _ = factors
-                result = result + F.linear(F.linear(x.to(a.dtype), a), b).to(dtype)
-            else:
-                result = mixed.add_single(self, result, x, name, factors)
-        return result
-
-    def mixed_forward(self, x: torch.Tensor, routing: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The stacked kernels of ``peft_kernel_lowrank`` (they round each row's delta to the base
-        dtype before adding, as HF); a batch whose rows all use one adapter runs
-        :meth:`adapted_forward`, which rounds as HF on half-precision bases too."""
-        groups = routing.groups(x.shape[0], x.device)
-        if len(groups) == 1:
-            (name,) = groups
-            return self.adapted_forward(x, [name] if name in self.r else [], *args, **kwargs)
-        result = mixed.mixed_forward(self, x, routing, *args, **kwargs)
-        if result is None:
-            result = super().mixed_forward(x, routing, *args, **kwargs)
-        return result
 
 def make_layer(config: DeloraConfig, adapter_name: str, base_layer: nn.Module, module_name: str) -> DeloraLinear | None:
     """The layer for an ``nn.Linear``; ``None`` (the core's named error) for any other type, as HF

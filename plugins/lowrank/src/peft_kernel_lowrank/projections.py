@@ -25,6 +25,7 @@ from peft_kernel.plugin_api import (
     walk_modules,
 )
 from peft_kernel_lowrank import mixed
+from peft_kernel_lowrank.forwards import LowRankForwards
 
 
 # ---- generation -------------------------------------------------------------------------------
@@ -124,7 +125,7 @@ HALF = (torch.float16, torch.bfloat16)
 
 
 # ---- the layer --------------------------------------------------------------------------------
-class ProjectionLayer(AdapterLayer):
+class ProjectionLayer(LowRankForwards, AdapterLayer):
     """Base of adapter layers whose update is ``B' @ A'`` built from shared frozen projections and
     the layer's trainable tensors, on ``nn.Linear`` or transformers' ``Conv1D`` (``fan_in_fan_out``).
 
@@ -224,15 +225,3 @@ class ProjectionLayer(AdapterLayer):
             else:
                 result = result + self.delta(x, name)
         return result.to(dtype)
-
-    def mixed_forward(self, x: torch.Tensor, routing: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The stacked kernels of :mod:`peft_kernel_lowrank.mixed`; a batch whose rows all use one
-        adapter runs :meth:`adapted_forward`."""
-        groups = routing.groups(x.shape[0], x.device)
-        if len(groups) == 1:
-            (name,) = groups
-            return self.adapted_forward(x, [name] if name in self.projection_settings else [], *args, **kwargs)
-        result = mixed.mixed_forward(self, x, routing, *args, **kwargs)
-        if result is None:
-            result = super().mixed_forward(x, routing, *args, **kwargs)
-        return result

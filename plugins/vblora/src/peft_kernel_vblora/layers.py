@@ -19,6 +19,7 @@ from torch import nn
 from peft_kernel.plugin_api import AdapterLayer, ConfigError, LowRankFactors, base_of, linear_fan_in_fan_out
 from peft_kernel_lowrank import mixed
 from peft_kernel_lowrank.derived import DerivedFactors
+from peft_kernel_lowrank.forwards import LowRankForwards
 from peft_kernel_vblora.config import VBLoRAConfig
 
 
@@ -67,7 +68,7 @@ def make_vector_bank(config: VBLoRAConfig, targets: list[tuple[str, nn.Module]])
     return nn.Parameter(torch.zeros(config.num_vectors, config.vector_length, device=device))
 
 
-class VBLoRALinear(AdapterLayer):
+class VBLoRALinear(LowRankForwards, AdapterLayer):
     """VB-LoRA for ``nn.Linear`` and ``Conv1D`` (``fan_in_fan_out``: weight stored ``[in, out]``).
     ``vblora_vector_bank`` holds the adapter's shared bank (the same parameter in every layer)."""
 
@@ -161,17 +162,6 @@ class VBLoRALinear(AdapterLayer):
             else:
                 result = mixed.add_single(self, result, x, name, factors)
         return result
-
-    def mixed_forward(self, x: torch.Tensor, routing: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The stacked kernels of ``peft_kernel_lowrank``; a batch whose rows all use one adapter
-        runs :meth:`adapted_forward`."""
-        groups = routing.groups(x.shape[0], x.device)
-        if len(groups) == 1:
-            (name,) = groups
-            return self.adapted_forward(x, [name] if name in self.r else [], *args, **kwargs)
-        result = mixed.mixed_forward(self, x, routing, *args, **kwargs)
-        return super().mixed_forward(x, routing, *args, **kwargs) if result is None else result
-
 
 def make_layer(config: VBLoRAConfig, adapter_name: str, base_layer: nn.Module, module_name: str,
                shared: dict[str, torch.Tensor] | None = None) -> VBLoRALinear | None:
