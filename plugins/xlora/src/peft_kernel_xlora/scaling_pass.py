@@ -1,0 +1,62 @@
+"""X-LoRA's first pass: the model run with every expert at ``scaling_pass_value``, for the hidden
+states the classifier reads.
+
+With a key/value cache (``generate``, or a hand-written decoding loop that passes
+``past_key_values`` back) the scaling pass keeps a cache of its own: its keys and values are those
+of the scaling pass, not of the real pass. Each cache of the real pass is paired with one of the
+scaling pass (weakly: both go when the caller drops the real one); a fresh, empty cache gets an
+empty copy.
+"""
+
+from __future__ import annotations
+
+import copy
+import weakref
+from typing import Any
+
+import torch
+from torch import nn
+
+from peft_kernel.plugin_api import AdapterMix, UnsupportedFeatureError, adapter_mix
+
+
+class ScalingPass:
+    """Runs scaling passes for one X-LoRA model and keeps their caches paired with the real ones."""
+
+    def __init__(self) -> None:
+        self._caches: weakref.WeakKeyDictionary[Any, Any] = weakref.WeakKeyDictionary()
+
+    def hidden_states(self, model: nn.Module, args: tuple, kwargs: dict, mix: AdapterMix) -> tuple[torch.Tensor, Any]:
+        """The last hidden state ``[batch, seq, hidden]`` of ``model(*args, **kwargs)`` under ``mix``,
+        without gradients, and the scaling pass's cache (``None`` without one)."""
+        kwargs = {k: v for k, v in kwargs.items() if k != "labels"}
+        cache = kwargs.get("past_key_values")
+        if cache is not None:
+            kwargs["past_key_values"] = self._own_cache(cache)
+        kwargs.update(output_hidden_states=True, return_dict=True)
+        with torch.no_grad(), adapter_mix(mix):
+            output = model(*args, **kwargs)
+        hidden = getattr(output, "hidden_states", None)
+        if not hidden:
+            raise UnsupportedFeatureError(f"X-LoRA reads the hidden states of the scaling pass, and "
+                                          f"{type(model).__name__} returned none: use a transformers model")
+        return hidden[-1], getattr(output, "past_key_values", None)
+
+    def pair(self, cache: Any, own: Any) -> None:
+        """Remember that the real pass's new ``cache`` goes with the scaling pass's ``own``."""
+        if cache is not None and own is not None and cache is not own:
+            self._caches[cache] = own
+
+    def _own_cache(self, cache: Any) -> Any:
+        try:
+            own = self._caches.get(cache)
+        except TypeError:  # not weak-referenceable: a legacy tuple cache
+            raise UnsupportedFeatureError("X-LoRA needs past_key_values as a transformers Cache object") from None
+        if own is not None:
+            return own
+        if cache.get_seq_length() != 0:
+            raise UnsupportedFeatureError(
+                "past_key_values holds tokens this X-LoRA model did not produce: its scaling pass keeps a cache "
+                "of its own, paired with the caches it returns; start from an empty cache or none")
+        own = self._caches[cache] = copy.deepcopy(cache)
+        return own
