@@ -33,7 +33,7 @@ from peft_kernel_xlora.classifier import XLoraClassifier, expert_weights
 from peft_kernel_xlora.config import XLoraConfig
 from peft_kernel_xlora.experts import expert_layers, load_experts
 from peft_kernel_xlora.scalings_api import ScalingsApi
-from peft_kernel_xlora.scaling_pass import ScalingPass
+from peft_kernel_xlora.scaling_pass import ScalingPass, cache_of
 
 CLASSIFIER = "internal_xlora_classifier"
 KEY_PREFIX = f"base_model.{CLASSIFIER}."
@@ -193,7 +193,7 @@ class XLoraModel(ScalingsApi, nn.Module):
                 return
             context, own_cache = pending.pop()
             context.__exit__(None, None, None)
-            self._scaling_pass.pair(getattr(output, "past_key_values", None), own_cache)
+            self._scaling_pass.pair(cache_of(output)[1], own_cache)
 
         handles = [model.register_forward_pre_hook(before, with_kwargs=True),
                    model.register_forward_hook(after, with_kwargs=True, always_call=True)]
