@@ -54,13 +54,15 @@ class XLoraClassifier(nn.Module):
 
 def expert_weights(scalings: torch.Tensor, config: XLoraConfig) -> torch.Tensor:
     """The weight each LoRA layer gives each expert, from the classifier's scalings (last dim: the
-    experts): ``top_k_lora`` keeps each token's ``k`` largest, ``enable_softmax_topk`` takes their
-    softmax, and every weight is multiplied by ``global_scaling_weight``."""
+    experts): ``top_k_lora`` keeps each token's ``k`` largest, ``enable_softmax_topk`` takes the
+    softmax of the non-zero ones among them, and every weight is multiplied by ``global_scaling_weight``."""
     weights = scalings
     if config.top_k_lora is not None:
         k = min(config.top_k_lora, weights.shape[-1])
         keep = torch.zeros_like(weights, dtype=torch.bool).scatter_(-1, weights.topk(k, dim=-1).indices, True)
         weights = weights * keep
-        if config.enable_softmax_topk:
-            weights = torch.softmax(weights.masked_fill(~keep, float("-inf")), dim=-1)
+        if config.enable_softmax_topk:  # over each token's non-zero weights (none: zeros, as HF PEFT)
+            nonzero = weights != 0
+            soft = torch.softmax(weights.masked_fill(~nonzero, float("-inf")), dim=-1)
+            weights = torch.where(nonzero, soft, torch.zeros_like(soft))
     return weights * config.global_scaling_weight

@@ -26,7 +26,8 @@ class XLoraConfig(PeftConfig):
     ``xlora_size``) map the last hidden state to the scalings; ``enable_softmax`` turns them into a
     softmax at ``softmax_temperature``; ``top_k_lora`` keeps each token's ``k`` largest (and
     ``enable_softmax_topk`` re-normalises those); ``global_scaling_weight`` multiplies every expert's
-    output; ``scaling_pass_value`` is the scaling of every expert during the scaling pass;
+    output; ``scaling_pass_value`` is the scaling of every expert during the scaling pass (top-k and
+    ``global_scaling_weight`` apply to it too, as in HF PEFT);
     ``use_trainable_adapters`` trains the experts with the classifier.
     """
 

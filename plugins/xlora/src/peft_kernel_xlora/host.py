@@ -46,7 +46,7 @@ class XLoraModel(ScalingsApi, nn.Module):
 
     def __init__(self, model: nn.Module, config: XLoraConfig, adapter_name: str) -> None:
         super().__init__()
-        _check_hidden_size(model, config)
+        _check_model(model, config)
         self.lora_model = load_experts(model, config)
         self.xlora_config = config
         self.adapter_name = adapter_name
@@ -206,7 +206,9 @@ class XLoraModel(ScalingsApi, nn.Module):
     def _scalings_mix(self, args: tuple, kwargs: dict) -> tuple[AdapterMix, Any]:
         """Run the scaling pass and the classifier; the mix of the real pass and the scaling pass's cache."""
         value = self.xlora_config.scaling_pass_value
-        constant = torch.full((len(self.experts),), value, device=self.internal_xlora_classifier.layers[0].weight.device)
+        device = self.internal_xlora_classifier.layers[0].weight.device
+        # as in HF PEFT, the scaling pass's constant scalings go through top-k and the global weight too
+        constant = expert_weights(torch.full((len(self.experts),), float(value), device=device), self.xlora_config)
         self._in_scaling_pass = True
         try:
             hidden, own_cache = self._scaling_pass.hidden_states(
@@ -256,7 +258,11 @@ def _layer_slice(weights: torch.Tensor, index: int | None) -> torch.Tensor | Non
     return None if index is None else weights[:, :, index, :]
 
 
-def _check_hidden_size(model: nn.Module, config: XLoraConfig) -> None:
-    size = getattr(getattr(model, "config", None), "hidden_size", None)
+def _check_model(model: nn.Module, config: XLoraConfig) -> None:
+    """X-LoRA's classifier reads a transformers model's hidden states, of ``config.hidden_size``."""
+    if getattr(model, "config", None) is None:
+        raise UnsupportedFeatureError(f"X-LoRA needs a transformers model (its classifier reads the hidden states); "
+                                      f"{type(model).__name__} has no model config")
+    size = getattr(model.config, "hidden_size", None)
     if size is not None and size != config.hidden_size:
         raise ConfigError(f"XLoraConfig.hidden_size is {config.hidden_size} but the model's hidden size is {size}")
