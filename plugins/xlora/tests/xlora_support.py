@@ -7,10 +7,9 @@ import warnings
 from pathlib import Path
 from typing import Any
 
-import pytest
 import torch
 
-from peft_kernel import LoraConfig, PeftModel, get_peft_model
+from peft_kernel import PeftModel, get_peft_model
 from peft_kernel_testing import make_model
 from peft_kernel_xlora import XLoraConfig
 

@@ -18,7 +18,6 @@ import torch
 from torch import nn
 
 from peft_kernel.plugin_api import (
-    AdapterLayer,
     AdapterMix,
     CheckpointError,
     ConfigError,
@@ -27,7 +26,6 @@ from peft_kernel.plugin_api import (
     PeftConfig,
     UnsupportedFeatureError,
     adapter_mix,
-    walk_modules,
 )
 from peft_kernel_xlora.classifier import XLoraClassifier, expert_weights
 from peft_kernel_xlora.config import XLoraConfig
