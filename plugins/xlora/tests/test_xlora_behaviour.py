@@ -145,6 +145,7 @@ def test_status_and_parameter_counts_equal_hfs(experts):
                   "num_adapter_layers", "available_adapters", "requires_grad"):
         assert getattr(status, field) == getattr(hf_model, field), field
     assert (model.active_adapter, list(model.peft_config)) == (hf.active_adapter, list(hf.peft_config))
+    assert model.config is model.get_base_model().config and model.base_model.model is model.get_base_model()
 
 
 @pytest.mark.parametrize("trainable_experts", [False, True])

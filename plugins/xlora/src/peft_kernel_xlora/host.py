@@ -60,6 +60,15 @@ class XLoraModel(ScalingsApi, nn.Module):
         self._scalings_log: list[torch.Tensor] = []
         self._set_trainable(not config.inference_mode)
 
+    def __getattr__(self, name: str) -> Any:
+        """Attributes of the LoRA tuner and, through it, of the transformers model (``config``...)."""
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if name == "lora_model":
+                raise
+            return getattr(self.lora_model, name)
+
     # ---- the AdapterHost protocol: adapters -----------------------------------------------------
     @property
     def peft_config(self) -> dict[str, PeftConfig]:
