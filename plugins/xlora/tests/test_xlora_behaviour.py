@@ -9,11 +9,11 @@ import warnings
 
 import pytest
 import torch
-from xlora_support import IDS, classifier_state, hf_twin, llama, logits, ours, xlora_kwargs
+from xlora_support import IDS, classifier_state, hf_twin, llama, logits, ours, randomise_classifier, xlora_kwargs
 
-from peft_kernel import MixedBatchError, get_peft_model
+from peft_kernel import LoraConfig, MixedBatchError, get_peft_model
 from peft_kernel.errors import ConfigError
-from peft_kernel_testing import max_abs_diff
+from peft_kernel_testing import make_model, max_abs_diff
 from peft_kernel_testing.generation import check_generate_matches_greedy
 from peft_kernel_testing.hf_oracle import hf_oracle
 from peft_kernel_xlora import XLoraConfig
@@ -194,8 +194,6 @@ def test_bad_models_and_experts_raise_and_leave_the_model_alone(experts, tmp_pat
     assert not any("lora" in n for n, _ in model.named_modules())
     assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
     with pytest.raises(Exception, match="transformers model"):
-        from peft_kernel_testing import make_model
-
         get_peft_model(make_model("mlp"), XLoraConfig(**xlora_kwargs(experts)))
 
 
@@ -204,3 +202,34 @@ def test_classifier_weights_are_hfs_keys(experts):
     with hf_oracle("HF peft's X-LoRA state dict"):
         hf = hf_twin(peft, experts, model)
         assert sorted(classifier_state(hf)) == sorted(classifier_state(model))
+
+
+def test_beam_search_with_the_cache_equals_hfs(experts):
+    """Beam search reorders the real pass's cache between steps; the scaling pass's is reordered too."""
+    model = ours(experts, layerwise_scalings=True, seed=5)
+    ids = torch.randint(1, 64, (6, 5), generator=torch.Generator().manual_seed(1))
+    beams = {"max_new_tokens": 8, "do_sample": False, "num_beams": 4}
+    with torch.no_grad():
+        cached = model.generate(input_ids=ids, **beams)
+        assert torch.equal(cached, model.generate(input_ids=ids, use_cache=False, **beams))
+    with hf_oracle("HF peft beam search with X-LoRA"):
+        hf = hf_twin(peft, experts, model, layerwise_scalings=True)
+        with torch.no_grad():
+            assert torch.equal(cached, hf.generate(input_ids=ids, **beams))
+
+
+@pytest.mark.parametrize("kind, targets", [("llama", ["q_proj", "v_proj"]), ("gpt2", ["c_attn", "c_fc"])])
+def test_one_expert_under_softmax_is_its_lora_adapter(tmp_path, kind, targets):
+    """An independent oracle, for GPT-2 (Conv1D) too, which HF PEFT 0.21.2's X-LoRA cannot load ("Got
+    unexpected keys"): a softmax over one expert is 1 for every token, so X-LoRA is that LoRA adapter.
+    The key is a name, not a position: HF PEFT 0.21.2 activates the keys but names the experts by
+    position, so its forward fails with a KeyError on such configs; ours names them as HF and runs."""
+    torch.manual_seed(0)
+    lora = get_peft_model(make_model(kind), LoraConfig(r=2, target_modules=targets, init_lora_weights=False)).eval()
+    lora.save_pretrained(tmp_path)
+    model = get_peft_model(make_model(kind), XLoraConfig(task_type="CAUSAL_LM", hidden_size=16, xlora_depth=1,
+                                                        adapters={"solo": str(tmp_path)}))
+    randomise_classifier(model)
+    assert list(model.peft_config) == ["default", "0"]
+    assert max_abs_diff(logits(model.eval()), logits(lora)) <= TOL
+    assert max_abs_diff(logits(lora), logits(make_model(kind))) > 1e-3

@@ -5,7 +5,8 @@ With a key/value cache (``generate``, or a hand-written decoding loop that passe
 ``past_key_values`` before transformers 5.2x, back) the scaling pass keeps a cache of its own: its keys and values are those
 of the scaling pass, not of the real pass. Each cache of the real pass is paired with one of the
 scaling pass (weakly: both go when the caller drops the real one); a fresh, empty cache gets an
-empty copy.
+empty copy. What ``generate`` does to the real cache between steps (beam search reorders it, assisted
+decoding crops it) is done to the paired one too.
 """
 
 from __future__ import annotations
@@ -20,6 +21,8 @@ from torch import nn
 from peft_kernel.plugin_api import AdapterMix, UnsupportedFeatureError, adapter_mix
 
 CACHE_KEYS = ("cache", "past_key_values")
+MIRRORED = ("reorder_cache", "batch_select_indices", "batch_repeat_interleave", "crop")
+"""The in-place ``Cache`` methods ``generate`` calls between steps, repeated on the paired cache."""
 """The keyword (and output attribute) of transformers' key/value cache: new name first."""
 
 
@@ -56,8 +59,9 @@ class ScalingPass:
 
     def pair(self, cache: Any, own: Any) -> None:
         """Remember that the real pass's new ``cache`` goes with the scaling pass's ``own``."""
-        if cache is not None and own is not None and cache is not own:
+        if cache is not None and own is not None and cache is not own and cache not in self._caches:
             self._caches[cache] = own
+            _mirror(cache, own)
 
     def _own_cache(self, cache: Any) -> Any:
         try:
@@ -71,4 +75,21 @@ class ScalingPass:
                 "the key/value cache holds tokens this X-LoRA model did not produce: its scaling pass keeps a cache "
                 "of its own, paired with the caches it returns; start from an empty cache or none")
         own = self._caches[cache] = copy.deepcopy(cache)
+        _mirror(cache, own)
         return own
+
+
+def _mirror(cache: Any, own: Any) -> None:
+    """Make ``cache``'s in-place reordering methods (:data:`MIRRORED`) apply to ``own`` too."""
+    for name in MIRRORED:
+        method = getattr(cache, name, None)
+        if callable(method):
+            setattr(cache, name, _both(method, getattr(own, name)))
+
+
+def _both(method: Any, twin: Any) -> Any:
+    def call(*args: Any, **kwargs: Any) -> Any:
+        twin(*args, **kwargs)
+        return method(*args, **kwargs)
+
+    return call
