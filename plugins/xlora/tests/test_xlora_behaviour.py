@@ -175,6 +175,10 @@ def test_merging_mixed_batches_and_more_adapters_are_refused(experts):
         model(input_ids=IDS, adapter_names=["0", "1"])
     with pytest.raises(Exception, match="one X-LoRA adapter"):
         model.add_adapter("other", XLoraConfig(**xlora_kwargs(experts)))
+    model.get_base_model().activation_checkpointing_enable()
+    with pytest.raises(Exception, match="checkpointing"):
+        model.train()(input_ids=IDS)
+    model.eval()
     plain = model.unload()
     assert max_abs_diff(logits(plain), logits(llama())) <= TOL
 
@@ -197,11 +201,12 @@ def test_bad_models_and_experts_raise_and_leave_the_model_alone(experts, tmp_pat
         get_peft_model(make_model("mlp"), XLoraConfig(**xlora_kwargs(experts)))
 
 
-def test_classifier_weights_are_hfs_keys(experts):
+def test_the_state_dict_has_hfs_keys(experts):
     model = ours(experts)
     with hf_oracle("HF peft's X-LoRA state dict"):
         hf = hf_twin(peft, experts, model)
-        assert sorted(classifier_state(hf)) == sorted(classifier_state(model))
+    assert sorted(classifier_state(hf)) == sorted(classifier_state(model))
+    assert sorted(hf.state_dict()) == sorted(model.state_dict())
 
 
 def test_beam_search_with_the_cache_equals_hfs(experts):

@@ -212,6 +212,7 @@ class XLoraModel(ScalingsApi, nn.Module):
 
     def _scalings_mix(self, args: tuple, kwargs: dict) -> tuple[AdapterMix, Any]:
         """Run the scaling pass and the classifier; the mix of the real pass and the scaling pass's cache."""
+        self._refuse_recomputation()
         value = self.xlora_config.scaling_pass_value
         device = self.internal_xlora_classifier.layers[0].weight.device
         # as in HF PEFT, the scaling pass's constant scalings go through top-k and the global weight too
@@ -227,6 +228,14 @@ class XLoraModel(ScalingsApi, nn.Module):
         weights = expert_weights(scalings, self.xlora_config)
         layers = self._layers
         return AdapterMix(self.experts, lambda layer: _layer_slice(weights, layers.get(layer))), own_cache
+
+    def _refuse_recomputation(self) -> None:
+        """Activation checkpointing recomputes layers in the backward pass, after the mix of the forward
+        is gone: their experts' weights would differ from the forward's."""
+        model = self.plain_model
+        if model.training and torch.is_grad_enabled() and getattr(model, "is_activation_checkpointing", False):
+            raise UnsupportedFeatureError("X-LoRA does not support training with gradient (activation) "
+                                          "checkpointing; call model.gradient_checkpointing_disable()")
 
     # ---- tensors saved and loaded ---------------------------------------------------------------
     def saved_tensors(self, adapter_name: str, state_dict: dict[str, torch.Tensor] | None = None,
