@@ -113,3 +113,22 @@ def test_loading_with_a_missing_expert_or_a_wrong_classifier_leaves_the_model_al
         PeftModel.from_pretrained(base, tmp_path / "deeper")
     assert not any("lora" in n for n, _ in base.named_modules())
     assert all(torch.equal(v, before[k]) for k, v in base.state_dict().items())
+
+
+def test_experts_moved_elsewhere_load_through_a_config_with_their_new_paths(experts, tmp_path):
+    """HF PEFT's docs say to pass the new ``adapters`` to ``from_pretrained``; HF 0.21.2 silently
+    ignores that keyword (and we refuse unknown keywords): the config names the new paths instead."""
+    import shutil
+
+    from peft_kernel import PeftConfig
+
+    model = ours(experts, seed=17)
+    model.save_pretrained(tmp_path / "xlora")
+    moved = {key: shutil.copytree(path, tmp_path / "moved" / key) for key, path in experts.items()}
+    config = PeftConfig.from_pretrained(tmp_path / "xlora")
+    config.adapters = {key: str(path) for key, path in moved.items()}
+    loaded = PeftModel.from_pretrained(llama(), tmp_path / "xlora", config=config)
+    assert max_abs_diff(logits(loaded), logits(model)) == 0
+    assert loaded.peft_config["default"].adapters == config.adapters
+    with pytest.raises(TypeError, match="adapters"):
+        PeftModel.from_pretrained(llama(), tmp_path / "xlora", adapters=config.adapters)
