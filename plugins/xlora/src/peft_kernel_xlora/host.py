@@ -45,20 +45,24 @@ class XLoraModel(ScalingsApi, nn.Module):
     def __init__(self, model: nn.Module, config: XLoraConfig, adapter_name: str) -> None:
         super().__init__()
         _check_model(model, config)
-        self.lora_model = load_experts(model, config)
         self.xlora_config = config
         self.adapter_name = adapter_name
-        self._layers = {layer: i for i, layer in enumerate(expert_layers(model))}
         self.experts = [str(i) for i in range(len(config.adapters))]
-        weight = next((p for p in model.parameters() if p.is_floating_point()), None)
-        self.internal_xlora_classifier = XLoraClassifier(config, len(self.experts), len(self._layers)).to(
-            device=None if weight is None else weight.device, dtype=None if weight is None else weight.dtype)
         self.internal_xlora_scalings: torch.Tensor | None = None
         self._scaling_pass = ScalingPass()
         self._disabled = False
         self._in_scaling_pass = False
         self._scalings_log: list[torch.Tensor] = []
-        self._set_trainable(not config.inference_mode)
+        self.lora_model = load_experts(model, config)
+        try:
+            self._layers = {layer: i for i, layer in enumerate(expert_layers(model))}
+            weight = next((p for p in model.parameters() if p.is_floating_point()), None)
+            self.internal_xlora_classifier = XLoraClassifier(config, len(self.experts), len(self._layers)).to(
+                device=None if weight is None else weight.device, dtype=None if weight is None else weight.dtype)
+            self._set_trainable(not config.inference_mode)
+        except BaseException:
+            self.lora_model.release()
+            raise
 
     def __getattr__(self, name: str) -> Any:
         """Attributes of the LoRA tuner and, through it, of the transformers model (``config``...)."""
@@ -138,16 +142,14 @@ class XLoraModel(ScalingsApi, nn.Module):
                 layer.enable_adapters(not disabled)
 
     def merge_adapter(self, adapter_names: list[str] | None = None, safe_merge: bool = False) -> None:
-        raise NotImplementedError("X-LoRA weights its experts per token with scalings computed from each input; "
-                                  "they cannot be merged into the base weights")
+        raise _merge_refusal()
 
     def unmerge_adapter(self) -> None:
-        self.merge_adapter()
+        raise _merge_refusal()
 
     def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False,
                          adapter_names: list[str] | None = None) -> nn.Module:
-        self.merge_adapter()
-        raise AssertionError("unreachable")  # pragma: no cover
+        raise _merge_refusal()
 
     def unload(self) -> nn.Module:
         """Remove the experts and return the base model."""
@@ -268,6 +270,11 @@ class XLoraModel(ScalingsApi, nn.Module):
             for key, target in own.items():
                 target.copy_(tensors[key])
         return LoadResult([], [])
+
+
+def _merge_refusal() -> NotImplementedError:
+    return NotImplementedError("X-LoRA weights its experts per token with scalings computed from each input; "
+                               "they cannot be merged into the base weights")
 
 
 def _layer_slice(weights: torch.Tensor, index: int | None) -> torch.Tensor | None:
