@@ -132,3 +132,15 @@ def test_experts_moved_elsewhere_load_through_a_config_with_their_new_paths(expe
     assert loaded.peft_config["default"].adapters == config.adapters
     with pytest.raises(TypeError, match="adapters"):
         PeftModel.from_pretrained(llama(), tmp_path / "xlora", adapters=config.adapters)
+
+
+def test_experts_keep_their_classifier_outputs_when_the_keys_are_not_sorted(experts, tmp_path):
+    """``adapter_config.json`` is written with sorted keys; the experts take the sorted order from the
+    start, so a reloaded model is the same model."""
+    unsorted = {"zeta": experts["0"], "alpha": experts["2"], "mid": experts["1"]}
+    model = ours(unsorted, seed=19)
+    model.save_pretrained(tmp_path)
+    assert list(json.loads((tmp_path / "adapter_config.json").read_text())["adapters"]) == ["alpha", "mid", "zeta"]
+    loaded = PeftModel.from_pretrained(llama(), tmp_path)
+    assert max_abs_diff(logits(loaded), logits(model)) == 0
+    assert [loaded.peft_config[n].r for n in ("0", "1", "2")] == [4, 3, 2]  # alpha, mid, zeta

@@ -2,7 +2,10 @@
 and loaded into a LoRA tuner built by the installed LoRA plugin, through the core's registry.
 
 As in HF PEFT the experts are named by their position (``"0"``, ``"1"``...), whatever the keys of
-``adapters`` are. Every expert is read and checked before the model is touched; a failure while
+``adapters`` are. The positions follow the keys' sorted order, which is the order ``adapters`` has
+once saved (``adapter_config.json`` is written with sorted keys, by HF PEFT too): a reloaded model
+then gives each classifier output the expert it had (HF PEFT takes the dict's order, so a saved model
+whose keys were not sorted reloads with its experts permuted). Every expert is read and checked before the model is touched; a failure while
 they are injected gives the model back as it came.
 """
 
@@ -50,7 +53,7 @@ def load_experts(model: nn.Module, config: XLoraConfig) -> AdapterHost:
     """A LoRA tuner on ``model`` holding ``config.adapters`` as experts ``"0"``, ``"1"``..., all active."""
     if not config.adapters:
         raise ConfigError("XLoraConfig.adapters is empty: X-LoRA needs at least one LoRA expert ({name: path})")
-    experts = [(str(i), *_read_expert(key, path)) for i, (key, path) in enumerate(config.adapters.items())]
+    experts = [(str(i), *_read_expert(key, path)) for i, (key, path) in enumerate(sorted(config.adapters.items()))]
     registry = get_registry()
     tuner: AdapterHost | None = None
     try:
