@@ -238,3 +238,15 @@ def test_one_expert_under_softmax_is_its_lora_adapter(tmp_path, kind, targets):
     assert list(model.peft_config) == ["default", "0"]
     assert max_abs_diff(logits(model.eval()), logits(lora)) <= TOL
     assert max_abs_diff(logits(lora), logits(make_model(kind))) > 1e-3
+
+
+def test_xlora_model_methods_have_hfs_signatures():
+    import inspect
+
+    from peft_kernel import XLoraModel
+
+    for name in ("set_topk_lora", "set_global_scaling_weight", "set_scaling_pass_value", "get_global_scaling_weight",
+                 "get_latest_scalings", "get_scalings_log", "enable_scalings_logging", "disable_scalings_logging",
+                 "clear_scalings_log", "get_bucketed_scalings_log"):
+        theirs, mine = inspect.signature(getattr(peft.XLoraModel, name)), inspect.signature(getattr(XLoraModel, name))
+        assert list(mine.parameters) == list(theirs.parameters), name
