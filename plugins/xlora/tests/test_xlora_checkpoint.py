@@ -45,6 +45,11 @@ def test_our_checkpoint_has_hfs_layout_and_round_trips(experts, tmp_path):
         saved, original = load_file(tmp_path / name / "adapter_model.safetensors"), load_file(f"{source}/adapter_model.safetensors")
         assert sorted(saved) == sorted(original) and all(torch.equal(saved[k], original[k]) for k in saved)
         assert json.loads((tmp_path / name / "adapter_config.json").read_text())["peft_type"] == "LORA"
+    model.save_pretrained(tmp_path / "from_state_dict", state_dict=model.state_dict())  # the Trainer's FSDP route
+    for name in ["", *experts]:
+        again, first = (load_file(tmp_path / "from_state_dict" / name / "adapter_model.safetensors"),
+                        load_file(tmp_path / name / "adapter_model.safetensors"))
+        assert sorted(again) == sorted(first) and all(torch.equal(again[k], first[k]) for k in first)
     loaded = PeftModel.from_pretrained(llama(), tmp_path)
     assert max_abs_diff(logits(loaded), logits(model)) == 0
     assert not any(p.requires_grad for p in loaded.parameters())
