@@ -105,8 +105,14 @@ def test_a_generated_invocation_starts_nothing_as_hf():
     ours = pk.get_peft_model(make_model("llama"), _config(pk, [token])).eval()
     pk.set_peft_model_state_dict(ours, state)
     assert torch.equal(expected, plain)
-    assert torch.equal(_generate(ours, IDS[2:]), expected)
-    assert torch.equal(_generate(ours, IDS[2:], use_cache=False), expected)
+    for use_cache in (True, False):
+        with torch.no_grad():
+            got = ours.generate(input_ids=IDS[2:], use_cache=use_cache, output_logits=True,
+                                return_dict_in_generate=True, **GREEDY)
+            logits = base.generate(input_ids=IDS[2:], use_cache=use_cache, output_logits=True,
+                                   return_dict_in_generate=True, **GREEDY).logits
+        assert torch.equal(got.sequences, expected)
+        assert max((a - b).abs().max().item() for a, b in zip(got.logits, logits)) <= 1e-6  # no step adapted
 
 
 def test_left_padded_rows_with_different_starts_equal_hf_and_single_rows(pair):
