@@ -84,6 +84,16 @@ def test_offset_zero_adapts_the_generated_tokens():
     assert not torch.equal(got, _generate(make_model("llama").eval()))
 
 
+def test_the_prompt_given_as_inputs_is_searched_too(pair):
+    """HF PEFT finds no invocation in ``generate(inputs=...)`` (its tokens are the base model's)."""
+    hf, ours = pair
+    with torch.no_grad():
+        got = ours.generate(inputs=IDS, **GREEDY)
+        theirs = hf.generate(inputs=IDS, **GREEDY)
+    assert torch.equal(got, _generate(ours))
+    assert torch.equal(theirs, _generate(make_model("llama").eval()))
+
+
 def test_offsets_are_per_prompt_row_and_named_when_wrong(pair):
     _, ours = pair
     with pytest.raises(ValueError, match="alora_offsets has 2 entries but the batch has 3 rows"):

@@ -104,6 +104,7 @@ class Prompt:
 
     def __init__(self, scope: CallScope):
         ids = scope.argument("input_ids")
+        ids = scope.kwargs.get("inputs") if ids is None else ids  # generate's other name for the prompt
         self.ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point() else None
         embeds = scope.kwargs.get("inputs_embeds")
         shaped = self.ids if self.ids is not None else embeds
