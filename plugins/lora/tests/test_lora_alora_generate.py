@@ -235,3 +235,15 @@ def test_the_models_hooks_leave_with_the_last_alora_adapter(leave):
     assert not any(k.startswith("_peft_kernel_alora") for k in vars(plain))
     with torch.no_grad():
         plain(input_ids=IDS)
+
+
+def test_plain_lora_ignores_alora_offsets_as_hf(pair):
+    hf, ours = pair
+    ours.set_adapter("plain")
+    hf.set_adapter("plain")
+    try:
+        got = _generate(ours, alora_offsets=[1, 1, 1])
+        assert torch.equal(got, _generate(ours)) and torch.equal(got, _generate(hf, alora_offsets=[1, 1, 1]))
+    finally:
+        ours.set_adapter("default")
+        hf.set_adapter("default")
