@@ -197,10 +197,19 @@ def export_graph(
 
 
 def example_inputs(graph: nn.Module, extra: tuple[torch.Tensor, ...] = (), lora_ids: bool = True) -> tuple[torch.Tensor, ...]:
-    """Tracing inputs with sizes unlike any real one (so no dimension is frozen by accident)."""
+    """Tracing inputs with sizes unlike any real one (so no dimension is frozen by accident).
+
+    A continuous-batching graph gets a cache of more rows than the batch and a ``batch_index``.
+    """
     batch, seq, ctx = 2, 3, 8
+    cb = getattr(graph, "continuous_batching", False)
     ids = torch.zeros(batch, seq, dtype=torch.long)
     pos = torch.arange(seq).repeat(batch, 1)
-    past = tuple(torch.zeros(graph.kv_shape(batch, ctx)) for _ in range(2 * graph.num_layers))
-    head = (ids, pos, torch.zeros(batch, 1, dtype=torch.long)) if lora_ids else (ids, pos)
+    rows = batch + 3 if cb else batch
+    past = tuple(torch.zeros(graph.kv_shape(rows, ctx)) for _ in range(2 * graph.num_layers))
+    head = (ids, pos)
+    if cb:
+        head += (torch.tensor([[3], [1]]),)
+    if lora_ids:
+        head += (torch.zeros(batch, 1, dtype=torch.long),)
     return head + past + tuple(extra)
