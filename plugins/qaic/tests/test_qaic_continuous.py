@@ -208,3 +208,24 @@ def test_full_batch_size_needs_continuous_batching_and_vice_versa(served):
         cb.compile_command()
     with pytest.raises(ExportConfigError, match="full_batch_size must be a positive integer"):
         cb.generate(prompt_token_ids=[[1, 5]], runtime="onnxruntime", full_batch_size=0)
+
+
+@pytest.mark.parametrize("continuous_batching", [False, True])
+def test_padding_that_wraps_around_the_cache_leaves_it_intact(served, tmp_path, continuous_batching):
+    """ctx_len 12, prefill chunks of 8: the last chunk of a 10-token prompt has 6 padding tokens whose
+    write slots wrap onto the prompt's first positions; they must write back what is there."""
+    qeff = QEffAutoLoraModelForCausalLM.from_pretrained(served["model"], continuous_batching=continuous_batching)
+    for name, path in served["paths"].items():
+        qeff.load_adapter(path, name)
+    shape = {"full_batch_size": 2} if continuous_batching else {"batch_size": 2}
+    qeff.export(tmp_path, prefill_seq_len=8, ctx_len=12, **shape)
+    prompts = [[1, *range(10, 19)], [1, 20, 21], [1, *range(30, 38)]]
+    mapping = ["gsm8k", "code", "base"]
+    res = qeff.generate(prompt_token_ids=prompts, prompt_to_adapter_mapping=mapping, generation_len=3,
+                        runtime="onnxruntime", return_logits=True)
+    oracle = served["oracle"]
+    for prompt, adapter, gen, got in zip(prompts, mapping, res.generated_ids, res.logits):
+        full = torch.tensor([prompt + gen])
+        ref = _with_adapter(oracle, adapter, oracle, full).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(gen)]
+        assert ref.argmax(-1).tolist() == gen
+        assert float(np.abs(ref.numpy() - got).max()) <= TOL, adapter
