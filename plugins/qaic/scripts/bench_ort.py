@@ -1,13 +1,13 @@
 """Export time and ONNX Runtime prefill / decode per step of the qaic graph (4-layer hidden-512 Llama).
 
     HF_HUB_OFFLINE=1 python plugins/qaic/scripts/bench_ort.py [--adapters 0,3,16] [--modes static,cb]
-                                                               [--repeats 15] [--threads 2]
+                                                               [--repeats 15] [--threads 2] [--ctx 256]
 
 For each adapter count (LoRA r=8 on q/k/v/o, random weights, saved with HF PEFT) and each graph kind
 (``static``: the batch-of-rows graph; ``cb``: continuous batching with a ``batch_index`` input and a
 KV cache of ``full_batch_size`` slots), exports once and times, with ONNX Runtime on CPU:
 
-- prefill: one ``[batch, 32]`` chunk into a ``ctx_len`` 256 cache (static: batch 4; cb: batch 1 into
+- prefill: one ``[batch, 32]`` chunk into a ``--ctx`` (256) cache (static: batch 4; cb: batch 1 into
   one slot, as the continuous-batching loop runs it), median of ``--repeats`` runs;
 - decode: ``[batch, 1]`` steps with the cache fed back (static: batch 4; cb: all 4 slots), median.
 
@@ -32,7 +32,7 @@ import torch  # noqa: E402
 from peft_kernel_qaic import QEffAutoLoraModelForCausalLM  # noqa: E402
 from peft_kernel_qaic.export import read_meta  # noqa: E402
 
-BATCH, PREFILL, CTX = 4, 32, 256
+BATCH, PREFILL = 4, 32
 
 
 def llama_h512():
@@ -58,7 +58,7 @@ def add_adapters(qeff, model, n: int, folder: Path) -> None:
         qeff.load_adapter(folder / f"a{i}", f"a{i}")
 
 
-def time_graph(onnx_path: str, threads: int, repeats: int) -> tuple[float, float]:
+def time_graph(onnx_path: str, threads: int, repeats: int, ctx: int) -> tuple[float, float]:
     meta = read_meta(onnx_path)
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads
@@ -68,7 +68,7 @@ def time_graph(onnx_path: str, threads: int, repeats: int) -> tuple[float, float
     cb = bool(meta.get("continuous_batching"))
     slots = len(meta.get("adapter_slots", ["base"]))
     kv = list(meta["kv_shape"])
-    kv[0], kv[2] = BATCH, CTX
+    kv[0], kv[2] = BATCH, ctx
     past = {n: np.zeros(kv, np.float32) for n in meta["kv_inputs"]}
 
     def run(ids, pos, rows):
@@ -101,6 +101,7 @@ def main() -> None:
     parser.add_argument("--modes", default="static,cb")
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--ctx", type=int, default=256)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs; ORT threads {args.threads}")
@@ -113,12 +114,12 @@ def main() -> None:
             add_adapters(qeff, model, n, tmp / f"adapters{n}")
             shape = {"full_batch_size": BATCH, "batch_size": 1} if mode == "cb" else {"batch_size": BATCH}
             t = time.perf_counter()
-            onnx_path = qeff.export(tmp / f"export-{mode}-{n}", prefill_seq_len=PREFILL, ctx_len=CTX, **shape)
+            onnx_path = qeff.export(tmp / f"export-{mode}-{n}", prefill_seq_len=PREFILL, ctx_len=args.ctx, **shape)
             export_s = time.perf_counter() - t
-            pre, dec = time_graph(onnx_path, args.threads, args.repeats)
+            pre, dec = time_graph(onnx_path, args.threads, args.repeats, args.ctx)
             pre_rows = 1 if mode == "cb" else BATCH
             print(f"{mode:6s} adapters={n:2d}  export {export_s:5.2f} s  prefill [{pre_rows}x{PREFILL}] {1000 * pre:7.2f} ms  "
-                  f"decode [{BATCH}x1] {1000 * dec:6.2f} ms/step  (ctx {CTX}, medians)", flush=True)
+                  f"decode [{BATCH}x1] {1000 * dec:6.2f} ms/step  (ctx {args.ctx}, medians)", flush=True)
 
 
 if __name__ == "__main__":
