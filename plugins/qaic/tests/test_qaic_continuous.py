@@ -229,3 +229,19 @@ def test_padding_that_wraps_around_the_cache_leaves_it_intact(served, tmp_path, 
         ref = _with_adapter(oracle, adapter, oracle, full).logits[0, len(prompt) - 1 : len(prompt) - 1 + len(gen)]
         assert ref.argmax(-1).tolist() == gen
         assert float(np.abs(ref.numpy() - got).max()) <= TOL, adapter
+
+
+def test_compile_with_full_batch_size_runs_the_sdk_binary(served, monkeypatch, tmp_path):
+    fake = tmp_path / "qaic-exec"
+    log = tmp_path / "args.txt"
+    fake.write_text(f"#!/bin/sh\necho \"$@\" > {log}\nexit 0\n")
+    fake.chmod(0o755)
+    monkeypatch.setenv("PEFT_KERNEL_QAIC_EXEC", str(fake))
+    qeff = served["qeff"]
+    qpc = qeff.compile(compile_dir=tmp_path / "c", num_cores=4, full_batch_size=SLOTS)
+    args = log.read_text().split()
+    assert args[0] == f"-m={qeff.onnx_path}" and f"-aic-binary-dir={qpc}" in args and "-retained-state" in args
+    spec = json.loads((tmp_path / "c" / "specializations.json").read_text())["specializations"]
+    assert [(s["batch_size"], s["seq_len"], s["full_batch_size"]) for s in spec] == [("1", "4", "3"), ("3", "1", "3")]
+    with pytest.raises(ExportConfigError, match="larger than the full_batch_size=3"):
+        qeff.generate(served["tok"], PROMPTS, MAPPING, runtime="ai100", full_batch_size=4)
