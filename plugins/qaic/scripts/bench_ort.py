@@ -44,9 +44,11 @@ def llama_h512():
     return AutoModelForCausalLM.from_config(cfg).eval()
 
 
-def add_adapters(qeff, model, n: int, folder: Path) -> None:
+def save_adapters(model, n: int, folder: Path) -> list[Path]:
+    """``n`` LoRA adapters (r=8 on q/k/v/o, random weights) saved with HF PEFT."""
     from peft import LoraConfig, get_peft_model
 
+    paths = []
     for i in range(n):
         torch.manual_seed(100 + i)
         pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]))
@@ -55,7 +57,8 @@ def add_adapters(qeff, model, n: int, folder: Path) -> None:
                 if "lora_" in name:
                     p.normal_(0, 0.02)
         pm.save_pretrained(str(folder / f"a{i}"))
-        qeff.load_adapter(folder / f"a{i}", f"a{i}")
+        paths.append(folder / f"a{i}")
+    return paths
 
 
 def time_graph(onnx_path: str, threads: int, repeats: int, ctx: int) -> tuple[float, float]:
@@ -108,10 +111,12 @@ def main() -> None:
     model = llama_h512()
     tmp = Path(tempfile.mkdtemp(prefix="qaic-bench-"))
     for n in (int(x) for x in args.adapters.split(",")):
+        paths = save_adapters(model, n, tmp / f"adapters{n}")
         for mode in args.modes.split(","):
             kwargs = {"continuous_batching": True} if mode == "cb" else {}
             qeff = QEffAutoLoraModelForCausalLM.from_pretrained(model, **kwargs)
-            add_adapters(qeff, model, n, tmp / f"adapters{n}")
+            for path in paths:
+                qeff.load_adapter(path, path.name)
             shape = {"full_batch_size": BATCH, "batch_size": 1} if mode == "cb" else {"batch_size": BATCH}
             t = time.perf_counter()
             onnx_path = qeff.export(tmp / f"export-{mode}-{n}", prefill_seq_len=PREFILL, ctx_len=args.ctx, **shape)

@@ -6,7 +6,8 @@ the graph was specialised to: ``[batch_size, prefill_seq_len]`` for prefill chun
 ``position_ids = -1`` on padding), ``[batch_size, 1]`` for decode, ``lora_ids`` ``[batch_size, 1]``
 per row, and the ``*_RetainedState`` outputs are fed back as the next ``past_*`` inputs. Prompts
 beyond ``batch_size`` run in successive groups; a short last group is filled with dummy rows whose
-results are dropped. Greedy decoding; a row stops after it emits ``eos_token_id``.
+results are dropped. Greedy decoding; a row stops after it emits ``eos_token_id``. Continuous-batching
+graphs run the slot-refilling loop of :mod:`peft_kernel_qaic.continuous` instead.
 """
 
 from __future__ import annotations
