@@ -245,3 +245,23 @@ def test_compile_with_full_batch_size_runs_the_sdk_binary(served, monkeypatch, t
     assert [(s["batch_size"], s["seq_len"], s["full_batch_size"]) for s in spec] == [("1", "4", "3"), ("3", "1", "3")]
     with pytest.raises(ExportConfigError, match="larger than the full_batch_size=3"):
         qeff.generate(served["tok"], PROMPTS, MAPPING, runtime="ai100", full_batch_size=4)
+
+
+@pytest.mark.parametrize("arch", ["mistral", "qwen3"])
+def test_other_architectures_serve_continuously(arch, tmp_path, tokenizer):
+    """Mistral (sliding window 12, exceeded) and Qwen3 (q/k norms): 4 prompts through 2 slots equal HF PEFT."""
+    model = tiny_model(arch)
+    paths = save_hf_adapters(model, tmp_path / "adapters")
+    qeff = QEffAutoLoraModelForCausalLM.from_pretrained(model, continuous_batching=True)
+    for name, path in paths.items():
+        qeff.load_adapter(path, name)
+    qeff.export(tmp_path / "export", prefill_seq_len=4, ctx_len=40, full_batch_size=2)
+    prompts, mapping = PROMPTS[:4], ["code", "chat", "base", "gsm8k"]
+    res = qeff.generate(tokenizer, prompts, mapping, generation_len=6, runtime="onnxruntime", return_logits=True)
+    oracle = hf_peft_model(model, paths)
+    for prompt, adapter, gen, got in zip(prompts, mapping, res.generated_ids, res.logits):
+        ids = tokenizer(prompt, return_tensors="pt")["input_ids"]
+        full = torch.cat([ids, torch.tensor([gen])], dim=1)
+        ref = _with_adapter(oracle, adapter, oracle, full).logits[0, ids.shape[1] - 1 : ids.shape[1] - 1 + len(gen)]
+        assert ref.argmax(-1).tolist() == gen, (arch, adapter)
+        assert float(np.abs(ref.numpy() - got).max()) <= TOL, (arch, adapter)
