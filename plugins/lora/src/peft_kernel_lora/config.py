@@ -8,8 +8,10 @@ from typing import Any, Literal, Optional, Union
 import attrs
 
 from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetedConfig, check_range
+from peft_kernel_lora.bdlora_config import check_lora_bdlora
 from peft_kernel_lora.corda_config import check_lora_corda
 from peft_kernel_lora.eva_config import check_lora_eva
+from peft_kernel_lora.kasa_config import check_lora_kasa
 from peft_kernel_lora.loftq_config import check_lora_loftq
 
 INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva")
@@ -20,7 +22,6 @@ INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva")
 # `peft-kernel inspect` can show it).
 UNSUPPORTED_FIELDS = {
     "arrow_config": None,
-    "kasa_config": None,
     "lora_ga_config": None,
     "megatron_config": None,
     "monteclora_config": None,
@@ -94,6 +95,8 @@ class LoraConfig(TargetedConfig):
         self.loftq_config = check_lora_loftq(self.init_lora_weights, self.loftq_config)
         self.corda_config = check_lora_corda(self.init_lora_weights, self.corda_config)
         self.eva_config = check_lora_eva(self.init_lora_weights, self.eva_config)
+        self.kasa_config = check_lora_kasa(self)
+        self.use_bdlora = check_lora_bdlora(self)
 
     def rewrites_base_weights(self) -> bool:
         """PiSSA, OLoRA and CorDA move part of each targeted weight into the adapter; LoftQ replaces it

@@ -17,6 +17,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             prefix="lora_",
             capabilities={"additive", "mergeable", "mixed_batch", "hotswap", "multi_adapter"},
             tuner_name="LoraModel",
+            tuner_mixin="peft_kernel_lora.tuner:LoraTuner",
             layer_factory="peft_kernel_lora.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,
             exports={"LoraLayer": "peft_kernel_lora.layers:LoraLayer",
@@ -29,7 +30,9 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
                      "replace_lora_weights_loftq": "peft_kernel_lora.loftq:replace_lora_weights_loftq",
                      "EvaConfig": "peft_kernel_lora.eva_config:EvaConfig",
                      "initialize_lora_eva_weights": "peft_kernel_lora.eva:initialize_lora_eva_weights",
-                     "get_eva_state_dict": "peft_kernel_lora.eva:get_eva_state_dict"},
+                     "get_eva_state_dict": "peft_kernel_lora.eva:get_eva_state_dict",
+                     "KasaConfig": "peft_kernel_lora.kasa_config:KasaConfig",
+                     "BdLoraConfig": "peft_kernel_lora.bdlora_config:BdLoraConfig"},
         )
     )
 
@@ -84,11 +87,15 @@ def peft_kernel_map_state_dict(config: Any, state_dict: Any, direction: str) -> 
 @hookimpl
 def peft_kernel_prepare_config(config: Any, model: Any) -> None:
     """``layer_replication``: rebuild the layer stack before targets are matched; aLoRA: find the
-    invocation sequences once per forward of the model."""
+    invocation sequences once per forward of the model; KaSA: not mixed with other LoRA adapters."""
     if isinstance(config, LoraConfig) and config.alora_invocation_tokens:
         from peft_kernel_lora.alora import install
 
         install(model)
+    if isinstance(config, LoraConfig):
+        from peft_kernel_lora.kasa import check_model
+
+        check_model(model, config)
     if isinstance(config, LoraConfig) and config.layer_replication:
         from peft_kernel_lora.replication import replicate
 
