@@ -26,7 +26,6 @@ UNSUPPORTED_FIELDS = {
     "megatron_config": None,
     "monteclora_config": None,
     "target_parameters": None,
-    "use_bdlora": None,
     "use_qalora": False,
     "velora_config": None,
     "ensure_weight_tying": False,
