@@ -14,7 +14,7 @@ from peft_kernel_lora.eva_config import check_lora_eva
 from peft_kernel_lora.kasa_config import check_lora_kasa
 from peft_kernel_lora.loftq_config import check_lora_loftq
 
-INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva")
+INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva", "orthogonal")
 """String values of ``init_lora_weights`` this plugin implements (plus ``pissa_niter_<n>``)."""
 
 # Fields HF PEFT has for features this plugin does not implement yet: any non-default value is
@@ -82,7 +82,6 @@ class LoraConfig(TargetedConfig):
             raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         if isinstance(self.init_lora_weights, str) and not (
             self.init_lora_weights in INIT_CHOICES or self.init_lora_weights.startswith("pissa_niter_")
-            or self.init_lora_weights == "orthogonal"
         ):
             raise ConfigError(
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not valid; use True, False, "
@@ -105,10 +104,7 @@ class LoraConfig(TargetedConfig):
 
     def unsupported(self) -> list[str]:
         """Fields set to values this plugin cannot honour (checked when an adapter is injected)."""
-        problems = [f"{k}={getattr(self, k)!r}" for k, default in UNSUPPORTED_FIELDS.items() if getattr(self, k) != default]
-        if isinstance(self.init_lora_weights, str) and self.init_lora_weights == "orthogonal":
-            problems.append(f"init_lora_weights={self.init_lora_weights!r}")
-        return problems
+        return [f"{k}={getattr(self, k)!r}" for k, default in UNSUPPORTED_FIELDS.items() if getattr(self, k) != default]
 
 
 def check_alora(tokens: Any, task_type: Any, use_dora: bool) -> None:
