@@ -28,7 +28,6 @@ UNSUPPORTED_FIELDS = {
     "target_parameters": None,
     "use_qalora": False,
     "velora_config": None,
-    "ensure_weight_tying": False,
 }
 
 

@@ -51,6 +51,7 @@ class LoraLayer(AdapterLayer):
         self.lora_diag = nn.ParameterDict()  # KaSA's singular values (see kasa)
         self.derived_factor_adapters: set[str] = set()  # KaSA / BD-LoRA adapters (see variants)
         self.derived_factors = DerivedFactors()
+        self.tied_adapters: set[str] = set()  # tensors shared with a tied embedding's (see weight_tying)
         self._dora_factor: dict[str, torch.Tensor] = {}
         self._unmerged_weight: torch.Tensor | None = None  # set while a DoRA merge needs the bare base weight
 
@@ -64,6 +65,7 @@ class LoraLayer(AdapterLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         variants.drop(self, adapter_name)
+        self.tied_adapters.discard(adapter_name)
         mixed.drop_stack(self)
 
     # ---- creation --------------------------------------------------------------------------
@@ -192,6 +194,8 @@ class LoraLayer(AdapterLayer):
 
     def merge_into_base(self, adapter_name: str, safe_merge: bool = False) -> None:
         replication.check_merge(self, adapter_name)
+        if adapter_name in self.tied_adapters:
+            return  # the tied embedding folds the shared delta into the shared weight
         if adapter_name in self.alora_invocation_tokens:
             alora.refuse_merge(adapter_name)
         if not self.use_dora[adapter_name]:
@@ -204,6 +208,8 @@ class LoraLayer(AdapterLayer):
             raise
 
     def unmerge_from_base(self, adapter_name: str) -> None:
+        if adapter_name in self.tied_adapters:
+            return
         if not self.use_dora[adapter_name]:
             return super().unmerge_from_base(adapter_name)
         with torch.no_grad():

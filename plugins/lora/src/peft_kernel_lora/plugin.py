@@ -87,15 +87,18 @@ def peft_kernel_map_state_dict(config: Any, state_dict: Any, direction: str) -> 
 @hookimpl
 def peft_kernel_prepare_config(config: Any, model: Any) -> None:
     """``layer_replication``: rebuild the layer stack before targets are matched; aLoRA: find the
-    invocation sequences once per forward of the model; KaSA: not mixed with other LoRA adapters."""
+    invocation sequences once per forward of the model; KaSA: not mixed with other LoRA adapters;
+    ``ensure_weight_tying``: every tied layer named."""
     if isinstance(config, LoraConfig) and config.alora_invocation_tokens:
         from peft_kernel_lora.alora import install
 
         install(model)
     if isinstance(config, LoraConfig):
         from peft_kernel_lora.kasa import check_model
+        from peft_kernel_lora.weight_tying import prepare
 
         check_model(model, config)
+        prepare(config, model)
     if isinstance(config, LoraConfig) and config.layer_replication:
         from peft_kernel_lora.replication import replicate
 
