@@ -153,3 +153,8 @@ def test_bad_configs(kwargs, match):
 
     with pytest.raises(ConfigError, match=match):
         LoraConfig(**{"use_bdlora": BdLoraConfig(nblocks=2), **kwargs})
+
+
+def test_add_weighted_adapter_refused():
+    with pytest.raises(ValueError, match="does not combine BD-LoRA adapters"):
+        _ours().add_weighted_adapter(["default"], [1.0], "combined")

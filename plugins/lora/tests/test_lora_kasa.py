@@ -131,3 +131,9 @@ def test_bad_configs(kwargs, match):
 
     with pytest.raises(ConfigError, match=match):
         LoraConfig(**{"kasa_config": KasaConfig(), **kwargs})
+
+
+def test_add_weighted_adapter_refused():
+    model = _ours()
+    with pytest.raises(ValueError, match="does not combine KaSA adapters"):
+        model.add_weighted_adapter(["default"], [1.0], "combined")
