@@ -146,6 +146,9 @@ def test_warnings_as_hf():
             r=2, target_modules=["q_proj"], modules_to_save=["embed_tokens"], ensure_weight_tying=True))
     with pytest.warns(UserWarning, match="no tied modules are added in either `modules_to_save` or `target_modules`"):
         peft_kernel.get_peft_model(_llama(), peft_kernel.LoraConfig(r=2, target_modules=["q_proj"], ensure_weight_tying=True))
+    with pytest.warns(UserWarning, match="no tied modules are added"):  # trainable tokens tie by themselves (HF warns too)
+        peft_kernel.get_peft_model(_llama(), peft_kernel.LoraConfig(r=2, target_modules=["q_proj"], trainable_token_indices=[1, 2],
+                                                                   ensure_weight_tying=True))
     with pytest.warns(UserWarning, match="a tied layer is part of the adapter, but `ensure_weight_tying` is not set"):
         peft_kernel.get_peft_model(_llama(), peft_kernel.LoraConfig(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"]))
 
@@ -154,3 +157,22 @@ def test_dora_on_tied_layers_refused():
     with pytest.raises(ValueError, match="cannot tie DoRA adapters"):
         peft_kernel.get_peft_model(_llama(), peft_kernel.LoraConfig(r=2, target_modules=["lm_head"], use_dora=True,
                                                                    ensure_weight_tying=True))
+
+
+def test_gpt2_tied_when_the_embedding_is_named():
+    """HF PEFT 0.21.2 on GPT-2 ties only when ``lm_head`` is named: naming ``wte`` warns "no tied modules
+    are added" and leaves ``lm_head`` on the bare weight (logits ~100 off a tied model here). Ours
+    ties whenever a tied layer is named; the oracle is the tied model itself: the output layer uses
+    the adapted embedding weight, so merge_and_unload keeps one weight and equals the unmerged model."""
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(n_embd=16, n_layer=1, n_head=2, n_positions=32, vocab_size=64)
+    model = peft_kernel.get_peft_model(transformers.GPT2LMHeadModel(config).eval(), peft_kernel.LoraConfig(
+        r=4, target_modules=["c_attn", "wte"], ensure_weight_tying=True)).eval()
+    _perturb(model)
+    head, wte = model.base_model.model.lm_head, model.base_model.model.transformer.wte
+    assert "default" in head.tied_adapters
+    torch.testing.assert_close(head.delta_weight("default"), wte.delta_weight("default"))
+    unmerged = _logits(model)
+    merged = model.merge_and_unload()
+    assert merged.lm_head.weight is merged.transformer.wte.weight
+    torch.testing.assert_close(_logits_plain(merged), unmerged, atol=1e-4, rtol=1e-5)
