@@ -137,3 +137,10 @@ def test_add_weighted_adapter_refused():
     model = _ours()
     with pytest.raises(ValueError, match="does not combine KaSA adapters"):
         model.add_weighted_adapter(["default"], [1.0], "combined")
+
+
+def test_convert_to_lora_refused_as_hf():
+    import peft_kernel
+
+    with pytest.raises(TypeError, match="do not support LoRA conversion: KaSA adapters"):
+        peft_kernel.convert_to_lora(_ours(), 2)
