@@ -176,3 +176,13 @@ def test_gpt2_tied_when_the_embedding_is_named():
     merged = model.merge_and_unload()
     assert merged.lm_head.weight is merged.transformer.wte.weight
     torch.testing.assert_close(_logits_plain(merged), unmerged, atol=1e-4, rtol=1e-5)
+
+
+def test_inject_adapter_in_model_ties_too():
+    """As HF: the tying also happens without a PeftModel (the core's ``peft_kernel_adapter_injected``)."""
+    model = peft_kernel.inject_adapter_in_model(peft_kernel.LoraConfig(
+        r=2, target_modules=["q_proj", "lm_head"], ensure_weight_tying=True), _llama())
+    assert model.lm_head.lora_A["default"].weight.data_ptr() == model.model.embed_tokens.lora_embedding_B["default"].data_ptr()
+    model = peft_kernel.inject_adapter_in_model(peft_kernel.LoraConfig(
+        r=2, target_modules=["q_proj"], modules_to_save=["lm_head"], ensure_weight_tying=True), _llama())
+    assert model.lm_head.modules_to_save["default"].weight is model.model.embed_tokens.modules_to_save["default"].weight

@@ -103,3 +103,12 @@ def peft_kernel_prepare_config(config: Any, model: Any) -> None:
         from peft_kernel_lora.replication import replicate
 
         replicate(model, config.layer_replication)
+
+
+@hookimpl
+def peft_kernel_adapter_injected(config: Any, model: Any, adapter_name: str) -> None:
+    """``ensure_weight_tying``: the adapters on tied layers share their tensors."""
+    if isinstance(config, LoraConfig) and config.ensure_weight_tying:
+        from peft_kernel_lora.weight_tying import tie
+
+        tie(model, adapter_name, config)

@@ -21,10 +21,3 @@ class LoraTuner:
         configs = self.peft_config  # type: ignore[attr-defined]
         settings = {n: getattr(configs.get(n), "kasa_config", None) for n in names}
         return loss(self.model, names, settings)  # type: ignore[attr-defined]
-
-    def _inject(self, adapter_name: str, peft_config: Any, state_dict: dict[str, Any] | None = None) -> None:
-        """The core's injection, then ``ensure_weight_tying``'s sharing (see :mod:`peft_kernel_lora.weight_tying`)."""
-        from peft_kernel_lora.weight_tying import tie
-
-        super()._inject(adapter_name, peft_config, state_dict)  # type: ignore[misc]
-        tie(self.model, adapter_name, peft_config)  # type: ignore[attr-defined]

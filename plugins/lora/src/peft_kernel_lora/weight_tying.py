@@ -89,8 +89,6 @@ def prepare(config: Any, model: nn.Module) -> None:
 
 def tie(model: nn.Module, adapter_name: str, config: Any) -> None:
     """After injection: share the tied layers' trainable copies / LoRA tensors (see the module docstring)."""
-    if not config.ensure_weight_tying:
-        return
     group = tied_group(model)
     if not group:
         return
