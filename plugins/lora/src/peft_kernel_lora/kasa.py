@@ -49,6 +49,8 @@ def check_model(model: nn.Module, config: Any) -> None:
     for module in model.modules():
         if not isinstance(module, LoraLayer):
             continue
+        if (new_is_kasa and len(module.lora_diag) == len(module.r)) or (not new_is_kasa and not module.lora_diag):
+            continue  # one set lookup per layer, whatever the number of adapters
         for name in module.r:
             if (name in module.lora_diag) != new_is_kasa:
                 raise ValueError(
