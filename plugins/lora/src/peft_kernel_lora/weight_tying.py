@@ -46,7 +46,7 @@ def tied_group(model: nn.Module) -> list[str]:
 
     tied = [(path, module) for path, module in walk_modules(model, stop=(LoraLayer, ModulesToSaveWrapper))
             if path and getattr(base_of(_unwrap(module)), "weight", None) is weight]
-    return sorted((path for path, _ in tied), key=lambda path: dict(tied)[path] is not embedding)
+    return [path for path, module in tied if module is embedding] + [path for path, module in tied if module is not embedding]
 
 
 def _unwrap(module: nn.Module) -> nn.Module:
