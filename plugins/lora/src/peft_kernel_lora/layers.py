@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
-from peft_kernel_lora import alora, dora, init, replication, tokens
+from peft_kernel_lora import alora, dora, init, replication, tokens, variants
 from peft_kernel_lora.config import LoraConfig
 from peft_kernel_lowrank import mixed
+from peft_kernel_lowrank.derived import DerivedFactors
 
 
 def _adapter_dtype(base_layer: nn.Module) -> torch.dtype:
@@ -29,7 +30,8 @@ def _adapter_dtype(base_layer: nn.Module) -> torch.dtype:
 class LoraLayer(AdapterLayer):
     """State and bookkeeping shared by every LoRA layer type."""
 
-    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                           "lora_diag")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "alora_invocation_tokens")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
@@ -46,6 +48,10 @@ class LoraLayer(AdapterLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_diag = nn.ParameterDict()  # KaSA's singular values (see kasa)
+        self.derived_factor_adapters: set[str] = set()  # KaSA / BD-LoRA adapters (see variants)
+        self.derived_factors = DerivedFactors()
+        self.tied_adapters: set[str] = set()  # tensors shared with a tied embedding's (see weight_tying)
         self._dora_factor: dict[str, torch.Tensor] = {}
         self._unmerged_weight: torch.Tensor | None = None  # set while a DoRA merge needs the bare base weight
 
@@ -58,6 +64,8 @@ class LoraLayer(AdapterLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
+        variants.drop(self, adapter_name)
+        self.tied_adapters.discard(adapter_name)
         mixed.drop_stack(self)
 
     # ---- creation --------------------------------------------------------------------------
@@ -83,10 +91,12 @@ class LoraLayer(AdapterLayer):
         if invocation is not None:
             self.alora_invocation_tokens[adapter_name] = invocation
         self.create_adapter(adapter_name, r, config)
+        variants.create(self, adapter_name, r, config, module_name)
         weight = self.base_layer.weight
         for p in self.adapter_parameters(adapter_name):
             p.data = p.data.to(device=weight.device, dtype=_adapter_dtype(self.base_layer))
         init.initialize(self, adapter_name, config.init_lora_weights, config.loftq_config)
+        variants.after_init(self, adapter_name)
         if config.use_dora:
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(dora.initial_magnitude(self, adapter_name))
 
@@ -184,6 +194,8 @@ class LoraLayer(AdapterLayer):
 
     def merge_into_base(self, adapter_name: str, safe_merge: bool = False) -> None:
         replication.check_merge(self, adapter_name)
+        if adapter_name in self.tied_adapters:
+            return  # the tied embedding folds the shared delta into the shared weight
         if adapter_name in self.alora_invocation_tokens:
             alora.refuse_merge(adapter_name)
         if not self.use_dora[adapter_name]:
@@ -196,6 +208,8 @@ class LoraLayer(AdapterLayer):
             raise
 
     def unmerge_from_base(self, adapter_name: str) -> None:
+        if adapter_name in self.tied_adapters:
+            return
         if not self.use_dora[adapter_name]:
             return super().unmerge_from_base(adapter_name)
         with torch.no_grad():
@@ -215,10 +229,16 @@ class Linear(LoraLayer):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=config.lora_bias)
 
     def lora_weight(self, adapter_name: str) -> torch.Tensor:
+        if adapter_name in self.derived_factor_adapters:
+            a, b = variants.dense_factors(self, adapter_name)
+            return b @ a
         return self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight
 
     def lora_product(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        return self.lora_B[adapter_name](self.lora_A[adapter_name](x)) * self.scaling[adapter_name]
+        after_a = self.lora_A[adapter_name](x)
+        if adapter_name in self.lora_diag:  # KaSA
+            after_a = after_a * self.lora_diag[adapter_name]
+        return self.lora_B[adapter_name](after_a) * self.scaling[adapter_name]
 
     def base_output_no_bias(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.base_weight().to(x.dtype))
@@ -239,6 +259,8 @@ class Linear(LoraLayer):
         lin_a = modules["lora_A"]._modules.get(adapter_name)
         if lin_a is None:  # an adapter whose creation failed half-way holds a rank but no tensors
             return None
+        if adapter_name in self.derived_factor_adapters:
+            return (*variants.dense_factors(self, adapter_name), self.scaling[adapter_name])
         lin_b = modules["lora_B"]._modules[adapter_name]
         return lin_a._parameters["weight"], lin_b._parameters["weight"], self.scaling[adapter_name]
 
