@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional, Union
 import attrs
 
 from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetedConfig, check_range
+from peft_kernel_lora.arrow_config import arrow_settings
 from peft_kernel_lora.corda_config import check_lora_corda
 from peft_kernel_lora.eva_config import check_lora_eva
 from peft_kernel_lora.loftq_config import check_lora_loftq
@@ -19,7 +20,6 @@ INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva")
 # refused with a clear error when the adapter is injected (the config itself still loads, so
 # `peft-kernel inspect` can show it).
 UNSUPPORTED_FIELDS = {
-    "arrow_config": None,
     "kasa_config": None,
     "lora_ga_config": None,
     "megatron_config": None,
@@ -94,6 +94,7 @@ class LoraConfig(TargetedConfig):
         self.loftq_config = check_lora_loftq(self.init_lora_weights, self.loftq_config)
         self.corda_config = check_lora_corda(self.init_lora_weights, self.corda_config)
         self.eva_config = check_lora_eva(self.init_lora_weights, self.eva_config)
+        self.arrow_config = arrow_settings(self.arrow_config)
 
     def rewrites_base_weights(self) -> bool:
         """PiSSA, OLoRA and CorDA move part of each targeted weight into the adapter; LoftQ replaces it

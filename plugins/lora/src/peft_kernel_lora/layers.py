@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
-from peft_kernel_lora import alora, dora, init, replication, tokens
+from peft_kernel_lora import alora, arrow, dora, init, replication, tokens
 from peft_kernel_lora.config import LoraConfig
 from peft_kernel_lowrank import mixed
 
@@ -30,7 +30,7 @@ class LoraLayer(AdapterLayer):
     """State and bookkeeping shared by every LoRA layer type."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "alora_invocation_tokens")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "alora_invocation_tokens", "lora_arrow")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -46,6 +46,7 @@ class LoraLayer(AdapterLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_arrow = nn.ModuleDict()  # Arrow routers (see arrow)
         self._dora_factor: dict[str, torch.Tensor] = {}
         self._unmerged_weight: torch.Tensor | None = None  # set while a DoRA merge needs the bare base weight
 
@@ -57,6 +58,7 @@ class LoraLayer(AdapterLayer):
         return list(self.r)  # as has_adapter: read once per mixed-batch forward by the stacks
 
     def delete_adapter(self, adapter_name: str) -> None:
+        arrow.forget(self, adapter_name)
         super().delete_adapter(adapter_name)
         mixed.drop_stack(self)
 
@@ -89,6 +91,7 @@ class LoraLayer(AdapterLayer):
         init.initialize(self, adapter_name, config.init_lora_weights, config.loftq_config)
         if config.use_dora:
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(dora.initial_magnitude(self, adapter_name))
+        arrow.update(self, adapter_name, config, routes=isinstance(self, Linear))
 
     @staticmethod
     def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -145,6 +148,8 @@ class LoraLayer(AdapterLayer):
             if result is not None and self.training and not isinstance(dropout, nn.Identity):
                 result = None  # live dropout: DoRA rescales W·dropout(x), not the output so far (HF)
             x = dropout(x.to(next(iter(self.adapter_parameters(adapter_name))).dtype))
+        if adapter_name in self.lora_arrow:
+            return arrow.delta(self, x, adapter_name)
         if self.use_dora[adapter_name]:
             return dora.delta(self, x, adapter_name, None if result is None else self.without_bias(result))
         invocation = self.alora_invocation_tokens.get(adapter_name)
@@ -186,6 +191,8 @@ class LoraLayer(AdapterLayer):
         replication.check_merge(self, adapter_name)
         if adapter_name in self.alora_invocation_tokens:
             alora.refuse_merge(adapter_name)
+        if adapter_name in self.lora_arrow:
+            arrow.refuse_merge(adapter_name)
         if not self.use_dora[adapter_name]:
             return super().merge_into_base(adapter_name, safe_merge)
         self._dora_factor[adapter_name] = dora.factor(self, adapter_name, self.unmerged_base_weight()).detach()
@@ -231,9 +238,10 @@ class Linear(LoraLayer):
     def low_rank_factors(self, adapter_name: str) -> LowRankFactors | None:
         """``(lora_A.weight [r, in], lora_B.weight [out, r], scaling)``; ``None`` for DoRA, for
         live dropout in training, and for adapters this layer does not hold."""
-        if self.use_dora.get(adapter_name, True) or adapter_name in self.alora_invocation_tokens:  # DoRA, aLoRA, not held
-            return None
         modules = self._modules  # read for every adapter on every mixed-batch forward: no Module.__getattr__
+        if self.use_dora.get(adapter_name, True) or adapter_name in self.alora_invocation_tokens \
+                or adapter_name in modules["lora_arrow"]._modules:  # DoRA, aLoRA, Arrow router, not held
+            return None
         if self.training and not isinstance(modules["lora_dropout"]._modules[adapter_name], nn.Identity):
             return None
         lin_a = modules["lora_A"]._modules.get(adapter_name)
