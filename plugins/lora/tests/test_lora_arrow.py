@@ -297,3 +297,20 @@ def test_arrow_config_by_hand_equals_create_arrow_model(saved):
     model.set_adapter("router")
     reference = _arrow(peft, saved, top_k=2, rng_seed=6)
     assert (_logits(model) - _logits(reference)).abs().max() <= ATOL
+
+
+def test_router_only_on_linear_layers_like_hf(saved, tmp_path):
+    """Experts that also target the embedding and lm_head: HF adds the router to Linear layers only
+    (lm_head routes too, the embedding keeps its experts and no router); same logits and saved keys.
+    (Layer status differs in one point, from the core: the embedding's active adapters are [] here,
+    ['arrow_router'] in HF, which lists an active adapter the layer does not hold.)"""
+    targets = ["embed_tokens", "q_proj", "lm_head"]
+    paths = [_save(peft, tmp_path, 60 + i, targets=targets) for i in range(2)]
+    outputs, keys = [], []
+    for lib in (peft_kernel, peft):
+        model = lib.create_arrow_model(make_model("llama"), paths, lib.ArrowConfig(top_k=1, rng_seed=1))
+        outputs.append(_logits(model))
+        model.save_pretrained(tmp_path / lib.__name__)
+        keys.append(sorted(load_file(tmp_path / lib.__name__ / "arrow_router" / "adapter_model.safetensors")))
+    assert (outputs[0] - outputs[1]).abs().max() <= ATOL
+    assert keys[0] == keys[1] and not any("embed_tokens.lora" in k for k in keys[0])

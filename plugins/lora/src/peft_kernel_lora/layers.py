@@ -72,6 +72,8 @@ class LoraLayer(AdapterLayer):
                 f"peft-kernel-lora does not implement {', '.join(unsupported)} yet (module {module_name!r}); "
                 "leave these at their defaults."
             )
+        if config.arrow_config is not None and not isinstance(self, Linear):
+            return  # HF PEFT adds Arrow routers to linear layers only
         r = pattern_value(config.rank_pattern, module_name, config.r)
         alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
         if not isinstance(r, int) or r <= 0:
@@ -379,6 +381,8 @@ def make_layer(config: LoraConfig, adapter_name: str, base_layer: nn.Module, mod
     fan_in_fan_out = linear_fan_in_fan_out(config, base_layer)
     if fan_in_fan_out is not None:
         layer: LoraLayer = Linear(base_layer, fan_in_fan_out=fan_in_fan_out)
+    elif config.arrow_config is not None:
+        return None  # HF PEFT adds Arrow routers to linear layers only
     elif isinstance(base_layer, nn.Embedding):
         layer = Embedding(base_layer)
     elif isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
