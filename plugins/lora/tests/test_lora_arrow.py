@@ -284,6 +284,8 @@ def test_bad_arrow_setups(saved):
         peft_kernel.create_arrow_model(make_model("llama"), saved["tasks"], peft_kernel.ArrowConfig(use_gks=True))
     with pytest.raises(ConfigError, match="at least one"):
         peft_kernel.create_arrow_model(make_model("llama"), [], peft_kernel.ArrowConfig())
+    with pytest.raises(TypeError, match="bogus"):  # HF 0.21.2 accepts and ignores unknown adapter_kwargs
+        peft_kernel.create_arrow_model(make_model("llama"), saved["tasks"], peft_kernel.ArrowConfig(), bogus=1)
     with pytest.raises(ConfigError, match="must be an ArrowConfig"):
         peft_kernel.create_arrow_model(make_model("llama"), saved["tasks"], None)
     with pytest.raises(ConfigError, match="task_adapter_names is empty"):  # HF: AttributeError 'NoneType'.copy
