@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional, Union
 import attrs
 
 from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetedConfig, check_range
+from peft_kernel_lora.arrow_config import arrow_settings
 from peft_kernel_lora.bdlora_config import check_lora_bdlora
 from peft_kernel_lora.corda_config import check_lora_corda
 from peft_kernel_lora.eva_config import check_lora_eva
@@ -22,7 +23,6 @@ INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva", "orthogon
 # refused with a clear error when the adapter is injected (the config itself still loads, so
 # `peft-kernel inspect` can show it).
 UNSUPPORTED_FIELDS = {
-    "arrow_config": None,
     "lora_ga_config": None,
     "megatron_config": None,
     "monteclora_config": None,
@@ -95,6 +95,7 @@ class LoraConfig(TargetedConfig):
         self.eva_config = check_lora_eva(self.init_lora_weights, self.eva_config)
         self.kasa_config = check_lora_kasa(self)
         self.use_bdlora = check_lora_bdlora(self)
+        self.arrow_config = arrow_settings(self.arrow_config)
 
     def rewrites_base_weights(self) -> bool:
         """PiSSA, OLoRA and CorDA move part of each targeted weight into the adapter; LoftQ replaces it

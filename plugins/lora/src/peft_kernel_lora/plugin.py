@@ -30,6 +30,8 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
                      "preprocess_corda": "peft_kernel_lora.corda:preprocess_corda",
                      "replace_lora_weights_loftq": "peft_kernel_lora.loftq:replace_lora_weights_loftq",
                      "EvaConfig": "peft_kernel_lora.eva_config:EvaConfig",
+                     "ArrowConfig": "peft_kernel_lora.arrow_config:ArrowConfig",
+                     "create_arrow_model": "peft_kernel_lora.arrow_model:create_arrow_model",
                      "initialize_lora_eva_weights": "peft_kernel_lora.eva:initialize_lora_eva_weights",
                      "get_eva_state_dict": "peft_kernel_lora.eva:get_eva_state_dict",
                      "KasaConfig": "peft_kernel_lora.kasa_config:KasaConfig",
