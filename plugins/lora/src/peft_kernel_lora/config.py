@@ -11,8 +11,9 @@ from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetedConf
 from peft_kernel_lora.corda_config import check_lora_corda
 from peft_kernel_lora.eva_config import check_lora_eva
 from peft_kernel_lora.loftq_config import check_lora_loftq
+from peft_kernel_lora.lora_ga_config import check_lora_ga
 
-INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva")
+INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva", "lora_ga")
 """String values of ``init_lora_weights`` this plugin implements (plus ``pissa_niter_<n>``)."""
 
 # Fields HF PEFT has for features this plugin does not implement yet: any non-default value is
@@ -21,7 +22,6 @@ INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva")
 UNSUPPORTED_FIELDS = {
     "arrow_config": None,
     "kasa_config": None,
-    "lora_ga_config": None,
     "megatron_config": None,
     "monteclora_config": None,
     "target_parameters": None,
@@ -88,18 +88,19 @@ class LoraConfig(TargetedConfig):
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not valid; use True, False, "
                 f"{', '.join(repr(c) for c in INIT_CHOICES)} or 'pissa_niter_<n>'"
             )
-        if self.lora_bias and self.init_lora_weights == "loftq":  # HF refuses every string init; LoftQ here
+        if self.lora_bias and self.init_lora_weights in ("loftq", "lora_ga"):  # HF refuses every string init; LoftQ here
             raise ConfigError("The argument lora_bias=True is only supported with init_lora_weights=True or False, "
                               f"got init_lora_weights={self.init_lora_weights} instead.")
         self.loftq_config = check_lora_loftq(self.init_lora_weights, self.loftq_config)
         self.corda_config = check_lora_corda(self.init_lora_weights, self.corda_config)
         self.eva_config = check_lora_eva(self.init_lora_weights, self.eva_config)
+        self.lora_ga_config = check_lora_ga(self.lora_ga_config)
 
     def rewrites_base_weights(self) -> bool:
-        """PiSSA, OLoRA and CorDA move part of each targeted weight into the adapter; LoftQ replaces it
+        """PiSSA, OLoRA, CorDA and LoRA-GA move part of each targeted weight into the adapter; LoftQ replaces it
         by its quantised version."""
         init = self.init_lora_weights
-        return isinstance(init, str) and (init in ("pissa", "olora", "loftq", "corda") or init.startswith("pissa_niter_"))
+        return isinstance(init, str) and (init in ("pissa", "olora", "loftq", "corda", "lora_ga") or init.startswith("pissa_niter_"))
 
     def unsupported(self) -> list[str]:
         """Fields set to values this plugin cannot honour (checked when an adapter is injected)."""

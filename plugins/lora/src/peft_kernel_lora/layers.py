@@ -86,7 +86,7 @@ class LoraLayer(AdapterLayer):
         weight = self.base_layer.weight
         for p in self.adapter_parameters(adapter_name):
             p.data = p.data.to(device=weight.device, dtype=_adapter_dtype(self.base_layer))
-        init.initialize(self, adapter_name, config.init_lora_weights, config.loftq_config)
+        init.initialize(self, adapter_name, config.init_lora_weights, config.loftq_config, config.lora_ga_config)
         if config.use_dora:
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(dora.initial_magnitude(self, adapter_name))
 
