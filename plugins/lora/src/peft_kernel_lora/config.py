@@ -12,6 +12,7 @@ from peft_kernel_lora.corda_config import check_lora_corda
 from peft_kernel_lora.eva_config import check_lora_eva
 from peft_kernel_lora.loftq_config import check_lora_loftq
 from peft_kernel_lora.lora_ga_config import check_lora_ga
+from peft_kernel_lora.velora_config import check_lora_velora
 
 INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva", "lora_ga")
 """String values of ``init_lora_weights`` this plugin implements (plus ``pissa_niter_<n>``)."""
@@ -27,7 +28,6 @@ UNSUPPORTED_FIELDS = {
     "target_parameters": None,
     "use_bdlora": None,
     "use_qalora": False,
-    "velora_config": None,
     "ensure_weight_tying": False,
 }
 
@@ -95,6 +95,7 @@ class LoraConfig(TargetedConfig):
         self.corda_config = check_lora_corda(self.init_lora_weights, self.corda_config)
         self.eva_config = check_lora_eva(self.init_lora_weights, self.eva_config)
         self.lora_ga_config = check_lora_ga(self.lora_ga_config)
+        self.velora_config = check_lora_velora(self.velora_config, self.use_dora, self.alora_invocation_tokens)
 
     def rewrites_base_weights(self) -> bool:
         """PiSSA, OLoRA, CorDA and LoRA-GA move part of each targeted weight into the adapter; LoftQ replaces it

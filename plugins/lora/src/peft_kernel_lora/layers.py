@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
-from peft_kernel_lora import alora, dora, init, replication, tokens
+from peft_kernel.plugin_api import AdapterLayer, BufferDict, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
+from peft_kernel_lora import alora, dora, init, replication, tokens, velora
 from peft_kernel_lora.config import LoraConfig
 from peft_kernel_lowrank import mixed
 
@@ -29,8 +29,10 @@ def _adapter_dtype(base_layer: nn.Module) -> torch.dtype:
 class LoraLayer(AdapterLayer):
     """State and bookkeeping shared by every LoRA layer type."""
 
-    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "alora_invocation_tokens")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                           "lora_velora_embed")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "alora_invocation_tokens",
+                         "lora_velora")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -46,6 +48,8 @@ class LoraLayer(AdapterLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_velora: dict[str, velora.VeloraState] = {}  # VeLoRA adapters (see velora)
+        self.lora_velora_embed = BufferDict()
         self._dora_factor: dict[str, torch.Tensor] = {}
         self._unmerged_weight: torch.Tensor | None = None  # set while a DoRA merge needs the bare base weight
 
@@ -87,6 +91,8 @@ class LoraLayer(AdapterLayer):
         for p in self.adapter_parameters(adapter_name):
             p.data = p.data.to(device=weight.device, dtype=_adapter_dtype(self.base_layer))
         init.initialize(self, adapter_name, config.init_lora_weights, config.loftq_config, config.lora_ga_config)
+        if config.velora_config is not None:
+            velora.add(self, adapter_name, config.velora_config)
         if config.use_dora:
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(dora.initial_magnitude(self, adapter_name))
 
@@ -150,6 +156,8 @@ class LoraLayer(AdapterLayer):
         invocation = self.alora_invocation_tokens.get(adapter_name)
         if invocation is not None:
             return alora.mask(self.lora_product(x, adapter_name), invocation, rows)
+        if velora.active(self, adapter_name):
+            return velora.product(self, x, adapter_name)
         return self.lora_product(x, adapter_name)
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -232,6 +240,8 @@ class Linear(LoraLayer):
         """``(lora_A.weight [r, in], lora_B.weight [out, r], scaling)``; ``None`` for DoRA, for
         live dropout in training, and for adapters this layer does not hold."""
         if self.use_dora.get(adapter_name, True) or adapter_name in self.alora_invocation_tokens:  # DoRA, aLoRA, not held
+            return None
+        if self.lora_velora and velora.active(self, adapter_name):  # VeLoRA's own backward
             return None
         modules = self._modules  # read for every adapter on every mixed-batch forward: no Module.__getattr__
         if self.training and not isinstance(modules["lora_dropout"]._modules[adapter_name], nn.Identity):
