@@ -12,6 +12,7 @@ from peft_kernel_lora.corda_config import check_lora_corda
 from peft_kernel_lora.eva_config import check_lora_eva
 from peft_kernel_lora.loftq_config import check_lora_loftq
 from peft_kernel_lora.lora_ga_config import check_lora_ga
+from peft_kernel_lora.monteclora_config import check_lora_monteclora
 from peft_kernel_lora.velora_config import check_lora_velora
 
 INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva", "lora_ga")
@@ -24,7 +25,6 @@ UNSUPPORTED_FIELDS = {
     "arrow_config": None,
     "kasa_config": None,
     "megatron_config": None,
-    "monteclora_config": None,
     "target_parameters": None,
     "use_bdlora": None,
     "use_qalora": False,
@@ -96,6 +96,8 @@ class LoraConfig(TargetedConfig):
         self.eva_config = check_lora_eva(self.init_lora_weights, self.eva_config)
         self.lora_ga_config = check_lora_ga(self.lora_ga_config)
         self.velora_config = check_lora_velora(self.velora_config, self.use_dora, self.alora_invocation_tokens)
+        self.monteclora_config = check_lora_monteclora(self.monteclora_config, {
+            "use_dora": self.use_dora, "velora_config": self.velora_config, "alora_invocation_tokens": self.alora_invocation_tokens})
 
     def rewrites_base_weights(self) -> bool:
         """PiSSA, OLoRA, CorDA and LoRA-GA move part of each targeted weight into the adapter; LoftQ replaces it

@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.plugin_api import AdapterLayer, BufferDict, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
-from peft_kernel_lora import alora, dora, init, replication, tokens, velora
+from peft_kernel_lora import alora, dora, init, monteclora, replication, tokens, velora
 from peft_kernel_lora.config import LoraConfig
 from peft_kernel_lowrank import mixed
 
@@ -30,7 +30,7 @@ class LoraLayer(AdapterLayer):
     """State and bookkeeping shared by every LoRA layer type."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-                           "lora_velora_embed")
+                           "lora_velora_embed", "lora_monteclora_sampler")
     other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "alora_invocation_tokens",
                          "lora_velora")
 
@@ -50,6 +50,7 @@ class LoraLayer(AdapterLayer):
         self.lora_magnitude_vector = nn.ParameterDict()
         self.lora_velora: dict[str, velora.VeloraState] = {}  # VeLoRA adapters (see velora)
         self.lora_velora_embed = BufferDict()
+        self.lora_monteclora_sampler = nn.ModuleDict()  # MonteCLoRA adapters (see monteclora)
         self._dora_factor: dict[str, torch.Tensor] = {}
         self._unmerged_weight: torch.Tensor | None = None  # set while a DoRA merge needs the bare base weight
 
@@ -93,6 +94,8 @@ class LoraLayer(AdapterLayer):
         init.initialize(self, adapter_name, config.init_lora_weights, config.loftq_config, config.lora_ga_config)
         if config.velora_config is not None:
             velora.add(self, adapter_name, config.velora_config)
+        if config.monteclora_config is not None:
+            monteclora.add(self, adapter_name, config.monteclora_config)
         if config.use_dora:
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(dora.initial_magnitude(self, adapter_name))
 
@@ -158,6 +161,8 @@ class LoraLayer(AdapterLayer):
             return alora.mask(self.lora_product(x, adapter_name), invocation, rows)
         if velora.active(self, adapter_name):
             return velora.product(self, x, adapter_name)
+        if monteclora.training(self, adapter_name):
+            monteclora.refuse_training(adapter_name)
         return self.lora_product(x, adapter_name)
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -242,6 +247,8 @@ class Linear(LoraLayer):
         if self.use_dora.get(adapter_name, True) or adapter_name in self.alora_invocation_tokens:  # DoRA, aLoRA, not held
             return None
         if self.lora_velora and velora.active(self, adapter_name):  # VeLoRA's own backward
+            return None
+        if self.training and adapter_name in self.lora_monteclora_sampler:  # refused in delta
             return None
         modules = self._modules  # read for every adapter on every mixed-batch forward: no Module.__getattr__
         if self.training and not isinstance(modules["lora_dropout"]._modules[adapter_name], nn.Identity):

@@ -30,6 +30,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
                      "LoraGAConfig": "peft_kernel_lora.lora_ga_config:LoraGAConfig",
                      "preprocess_loraga": "peft_kernel_lora.lora_ga:preprocess_loraga",
                      "VeloraConfig": "peft_kernel_lora.velora_config:VeloraConfig",
+                     "MontecloraConfig": "peft_kernel_lora.monteclora_config:MontecloraConfig",
                      "EvaConfig": "peft_kernel_lora.eva_config:EvaConfig",
                      "initialize_lora_eva_weights": "peft_kernel_lora.eva:initialize_lora_eva_weights",
                      "get_eva_state_dict": "peft_kernel_lora.eva:get_eva_state_dict"},
