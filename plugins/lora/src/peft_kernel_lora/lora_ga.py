@@ -114,8 +114,10 @@ def factors(grad: torch.Tensor, rank: int, settings: LoraGAConfig, stable_dim: i
         a_idx, b_idx = slice(1, 2 * rank, 2), slice(0, 2 * rank, 2)
     elif settings.direction == "A2rBr":
         a_idx, b_idx = slice(rank, 2 * rank), slice(0, rank)
-    else:  # ArB2r
+    elif settings.direction == "ArB2r":
         a_idx, b_idx = slice(0, rank), slice(rank, 2 * rank)
+    else:  # random: the same r of the first 2r directions for both (HF PEFT's draw, after the SVD's)
+        a_idx = b_idx = torch.randperm(2 * rank)[:rank].to(grad.device)
     a, b = right[:, a_idx].T, weighted[:, b_idx]
     if settings.scale == "stable":
         b = b * (stable_dim ** 0.25 / settings.stable_gamma ** 0.5)

@@ -11,13 +11,14 @@ from peft_kernel.plugin_api import ConfigError
 DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
 """Which of the gradient's first ``2r`` singular directions go to A and which to B: ``ArBr``
 interleaves them (B the even, A the odd ones), ``A2rBr`` gives B the first ``r`` and A the next
-``r``, ``ArB2r`` the reverse, ``random`` a random split."""
+``r``, ``ArB2r`` the reverse, ``random`` the same random ``r`` of the ``2r`` for both factors
+(as HF PEFT 0.21.2 does: B·A is then part of the gradient's own decomposition)."""
 SCALES = ("stable", "unit", "gd", "weight_svd")
 """How B is scaled (A has unit rows): ``stable`` by ``m**0.25 / sqrt(stable_gamma)`` (``m`` the stored
 weight's first dimension: out_features, in_features for Conv1D),
 ``unit`` and ``gd`` not at all (HF PEFT 0.21.2 scales "gd" as "unit"), ``weight_svd`` from the
 base weight's spectrum."""
-NOT_IMPLEMENTED = {"direction": ("random",), "scale": ("weight_svd",)}
+NOT_IMPLEMENTED = {"scale": ("weight_svd",)}
 """Accepted by the config, refused when an adapter is initialised (their numbers could not be
 reproduced from HF PEFT's behaviour)."""
 MISSING = ("If you want to use LoRA-GA, please initialize the LoraConfig with init_lora_weights='lora_ga' and "
