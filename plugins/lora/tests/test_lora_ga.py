@@ -80,6 +80,14 @@ def test_rank_and_alpha_patterns_and_rslora_equal_hf():
     assert_same(tensors(build("ours", **lora)), tensors(build("hf", **lora)))
 
 
+@pytest.mark.parametrize("lora", [{"use_dora": True}, {"lora_dropout": 0.1, "bias": "lora_only"}], ids=["dora", "dropout-bias"])
+def test_dora_and_other_options_equal_hf(lora):
+    """DoRA's magnitude is taken on the residual base weight, as in HF PEFT."""
+    ours, hf = build("ours", "mlp", **lora).eval(), build("hf", "mlp", **lora).eval()
+    x = make_inputs("mlp")
+    assert max_abs_diff(run(ours, x), run(hf, x)) <= TOL
+
+
 def test_gradient_is_the_mean_over_backward_passes_and_flags_are_restored():
     model = make_model("llama")
     config = pk.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights="lora_ga", lora_ga_config=pk.LoraGAConfig())
