@@ -3,10 +3,11 @@ gradient of the full weight.
 
 :func:`preprocess_loraga` runs before the adapter is created: ``train_step()`` runs forward and
 backward passes on calibration data; every targeted ``nn.Linear`` (or transformers ``Conv1D``)
-keeps the mean of its weight's gradients over the backward passes that reached it (the model
-in training mode meanwhile, dropout included) (float32, in the
-weight's own layout) as ``_peft_loraga_grad`` (HF PEFT's attribute, and its cache file keys
-``"<module>._peft_loraga_grad"``). Gradients and ``requires_grad`` flags are then reset.
+keeps the mean of its weight's gradients over the backward passes that reached it, in the
+weight's layout and dtype (summed in that dtype, as HF PEFT), as ``_peft_loraga_grad`` (HF
+PEFT's attribute; its cache file keys are ``"<module>._peft_loraga_grad"``). The model is in
+training mode meanwhile (dropout included); its mode and ``requires_grad`` flags are then restored
+and all gradients cleared.
 
 When the adapter is created, :func:`initialize` takes ``G = U·S·Vᵀ`` (``torch.svd_lowrank`` with
 ``q = min(4r, out, in)`` and 4 iterations, as HF PEFT, so the same random state gives the same
@@ -61,7 +62,7 @@ def preprocess_loraga(model: nn.Module, lora_config: LoraConfig, train_step: Cal
             raise LoraGAError(f"preprocess_loraga: cache_file {cache_file!r} has no gradient for {missing}")
         grads = {name: cached[f"{name}.{GRAD}"] for name in targets}
     for name, module in targets.items():
-        setattr(module, GRAD, grads[name].to(device=module.weight.device, dtype=torch.float32))
+        setattr(module, GRAD, grads[name].to(device=module.weight.device))
 
 
 def _estimate(model: nn.Module, targets: dict[str, nn.Module], train_step: Callable[[], None]) -> dict[str, torch.Tensor]:
@@ -70,8 +71,8 @@ def _estimate(model: nn.Module, targets: dict[str, nn.Module], train_step: Calla
     counts = dict.fromkeys(targets, 0)
 
     def accumulate(name: str) -> Callable[[torch.Tensor], None]:
-        def hook(grad: torch.Tensor) -> None:
-            grad = grad.detach().to(torch.float32)
+        def hook(grad: torch.Tensor) -> None:  # in the weight's dtype, as HF PEFT (and autograd) accumulate
+            grad = grad.detach()
             sums[name] = grad.clone() if name not in sums else sums[name] + grad
             counts[name] += 1
         return hook
