@@ -37,13 +37,13 @@ TestVeloraConformance = conformance_suite(CASES)
 SETUPS = {"mlp": ["lin0", "lin1"], "llama": ["q_proj", "v_proj", "down_proj"], "gpt2": ["c_attn", "c_fc"]}
 
 
-def build(lib: str, kind: str, velora: dict, **lora):
+def build(lib: str, kind: str, velora: dict, dtype: torch.dtype = torch.float32, **lora):
     module = LIBS[lib]
     extra = {"fan_in_fan_out": True} if kind == "gpt2" else {}
     config = module.LoraConfig(r=4, lora_alpha=8, target_modules=SETUPS[kind], **extra, **lora,
                                velora_config=module.VeloraConfig(**velora))
     torch.manual_seed(3)  # init_type="random" draws its vector at creation
-    model = module.get_peft_model(make_model(kind), config)
+    model = module.get_peft_model(make_model(kind).to(dtype), config)
     perturb(model, 5)  # B non-zero: lora_A gets gradients
     return model
 
@@ -69,12 +69,13 @@ def step(model, kind: str, seed: int):
 
 
 @pytest.mark.parametrize("kind,velora,lora", [
+    ("llama", {"num_groups": 4}, {"dtype": torch.bfloat16}),
     ("mlp", {"num_groups": 2}, {}),
     ("mlp", {"num_groups": 3, "scale": 0.5, "init_type": "batch_average_once"}, {}),
     ("llama", {"num_groups": 4}, {"lora_dropout": 0.2}),
     ("llama", {"num_groups": 64, "init_type": "random"}, {"use_rslora": True}),
     ("gpt2", {"num_groups": 5, "scale": 2.0}, {"lora_bias": True}),
-], ids=["mlp", "mlp-padded-once", "llama-dropout", "llama-random", "gpt2-bias"])
+], ids=["llama-bf16-base", "mlp", "mlp-padded-once", "llama-dropout", "llama-random", "gpt2-bias"])
 def test_training_gradients_and_projection_equal_hf(kind, velora, lora):
     ours, hf = build("ours", kind, velora, **lora), build("hf", kind, velora, **lora)
     for seed in (1, 2):  # batch_average re-projects on the second step, batch_average_once does not
