@@ -30,7 +30,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from peft_kernel_qaic.adapters import decoder_layers
+from peft_kernel_qaic import lora_terms
+from peft_kernel_qaic.adapters import EMBEDDING, HEAD, decoder_layers
 from peft_kernel_qaic.errors import ExportConfigError
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
@@ -83,6 +84,7 @@ class QaicCausalLM(nn.Module):
         lora_mode: str = "stacked",
         lora_stacks: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         lora_modules: Sequence[str] = (),
+        lora_extras: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
     ) -> None:
         super().__init__()
         check_architecture(model)
@@ -94,11 +96,15 @@ class QaicCausalLM(nn.Module):
         self.stack_index: dict[str, int] = {}
         self.stack_a = nn.ParameterList()
         self.stack_b = nn.ParameterList()
+        self.stack_extras = nn.ModuleList()  # per stacked module: DoRA rescale / lora_bias stacks (lora_terms)
         if lora_mode == "stacked":
             for i, (module, (a, b)) in enumerate(sorted((lora_stacks or {}).items())):
                 self.stack_index[module] = i
                 self.stack_a.append(nn.Parameter(a, requires_grad=False))
                 self.stack_b.append(nn.Parameter(b, requires_grad=False))
+                extras = nn.ParameterDict({k: nn.Parameter(t, requires_grad=False)
+                                           for k, t in (lora_extras or {}).get(module, {}).items()})
+                self.stack_extras.append(extras)
         self.input_modules = list(lora_modules) if lora_mode == "inputs" else []
         attn = self.layers_[0].self_attn
         cfg = model.config
@@ -119,9 +125,8 @@ class QaicCausalLM(nn.Module):
         y = _base(module)(x)
         if self.lora_mode == "stacked" and name in self.stack_index:
             i = self.stack_index[name]
-            a = self.stack_a[i][lora_ids]  # [B, in, R]
-            b = self.stack_b[i][lora_ids]  # [B, R, out]
-            y = y + torch.bmm(torch.bmm(x, a), b)
+            y = lora_terms.stacked_linear(x, y, _base(module), self.stack_a[i], self.stack_b[i], self.stack_extras[i],
+                                          lora_ids)
         elif self.lora_mode == "inputs" and name in lora_inputs:
             a, b = lora_inputs[name]
             y = y + torch.matmul(torch.matmul(x, a), b)
@@ -144,6 +149,11 @@ class QaicCausalLM(nn.Module):
         hf_inner = self.hf.model
         batch, seq = input_ids.shape
         h = hf_inner.embed_tokens(input_ids)
+        if EMBEDDING in self.stack_index:
+            i = self.stack_index[EMBEDDING]
+            h = h + lora_terms.stacked_embedding(input_ids, self.stack_a[i], self.stack_b[i], ids)
+        elif EMBEDDING in lora_inputs:
+            h = h + lora_terms.input_embedding(input_ids, *lora_inputs[EMBEDDING])
         cos, sin = hf_inner.rotary_emb(h, position_ids.clamp(min=0))
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, D]
 
@@ -201,7 +211,7 @@ class QaicCausalLM(nn.Module):
 
         last = position_ids.argmax(dim=1, keepdim=True)  # [B, 1]
         h_last = torch.gather(h, 1, last.unsqueeze(-1).expand(batch, 1, h.shape[-1]))
-        logits = self.hf.lm_head(hf_inner.norm(h_last))
+        logits = self._linear(self.hf.lm_head, HEAD, hf_inner.norm(h_last), ids, lora_inputs)
         return (logits.float(), *new_past)
 
     # ---- names the ONNX graph uses ----------------------------------------------------------

@@ -19,7 +19,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from peft_kernel_qaic.adapters import LoraAdapter, adapter_from_peft_model, load_lora_adapter, supported_linears
+from peft_kernel_qaic.adapters import (
+    LoraAdapter,
+    adapter_from_peft_model,
+    load_lora_adapter,
+    module_dims,
+    supported_linears,
+)
+from peft_kernel_qaic.conversion import ConversionReport
 from peft_kernel_qaic.base import QaicCausalLMBase, as_prompt_list, load_causal_lm
 from peft_kernel_qaic.errors import AdapterLoadError, AdapterMappingError
 from peft_kernel_qaic.graph import QaicCausalLM
@@ -78,11 +85,13 @@ class QEffAutoPeftModelForCausalLM(QaicCausalLMBase):
         The base is ``base_model`` (a transformers model, folder or Hub id) or else the adapter
         config's ``base_model_name_or_path``.
         """
-        hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+        hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder", "convert_rank")
+               if k in kwargs}
         if base_model is None:
             from peft_kernel_qaic.adapters import _check_peft_type, _read_config_dict
 
-            data, _ = _read_config_dict(pretrained_name_or_path, hub.get("subfolder"), {k: v for k, v in hub.items() if k != "subfolder"})
+            data, _ = _read_config_dict(pretrained_name_or_path, hub.get("subfolder"),
+                                        {k: v for k, v in hub.items() if k not in ("subfolder", "convert_rank")})
             _check_peft_type(data, repr(str(pretrained_name_or_path)))
             base_model = data.get("base_model_name_or_path")
             if not base_model:
@@ -103,9 +112,21 @@ class QEffAutoPeftModelForCausalLM(QaicCausalLMBase):
         """Per adapter, the graph inputs it feeds (``<module>.lora_A`` / ``.lora_B``)."""
         return {name: self._weight_feeds(a) for name, a in self.adapters.items()}
 
+    @property
+    def conversion_report(self) -> dict[str, ConversionReport]:
+        """Per adapter converted from another additive method: its per-layer conversion errors."""
+        return {name: a.conversion for name, a in self.adapters.items() if a.conversion is not None}
+
     def _add(self, adapter: LoraAdapter) -> None:
         if adapter.name in self.adapters:
             raise AdapterLoadError(f"an adapter named {adapter.name!r} is already loaded")
+        features = [f for f, on in (("DoRA", adapter.dora), ("lora_bias", adapter.biases)) if on]
+        if features:
+            raise AdapterLoadError(
+                f"adapter {adapter.name!r} uses {' and '.join(features)}: this graph takes only A / B as inputs, so it "
+                "cannot swap a per-output rescale or bias in. Serve it with QEffAutoLoraModelForCausalLM, whose graph "
+                "stacks DoRA and lora_bias per adapter."
+            )
         sig = adapter.signature()
         if self.signature is None:
             self.signature = sig
@@ -125,7 +146,7 @@ class QEffAutoPeftModelForCausalLM(QaicCausalLMBase):
         """Load another adapter with the same target modules and ranks (no re-export needed)."""
         if isinstance(adapter_model_id, nn.Module):
             source = kwargs.pop("source_adapter_name", "default")
-            adapter = adapter_from_peft_model(adapter_model_id, source, adapter_name or source)
+            adapter = adapter_from_peft_model(adapter_model_id, source, adapter_name or source, kwargs.pop("convert_rank", None))
         else:
             name = adapter_name or os.path.basename(os.path.normpath(str(adapter_model_id)))
             if name in self.adapters:
@@ -168,8 +189,8 @@ class QEffAutoPeftModelForCausalLM(QaicCausalLMBase):
         linears = supported_linears(self.model)
         out = []
         for module, r in self.signature or ():
-            lin = linears[module]
-            out += [torch.zeros(lin.in_features, r), torch.zeros(r, lin.out_features)]
+            dim_in, dim_out = module_dims(linears[module])
+            out += [torch.zeros(dim_in, r), torch.zeros(r, dim_out)]
         return tuple(out)
 
     def _meta_extra(self):
