@@ -30,7 +30,7 @@ def _save_method(model, folder, config, seed):
     torch.manual_seed(seed)
     pm = get_peft_model(copy.deepcopy(model), config)
     with torch.no_grad():
-        for n, p in pm.named_parameters():
+        for p in pm.parameters():
             if p.requires_grad:
                 p.normal_(0, 0.2)
     pm.save_pretrained(str(folder))
@@ -145,6 +145,23 @@ def test_swap_class_serves_converted_adapter(converted, tmp_path):
     out = qeff.generate(prompt_token_ids=PROMPTS[:1], generation_len=3, runtime="onnxruntime", return_logits=True)
     ref = _logits(converted["oracles"]["loha"], PROMPTS[0], out.generated_ids[0])
     assert np.abs(ref - out.logits[0]).max() <= TOL
+
+
+def test_live_peft_models_of_other_methods_convert(converted):
+    # a live HF PEFT LoHa model (saved with its own save_pretrained, then loaded) and a live peft-kernel
+    # one (read directly) give the same LoRA
+    import peft_kernel
+
+    qeff = QEffAutoLoraModelForCausalLM.from_pretrained(converted["model"])
+    qeff.load_adapter(converted["loha"], "hf", convert_rank=4)
+    ours = peft_kernel.PeftModel.from_pretrained(copy.deepcopy(converted["model"]), str(converted["loha_path"]))
+    qeff.load_adapter(ours, "ours", convert_rank=4)
+    assert set(qeff.conversion_report) == {"hf", "ours"}
+    for module, (a, b) in qeff.adapters["hf"].weights.items():
+        a2, b2 = qeff.adapters["ours"].weights[module]
+        assert torch.allclose(b @ a, b2 @ a2, atol=1e-5)
+    swap = QEffAutoPeftModelForCausalLM(ours)
+    assert set(swap.conversion_report) == {"default"} and swap.conversion_report["default"].rank == 16  # the default
 
 
 # ---- bad input ------------------------------------------------------------------------------
