@@ -6,7 +6,10 @@ buffers set once per adapter switch; on ONNX Runtime they are fed with every cal
 with the same *shape signature* (target modules and ranks; ``lora_alpha`` / rsLoRA may differ)
 swap with ``set_adapter`` -- no re-export, no recompile. An adapter with another signature raises
 :class:`AdapterLoadError`; serve it from its own instance (or use
-``QEffAutoLoraModelForCausalLM``, which stacks adapters of any shape).
+``QEffAutoLoraModelForCausalLM``, which stacks adapters of any shape). ``lm_head`` and
+``embed_tokens`` LoRA come as inputs like any module (the embedding's ``A`` as ``[vocab, r]``);
+adapters of other additive methods are converted to LoRA on load (``convert_rank=``); DoRA and
+``lora_bias`` are refused (they need more than ``A`` / ``B`` inputs; the stacked class serves them).
 """
 
 from __future__ import annotations
@@ -123,9 +126,10 @@ class QEffAutoPeftModelForCausalLM(QaicCausalLMBase):
         features = [f for f, on in (("DoRA", adapter.dora), ("lora_bias", adapter.biases)) if on]
         if features:
             raise AdapterLoadError(
-                f"adapter {adapter.name!r} uses {' and '.join(features)}: this graph takes only A / B as inputs, so it "
-                "cannot swap a per-output rescale or bias in. Serve it with QEffAutoLoraModelForCausalLM, whose graph "
-                "stacks DoRA and lora_bias per adapter."
+                f"adapter {adapter.name!r} uses {' and '.join(features)}: the swap graph's inputs are each module's A "
+                "and B only, and DoRA's per-output rescale of the base output (or lora_bias's added bias) is no "
+                "product of them. Serve it with QEffAutoLoraModelForCausalLM, whose graph stacks DoRA and lora_bias per "
+                "adapter."
             )
         sig = adapter.signature()
         if self.signature is None:
