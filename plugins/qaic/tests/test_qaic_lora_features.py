@@ -103,7 +103,18 @@ def test_swap_class_head_and_embedding_as_inputs(served, tmp_path):
         assert np.abs(ref - out.logits[i]).max() <= TOL
 
 
-@pytest.mark.parametrize("name, match", [("dora", "DoRA"), ("bias", "lora_bias")])
-def test_swap_class_refuses_dora_and_bias_naming_why(served, name, match):
-    with pytest.raises(AdapterLoadError, match=rf"uses {match}.*QEffAutoLoraModelForCausalLM"):
-        QEffAutoPeftModelForCausalLM.from_pretrained(served["paths"][name], name, base_model=served["model"])
+@pytest.mark.parametrize("name", ["dora", "bias"])
+def test_swap_class_dora_and_bias_as_inputs(served, tmp_path, name):
+    qeff = QEffAutoPeftModelForCausalLM.from_pretrained(served["paths"][name], name, base_model=served["model"])
+    kind = "rescale" if name == "dora" else "bias"
+    assert f"model.layers.0.self_attn.q_proj.lora_{kind}" in qeff.adapter_weights[name]
+    qeff.export(tmp_path, batch_size=2, prefill_seq_len=4, ctx_len=16)
+    out = qeff.generate(prompt_token_ids=PROMPTS[2:4], generation_len=3, runtime="onnxruntime", return_logits=True)
+    for i in range(2):
+        ref = _logits(served["oracle"], PROMPTS[2 + i], name, out.generated_ids[i])
+        assert np.abs(ref - out.logits[i]).max() <= TOL
+    # the same targets and ranks without DoRA / lora_bias need other graph inputs: refused, named
+    plain = save_hf_adapters(served["model"], tmp_path / "plain", specs={"p": {**SPECS[name], "use_dora": False, "lora_bias": False}})
+    with pytest.raises(AdapterLoadError, match="DoRA / lora_bias on other modules"):
+        qeff.load_adapter(plain["p"], "p")
+    assert list(qeff.adapters) == [name]

@@ -95,6 +95,14 @@ class LoraAdapter:
         """Target modules and ranks: what a swap-class export is specialised to."""
         return tuple(sorted(self.ranks.items()))
 
+    def extras_signature(self) -> tuple[tuple[str, tuple[str, ...]], ...]:
+        """Per module with ``lora_bias`` and/or DoRA: ``("bias", "rescale")`` or one of them."""
+        kinds: dict[str, list[str]] = {}
+        for kind, tensors in (("bias", self.biases), ("rescale", self.dora)):
+            for module in tensors:
+                kinds.setdefault(module, []).append(kind)
+        return tuple(sorted((m, tuple(k)) for m, k in kinds.items()))
+
     def fingerprint(self) -> str:
         h = hashlib.sha256()
         h.update(json.dumps(_jsonable(self.config), sort_keys=True, default=str).encode())

@@ -85,6 +85,7 @@ class QaicCausalLM(nn.Module):
         lora_stacks: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         lora_modules: Sequence[str] = (),
         lora_extras: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        input_extras: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__()
         check_architecture(model)
@@ -106,6 +107,8 @@ class QaicCausalLM(nn.Module):
                                            for k, t in (lora_extras or {}).get(module, {}).items()})
                 self.stack_extras.append(extras)
         self.input_modules = list(lora_modules) if lora_mode == "inputs" else []
+        # "inputs" mode: per module, the extra weight inputs after A and B ("bias", "rescale")
+        self.input_extras = {m: tuple(k) for m, k in (input_extras or {}).items()} if lora_mode == "inputs" else {}
         attn = self.layers_[0].self_attn
         cfg = model.config
         self.num_heads = cfg.num_attention_heads
@@ -128,8 +131,8 @@ class QaicCausalLM(nn.Module):
             y = lora_terms.stacked_linear(x, y, _base(module), self.stack_a[i], self.stack_b[i], self.stack_extras[i],
                                           lora_ids)
         elif self.lora_mode == "inputs" and name in lora_inputs:
-            a, b = lora_inputs[name]
-            y = y + torch.matmul(torch.matmul(x, a), b)
+            a, b, extras = lora_inputs[name]
+            y = lora_terms.add_lora(x, y, _base(module), a, b, extras.get("rescale"), extras.get("bias"))
         return y
 
     # ---- forward -----------------------------------------------------------------------
@@ -144,7 +147,7 @@ class QaicCausalLM(nn.Module):
         lora_inputs = {}
         if self.lora_mode == "inputs":
             flat = args[2 * n :]
-            lora_inputs = {m: (flat[2 * j], flat[2 * j + 1]) for j, m in enumerate(self.input_modules)}
+            lora_inputs = lora_terms.split_inputs(flat, self.input_modules, self.input_extras)
 
         hf_inner = self.hf.model
         batch, seq = input_ids.shape
@@ -153,7 +156,7 @@ class QaicCausalLM(nn.Module):
             i = self.stack_index[EMBEDDING]
             h = h + lora_terms.stacked_embedding(input_ids, self.stack_a[i], self.stack_b[i], ids)
         elif EMBEDDING in lora_inputs:
-            h = h + lora_terms.input_embedding(input_ids, *lora_inputs[EMBEDDING])
+            h = h + lora_terms.input_embedding(input_ids, *lora_inputs[EMBEDDING][:2])
         cos, sin = hf_inner.rotary_emb(h, position_ids.clamp(min=0))
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, D]
 
@@ -222,7 +225,7 @@ class QaicCausalLM(nn.Module):
         for i in range(self.num_layers):
             names += [f"past_key.{i}", f"past_value.{i}"]
         for m in self.input_modules:
-            names += [f"{m}.lora_A", f"{m}.lora_B"]
+            names += [f"{m}.lora_A", f"{m}.lora_B", *(f"{m}.lora_{k}" for k in self.input_extras.get(m, ()))]
         return names
 
     def output_names(self) -> list[str]:

@@ -7,7 +7,7 @@ zeros, which change nothing). Plain ONNX ops only (Gather, Mul, Add, MatMul).
 
 from __future__ import annotations
 
-from typing import Mapping
+from typing import Mapping, Sequence
 
 import torch
 from torch import nn
@@ -18,17 +18,35 @@ def without_bias(y: torch.Tensor, base: nn.Module) -> torch.Tensor:
     return y if bias is None else y - bias
 
 
+def add_lora(x: torch.Tensor, y: torch.Tensor, base: nn.Module, a: torch.Tensor, b: torch.Tensor,
+             rescale: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """``y`` (the base output of ``x``) plus DoRA's rescale ``(f - 1)·(W x)`` (``rescale``),
+    ``(x @ A) @ B`` (``B`` carries DoRA's ``f``) and the scaled ``lora_bias`` (``bias``)."""
+    if rescale is not None:
+        y = y + rescale * without_bias(y, base)
+    y = y + torch.matmul(torch.matmul(x, a), b)
+    return y if bias is None else y + bias
+
+
 def stacked_linear(x: torch.Tensor, y: torch.Tensor, base: nn.Module, a: torch.Tensor, b: torch.Tensor,
                    extras: Mapping[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
-    """``y`` (the base output of ``x``) plus each row's adapter: DoRA's rescale ``(f - 1)·(W x)``
-    (``extras["rescale"]`` ``[S, out]``), ``(x @ A) @ B`` (``B`` carries DoRA's ``f``), and the
-    scaled ``lora_bias`` (``extras["bias"]`` ``[S, out]``)."""
-    if "rescale" in extras:
-        y = y + extras["rescale"][ids].unsqueeze(1) * without_bias(y, base)
-    y = y + torch.bmm(torch.bmm(x, a[ids]), b[ids])
-    if "bias" in extras:
-        y = y + extras["bias"][ids].unsqueeze(1)
-    return y
+    """:func:`add_lora` with each row's slot of ``A`` ``[S, in, R]``, ``B`` ``[S, R, out]`` and the
+    ``extras["rescale"]`` / ``extras["bias"]`` stacks (``[S, out]``)."""
+    rescale = extras["rescale"][ids].unsqueeze(1) if "rescale" in extras else None
+    bias = extras["bias"][ids].unsqueeze(1) if "bias" in extras else None
+    return add_lora(x, y, base, a[ids], b[ids], rescale, bias)
+
+
+def split_inputs(flat: Sequence[torch.Tensor], modules: Sequence[str], extras: Mapping[str, Sequence[str]]
+                 ) -> dict[str, tuple[torch.Tensor, torch.Tensor, dict[str, torch.Tensor]]]:
+    """The trailing weight inputs of the swap graph, per module ``A``, ``B`` and then its extras
+    (``extras[module]``: ``"bias"`` / ``"rescale"``, in that order), as ``{module: (A, B, {kind: t})}``."""
+    out, i = {}, 0
+    for module in modules:
+        kinds = tuple(extras.get(module, ()))
+        out[module] = (flat[i], flat[i + 1], {k: flat[i + 2 + j] for j, k in enumerate(kinds)})
+        i += 2 + len(kinds)
+    return out
 
 
 def stacked_embedding(input_ids: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
