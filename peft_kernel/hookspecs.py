@@ -72,6 +72,16 @@ class PeftKernelSpecs:
         undecidable. The return value is ignored; every implementation runs.
         """
 
+    @hookspec
+    def peft_kernel_release_config(self, config: PeftConfig, model: nn.Module, remaining: list[PeftConfig]) -> None:
+        """Undo what ``peft_kernel_prepare_config`` set up on ``model`` for ``config`` (hooks, state).
+
+        Called when ``config``'s adapter leaves ``model``: after ``delete_adapter`` (``remaining``: the
+        configs of the adapters still there) and after ``unload`` / ``merge_and_unload`` (once per
+        config, ``remaining`` empty). Act on your own config classes only. The return value is
+        ignored; every implementation runs.
+        """
+
     @hookspec(firstresult=True)
     def peft_kernel_match_target(
         self, config: PeftConfig, module_name: str, module: nn.Module, model: nn.Module

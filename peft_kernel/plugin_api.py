@@ -61,16 +61,27 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
         load_adapter_weights,
         resolve_file,
     )
+    from peft_kernel.call_scope import CallScope, current_call
     from peft_kernel.containers import BufferDict
     from peft_kernel.injection import CONFIGS_ATTR, check_adapter_name, replace_with_base, wrap_modules_to_save
     from peft_kernel.layer import AdapterLayer, Fold, LowRankFactors, LowRankLayer, walk_modules
     from peft_kernel.modules_to_save import ModulesToSaveWrapper
-    from peft_kernel.routing import BASE_ADAPTER, Routing, current_routing, current_task_ids
+    from peft_kernel.routing import (
+        BASE_ADAPTER,
+        AdapterMix,
+        Routing,
+        adapter_mix,
+        current_adapter_mix,
+        current_routing,
+        current_task_ids,
+    )
     from peft_kernel.tuner import is_additive
     from peft_kernel.utils import merge_utils
 
 _HEAVY = {
     "BufferDict": "peft_kernel.containers",
+    "CallScope": "peft_kernel.call_scope",
+    "current_call": "peft_kernel.call_scope",
     "AdapterLayer": "peft_kernel.layer",
     "Fold": "peft_kernel.layer",
     "LowRankFactors": "peft_kernel.layer",
@@ -79,6 +90,9 @@ _HEAVY = {
     "BASE_ADAPTER": "peft_kernel.routing",
     "Routing": "peft_kernel.routing",
     "current_routing": "peft_kernel.routing",
+    "AdapterMix": "peft_kernel.routing",
+    "adapter_mix": "peft_kernel.routing",
+    "current_adapter_mix": "peft_kernel.routing",
     "current_task_ids": "peft_kernel.routing",
     "LoadResult": "peft_kernel.adapter_io",
     "ModulesToSaveWrapper": "peft_kernel.modules_to_save",
@@ -119,12 +133,14 @@ __all__ = [
     "MAX_SIZE",
     "MAX_WIDTH",
     "AdapterHost",
+    "AdapterMix",
     "CONFIG_NAME",
     "PICKLE_WEIGHTS_NAME",
     "AdapterLayer",
     "AdapterNameError",
     "BackendRecord",
     "BufferDict",
+    "CallScope",
     "CheckpointError",
     "CliError",
     "ConfigError",
@@ -150,13 +166,16 @@ __all__ = [
     "base_of",
     "build_registry",
     "check_adapter_name",
+    "adapter_mix",
     "check_range",
     "cli_main",
     "compile_pattern",
+    "current_adapter_mix",
     "current_routing",
     "current_task_ids",
     "get_registry",
     "hookimpl",
+    "current_call",
     "hookspec",
     "install_hint",
     "is_additive",

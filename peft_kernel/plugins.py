@@ -127,6 +127,10 @@ class Registry:
         """Every plugin's ``peft_kernel_prepare_config`` for ``config``."""
         self.call_hook("peft_kernel_prepare_config", {"config": config, "model": model})
 
+    def release_config(self, config: PeftConfig, model: nn.Module, remaining: list[PeftConfig]) -> None:
+        """Every plugin's ``peft_kernel_release_config`` for ``config``."""
+        self.call_hook("peft_kernel_release_config", {"config": config, "model": model, "remaining": remaining})
+
     def match_target(self, config: PeftConfig, module_name: str, module: nn.Module, model: nn.Module) -> bool:
         """Whether ``module`` gets an adapter of ``config`` (``peft_kernel_match_target``)."""
         kwargs = {"config": config, "module_name": module_name, "module": module, "model": model}

@@ -11,6 +11,7 @@ from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetedConf
 from peft_kernel_lora.corda_config import check_lora_corda
 from peft_kernel_lora.eva_config import check_lora_eva
 from peft_kernel_lora.loftq_config import check_lora_loftq
+from peft_kernel_lora.refusals import explain
 
 INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva")
 """String values of ``init_lora_weights`` this plugin implements (plus ``pissa_niter_<n>``)."""
@@ -103,7 +104,8 @@ class LoraConfig(TargetedConfig):
 
     def unsupported(self) -> list[str]:
         """Fields set to values this plugin cannot honour (checked when an adapter is injected)."""
-        problems = [f"{k}={getattr(self, k)!r}" for k, default in UNSUPPORTED_FIELDS.items() if getattr(self, k) != default]
+        problems = [explain(k, f"{k}={getattr(self, k)!r}") for k, default in UNSUPPORTED_FIELDS.items()
+                    if getattr(self, k) != default]
         if isinstance(self.init_lora_weights, str) and self.init_lora_weights == "orthogonal":
             problems.append(f"init_lora_weights={self.init_lora_weights!r}")
         return problems

@@ -16,6 +16,7 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             config_class=LoraConfig,
             prefix="lora_",
             capabilities={"additive", "mergeable", "mixed_batch", "hotswap", "multi_adapter"},
+            call_keywords={"alora_offsets"},
             tuner_name="LoraModel",
             layer_factory="peft_kernel_lora.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,
@@ -79,6 +80,17 @@ def peft_kernel_map_state_dict(config: Any, state_dict: Any, direction: str) -> 
     from peft_kernel_lora.tokens import map_state_dict
 
     return map_state_dict(state_dict, direction)
+
+
+@hookimpl
+def peft_kernel_release_config(config: Any, model: Any, remaining: Any) -> None:
+    """aLoRA: the model stops looking for invocation sequences when its last aLoRA adapter leaves."""
+    if not isinstance(config, LoraConfig) or not config.alora_invocation_tokens:
+        return
+    if not any(isinstance(c, LoraConfig) and c.alora_invocation_tokens for c in remaining):
+        from peft_kernel_lora.alora import uninstall
+
+        uninstall(model)
 
 
 @hookimpl
