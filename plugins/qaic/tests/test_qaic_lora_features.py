@@ -118,3 +118,16 @@ def test_swap_class_dora_and_bias_as_inputs(served, tmp_path, name):
     with pytest.raises(AdapterLoadError, match="DoRA / lora_bias on other modules"):
         qeff.load_adapter(plain["p"], "p")
     assert list(qeff.adapters) == [name]
+
+
+def test_continuous_batching_serves_the_features_per_slot(served, tmp_path):
+    # 6 prompts through 2 KV-cache slots, each slot with its own adapter (DoRA, lora_bias, head+embedding...)
+    qeff = QEffAutoLoraModelForCausalLM.from_pretrained(served["model"], continuous_batching=True)
+    for name, path in served["paths"].items():
+        qeff.load_adapter(path, name)
+    qeff.export(tmp_path, prefill_seq_len=4, ctx_len=24, full_batch_size=2)
+    res = qeff.generate(prompt_token_ids=PROMPTS, prompt_to_adapter_mapping=MAPPING, generation_len=GEN,
+                        runtime="onnxruntime", full_batch_size=2, return_logits=True)
+    for i, (prompt, name) in enumerate(zip(PROMPTS, MAPPING)):
+        ref = _logits(served["oracle"], prompt, name, res.generated_ids[i])
+        assert np.abs(ref - res.logits[i]).max() <= TOL, (i, name)
