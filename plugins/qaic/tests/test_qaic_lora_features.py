@@ -131,3 +131,21 @@ def test_continuous_batching_serves_the_features_per_slot(served, tmp_path):
     for i, (prompt, name) in enumerate(zip(PROMPTS, MAPPING)):
         ref = _logits(served["oracle"], prompt, name, res.generated_ids[i])
         assert np.abs(ref - res.logits[i]).max() <= TOL, (i, name)
+
+
+def test_dora_on_lm_head_and_embedding(served, tmp_path):
+    # DoRA's magnitude on the embedding is per embedding dimension: the same per-column rescale
+    spec = dict(r=2, lora_alpha=4, use_dora=True, target_modules=["embed_tokens", "lm_head", "q_proj"])
+    saved = save_hf_adapters(served["model"], tmp_path, specs={"e": spec})
+    qeff = QEffAutoLoraModelForCausalLM.from_pretrained(served["model"])
+    qeff.load_adapter(saved["e"], "e")
+    assert {"model.embed_tokens", "lm_head"} <= set(qeff.adapters["e"].dora)
+    qeff.export(tmp_path / "x", batch_size=2, prefill_seq_len=4, ctx_len=16)
+    res = qeff.generate(prompt_token_ids=PROMPTS[:2], prompt_to_adapter_mapping=["e", "base"], generation_len=3,
+                        runtime="onnxruntime", return_logits=True)
+    oracle = hf_peft_model(served["model"], saved)
+    for i, name in enumerate(["e", "base"]):
+        ref = _logits(oracle, PROMPTS[i], name, res.generated_ids[i])
+        assert np.abs(ref - res.logits[i]).max() <= TOL, name
+    swap = QEffAutoPeftModelForCausalLM.from_pretrained(saved["e"], "e", base_model=served["model"])
+    assert swap.verify(prompt_token_ids=PROMPTS[:1], generation_len=3).worst <= TOL

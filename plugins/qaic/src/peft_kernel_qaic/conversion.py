@@ -73,7 +73,7 @@ def peft_type_name(peft_type: Any) -> str:
 def check_convertible(peft_type: Any, where: str) -> None:
     """Raise :class:`AdapterLoadError` unless ``peft_type`` is an installed method declaring ``additive``."""
     from peft_kernel import PeftKernelError
-    from peft_kernel.plugins import get_registry
+    from peft_kernel.plugin_api import get_registry
 
     name = peft_type_name(peft_type)
     try:

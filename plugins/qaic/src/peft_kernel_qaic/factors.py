@@ -9,7 +9,8 @@
   without its bias plus a LoRA whose ``B`` is scaled by ``f`` -- constants per adapter, so a batch
   row can pick its own ``f`` like its own ``A`` / ``B``;
 - LoRA on an embedding (``lora_embedding_A`` ``[r, vocab]``, ``lora_embedding_B`` ``[dim, r]``):
-  the row ``A[:, token]`` times ``s·B``.
+  the row ``A[:, token]`` times ``s·B``; with DoRA, ``f`` is per embedding dimension (the norm of
+  ``Eᵀ + s·BA`` over the vocabulary), the same per-output-column rescale.
 """
 
 from __future__ import annotations
@@ -46,8 +47,10 @@ def _dict_get(container: Any, key: str) -> Any:
     return container[key] if container is not None and key in container else None
 
 
-def _dora_factor(layer: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor, scale: float) -> torch.Tensor:
-    weight = layer.base_layer.weight.detach().float() + scale * (b @ a)
+def _dora_factor(layer: nn.Module, name: str, a: torch.Tensor, b: torch.Tensor, scale: float,
+                 base: torch.Tensor) -> torch.Tensor:
+    """DoRA's ``f = m / ‖W + s·BA‖`` per output channel; ``base`` is ``W`` as ``[out, in]``."""
+    weight = base + scale * (b @ a)
     magnitude = layer.lora_magnitude_vector[name].detach().float().flatten()
     return magnitude / weight.norm(p=2, dim=1)
 
@@ -68,14 +71,15 @@ def read_module(layer: nn.Module, name: str, where: str, module: str) -> ModuleD
     scale = scaling.get(name) if isinstance(scaling, dict) else None
     emb_a, emb_b = _dict_get(getattr(layer, "lora_embedding_A", None), name), _dict_get(getattr(layer, "lora_embedding_B", None), name)
     if isinstance(base, nn.Embedding) and emb_a is not None and scale is not None:
-        if getattr(layer, "use_dora", {}).get(name):
-            raise AdapterLoadError(f"adapter {where}: DoRA on the embedding {module} is not exported by the qaic backend "
-                                   "(its magnitude normalises the whole table); use DoRA on linears only")
-        return ModuleDelta(a=emb_a.detach().float().contiguous(), b=(emb_b.detach().float() * scale).contiguous())
+        a, b = emb_a.detach().float(), emb_b.detach().float()
+        f = None
+        if getattr(layer, "use_dora", {}).get(name):  # per embedding dimension: the norm runs over the vocabulary
+            f = _dora_factor(layer, name, a, b, scale, base.weight.detach().float().t())
+        return ModuleDelta(a=a.contiguous(), b=(b * scale).contiguous(), dora=f)
     lin_a, lin_b = _dict_get(getattr(layer, "lora_A", None), name), _dict_get(getattr(layer, "lora_B", None), name)
     if (isinstance(base, nn.Linear) and getattr(layer, "use_dora", {}).get(name) and lin_a is not None
             and scale is not None):
         a, b = lin_a.weight.detach().float(), lin_b.weight.detach().float()
-        f = _dora_factor(layer, name, a, b, scale)
+        f = _dora_factor(layer, name, a, b, scale, base.weight.detach().float())
         return ModuleDelta(a=a.contiguous(), b=(b * scale).contiguous(), dora=f.contiguous())
     raise AdapterLoadError(f"adapter {where}: {module} ({type(base).__name__}) is not a LoRA the qaic backend exports")

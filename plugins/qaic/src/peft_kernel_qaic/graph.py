@@ -167,9 +167,9 @@ class QaicCausalLM(nn.Module):
         h = hf_inner.embed_tokens(input_ids)
         if EMBEDDING in self.stack_index:
             i = self.stack_index[EMBEDDING]
-            h = h + lora_terms.stacked_embedding(input_ids, self.stack_a[i], self.stack_b[i], ids)
+            h = lora_terms.stacked_embedding(input_ids, h, self.stack_a[i], self.stack_b[i], self.stack_extras[i], ids)
         elif EMBEDDING in lora_inputs:
-            h = h + lora_terms.input_embedding(input_ids, *lora_inputs[EMBEDDING][:2])
+            h = lora_terms.input_embedding(input_ids, h, *lora_inputs[EMBEDDING])
         cos, sin = hf_inner.rotary_emb(h, position_ids.clamp(min=0))
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, D]
 

@@ -49,14 +49,22 @@ def split_inputs(flat: Sequence[torch.Tensor], modules: Sequence[str], extras: M
     return out
 
 
-def stacked_embedding(input_ids: torch.Tensor, a: torch.Tensor, b: torch.Tensor, ids: torch.Tensor) -> torch.Tensor:
-    """Each row's embedding LoRA: ``A`` ``[S, vocab, R]`` read at ``(slot, token)`` (one Gather on
-    the flattened table, no per-row copy of it), times that slot's ``B`` ``[R, dim]``."""
+def stacked_embedding(input_ids: torch.Tensor, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                      extras: Mapping[str, torch.Tensor], ids: torch.Tensor) -> torch.Tensor:
+    """``h`` (the base embeddings) plus each row's embedding LoRA: ``A`` ``[S, vocab, R]`` read at
+    ``(slot, token)`` (one Gather on the flattened table, no per-row copy of it), times that slot's
+    ``B`` ``[R, dim]``; DoRA's ``(f - 1)·h`` from ``extras["rescale"]`` ``[S, dim]``."""
     slots, vocab, rank = a.shape
     rows = a.reshape(slots * vocab, rank)[ids.unsqueeze(1) * vocab + input_ids]  # [B, S, R]
-    return torch.bmm(rows, b[ids])
+    if "rescale" in extras:
+        h = h + extras["rescale"][ids].unsqueeze(1) * h
+    return h + torch.bmm(rows, b[ids])
 
 
-def input_embedding(input_ids: torch.Tensor, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """One adapter's embedding LoRA from graph inputs ``A`` ``[vocab, r]`` and ``B`` ``[r, dim]``."""
-    return torch.matmul(a[input_ids], b)
+def input_embedding(input_ids: torch.Tensor, h: torch.Tensor, a: torch.Tensor, b: torch.Tensor,
+                    extras: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """``h`` plus one adapter's embedding LoRA from graph inputs ``A`` ``[vocab, r]``, ``B``
+    ``[r, dim]`` (and DoRA's ``extras["rescale"]`` ``[dim]``)."""
+    if "rescale" in extras:
+        h = h + extras["rescale"] * h
+    return h + torch.matmul(a[input_ids], b)

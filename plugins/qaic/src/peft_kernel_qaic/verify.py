@@ -25,11 +25,10 @@ def _hook(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, f: torch.
 
     def hook(mod, inputs, output):
         x = inputs[0]
-        if isinstance(mod, nn.Embedding):
-            return output + (a.t()[x] @ b.t()).to(output.dtype)
-        delta = x.to(a.dtype) @ a.t() @ b.t()
+        embedding = isinstance(mod, nn.Embedding)
+        delta = a.t()[x] @ b.t() if embedding else x.to(a.dtype) @ a.t() @ b.t()
         if f is not None:  # DoRA: f * (W x + s BA x) + bias
-            base_bias = 0.0 if mod.bias is None else mod.bias
+            base_bias = 0.0 if embedding or mod.bias is None else mod.bias
             delta = (f - 1) * (output - base_bias) + f * delta
         if bias is not None:
             delta = delta + bias
