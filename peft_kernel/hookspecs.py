@@ -121,6 +121,18 @@ class PeftKernelSpecs:
         there are some.
         """
 
+    @hookspec
+    def peft_kernel_adapter_injected(self, config: PeftConfig, model: nn.Module, adapter_name: str) -> None:
+        """React to ``adapter_name`` having been added to ``model`` from ``config``.
+
+        Called once each time an adapter is injected (``get_peft_model``, ``add_adapter``,
+        ``load_adapter``, ``inject_adapter_in_model``, mixed models), after every adapter layer is in
+        place and the ``modules_to_save`` wrappers exist, before the adapter's trainable flags are
+        set. For wiring between layers that no single layer factory can see: LoRA's
+        ``ensure_weight_tying`` shares the tensors of adapters on tied layers here. Act on your own
+        config classes only. The return value is ignored; every implementation runs.
+        """
+
     @hookspec(firstresult=True)
     def peft_kernel_create_shared_tensors(
         self, config: PeftConfig, adapter_name: str, targets: list[tuple[str, nn.Module]]

@@ -126,6 +126,7 @@ def inject(
     for name, module in matched:
         match_base_dtype(_holder(new_layers.get(name, module), adapter_name), adapter_name)
     wrap_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name)
+    registry.adapter_injected(config, model, adapter_name)
     return [name for name, _ in matched]
 
 

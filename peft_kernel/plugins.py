@@ -136,6 +136,10 @@ class Registry:
         kwargs = {"config": config, "module_name": module_name, "module": module, "model": model}
         return bool(self.call_hook("peft_kernel_match_target", kwargs))
 
+    def adapter_injected(self, config: PeftConfig, model: nn.Module, adapter_name: str) -> None:
+        """Every plugin's ``peft_kernel_adapter_injected`` for ``config``."""
+        self.call_hook("peft_kernel_adapter_injected", {"config": config, "model": model, "adapter_name": adapter_name})
+
     def create_layer(self, config: PeftConfig, adapter_name: str, base_layer: nn.Module,
                      module_name: str, shared: dict[str, torch.Tensor] | None = None) -> AdapterLayer | None:
         """The adapter layer wrapping ``base_layer``: the first ``peft_kernel_create_layer`` answer,

@@ -236,6 +236,10 @@ def test_unsupported_lora_features(tmp_path, small):
     saved = save_hf_adapters(small["model"], tmp_path, specs={"mts": dict(r=2, target_modules=["q_proj"], modules_to_save=["lm_head"])})
     with pytest.raises(AdapterLoadError, match="modules_to_save"):
         QEffAutoLoraModelForCausalLM(small["model"]).load_adapter(saved["mts"], "mts")
+    kasa = save_hf_adapters(small["model"], tmp_path, specs={"kasa": dict(r=2, target_modules=["q_proj"],
+                                                                          kasa_config={"beta": 1e-4, "gamma": 1e-3})})["kasa"]
+    with pytest.raises(AdapterLoadError, match="kasa_config"):
+        QEffAutoLoraModelForCausalLM(small["model"]).load_adapter(kasa, "kasa")
 
 
 def test_missing_adapter_folder(small, tmp_path):
