@@ -149,3 +149,24 @@ def test_dora_on_lm_head_and_embedding(served, tmp_path):
         assert np.abs(ref - res.logits[i]).max() <= TOL, name
     swap = QEffAutoPeftModelForCausalLM.from_pretrained(saved["e"], "e", base_model=served["model"])
     assert swap.verify(prompt_token_ids=PROMPTS[:1], generation_len=3).worst <= TOL
+
+
+def test_tied_embeddings_with_ensure_weight_tying(tmp_path):
+    # HF saves lm_head's (tied) LoRA but leaves lm_head out of target_modules: loading must see the tie
+    from qaic_testing import tiny_config
+    from transformers import AutoModelForCausalLM
+
+    config = tiny_config("llama")
+    config.tie_word_embeddings = True
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").eval()
+    spec = dict(r=4, target_modules=["lm_head", "embed_tokens", "q_proj"], ensure_weight_tying=True)
+    paths = save_hf_adapters(model, tmp_path / "a", specs={"tied": spec})
+    qeff = QEffAutoLoraModelForCausalLM.from_pretrained(model)
+    qeff.load_adapter(paths["tied"], "tied")
+    assert {"lm_head", "model.embed_tokens"} <= set(qeff.adapters["tied"].weights)
+    res = qeff.generate(prompt_token_ids=PROMPTS[:2], prompt_to_adapter_mapping=["tied", "base"], generation_len=3,
+                        runtime="onnxruntime", return_logits=True)
+    oracle = hf_peft_model(model, paths)
+    for i, name in enumerate(["tied", "base"]):
+        assert np.abs(_logits(oracle, PROMPTS[i], name, res.generated_ids[i]) - res.logits[i]).max() <= TOL, name

@@ -211,10 +211,38 @@ def _leaf_modules(model: nn.Module, prefix: str = "") -> Iterator[tuple[str, nn.
             yield from _leaf_modules(child, path)
 
 
+class _ModelView(nn.Module):
+    """The root of a view: answers ``get_input_embeddings`` / ``get_output_embeddings`` with the
+    view's modules at the base model's paths, so loading sees tied embeddings
+    (``ensure_weight_tying``) as on the model itself."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        paths = {id(m): p for p, m in _leaf_modules(model)}
+        ends = (getattr(model, "get_input_embeddings", None), getattr(model, "get_output_embeddings", None))
+        self._embedding_paths = [paths.get(id(_innermost(end()))) if end is not None else None for end in ends]
+
+    def _embedding(self, i: int) -> nn.Module | None:
+        path = self._embedding_paths[i]
+        return None if path is None else self.get_submodule(path)
+
+    def get_input_embeddings(self) -> nn.Module | None:
+        return self._embedding(0)
+
+    def get_output_embeddings(self) -> nn.Module | None:
+        return self._embedding(1)
+
+
+def _innermost(module: nn.Module | None) -> nn.Module | None:
+    while isinstance(getattr(module, "base_layer", None), nn.Module):
+        module = module.base_layer
+    return module
+
+
 def _view(model: nn.Module) -> nn.Module:
     """A module tree with ``model``'s leaf modules (shared, not copied) at their paths: adapters
     loaded onto it wrap the view's entries and leave ``model`` as it is."""
-    root = nn.Module()
+    root = _ModelView(model)
     for path, leaf in _leaf_modules(model):
         node = root
         *parents, last = path.split(".")
