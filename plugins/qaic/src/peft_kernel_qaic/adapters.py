@@ -184,8 +184,9 @@ def _check_config(config: Any, where: str) -> None:
         value = getattr(config, field, default)
         if value not in (default, None, False, [], {}):
             raise AdapterLoadError(
-                f"adapter {where} sets {field}={value!r}; the qaic backend exports plain LoRA only "
-                f"(no {field}). Merge or drop that feature first."
+                f"adapter {where} sets {field}={value!r}, which the qaic backend does not export (it serves LoRA "
+                f"-- with DoRA, lora_bias, lm_head / embedding targets -- and converted additive adapters). Merge or "
+                "drop that feature first."
             )
 
 
