@@ -35,7 +35,8 @@ from typing import Mapping, Sequence
 import torch
 from torch import nn
 
-from peft_kernel_qaic.adapters import decoder_layers
+from peft_kernel_qaic import lora_terms
+from peft_kernel_qaic.adapters import EMBEDDING, HEAD, decoder_layers
 from peft_kernel_qaic.errors import ExportConfigError
 from peft_kernel_qaic.kv_cache import write_indices, write_kv
 
@@ -91,6 +92,8 @@ class QaicCausalLM(nn.Module):
         lora_stacks: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         lora_modules: Sequence[str] = (),
         continuous_batching: bool = False,
+        lora_extras: Mapping[str, Mapping[str, torch.Tensor]] | None = None,
+        input_extras: Mapping[str, Sequence[str]] | None = None,
     ) -> None:
         super().__init__()
         check_architecture(model)
@@ -103,12 +106,18 @@ class QaicCausalLM(nn.Module):
         self.stack_index: dict[str, int] = {}
         self.stack_a = nn.ParameterList()
         self.stack_b = nn.ParameterList()
+        self.stack_extras = nn.ModuleList()  # per stacked module: DoRA rescale / lora_bias stacks (lora_terms)
         if lora_mode == "stacked":
             for i, (module, (a, b)) in enumerate(sorted((lora_stacks or {}).items())):
                 self.stack_index[module] = i
                 self.stack_a.append(nn.Parameter(a, requires_grad=False))
                 self.stack_b.append(nn.Parameter(b, requires_grad=False))
+                extras = nn.ParameterDict({k: nn.Parameter(t, requires_grad=False)
+                                           for k, t in (lora_extras or {}).get(module, {}).items()})
+                self.stack_extras.append(extras)
         self.input_modules = list(lora_modules) if lora_mode == "inputs" else []
+        # "inputs" mode: per module, the extra weight inputs after A and B ("bias", "rescale")
+        self.input_extras = {m: tuple(k) for m, k in (input_extras or {}).items()} if lora_mode == "inputs" else {}
         attn = self.layers_[0].self_attn
         cfg = model.config
         self.num_heads = cfg.num_attention_heads
@@ -128,12 +137,11 @@ class QaicCausalLM(nn.Module):
         y = _base(module)(x)
         if self.lora_mode == "stacked" and name in self.stack_index:
             i = self.stack_index[name]
-            a = self.stack_a[i][lora_ids]  # [B, in, R]
-            b = self.stack_b[i][lora_ids]  # [B, R, out]
-            y = y + torch.bmm(torch.bmm(x, a), b)
+            y = lora_terms.stacked_linear(x, y, _base(module), self.stack_a[i], self.stack_b[i], self.stack_extras[i],
+                                          lora_ids)
         elif self.lora_mode == "inputs" and name in lora_inputs:
-            a, b = lora_inputs[name]
-            y = y + torch.matmul(torch.matmul(x, a), b)
+            a, b, extras = lora_inputs[name]
+            y = lora_terms.add_lora(x, y, _base(module), a, b, extras.get("rescale"), extras.get("bias"))
         return y
 
     # ---- forward -----------------------------------------------------------------------
@@ -153,10 +161,15 @@ class QaicCausalLM(nn.Module):
         lora_inputs = {}
         if self.lora_mode == "inputs":
             flat = args[2 * n :]
-            lora_inputs = {m: (flat[2 * j], flat[2 * j + 1]) for j, m in enumerate(self.input_modules)}
+            lora_inputs = lora_terms.split_inputs(flat, self.input_modules, self.input_extras)
 
         hf_inner = self.hf.model
         h = hf_inner.embed_tokens(input_ids)
+        if EMBEDDING in self.stack_index:
+            i = self.stack_index[EMBEDDING]
+            h = lora_terms.stacked_embedding(input_ids, h, self.stack_a[i], self.stack_b[i], self.stack_extras[i], ids)
+        elif EMBEDDING in lora_inputs:
+            h = lora_terms.input_embedding(input_ids, h, *lora_inputs[EMBEDDING])
         cos, sin = hf_inner.rotary_emb(h, position_ids.clamp(min=0))
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, D]
 
@@ -215,7 +228,7 @@ class QaicCausalLM(nn.Module):
 
         last = position_ids.argmax(dim=1, keepdim=True)  # [B, 1]
         h_last = torch.gather(h, 1, last.unsqueeze(-1).expand(batch, 1, h.shape[-1]))
-        logits = self.hf.lm_head(hf_inner.norm(h_last))
+        logits = self._linear(self.hf.lm_head, HEAD, hf_inner.norm(h_last), ids, lora_inputs)
         return (logits.float(), *new_past)
 
     # ---- names the ONNX graph uses ----------------------------------------------------------
@@ -228,7 +241,7 @@ class QaicCausalLM(nn.Module):
         for i in range(self.num_layers):
             names += [f"past_key.{i}", f"past_value.{i}"]
         for m in self.input_modules:
-            names += [f"{m}.lora_A", f"{m}.lora_B"]
+            names += [f"{m}.lora_A", f"{m}.lora_B", *(f"{m}.lora_{k}" for k in self.input_extras.get(m, ()))]
         return names
 
     def output_names(self) -> list[str]:

@@ -26,9 +26,11 @@ from peft_kernel_qaic.adapters import (
     adapter_from_peft_model,
     load_lora_adapter,
     stack_adapters,
+    stack_extras,
     supported_linears,
 )
 from peft_kernel_qaic.base import QaicCausalLMBase, as_prompt_list, load_causal_lm
+from peft_kernel_qaic.conversion import ConversionReport
 from peft_kernel_qaic.errors import AdapterLoadError, AdapterMappingError, AdapterSlotError
 from peft_kernel_qaic.graph import QaicCausalLM
 from peft_kernel_qaic.runtime import GenerationResult
@@ -101,11 +103,23 @@ class QEffAutoLoraModelForCausalLM(QaicCausalLMBase):
         self.adapters[name] = adapter
         return self.adapter_name_to_id[name]
 
+    @property
+    def conversion_report(self) -> dict[str, ConversionReport]:
+        """Per adapter converted from another additive method (LoHa, LoKr, VeRA...): its
+        :class:`~peft_kernel_qaic.conversion.ConversionReport` (per-layer relative error, ranks)."""
+        return {name: a.conversion for name, a in self.adapters.items() if a.conversion is not None}
+
     def load_adapter(self, adapter_model_id: Any, adapter_name: str | None = None, **kwargs: Any) -> int:
-        """Load a LoRA adapter (folder, Hub id, or a live PeftModel); returns its id (0 is ``"base"``)."""
+        """Load an adapter (folder, Hub id, or a live PeftModel); returns its id (0 is ``"base"``).
+
+        LoRA (with DoRA, ``lora_bias``, on ``lm_head`` / ``embed_tokens`` too) loads as it is; an
+        adapter of another additive method (LoHa, LoKr, VeRA, ...) is converted to LoRA by truncated
+        SVD at ``convert_rank=`` (an int rank, or a float in (0, 1]: the share of squared singular
+        values kept per layer; default 16), its per-layer error in ``conversion_report[name]``.
+        Nothing is loaded when this raises."""
         if isinstance(adapter_model_id, nn.Module):
             source = kwargs.pop("source_adapter_name", "default")
-            adapter = adapter_from_peft_model(adapter_model_id, source, adapter_name or source)
+            adapter = adapter_from_peft_model(adapter_model_id, source, adapter_name or source, kwargs.pop("convert_rank", None))
         else:
             name = adapter_name or os.path.basename(os.path.normpath(str(adapter_model_id)))
             if name == BASE_ADAPTER or name in self.adapters:
@@ -126,8 +140,9 @@ class QEffAutoLoraModelForCausalLM(QaicCausalLMBase):
         return slots + [None] * (self.num_slots - len(slots))
 
     def _build_graph(self) -> QaicCausalLM:
-        stacks = stack_adapters(self._slots(), supported_linears(self.model))
-        return QaicCausalLM(self.model, lora_mode="stacked", lora_stacks=stacks, continuous_batching=self.continuous_batching)
+        slots, modules = self._slots(), supported_linears(self.model)
+        return QaicCausalLM(self.model, lora_mode="stacked", lora_stacks=stack_adapters(slots, modules),
+                            continuous_batching=self.continuous_batching, lora_extras=stack_extras(slots, modules))
 
     def _hash_parts(self):
         return [a.fingerprint() if a is not None else None for a in self._slots()], {}

@@ -6,7 +6,11 @@ buffers set once per adapter switch; on ONNX Runtime they are fed with every cal
 with the same *shape signature* (target modules and ranks; ``lora_alpha`` / rsLoRA may differ)
 swap with ``set_adapter`` -- no re-export, no recompile. An adapter with another signature raises
 :class:`AdapterLoadError`; serve it from its own instance (or use
-``QEffAutoLoraModelForCausalLM``, which stacks adapters of any shape).
+``QEffAutoLoraModelForCausalLM``, which stacks adapters of any shape). ``lm_head`` and
+``embed_tokens`` LoRA come as inputs like any module (the embedding's ``A`` as ``[vocab, r]``);
+adapters of other additive methods are converted to LoRA on load (``convert_rank=``). DoRA and
+``lora_bias`` add inputs ``<module>.lora_rescale`` (``f - 1``, ``[out]``; ``f`` is folded into ``B``)
+and ``<module>.lora_bias`` (``[out]``); adapters swap when these are on the same modules too.
 """
 
 from __future__ import annotations
@@ -19,7 +23,14 @@ import numpy as np
 import torch
 from torch import nn
 
-from peft_kernel_qaic.adapters import LoraAdapter, adapter_from_peft_model, load_lora_adapter, supported_linears
+from peft_kernel_qaic.adapters import (
+    LoraAdapter,
+    adapter_from_peft_model,
+    load_lora_adapter,
+    module_dims,
+    supported_linears,
+)
+from peft_kernel_qaic.conversion import ConversionReport
 from peft_kernel_qaic.base import QaicCausalLMBase, as_prompt_list, load_causal_lm
 from peft_kernel_qaic.errors import AdapterLoadError, AdapterMappingError
 from peft_kernel_qaic.graph import QaicCausalLM
@@ -46,6 +57,7 @@ class QEffAutoPeftModelForCausalLM(QaicCausalLMBase):
         super().__init__(load_causal_lm(base_model if base_model is not None else model.get_base_model()))
         self.adapters: OrderedDict[str, LoraAdapter] = OrderedDict()
         self.signature: tuple[tuple[str, int], ...] | None = None
+        self.extras: tuple[tuple[str, tuple[str, ...]], ...] | None = None  # DoRA / lora_bias inputs per module
         self._active: str | None = None
         active = getattr(model, "active_adapter", None)
         if isinstance(active, (list, tuple)):
@@ -61,6 +73,7 @@ class QEffAutoPeftModelForCausalLM(QaicCausalLMBase):
         QaicCausalLMBase.__init__(self, base)
         self.adapters = OrderedDict()
         self.signature = None
+        self.extras = None
         self._active = None
         self._add(adapter)
         return self
@@ -78,11 +91,13 @@ class QEffAutoPeftModelForCausalLM(QaicCausalLMBase):
         The base is ``base_model`` (a transformers model, folder or Hub id) or else the adapter
         config's ``base_model_name_or_path``.
         """
-        hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
+        hub = {k: kwargs.pop(k) for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder", "convert_rank")
+               if k in kwargs}
         if base_model is None:
             from peft_kernel_qaic.adapters import _check_peft_type, _read_config_dict
 
-            data, _ = _read_config_dict(pretrained_name_or_path, hub.get("subfolder"), {k: v for k, v in hub.items() if k != "subfolder"})
+            data, _ = _read_config_dict(pretrained_name_or_path, hub.get("subfolder"),
+                                        {k: v for k, v in hub.items() if k not in ("subfolder", "convert_rank")})
             _check_peft_type(data, repr(str(pretrained_name_or_path)))
             base_model = data.get("base_model_name_or_path")
             if not base_model:
@@ -103,12 +118,23 @@ class QEffAutoPeftModelForCausalLM(QaicCausalLMBase):
         """Per adapter, the graph inputs it feeds (``<module>.lora_A`` / ``.lora_B``)."""
         return {name: self._weight_feeds(a) for name, a in self.adapters.items()}
 
+    @property
+    def conversion_report(self) -> dict[str, ConversionReport]:
+        """Per adapter converted from another additive method: its per-layer conversion errors."""
+        return {name: a.conversion for name, a in self.adapters.items() if a.conversion is not None}
+
     def _add(self, adapter: LoraAdapter) -> None:
         if adapter.name in self.adapters:
             raise AdapterLoadError(f"an adapter named {adapter.name!r} is already loaded")
-        sig = adapter.signature()
+        sig, extras = adapter.signature(), adapter.extras_signature()
         if self.signature is None:
-            self.signature = sig
+            self.signature, self.extras = sig, extras
+        elif extras != self.extras:
+            raise AdapterLoadError(
+                f"adapter {adapter.name!r} uses DoRA / lora_bias on other modules than the one this graph was built "
+                f"for ({dict(extras) or 'none'} vs {dict(self.extras) or 'none'}): their rescale and bias are graph "
+                "inputs of their own. Use a separate QEffAutoPeftModelForCausalLM, or QEffAutoLoraModelForCausalLM."
+            )
         elif sig != self.signature:
             first = next(iter(self.adapters), None)
             raise AdapterLoadError(
@@ -125,7 +151,7 @@ class QEffAutoPeftModelForCausalLM(QaicCausalLMBase):
         """Load another adapter with the same target modules and ranks (no re-export needed)."""
         if isinstance(adapter_model_id, nn.Module):
             source = kwargs.pop("source_adapter_name", "default")
-            adapter = adapter_from_peft_model(adapter_model_id, source, adapter_name or source)
+            adapter = adapter_from_peft_model(adapter_model_id, source, adapter_name or source, kwargs.pop("convert_rank", None))
         else:
             name = adapter_name or os.path.basename(os.path.normpath(str(adapter_model_id)))
             if name in self.adapters:
@@ -156,10 +182,11 @@ class QEffAutoPeftModelForCausalLM(QaicCausalLMBase):
         return [m for m, _ in self.signature or ()]
 
     def _build_graph(self) -> QaicCausalLM:
-        return QaicCausalLM(self.model, lora_mode="inputs", lora_modules=self._modules())
+        return QaicCausalLM(self.model, lora_mode="inputs", lora_modules=self._modules(),
+                            input_extras=dict(self.extras or ()))
 
     def _hash_parts(self):
-        return [], {"signature": [list(s) for s in self.signature or ()]}
+        return [], {"signature": [list(s) for s in self.signature or ()], "extras": [list(e) for e in self.extras or ()]}
 
     def _uses_lora_ids(self) -> bool:
         return False
@@ -167,23 +194,35 @@ class QEffAutoPeftModelForCausalLM(QaicCausalLMBase):
     def _example_extra(self, graph) -> tuple[torch.Tensor, ...]:
         linears = supported_linears(self.model)
         out = []
+        extras = dict(self.extras or ())
         for module, r in self.signature or ():
-            lin = linears[module]
-            out += [torch.zeros(lin.in_features, r), torch.zeros(r, lin.out_features)]
+            dim_in, dim_out = module_dims(linears[module])
+            out += [torch.zeros(dim_in, r), torch.zeros(r, dim_out), *(torch.zeros(dim_out) for _ in extras.get(module, ()))]
         return tuple(out)
 
     def _meta_extra(self):
+        extras = dict(self.extras or ())
         inputs = []
         for m in self._modules():
-            inputs += [f"{m}.lora_A", f"{m}.lora_B"]
+            inputs += [f"{m}.lora_A", f"{m}.lora_B", *(f"{m}.lora_{k}" for k in extras.get(m, ()))]
         return {"weight_inputs": inputs, "signature": [list(s) for s in self.signature or ()]}
 
     @staticmethod
     def _weight_feeds(adapter: LoraAdapter) -> dict[str, np.ndarray]:
+        """``<module>.lora_A`` ``[in, r]``, ``.lora_B`` ``[r, out]`` (DoRA's ``f`` folded in), and
+        ``.lora_bias`` / ``.lora_rescale`` (DoRA's ``f - 1``) ``[out]`` where the adapter has them."""
+        def array(t: torch.Tensor) -> np.ndarray:
+            return np.ascontiguousarray(t.numpy(), dtype=np.float32)
+
         feeds = {}
         for module, (a, b) in sorted(adapter.weights.items()):
-            feeds[f"{module}.lora_A"] = np.ascontiguousarray(a.t().numpy(), dtype=np.float32)
-            feeds[f"{module}.lora_B"] = np.ascontiguousarray(b.t().numpy(), dtype=np.float32)
+            f = adapter.dora.get(module)
+            feeds[f"{module}.lora_A"] = array(a.t())
+            feeds[f"{module}.lora_B"] = array((b if f is None else b * f[:, None]).t())
+            if module in adapter.biases:
+                feeds[f"{module}.lora_bias"] = array(adapter.biases[module])
+            if f is not None:
+                feeds[f"{module}.lora_rescale"] = array(f - 1.0)
         return feeds
 
     def _extra_feeds(self) -> dict[str, np.ndarray]:

@@ -20,20 +20,34 @@ from torch import nn
 from peft_kernel_qaic.adapters import LoraAdapter
 
 
+def _hook(a: torch.Tensor, b: torch.Tensor, bias: torch.Tensor | None, f: torch.Tensor | None):
+    """A forward hook adding one module's adapter to its output (written from the formulas, not the graph's code)."""
+
+    def hook(mod, inputs, output):
+        x = inputs[0]
+        embedding = isinstance(mod, nn.Embedding)
+        delta = a.t()[x] @ b.t() if embedding else x.to(a.dtype) @ a.t() @ b.t()
+        if f is not None:  # DoRA: f * (W x + s BA x) + bias
+            base_bias = 0.0 if embedding or mod.bias is None else mod.bias
+            delta = (f - 1) * (output - base_bias) + f * delta
+        if bias is not None:
+            delta = delta + bias
+        return output + delta.to(output.dtype)
+
+    return hook
+
+
 @contextlib.contextmanager
 def lora_hooks(model: nn.Module, adapter: LoraAdapter | None) -> Iterator[None]:
-    """Add ``adapter``'s LoRA delta to the outputs of its target linears while inside the block."""
+    """Add ``adapter``'s delta (LoRA, DoRA, ``lora_bias``, embedding LoRA) to the outputs of its
+    target modules while inside the block."""
     handles = []
     if adapter is not None:
         modules = dict(model.named_modules())
         for name, (a, b) in adapter.weights.items():
             module = modules[name]
             module = getattr(module, "base_layer", module)
-
-            def hook(mod, inputs, output, a=a, b=b):
-                x = inputs[0]
-                return output + (x.to(a.dtype) @ a.t() @ b.t()).to(output.dtype)
-
+            hook = _hook(a, b, adapter.biases.get(name), adapter.dora.get(name))
             handles.append(module.register_forward_hook(hook))
     try:
         yield
