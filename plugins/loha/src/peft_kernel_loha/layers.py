@@ -22,6 +22,7 @@ from peft_kernel_loha.config import LoHaConfig
 from peft_kernel.plugin_api import LowRankFactors
 from peft_kernel_lowrank.derived import DerivedFactors
 from peft_kernel_lowrank.forwards import LowRankForwards
+from peft_kernel_lycoris.kron import HALF
 from peft_kernel_lycoris.layer import SUPPORTED_BASE_LAYERS, LycorisLayer, conv_core_shape, kaiming_uniform, tucker
 
 FACTORED: str = "cheaper"
@@ -101,10 +102,13 @@ class LoHaLayer(LowRankForwards, LycorisLayer):
 
     def low_rank_factors(self, adapter_name: str) -> LowRankFactors | None:
         """``(V, U, alpha / r)`` (see the module) for a Linear adapter where :data:`FACTORED` allows;
-        ``None`` on convs, in training with rank or module dropout, or where the dense delta is cheaper."""
+        ``None`` on convs, in training with rank or module dropout, for float16 / bfloat16 adapters
+        (whose outputs equal HF's bit for bit only through the dense delta), or where that is cheaper."""
         if self.is_conv or adapter_name not in self.hada_w1_a or FACTORED == "never":
             return None
         if self.training and (self.rank_dropout[adapter_name] or self.module_dropout[adapter_name]):
+            return None
+        if self.hada_w1_a[adapter_name].dtype in HALF:  # half-precision adapters: HF's dense rounding
             return None
         r = self.r[adapter_name]
         if FACTORED == "cheaper" and not factored_is_cheaper(r, self.in_features, self.out_features):

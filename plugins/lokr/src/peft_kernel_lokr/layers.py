@@ -22,7 +22,7 @@ from torch import nn
 
 from peft_kernel.plugin_api import Routing
 from peft_kernel_lokr.config import LoKrConfig
-from peft_kernel_lycoris.kron import Factors, KronStack, kron_apply, kron_apply_rows
+from peft_kernel_lycoris.kron import HALF, Factors, KronStack, kron_apply, kron_apply_rows
 from peft_kernel_lycoris.layer import SUPPORTED_BASE_LAYERS, LycorisLayer, conv_core_shape, kaiming_uniform, tucker
 
 
@@ -123,10 +123,14 @@ class LoKrLayer(LycorisLayer):
 
     def kron_factors(self, adapter_name: str) -> Factors | None:
         """``(w1 * scaling, w2)`` of a Linear adapter, or ``None`` where the dense delta must run (a
-        conv, live rank or module dropout: HF's random draws)."""
+        conv, live rank or module dropout: HF's random draws; float16 / bfloat16 adapters, whose
+        outputs equal HF's bit for bit only through the same dense product)."""
         if self.is_conv or self._dropout_live(adapter_name):
             return None
-        return self._w1(adapter_name) * self.scaling[adapter_name], self._w2(adapter_name)
+        w1, w2 = self._w1(adapter_name), self._w2(adapter_name)
+        if w1.dtype in HALF:  # half-precision adapters: HF's dense delta, rounding for rounding
+            return None
+        return w1 * self.scaling[adapter_name], w2
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.is_conv or args or kwargs:
@@ -159,7 +163,7 @@ class LoKrLayer(LycorisLayer):
 
     def _current_stack(self) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor] | None:
         names = tuple(self.adapter_names())
-        if not names or any(self._dropout_live(n) for n in names):
+        if not names or any(self._dropout_live(n) or self.kron_factors(n) is None for n in names):
             return None
         sources = tuple(p for n in names for p in self.adapter_parameters(n))
         scalings = tuple(self.scaling[n] for n in names)

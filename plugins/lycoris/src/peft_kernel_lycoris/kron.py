@@ -18,6 +18,9 @@ import torch
 
 from peft_kernel_lowrank.derived import DerivedFactors
 
+HALF = (torch.float16, torch.bfloat16)
+"""Adapter dtypes kept on the dense path: HF PEFT's outputs are matched bit for bit there."""
+
 Factors = tuple[torch.Tensor, torch.Tensor]
 """``(w1, w2)`` of one adapter, the scale folded into ``w1``."""
 
