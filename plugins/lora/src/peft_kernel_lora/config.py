@@ -77,7 +77,6 @@ class LoraConfig(TargetedConfig):
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ConfigError(f"LoraConfig.lora_dropout must be in [0, 1), got {self.lora_dropout}")
         check_alora(self.alora_invocation_tokens, self.task_type, self.use_dora)
-        check_target_parameters(self.target_parameters)
         if self.use_dora and self.lora_bias:
             raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         if isinstance(self.init_lora_weights, str) and not (
@@ -125,14 +124,3 @@ def check_alora(tokens: Any, task_type: Any, use_dora: bool) -> None:
     if tokens and str(getattr(task_type, "value", task_type)) != "CAUSAL_LM":
         warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", UserWarning, stacklevel=4)
 
-
-def check_target_parameters(names: Any) -> None:
-    """``target_parameters``: ``None`` or a list of parameter names (HF: a ``TypeError`` otherwise;
-    a regex string is not supported there either)."""
-    if names is None:
-        return
-    if isinstance(names, (str, bytes)) or not isinstance(names, (list, tuple, set)):
-        raise TypeError(f"`target_parameters` must be a list of strings or None (LoraConfig.target_parameters={names!r}).")
-    for name in names:
-        if not isinstance(name, str) or not name:
-            raise ConfigError(f"LoraConfig.target_parameters must hold parameter names (strings), got {name!r}")
