@@ -28,14 +28,15 @@ from peft_kernel.targeting import base_of
 
 class _AddDelta(nn.Module):
     """The parametrization ``W -> W + delta(W)`` (``delta`` is a plain callable, not a module, so
-    the adapter layer does not become a child of the module it wraps)."""
+    the adapter layer does not become a child of the module it wraps). The sum is taken in the wider
+    dtype and rounded once to the parameter's (float32 adapters on a bfloat16 base: HF PEFT's values)."""
 
     def __init__(self, delta: Callable[[torch.Tensor], torch.Tensor]) -> None:
         super().__init__()
         self.delta = delta
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return weight + self.delta(weight).to(weight.dtype)
+        return (weight + self.delta(weight)).to(weight.dtype)
 
 
 class ParameterLayer(AdapterLayer):

@@ -208,3 +208,24 @@ def test_exclude_modules_and_layers_to_transform_do_not_apply_as_in_hf():
     ours, hf = our_model(base, **extra), hf_model(base, **extra)
     assert ours.base_model.targeted_parameter_names == hf.base_model.targeted_parameter_names
     assert len(ours.base_model.targeted_parameter_names) == 4
+
+
+def test_float32_adapters_on_a_bfloat16_base_give_hfs_logits(tmp_path):
+    base = make("mixtral").to(torch.bfloat16)
+    hf = hf_model(base)
+    hf.save_pretrained(tmp_path)
+    ours = pk.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path).eval()
+    assert {p.dtype for n, p in ours.named_parameters() if "lora_" in n} == {torch.float32}
+    assert torch.equal(logits(ours), logits(hf))
+
+
+def test_inject_adapter_in_model_with_a_state_dict_takes_parameter_targets_from_the_config():
+    """HF refuses ``state_dict=`` with ``target_parameters``; ours takes the parameters from the
+    config (the state dict's keys of nested layers name no module to adapt) and loads nothing."""
+    base = make("mixtral")
+    hf = hf_model(base)
+    state = peft.get_peft_model_state_dict(hf)
+    with pytest.raises(ValueError, match="target_parameters"):
+        peft.inject_adapter_in_model(peft.LoraConfig(**kwargs()), copy.deepcopy(base), state_dict=state)
+    model = pk.inject_adapter_in_model(pk.LoraConfig(**kwargs()), copy.deepcopy(base), state_dict=state)
+    assert {f"base_model.model.{k}" for k in pk.get_peft_model_state_dict(model)} == set(state)
