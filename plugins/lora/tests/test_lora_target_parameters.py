@@ -229,3 +229,14 @@ def test_inject_adapter_in_model_with_a_state_dict_takes_parameter_targets_from_
         peft.inject_adapter_in_model(peft.LoraConfig(**kwargs()), copy.deepcopy(base), state_dict=state)
     model = pk.inject_adapter_in_model(pk.LoraConfig(**kwargs()), copy.deepcopy(base), state_dict=state)
     assert {f"base_model.model.{k}" for k in pk.get_peft_model_state_dict(model)} == set(state)
+
+
+def test_lora_conversion_and_weighted_combinations_are_refused_as_in_hf():
+    base = make("mixtral")
+    ours, hf = our_model(base), hf_model(base)
+    assert ours.supports_lora_conversion() is hf.supports_lora_conversion() is False
+    with pytest.raises(TypeError, match="do not support LoRA conversion"):
+        pk.convert_to_lora(ours, 2)
+    ours.add_adapter("other", pk.LoraConfig(**kwargs()))
+    with pytest.raises(ValueError, match="does not support targeting nn.Parameter"):
+        ours.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="linear")

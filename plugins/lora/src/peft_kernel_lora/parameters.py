@@ -54,6 +54,10 @@ class ParamWrapper(LoraLayer, ParameterLayer):
                                   f"matched {module_name!r}).")
         super().update_layer(adapter_name, config, module_name, shared)
 
+    def supports_lora_conversion(self, adapter_name: str = "default") -> bool:
+        """HF PEFT's answer: a parameter target does not convert (``convert_to_lora`` refuses it)."""
+        return False
+
     def create_adapter(self, adapter_name: str, r: int, config: LoraConfig) -> None:
         rank = r * self.num_experts
         self.lora_A[adapter_name] = nn.Linear(self.in_features, rank, bias=False)
