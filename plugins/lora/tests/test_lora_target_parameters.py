@@ -240,3 +240,13 @@ def test_lora_conversion_and_weighted_combinations_are_refused_as_in_hf():
     ours.add_adapter("other", pk.LoraConfig(**kwargs()))
     with pytest.raises(ValueError, match="does not support targeting nn.Parameter"):
         ours.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix", combination_type="linear")
+
+
+def test_merged_weights_of_a_loaded_hf_adapter_are_hfs(tmp_path):
+    base = make("qwen3_moe")
+    hf = hf_model(base, target_modules=["q_proj"])
+    hf.save_pretrained(tmp_path)
+    ours = pk.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    theirs, mine = hf.merge_and_unload().state_dict(), ours.merge_and_unload().state_dict()
+    assert list(mine) == list(theirs)
+    assert max((mine[k] - theirs[k]).abs().max().item() for k in theirs) <= 1e-6
