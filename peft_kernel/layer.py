@@ -13,13 +13,13 @@ forward, mixed batches, merge and unmerge; or overrides ``adapted_forward`` / ``
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, runtime_checkable
+from typing import Any, Callable, Iterable, Iterator, Literal, Protocol, Sequence, runtime_checkable
 
 import torch
 from torch import nn
 
 from peft_kernel.errors import MixedBatchError
-from peft_kernel.routing import Routing, current_routing
+from peft_kernel.routing import Routing, current_adapter_mix, current_routing
 
 Fold = Callable[["AdapterLayer", str, bool, Literal["merge", "unmerge"]], object]
 """``fold(layer, adapter_name, safe_merge, direction)``: folds one adapter into or out of a layer's
@@ -232,6 +232,13 @@ class AdapterLayer(nn.Module):
             if self.merged:
                 raise MixedBatchError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first.")
             return self.mixed_forward(x, routing, *args, **kwargs)
+        mix = current_adapter_mix()
+        weights = None if mix is None else mix.weights_for(self)
+        if weights is not None:
+            if self.merged:
+                raise MixedBatchError("per-token adapter weights cannot be applied while adapters are merged; "
+                                      "call unmerge_adapter() first.")
+            return self.weighted_forward(x, mix.adapters, weights, *args, **kwargs)
         if self.merged:
             return self.base_layer(x, *args, **kwargs)
         active = [a for a in self._active_adapters if self.has_adapter(a)]
@@ -247,6 +254,20 @@ class AdapterLayer(nn.Module):
             delta = self.delta(x, name)
             if delta is not None:  # summed in the wider dtype, rounded once at the end (as HF PEFT)
                 result = result + delta
+        return result.to(dtype)
+
+    def weighted_forward(self, x: torch.Tensor, adapters: Sequence[str], weights: torch.Tensor,
+                         *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Base output plus each held adapter's delta times its per-token weight ``weights[..., i]``
+        (additive methods; see :class:`peft_kernel.routing.AdapterMix`)."""
+        result = self.base_layer(x, *args, **kwargs)
+        dtype = result.dtype
+        for i, name in enumerate(adapters):
+            if not self.has_adapter(name):
+                continue
+            delta = self.delta(x, name)
+            if delta is not None:
+                result = result + delta * weights[..., i, None].to(delta.dtype)
         return result.to(dtype)
 
     def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:

@@ -22,7 +22,7 @@ from torch.nn.utils import parametrize
 
 from peft_kernel.errors import MixedBatchError
 from peft_kernel.layer import AdapterLayer
-from peft_kernel.routing import current_routing
+from peft_kernel.routing import current_adapter_mix, current_routing
 from peft_kernel.targeting import base_of
 
 
@@ -79,6 +79,12 @@ class ParameterLayer(AdapterLayer):
             raise MixedBatchError(
                 f"{type(self).__name__} (an adapter on the parameter {self.parameter_name!r}, a target_parameters "
                 "target) does not support mixed adapter batches (adapter_names=); run one adapter per batch."
+            )
+        mix = current_adapter_mix()
+        if mix is not None and mix.weights_for(self) is not None:
+            raise MixedBatchError(
+                f"{type(self).__name__} (an adapter on the parameter {self.parameter_name!r}) cannot weight adapters "
+                "per token (an adapter mix such as X-LoRA's): its delta is one weight for every token."
             )
         active = [a for a in self._active_adapters if self.has_adapter(a)]
         if self.merged or not active:

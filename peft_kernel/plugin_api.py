@@ -66,7 +66,15 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
     from peft_kernel.layer import AdapterLayer, Fold, LowRankFactors, LowRankLayer, walk_modules
     from peft_kernel.modules_to_save import ModulesToSaveWrapper
     from peft_kernel.parameter_layer import ParameterLayer
-    from peft_kernel.routing import BASE_ADAPTER, Routing, current_routing, current_task_ids
+    from peft_kernel.routing import (
+        BASE_ADAPTER,
+        AdapterMix,
+        Routing,
+        adapter_mix,
+        current_adapter_mix,
+        current_routing,
+        current_task_ids,
+    )
     from peft_kernel.tuner import is_additive
     from peft_kernel.utils import merge_utils
 
@@ -81,6 +89,9 @@ _HEAVY = {
     "BASE_ADAPTER": "peft_kernel.routing",
     "Routing": "peft_kernel.routing",
     "current_routing": "peft_kernel.routing",
+    "AdapterMix": "peft_kernel.routing",
+    "adapter_mix": "peft_kernel.routing",
+    "current_adapter_mix": "peft_kernel.routing",
     "current_task_ids": "peft_kernel.routing",
     "LoadResult": "peft_kernel.adapter_io",
     "ModulesToSaveWrapper": "peft_kernel.modules_to_save",
@@ -121,6 +132,7 @@ __all__ = [
     "MAX_SIZE",
     "MAX_WIDTH",
     "AdapterHost",
+    "AdapterMix",
     "CONFIG_NAME",
     "PICKLE_WEIGHTS_NAME",
     "AdapterLayer",
@@ -153,9 +165,11 @@ __all__ = [
     "base_of",
     "build_registry",
     "check_adapter_name",
+    "adapter_mix",
     "check_range",
     "cli_main",
     "compile_pattern",
+    "current_adapter_mix",
     "current_routing",
     "current_task_ids",
     "get_registry",

@@ -3,6 +3,9 @@
 ``PeftModel.forward`` builds one :class:`Routing` per call and publishes it through a context
 variable; every adapter layer reads the same object, so grouping rows by adapter happens once per
 forward, not once per layer. ``"__base__"`` rows get no adapter.
+
+A method that decides per token how much of each adapter a layer adds (a mixture of experts whose
+gate runs as a model-level pass before the forward) publishes an :class:`AdapterMix` the same way.
 """
 
 from __future__ import annotations
@@ -131,3 +134,35 @@ def tasks_routed(task_ids: Any) -> Iterator[torch.Tensor | None]:
         yield ids
     finally:
         _task_ids.reset(token)
+
+
+class AdapterMix:
+    """Per-token weights of several adapters for one forward: every adapter layer that
+    ``weights_for`` answers adds ``sum_i weights[..., i] * delta(x, adapters[i])`` to its base
+    output (:meth:`peft_kernel.layer.AdapterLayer.weighted_forward`) instead of its active adapters.
+
+    ``weights_for(layer)`` returns a tensor whose last dim has one entry per name in ``adapters`` and
+    whose leading dims broadcast against the layer's output without its feature dim
+    (``[batch, seq, n]`` for a transformer), or ``None`` to let the layer compute as usual."""
+
+    def __init__(self, adapters: Sequence[str], weights_for: Callable[[Any], torch.Tensor | None]):
+        self.adapters = tuple(adapters)
+        self.weights_for = weights_for
+
+
+_mix: contextvars.ContextVar[AdapterMix | None] = contextvars.ContextVar("peft_kernel_adapter_mix", default=None)
+
+
+def current_adapter_mix() -> AdapterMix | None:
+    """The :class:`AdapterMix` of the forward in progress, or ``None``."""
+    return _mix.get()
+
+
+@contextlib.contextmanager
+def adapter_mix(mix: AdapterMix | None) -> Iterator[AdapterMix | None]:
+    """Publish ``mix`` for the duration of one forward pass (``None`` publishes nothing)."""
+    token = _mix.set(mix)
+    try:
+        yield mix
+    finally:
+        _mix.reset(token)

@@ -67,10 +67,9 @@ def _is_peft_model(model: nn.Module) -> bool:
 
 
 def _root(model: nn.Module, caller: str) -> nn.Module:
-    from peft_kernel.tuner import AdapterModel
-
     if _is_peft_model(model):
-        if not isinstance(model.base_model, AdapterModel):  # HF PEFT's test: its base_model is no tuner
+        # HF PEFT's test: its base_model is no tuner (a host that wraps layers is its base_model)
+        if vars(model)["_host"] is not model.base_model:
             raise TypeError(
                 f"{caller}() got an invalid PeftModel instance; prefix tuning and adaption prompt are not supported."
             )

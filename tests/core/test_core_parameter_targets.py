@@ -147,3 +147,11 @@ def test_names_that_match_no_parameter_raise(targets):
 def test_a_parameter_of_a_module_target_is_refused():
     with pytest.raises(ValueError, match="not also targeted with `target_modules`"):
         get_peft_model(make_moe(), config(target_modules=["proj"], target_parameters=["proj.weight"]))
+
+
+def test_per_token_adapter_weights_are_refused():
+    from peft_kernel.routing import AdapterMix, adapter_mix
+
+    model = get_peft_model(make_moe(), config())
+    with adapter_mix(AdapterMix(["default"], lambda layer: torch.ones(4, 1))), pytest.raises(MixedBatchError, match="per token"):
+        model(X)

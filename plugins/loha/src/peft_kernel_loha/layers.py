@@ -4,6 +4,13 @@
 products, so the delta can have rank up to ``r**2``). For a conv kernel the products are
 ``[out, in * k...]`` reshaped to the kernel; with ``use_effective_conv2d`` (kernel larger than 1)
 each product is instead a Tucker product ``core [r, r, *k] x w_a [r, out] x w_b [r, in]``.
+
+On a Linear base the same delta is exactly low rank (``r**2``): with the face-splitting products
+``U[o, (a, b)] = w1_a[o, a] * w2_a[o, b]`` and ``V[(a, b), i] = w1_b[a, i] * w2_b[b, i]``,
+``delta W = U @ V * alpha / r``. Where that product is cheaper than the dense delta
+(:func:`factored_is_cheaper`), :meth:`LoHaLayer.low_rank_factors` returns ``(V, U, alpha / r)`` and
+the low-rank family's kernels run LoHa: one adapter without rebuilding ``delta W`` on every forward
+(HF PEFT rebuilds it), and mixed batches stacked, one kernel for all rows.
 """
 
 from __future__ import annotations
@@ -12,11 +19,32 @@ import torch
 from torch import nn
 
 from peft_kernel_loha.config import LoHaConfig
+from peft_kernel.plugin_api import LowRankFactors
+from peft_kernel_lowrank.derived import DerivedFactors
+from peft_kernel_lowrank.forwards import LowRankForwards
 from peft_kernel_lycoris.layer import SUPPORTED_BASE_LAYERS, LycorisLayer, conv_core_shape, kaiming_uniform, tucker
 
+FACTORED: str = "cheaper"
+"""When a Linear LoHa adapter runs as its rank-``r**2`` factors: ``"cheaper"`` (their FLOPs per
+token, ``r**2 * (in + out)``, are below the dense delta's ``in * out``), ``"always"`` or ``"never"``."""
 
-class LoHaLayer(LycorisLayer):
+
+def factored_is_cheaper(r: int, in_features: int, out_features: int) -> bool:
+    """Whether ``x -> x V^T U^T`` at rank ``r**2`` costs fewer FLOPs per token than ``x -> x dW^T``."""
+    return r * r * (in_features + out_features) < in_features * out_features
+
+
+def face_split(w1_a: torch.Tensor, w1_b: torch.Tensor, w2_a: torch.Tensor, w2_b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(V [r1*r2, in], U [out, r1*r2])`` with ``U @ V == (w1_a @ w1_b) * (w2_a @ w2_b)``."""
+    u = (w1_a[:, :, None] * w2_a[:, None, :]).reshape(w1_a.shape[0], -1)
+    v = (w1_b[:, None, :] * w2_b[None, :, :]).reshape(-1, w1_b.shape[1])
+    return v, u
+
+
+class LoHaLayer(LowRankForwards, LycorisLayer):
     """LoHa on a Linear / Conv1d / Conv2d base layer."""
+
+    round_delta_to_base = False  # HF PEFT adds LoHa's float32 delta to a half-precision base, then rounds
 
     adapter_layer_names = ("hada_w1_a", "hada_w1_b", "hada_w2_a", "hada_w2_b", "hada_t1", "hada_t2")
 
@@ -28,6 +56,7 @@ class LoHaLayer(LycorisLayer):
         self.hada_w2_b = nn.ParameterDict()
         self.hada_t1 = nn.ParameterDict()
         self.hada_t2 = nn.ParameterDict()
+        self._factored = DerivedFactors()
 
     def create_adapter(self, adapter_name: str, r: int, config: LoHaConfig) -> None:
         out_dim, in_dim, kernel = self.out_features, self.in_features, self.kernel_size
@@ -69,6 +98,25 @@ class LoHaLayer(LycorisLayer):
     def raw_delta_weight(self, adapter_name: str) -> torch.Tensor:
         product = self._factor(adapter_name, 1) * self._factor(adapter_name, 2)
         return product.reshape(self.base_layer.weight.shape)
+
+    def low_rank_factors(self, adapter_name: str) -> LowRankFactors | None:
+        """``(V, U, alpha / r)`` (see the module) for a Linear adapter where :data:`FACTORED` allows;
+        ``None`` on convs, in training with rank or module dropout, or where the dense delta is cheaper."""
+        if self.is_conv or adapter_name not in self.hada_w1_a or FACTORED == "never":
+            return None
+        if self.training and (self.rank_dropout[adapter_name] or self.module_dropout[adapter_name]):
+            return None
+        r = self.r[adapter_name]
+        if FACTORED == "cheaper" and not factored_is_cheaper(r, self.in_features, self.out_features):
+            return None
+        sources = tuple(getattr(self, f"hada_w{i}_{ab}")[adapter_name] for i in (1, 2) for ab in "ab")
+        w1_a, w1_b, w2_a, w2_b = sources
+        v, u = self._factored.get(adapter_name, sources, lambda: face_split(w1_a, w1_b, w2_a, w2_b))
+        return v, u, self.scaling[adapter_name]
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._factored.drop(adapter_name)
 
 
 def make_layer(config: LoHaConfig, adapter_name: str, base_layer: nn.Module, module_name: str) -> LoHaLayer | None:

@@ -8,14 +8,21 @@ The output size is split as ``out = out_l * out_k`` and the input size as ``in =
 * ``w2`` is ``lokr_w2`` when ``r >= max(out_k, in_n) / 2``; otherwise ``lokr_w2_a @ lokr_w2_b``
   (for a conv: ``[out_k, r] @ [r, in_n * k...]``), or with ``use_effective_conv2d`` and a kernel
   larger than 1 the Tucker product ``lokr_t2 [r, r, *k] x lokr_w2_a [r, out_k] x lokr_w2_b [r, in_n]``.
+
+On a Linear base the forward never builds ``delta W``: :func:`~peft_kernel_lycoris.kron.kron_apply`
+multiplies by ``w1`` and ``w2`` directly, and mixed batches run all rows at once on stacked factors.
 """
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 from torch import nn
 
+from peft_kernel.plugin_api import Routing
 from peft_kernel_lokr.config import LoKrConfig
+from peft_kernel_lycoris.kron import Factors, KronStack, kron_apply, kron_apply_rows
 from peft_kernel_lycoris.layer import SUPPORTED_BASE_LAYERS, LycorisLayer, conv_core_shape, kaiming_uniform, tucker
 
 
@@ -51,6 +58,7 @@ class LoKrLayer(LycorisLayer):
         super().__init__(base_layer)
         for name in self.adapter_layer_names:
             setattr(self, name, nn.ParameterDict())
+        self._kron_stack = KronStack()
 
     def create_adapter(self, adapter_name: str, r: int, config: LoKrConfig) -> None:
         out_l, out_k = factorization(self.out_features, config.decompose_factor)
@@ -108,6 +116,54 @@ class LoKrLayer(LycorisLayer):
         # A whole Conv1d w2 is 3-d [out_k, in_n, k] while w1 stays 2-d; torch.kron then reads w1 as
         # [1, out_l, in_m]. HF PEFT computes it this way, so adapters trained there keep their outputs.
         return torch.kron(w1.contiguous(), w2.contiguous()).reshape(self.base_layer.weight.shape)
+
+    # ---- Linear forwards without delta W -------------------------------------------------------
+    def _dropout_live(self, adapter_name: str) -> bool:
+        return self.training and bool(self.rank_dropout[adapter_name] or self.module_dropout[adapter_name])
+
+    def kron_factors(self, adapter_name: str) -> Factors | None:
+        """``(w1 * scaling, w2)`` of a Linear adapter, or ``None`` where the dense delta must run (a
+        conv, live rank or module dropout: HF's random draws)."""
+        if self.is_conv or self._dropout_live(adapter_name):
+            return None
+        return self._w1(adapter_name) * self.scaling[adapter_name], self._w2(adapter_name)
+
+    def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
+        if self.is_conv or args or kwargs:
+            return super().adapted_forward(x, adapters, *args, **kwargs)
+        result = self.base_layer(x)
+        dtype = result.dtype
+        for name in adapters:
+            factors = self.kron_factors(name)
+            if factors is None:
+                delta = self.delta(x, name)
+            else:
+                delta = kron_apply(x.to(factors[0].dtype), *factors)
+            if delta is not None:  # summed in the adapter's dtype, rounded once (as HF PEFT)
+                result = result + delta
+        return result.to(dtype)
+
+    def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """All rows at once on the stacked factors; the core's per-adapter groups where the stack
+        cannot run (convs, live dropout, adapters of different factor shapes)."""
+        stack = None
+        if not (self.is_conv or args or kwargs) and x.is_floating_point():
+            stack = routing.memo(("peft_kernel_lycoris.kron", id(self)), self._current_stack)
+        if stack is None:
+            return super().mixed_forward(x, routing, *args, **kwargs)
+        names, w1s, w2s = stack
+        slots = routing.slots(x.shape[0], x.device, names)
+        slots = torch.where(slots < 0, len(names), slots)
+        result = self.base_layer(x)
+        return (result + kron_apply_rows(x.to(w1s.dtype), w1s, w2s, slots)).to(result.dtype)
+
+    def _current_stack(self) -> tuple[tuple[str, ...], torch.Tensor, torch.Tensor] | None:
+        names = tuple(self.adapter_names())
+        if not names or any(self._dropout_live(n) for n in names):
+            return None
+        sources = tuple(p for n in names for p in self.adapter_parameters(n))
+        scalings = tuple(self.scaling[n] for n in names)
+        return self._kron_stack.get(names, scalings, sources, lambda: {n: self.kron_factors(n) for n in names})
 
 
 def make_layer(config: LoKrConfig, adapter_name: str, base_layer: nn.Module, module_name: str) -> LoKrLayer | None:
