@@ -27,16 +27,16 @@ from peft_kernel.targeting import base_of
 
 
 class _AddDelta(nn.Module):
-    """The parametrization ``W -> W + delta(W)`` (``delta`` is a plain callable, not a module, so
-    the adapter layer does not become a child of the module it wraps). The sum is taken in the wider
+    """The parametrization ``W -> W + delta()`` (``delta`` is a plain callable, not a module, so the
+    adapter layer does not become a child of the module it wraps). The sum is taken in the wider
     dtype and rounded once to the parameter's (float32 adapters on a bfloat16 base: HF PEFT's values)."""
 
-    def __init__(self, delta: Callable[[torch.Tensor], torch.Tensor]) -> None:
+    def __init__(self, delta: Callable[[], torch.Tensor]) -> None:
         super().__init__()
         self.delta = delta
 
     def forward(self, weight: torch.Tensor) -> torch.Tensor:
-        return (weight + self.delta(weight)).to(weight.dtype)
+        return (weight + self.delta()).to(weight.dtype)
 
 
 class ParameterLayer(AdapterLayer):
@@ -53,10 +53,9 @@ class ParameterLayer(AdapterLayer):
 
     def summed_delta(self, adapters: list[str]) -> torch.Tensor:
         """The sum of the ``adapters``' ``delta_weight``, in the parameter's shape."""
-        deltas = [self.delta_weight(name) for name in adapters]
-        total = deltas[0]
-        for delta in deltas[1:]:
-            total = total + delta
+        total = self.delta_weight(adapters[0])
+        for name in adapters[1:]:
+            total = total + self.delta_weight(name)
         return total
 
     @contextlib.contextmanager
@@ -64,7 +63,7 @@ class ParameterLayer(AdapterLayer):
         """The parameter reads as ``W + summed_delta(adapters)`` inside the context."""
         owner = base_of(self)
         parametrize.register_parametrization(owner, self.parameter_name,
-                                             _AddDelta(lambda _: self.summed_delta(adapters)), unsafe=True)
+                                             _AddDelta(lambda: self.summed_delta(adapters)), unsafe=True)
         try:
             yield
         finally:

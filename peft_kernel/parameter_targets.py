@@ -62,8 +62,7 @@ def match_parameters(config: Any, model: nn.Module) -> list[tuple[str, str]]:
 def no_match_error(config: Any, model: nn.Module) -> TargetNotFoundError:
     """HF PEFT's error when neither ``target_modules`` nor ``target_parameters`` found anything,
     with parameter names close to the requested ones."""
-    names = sorted({f"{type(base_of(m)).__name__}.{n}" for _, m in candidate_modules(model) for n in base_of(m)._parameters})
-    leaves = sorted({n.rsplit(".", 1)[-1] for n in names})
+    leaves = sorted({name for _, module in candidate_modules(model) for name in base_of(module)._parameters})
     close = sorted({c for t in target_parameter_names(config)
                     for c in difflib.get_close_matches(t.rsplit(".", 1)[-1], leaves, n=3, cutoff=0.5)})
     hint = f" Close parameter names: {close}." if close else ""
