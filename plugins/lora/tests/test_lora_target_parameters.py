@@ -71,6 +71,7 @@ CASES = {
     "qwen2-moe experts + shared expert modules": ("qwen2_moe", {"target_modules": ["shared_expert.up_proj"]}),
     "qwen3-moe experts, rslora, rank_pattern": ("qwen3_moe", {"use_rslora": True, "rank_pattern": {"down_proj": 3}}),
     "mixtral 2-D router weight + q_proj": ("mixtral", {"target_parameters": ["mlp.gate.weight"], "target_modules": ["q_proj"]}),
+    "qwen3-moe a Linear's weight as a parameter": ("qwen3_moe", {"target_parameters": ["self_attn.o_proj.weight"]}),
     "mixtral one parameter, full name": ("mixtral", {"target_parameters": ["model.layers.1.mlp.experts.down_proj"]}),
 }
 
