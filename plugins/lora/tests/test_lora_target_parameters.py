@@ -251,3 +251,22 @@ def test_merged_weights_of_a_loaded_hf_adapter_are_hfs(tmp_path):
     theirs, mine = hf.merge_and_unload().state_dict(), ours.merge_and_unload().state_dict()
     assert list(mine) == list(theirs)
     assert max((mine[k] - theirs[k]).abs().max().item() for k in theirs) <= 1e-6
+
+
+def test_hotswap_and_mixed_models_take_parameter_targets(tmp_path):
+    base = make("mixtral")
+    first = hf_model(base)
+    first.save_pretrained(tmp_path / "a")
+    torch.manual_seed(5)
+    second = hf_model(base)
+    second.save_pretrained(tmp_path / "b")
+    ours = pk.PeftModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    pk.hotswap_adapter(ours, str(tmp_path / "b"), adapter_name="default")
+    assert (logits(ours) - logits(second)).abs().max() <= 1e-5
+    mixed = pk.PeftMixedModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    mixed.load_adapter(tmp_path / "b", "b")
+    mixed.set_adapter(["default", "b"])
+    theirs = peft.PeftMixedModel.from_pretrained(copy.deepcopy(base), tmp_path / "a").eval()
+    theirs.load_adapter(tmp_path / "b", "b")
+    theirs.set_adapter(["default", "b"])
+    assert (logits(mixed) - logits(theirs)).abs().max() <= 1e-5
