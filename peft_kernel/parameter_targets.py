@@ -5,7 +5,7 @@ HF PEFT's rules: an entry names a parameter by its full dotted name (``model.lay
 down_proj``) or a suffix of it after a dot (``experts.down_proj``); only parameters registered
 directly on a module count (no buffers, no module names); ``exclude_modules`` and
 ``layers_to_transform`` do not apply; several parameters of one module nest in parameter order;
-every adapter of a model targets the same parameters.
+every adapter of a model with parameter targets targets the same parameters.
 """
 
 from __future__ import annotations
@@ -75,11 +75,11 @@ def no_match_error(config: Any, model: nn.Module) -> TargetNotFoundError:
 
 
 def check_same_parameters(config: Any, existing: dict[str, Any]) -> None:
-    """HF PEFT's rule: every adapter of a model targets the same ``target_parameters``."""
+    """HF PEFT's rule: every adapter of a model that has ``target_parameters`` targets the same ones."""
     new = sorted(target_parameter_names(config))
     for name, other in existing.items():
         old = sorted(target_parameter_names(other))
-        if (new or old) and new != old:
+        if new and old and new != old:  # HF PEFT: adapters without parameter targets are not compared
             raise ValueError(
                 "When using multiple adapters with `target_parameters`, all adapters must target the same set of "
                 f"parameters, but got {new} for the new adapter and {old} for adapter {name!r}."

@@ -270,3 +270,15 @@ def test_hotswap_and_mixed_models_take_parameter_targets(tmp_path):
     theirs.load_adapter(tmp_path / "b", "b")
     theirs.set_adapter(["default", "b"])
     assert (logits(mixed) - logits(theirs)).abs().max() <= 1e-5
+
+
+def test_adapters_without_parameter_targets_join_a_model_with_them_as_in_hf():
+    base = make("mixtral")
+    ours, hf = our_model(base), hf_model(base)
+    for model, lib in ((ours, pk), (hf, peft)):
+        model.add_adapter("attn", lib.LoraConfig(r=2, target_modules=["q_proj"], init_lora_weights=False))
+        model.set_adapter("attn")
+    assert ours.get_nb_trainable_parameters() == hf.get_nb_trainable_parameters()
+    # (a layer's active_adapters differ: HF lists adapters a layer does not hold, the core does not)
+    assert [(s.name, s.module_type, s.available_adapters) for s in ours.get_layer_status()] == \
+        [(s.name, s.module_type, s.available_adapters) for s in hf.get_layer_status()]
