@@ -72,6 +72,16 @@ class PeftKernelSpecs:
         undecidable. The return value is ignored; every implementation runs.
         """
 
+    @hookspec
+    def peft_kernel_release_config(self, config: PeftConfig, model: nn.Module, remaining: list[PeftConfig]) -> None:
+        """Undo what ``peft_kernel_prepare_config`` set up on ``model`` for ``config`` (hooks, state).
+
+        Called when ``config``'s adapter leaves ``model``: after ``delete_adapter`` (``remaining``: the
+        configs of the adapters still there) and after ``unload`` / ``merge_and_unload`` (once per
+        config, ``remaining`` empty). Act on your own config classes only. The return value is
+        ignored; every implementation runs.
+        """
+
     @hookspec(firstresult=True)
     def peft_kernel_match_target(
         self, config: PeftConfig, module_name: str, module: nn.Module, model: nn.Module
@@ -109,6 +119,18 @@ class PeftKernelSpecs:
         (empty for methods without them; leave the argument out of your implementation then). The
         ``layer_factory`` gets them as ``shared=`` and ``update_layer`` as ``shared=`` too, only when
         there are some.
+        """
+
+    @hookspec
+    def peft_kernel_adapter_injected(self, config: PeftConfig, model: nn.Module, adapter_name: str) -> None:
+        """React to ``adapter_name`` having been added to ``model`` from ``config``.
+
+        Called once each time an adapter is injected (``get_peft_model``, ``add_adapter``,
+        ``load_adapter``, ``inject_adapter_in_model``, mixed models), after every adapter layer is in
+        place and the ``modules_to_save`` wrappers exist, before the adapter's trainable flags are
+        set. For wiring between layers that no single layer factory can see: LoRA's
+        ``ensure_weight_tying`` shares the tensors of adapters on tied layers here. Act on your own
+        config classes only. The return value is ignored; every implementation runs.
         """
 
     @hookspec(firstresult=True)

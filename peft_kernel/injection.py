@@ -139,6 +139,7 @@ def inject(
     for layer in parameter_targets.parameter_layers_of(model, adapter_name):
         match_base_dtype(layer, adapter_name)
     wrap_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name)
+    registry.adapter_injected(config, model, adapter_name)
     return [name for name, _ in matched]
 
 

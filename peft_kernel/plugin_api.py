@@ -61,6 +61,7 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
         load_adapter_weights,
         resolve_file,
     )
+    from peft_kernel.call_scope import CallScope, current_call
     from peft_kernel.containers import BufferDict
     from peft_kernel.injection import CONFIGS_ATTR, check_adapter_name, replace_with_base, wrap_modules_to_save
     from peft_kernel.layer import AdapterLayer, Fold, LowRankFactors, LowRankLayer, walk_modules
@@ -80,6 +81,8 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
 
 _HEAVY = {
     "BufferDict": "peft_kernel.containers",
+    "CallScope": "peft_kernel.call_scope",
+    "current_call": "peft_kernel.call_scope",
     "AdapterLayer": "peft_kernel.layer",
     "Fold": "peft_kernel.layer",
     "LowRankFactors": "peft_kernel.layer",
@@ -139,6 +142,7 @@ __all__ = [
     "AdapterNameError",
     "BackendRecord",
     "BufferDict",
+    "CallScope",
     "CheckpointError",
     "CliError",
     "ConfigError",
@@ -174,6 +178,7 @@ __all__ = [
     "current_task_ids",
     "get_registry",
     "hookimpl",
+    "current_call",
     "hookspec",
     "install_hint",
     "is_additive",

@@ -127,10 +127,18 @@ class Registry:
         """Every plugin's ``peft_kernel_prepare_config`` for ``config``."""
         self.call_hook("peft_kernel_prepare_config", {"config": config, "model": model})
 
+    def release_config(self, config: PeftConfig, model: nn.Module, remaining: list[PeftConfig]) -> None:
+        """Every plugin's ``peft_kernel_release_config`` for ``config``."""
+        self.call_hook("peft_kernel_release_config", {"config": config, "model": model, "remaining": remaining})
+
     def match_target(self, config: PeftConfig, module_name: str, module: nn.Module, model: nn.Module) -> bool:
         """Whether ``module`` gets an adapter of ``config`` (``peft_kernel_match_target``)."""
         kwargs = {"config": config, "module_name": module_name, "module": module, "model": model}
         return bool(self.call_hook("peft_kernel_match_target", kwargs))
+
+    def adapter_injected(self, config: PeftConfig, model: nn.Module, adapter_name: str) -> None:
+        """Every plugin's ``peft_kernel_adapter_injected`` for ``config``."""
+        self.call_hook("peft_kernel_adapter_injected", {"config": config, "model": model, "adapter_name": adapter_name})
 
     def create_layer(self, config: PeftConfig, adapter_name: str, base_layer: nn.Module,
                      module_name: str, shared: dict[str, torch.Tensor] | None = None) -> AdapterLayer | None:

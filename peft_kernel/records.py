@@ -61,6 +61,10 @@ class MethodRecord:
     """Extra public names, ``{"LoraLayer": "peft_kernel_lora.layers:LoraLayer"}``, importable
     from ``peft_kernel`` while the plugin is installed. Imported on first access only. (The config
     class and the ``tuner_name`` class are exported without being listed.)"""
+    call_keywords: frozenset[str] = attrs.field(converter=frozenset, default=frozenset())
+    """Keyword arguments of ``forward`` / ``generate`` that the method's layers read (aLoRA's
+    ``alora_offsets``): the tuner takes them out of the call and publishes them with the call's
+    other arguments (:func:`peft_kernel.call_scope.current_call`)."""
     distribution: str = ""
     """Filled in by the manager: the distribution (or plugin name) that registered the record."""
 

@@ -20,6 +20,7 @@ from tqdm.auto import tqdm
 
 from peft_kernel import parameter_targets
 from peft_kernel.adapter_io import HOST_KEY_PREFIX, LoadResult, layer_state_dict, load_layer_state_dict
+from peft_kernel.call_scope import call_scope
 from peft_kernel.errors import AdapterNameError, UnknownMethodError
 from peft_kernel.injection import (
     cast_adapter_dtype,
@@ -76,6 +77,10 @@ class AdapterModel(nn.Module):
     when the first adapter is injected): ``PeftModel``'s task classes then hand them on, and
     :meth:`serve` publishes them for the layers (``peft_kernel.routing.current_task_ids``)."""
 
+    call_keywords: frozenset[str] = frozenset()
+    """The method's record's ``call_keywords``, taken out of ``forward`` / ``generate`` and published
+    for the call (:mod:`peft_kernel.call_scope`)."""
+
     def __init__(
         self,
         model: nn.Module,
@@ -93,7 +98,9 @@ class AdapterModel(nn.Module):
         config = peft_config[adapter_name] if isinstance(peft_config, dict) else peft_config
         self._inject(adapter_name, config, state_dict)
         # from the adapter's own method (a mixed model has no single record)
-        self.takes_task_ids = get_registry().method_for_config(config).supports("task_ids")
+        record = get_registry().method_for_config(config)
+        self.takes_task_ids = record.supports("task_ids")
+        self.call_keywords = record.call_keywords
 
     # ---- HF PEFT names ----------------------------------------------------------------------
     @property
@@ -143,7 +150,7 @@ class AdapterModel(nn.Module):
             return getattr(self.model, name)
 
     def forward(self, *args: Any, **kwargs: Any) -> Any:
-        with self._tasks(kwargs):
+        with self._tasks(kwargs), call_scope("forward", args, kwargs, self.call_keywords):
             return self.model(*args, **kwargs)
 
     # ---- the adapter-host protocol (peft_kernel.host.AdapterHost) ------------------------------
@@ -159,11 +166,11 @@ class AdapterModel(nn.Module):
 
     def serve(self, args: tuple, kwargs: dict, adapter_names: Any) -> Any:
         """Forward; mixed-batch routing is already published by ``PeftModel`` for the layers."""
-        with self._tasks(kwargs):
+        with self._tasks(kwargs), call_scope("forward", args, kwargs, self.call_keywords):
             return self.model(*args, **kwargs)
 
     def serve_generate(self, args: tuple, kwargs: dict, adapter_names: Any) -> Any:
-        with self._tasks(kwargs):
+        with self._tasks(kwargs), call_scope("generate", args, kwargs, self.call_keywords):
             return self.model.generate(*args, **kwargs)
 
     def release(self) -> None:
@@ -174,7 +181,7 @@ class AdapterModel(nn.Module):
         replace_with_base(self.model, keep_trained_copies=False)
 
     def generate(self, *args: Any, **kwargs: Any) -> Any:
-        with self._tasks(kwargs):
+        with self._tasks(kwargs), call_scope("generate", args, kwargs, self.call_keywords):
             return self.model.generate(*args, **kwargs)
 
     def attach(self, peft_model: nn.Module) -> None:
@@ -331,7 +338,8 @@ class AdapterModel(nn.Module):
         self._check_names([adapter_name])
         for module in self._adapter_modules():
             module.delete_adapter(adapter_name)
-        del self.peft_config[adapter_name]
+        config = self.peft_config.pop(adapter_name)
+        get_registry().release_config(config, self.model, list(self.peft_config.values()))
         remaining = [a for a in self._active if a != adapter_name]
         if not remaining and self.peft_config:
             remaining = [next(iter(self.peft_config))]
@@ -413,7 +421,7 @@ class AdapterModel(nn.Module):
             self._check_names(adapter_names)
         layers = [layer for _, layer in adapter_layers(self.model)]
         merge_all(tqdm(layers, disable=not progressbar, desc="Unloading and merging model"), safe_merge, adapter_names)
-        return replace_with_base(self.model, keep_trained_copies=True)
+        return self._released(replace_with_base(self.model, keep_trained_copies=True))
 
     def unload(self) -> nn.Module:
         """Remove every adapter without merging and return the base model.
@@ -424,7 +432,13 @@ class AdapterModel(nn.Module):
         gives back its original module."""
         for _, layer in adapter_layers(self.model):
             layer.unmerge(fold=get_registry().merge)
-        return replace_with_base(self.model, keep_trained_copies=True)
+        return self._released(replace_with_base(self.model, keep_trained_copies=True))
+
+    def _released(self, model: nn.Module) -> nn.Module:
+        """``model`` after every adapter's ``peft_kernel_release_config`` (it is the plain model now)."""
+        for config in self.peft_config.values():
+            get_registry().release_config(config, model, [])
+        return model
 
 
 def tuner_class(name: str, mixin: str = "") -> type[AdapterModel]:

@@ -196,6 +196,13 @@ def test_bad_input_raises_like_hf(extra, error, match):
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
 
 
+@pytest.mark.parametrize("extra", [{"kasa_config": {}}, {"use_bdlora": {"target_modules_bd_a": ["down_proj"], "nblocks": 2}},
+                                   {"arrow_config": {"top_k": 1}}])
+def test_linear_layer_variants_are_refused_on_parameters(extra):
+    with pytest.raises(ConfigError, match=f"does not work with {next(iter(extra))}"):
+        pk.get_peft_model(make("mixtral"), pk.LoraConfig(**kwargs(**extra)))
+
+
 @pytest.mark.parametrize("value", ["experts.down_proj", [1]])
 def test_target_parameters_must_be_a_list_of_names(value):
     """HF: a TypeError for a string (regex matching is not implemented there), nothing for [1]."""

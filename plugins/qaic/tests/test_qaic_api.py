@@ -236,6 +236,10 @@ def test_unsupported_lora_features(tmp_path, small):
     dora = save_hf_adapters(small["model"], tmp_path, specs={"dora": dict(r=2, target_modules=["q_proj"], use_dora=True)})["dora"]
     with pytest.raises(AdapterLoadError, match="use_dora"):
         QEffAutoLoraModelForCausalLM(small["model"]).load_adapter(dora, "dora")
+    kasa = save_hf_adapters(small["model"], tmp_path, specs={"kasa": dict(r=2, target_modules=["q_proj"],
+                                                                          kasa_config={"beta": 1e-4, "gamma": 1e-3})})["kasa"]
+    with pytest.raises(AdapterLoadError, match="kasa_config"):
+        QEffAutoLoraModelForCausalLM(small["model"]).load_adapter(kasa, "kasa")
     head = save_hf_adapters(small["model"], tmp_path, specs={"head": dict(r=2, target_modules=["lm_head"])})["head"]
     with pytest.raises(AdapterLoadError, match="lm_head"):
         QEffAutoLoraModelForCausalLM(small["model"]).load_adapter(head, "head")

@@ -3,14 +3,21 @@ row's tokens from the start of the last occurrence of the invocation sequence on
 before it see the base model, so their KV cache is the base model's.
 
 Per-row starts are found once per forward of the model, not per layer: a forward pre-hook on the
-adapted model (installed by :func:`install`) publishes an :class:`Invocations` for the call, built
-from that forward's ``input_ids`` and the length of the cache it continues; every aLoRA layer asks
-it for the starts of its invocation sequence (memoised per sequence) and masks its delta with
-``position >= start[row]`` (gradient checkpointing, which runs layers again during the backward,
-reuses the last forward's view). A row whose chunk does not hold the sequence keeps the start found by
-the forward that built its cache (decoding steps of ``generate``, beams included); a row without
-it anywhere gets no adapter, as in HF PEFT. ``alora_offsets=[...]`` (HF's keyword: per row, how
-many trailing tokens are adapted) overrides the search.
+adapted model (installed by :func:`install`, removed by :func:`uninstall` when the last aLoRA
+adapter leaves) publishes a view of the call for every aLoRA layer, which asks it for the starts of
+its invocation sequence (memoised per sequence) and masks its delta with ``position >= start[row]``
+(gradient checkpointing, which runs layers again during the backward, reuses the last forward's view).
+
+In ``generate`` the starts come from the prompt, once for the whole call (:class:`Prompt`, kept in the
+core's call scope): the last occurrence in each prompt row, or HF's ``alora_offsets=[...]`` (per row,
+how many trailing prompt tokens are adapted; ``None``: none). The generated tokens are adapted from
+there on, and an invocation sequence that the model generates starts nothing, as in HF PEFT. A prompt
+whose prefix is already in ``past_key_values`` (prefilled by the base model, adapter disabled: HF's
+documented cache reuse) is searched whole, cached part included.
+
+A forward outside ``generate`` searches its own ``input_ids``; a row whose chunk does not hold the
+sequence keeps the start found by the forward that built its cache (a hand-written decoding loop); a
+row without it anywhere gets no adapter, as in HF PEFT. ``alora_offsets`` overrides the search.
 """
 
 from __future__ import annotations
@@ -22,13 +29,17 @@ from typing import Any, Sequence
 import torch
 from torch import nn
 
-from peft_kernel.plugin_api import ConfigError, UnsupportedFeatureError
+from peft_kernel.plugin_api import CallScope, ConfigError, UnsupportedFeatureError, current_call
 
-_current: contextvars.ContextVar[Invocations | None] = contextvars.ContextVar("peft_kernel_lora_alora", default=None)
-_finished: Invocations | None = None
+_current: contextvars.ContextVar[Invocations | PromptView | None] = contextvars.ContextVar("peft_kernel_lora_alora", default=None)
+_finished: Invocations | PromptView | None = None
 """The last forward's view, for layers that gradient checkpointing recomputes during the backward."""
 _NEVER = torch.iinfo(torch.long).max // 2
 """The start of a row without the invocation sequence: past any position."""
+_PROMPT = "peft_kernel_lora.alora.prompt"
+"""The key of a ``generate`` call's :class:`Prompt` in the core's call scope."""
+_STATE = "_peft_kernel_alora_state"
+_STACK = "_peft_kernel_alora_tokens"
 
 
 def last_starts(input_ids: torch.Tensor, tokens: Sequence[int]) -> torch.Tensor:
@@ -87,6 +98,57 @@ class Invocations:
         return found
 
 
+class Prompt:
+    """A ``generate`` call's prompt: per invocation sequence, each prompt row's absolute start (found
+    once, used by the prefill and every decoding step)."""
+
+    def __init__(self, scope: CallScope):
+        ids = scope.argument("input_ids")
+        ids = scope.kwargs.get("inputs") if ids is None else ids  # generate's other name for the prompt
+        self.ids = ids if isinstance(ids, torch.Tensor) and ids.dim() == 2 and not ids.is_floating_point() else None
+        embeds = scope.kwargs.get("inputs_embeds")
+        shaped = self.ids if self.ids is not None else embeds
+        self.shape = None if shaped is None else tuple(shaped.shape[:2])
+        self.offsets = scope.values.get("alora_offsets")
+        self._absolute: dict[tuple[int, ...], torch.Tensor | None] = {}
+
+    def view(self, batch: int, past: int) -> PromptView:
+        return PromptView(self, batch, past)
+
+    def absolute(self, tokens: tuple[int, ...]) -> torch.Tensor | None:
+        """``[prompt rows]`` absolute starts, or None when neither ``input_ids`` nor offsets are given."""
+        if tokens not in self._absolute:
+            self._absolute[tokens] = self._find(tokens)
+        return self._absolute[tokens]
+
+    def _find(self, tokens: tuple[int, ...]) -> torch.Tensor | None:
+        if self.offsets is not None and self.shape is not None:
+            return _explicit(self.offsets, *self.shape)
+        if self.ids is None:
+            warnings.warn("Cannot calculate aLoRA offsets when only inputs_embeds are provided. Disabling aLoRA for "
+                          "this generate call.", UserWarning, stacklevel=5)
+            return None
+        found = last_starts(self.ids, tokens)
+        return torch.where(found >= 0, found, _NEVER)
+
+
+class PromptView:
+    """One forward of a ``generate`` call: the prompt's starts for this forward's rows (beams and
+    returned sequences repeat each prompt row) relative to its chunk."""
+
+    def __init__(self, prompt: Prompt, batch: int, past: int):
+        self.prompt, self.batch, self.past = prompt, batch, past
+
+    def starts(self, tokens: tuple[int, ...], device: torch.device) -> torch.Tensor | None:
+        absolute = self.prompt.absolute(tokens)
+        if absolute is None:
+            return None
+        if self.batch % absolute.shape[0]:
+            raise ValueError(f"aLoRA found starts for {absolute.shape[0]} prompt rows but generate ran a batch of "
+                             f"{self.batch} rows")
+        return (absolute.repeat_interleave(self.batch // absolute.shape[0]) - self.past).to(device)
+
+
 def _explicit(offsets: Any, batch: int, length: int) -> torch.Tensor:
     """HF's ``alora_offsets``: per row, the number of trailing tokens adapted (None: none)."""
     values = list(offsets.tolist() if isinstance(offsets, torch.Tensor) else offsets)
@@ -103,21 +165,28 @@ def _cache_length(kwargs: dict[str, Any]) -> int:
     return 0
 
 
-def _before(module: nn.Module, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    offsets = kwargs.pop("alora_offsets", None)
+def _before(module: nn.Module, args: tuple, kwargs: dict) -> None:
     ids = kwargs.get("input_ids", args[0] if args and isinstance(args[0], torch.Tensor) else None)
     if ids is not None and (ids.dim() != 2 or ids.is_floating_point()):
         ids = None
     embeds = kwargs.get("inputs_embeds")
-    state = module.__dict__.setdefault("_peft_kernel_alora_state", {})  # a deep copy of the model gets its own
-    module.__dict__.setdefault("_peft_kernel_alora_tokens", []).append(
-        _current.set(Invocations(ids, embeds, _cache_length(kwargs), offsets, state)))
-    return args, kwargs
+    past = _cache_length(kwargs)
+    scope = current_call()
+    view: Invocations | PromptView
+    if scope is not None and scope.kind == "generate":
+        shaped = ids if ids is not None else embeds
+        batch = shaped.shape[0] if shaped is not None else 0
+        view = scope.memo(_PROMPT, lambda: Prompt(scope)).view(batch, past)
+    else:
+        offsets = scope.values.get("alora_offsets") if scope is not None else None
+        state = module.__dict__.setdefault(_STATE, {})  # a deep copy of the model gets its own
+        view = Invocations(ids, embeds, past, offsets, state)
+    module.__dict__.setdefault(_STACK, []).append(_current.set(view))
 
 
 def _after(module: nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
     global _finished
-    stack = module.__dict__.get("_peft_kernel_alora_tokens")
+    stack = module.__dict__.get(_STACK)
     if stack:
         _finished = _current.get()
         _current.reset(stack.pop())
@@ -130,11 +199,23 @@ def _in_backward() -> bool:
 
 
 def install(model: nn.Module) -> None:
-    """Publish an :class:`Invocations` around every forward of ``model`` (once per model)."""
+    """Publish the starts around every forward of ``model`` (once per model)."""
     if _before in model._forward_pre_hooks.values():
         return
     model.register_forward_pre_hook(_before, with_kwargs=True, prepend=True)
     model.register_forward_hook(_after, with_kwargs=True, always_call=True)
+
+
+def uninstall(model: nn.Module) -> None:
+    """Remove :func:`install`'s hooks and the decoding state from ``model``."""
+    for hooks, hook in ((model._forward_pre_hooks, _before), (model._forward_hooks, _after)):
+        for key in [k for k, h in hooks.items() if h is hook]:
+            del hooks[key]
+            model._forward_hooks_with_kwargs.pop(key, None)
+            model._forward_hooks_always_called.pop(key, None)
+            model._forward_pre_hooks_with_kwargs.pop(key, None)
+    model.__dict__.pop(_STATE, None)
+    model.__dict__.pop(_STACK, None)
 
 
 def check_layer(layer: nn.Module, config: Any, module_name: str, supported: bool) -> tuple[int, ...] | None:

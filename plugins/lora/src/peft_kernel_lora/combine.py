@@ -39,6 +39,10 @@ def plan(adapters: list[str], configs: list[Any], weights: list[float], combinat
         if config.use_dora:
             raise ValueError(f"add_weighted_adapter does not combine DoRA adapters (adapter {name!r} has use_dora=True): "
                              "a DoRA magnitude cannot be combined with the rules for low-rank factors.")
+        for field, what in (("kasa_config", "KaSA"), ("use_bdlora", "BD-LoRA")):
+            if getattr(config, field) is not None:
+                raise ValueError(f"add_weighted_adapter does not combine {what} adapters (adapter {name!r} sets {field}): "
+                                 "their factors are not plain LoRA A/B matrices.")
     if len(adapters) == 1:  # HF: a single adapter can only be combined linearly
         combination_type = "linear"
     ranks = [_max_rank(c) for c in configs]

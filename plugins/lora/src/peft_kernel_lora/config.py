@@ -8,26 +8,26 @@ from typing import Any, Literal, Optional, Union
 import attrs
 
 from peft_kernel.plugin_api import MAX_SIZE, ConfigError, PeftType, TargetedConfig, check_range
+from peft_kernel_lora.arrow_config import arrow_settings
+from peft_kernel_lora.bdlora_config import check_lora_bdlora
 from peft_kernel_lora.corda_config import check_lora_corda
 from peft_kernel_lora.eva_config import check_lora_eva
+from peft_kernel_lora.kasa_config import check_lora_kasa
 from peft_kernel_lora.loftq_config import check_lora_loftq
+from peft_kernel_lora.refusals import explain
 
-INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva")
+INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva", "orthogonal")
 """String values of ``init_lora_weights`` this plugin implements (plus ``pissa_niter_<n>``)."""
 
 # Fields HF PEFT has for features this plugin does not implement yet: any non-default value is
 # refused with a clear error when the adapter is injected (the config itself still loads, so
 # `peft-kernel inspect` can show it).
 UNSUPPORTED_FIELDS = {
-    "arrow_config": None,
-    "kasa_config": None,
     "lora_ga_config": None,
     "megatron_config": None,
     "monteclora_config": None,
-    "use_bdlora": None,
     "use_qalora": False,
     "velora_config": None,
-    "ensure_weight_tying": False,
 }
 
 
@@ -81,7 +81,6 @@ class LoraConfig(TargetedConfig):
             raise ConfigError("The argument lora_bias=True is not supported for DoRA, please pass use_dora=False")
         if isinstance(self.init_lora_weights, str) and not (
             self.init_lora_weights in INIT_CHOICES or self.init_lora_weights.startswith("pissa_niter_")
-            or self.init_lora_weights == "orthogonal"
         ):
             raise ConfigError(
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not valid; use True, False, "
@@ -93,6 +92,9 @@ class LoraConfig(TargetedConfig):
         self.loftq_config = check_lora_loftq(self.init_lora_weights, self.loftq_config)
         self.corda_config = check_lora_corda(self.init_lora_weights, self.corda_config)
         self.eva_config = check_lora_eva(self.init_lora_weights, self.eva_config)
+        self.kasa_config = check_lora_kasa(self)
+        self.use_bdlora = check_lora_bdlora(self)
+        self.arrow_config = arrow_settings(self.arrow_config)
 
     def rewrites_base_weights(self) -> bool:
         """PiSSA, OLoRA and CorDA move part of each targeted weight into the adapter; LoftQ replaces it
@@ -102,10 +104,8 @@ class LoraConfig(TargetedConfig):
 
     def unsupported(self) -> list[str]:
         """Fields set to values this plugin cannot honour (checked when an adapter is injected)."""
-        problems = [f"{k}={getattr(self, k)!r}" for k, default in UNSUPPORTED_FIELDS.items() if getattr(self, k) != default]
-        if isinstance(self.init_lora_weights, str) and self.init_lora_weights == "orthogonal":
-            problems.append(f"init_lora_weights={self.init_lora_weights!r}")
-        return problems
+        return [explain(k, f"{k}={getattr(self, k)!r}") for k, default in UNSUPPORTED_FIELDS.items()
+                if getattr(self, k) != default]
 
 
 def check_alora(tokens: Any, task_type: Any, use_dora: bool) -> None:

@@ -1,6 +1,6 @@
 """LoRA initialisations: ``init_lora_weights`` = True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora",
 "loftq" (in :mod:`peft_kernel_lora.loftq`), "corda" (in :mod:`peft_kernel_lora.corda`), "eva" (as True here;
-:mod:`peft_kernel_lora.eva` then sets A from data).
+:mod:`peft_kernel_lora.eva` then sets A from data), "orthogonal" (in :mod:`peft_kernel_lora.orthogonal_init`).
 
 True/"gaussian" make B (or, for embeddings, A) zero so the adapter starts as the identity.
 PiSSA and OLoRA start from a decomposition of the base weight and subtract the part the adapter
@@ -31,6 +31,11 @@ def initialize(layer: LoraLayer, adapter_name: str, how: Union[bool, str], loftq
         from peft_kernel_lora import corda
 
         corda.initialize(layer, adapter_name)
+        return
+    if how == "orthogonal":
+        from peft_kernel_lora import orthogonal_init
+
+        orthogonal_init.initialize(layer, adapter_name)
         return
     with torch.no_grad():
         if adapter_name in layer.lora_embedding_A:

@@ -15,9 +15,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
-from peft_kernel_lora import alora, dora, init, replication, tokens
+from peft_kernel_lora import alora, arrow, dora, init, replication, tokens, variants
 from peft_kernel_lora.config import LoraConfig
 from peft_kernel_lowrank import mixed
+from peft_kernel_lowrank.derived import DerivedFactors
 
 
 def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
@@ -29,8 +30,9 @@ def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
 class LoraLayer(AdapterLayer):
     """State and bookkeeping shared by every LoRA layer type."""
 
-    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "alora_invocation_tokens")
+    adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
+                           "lora_diag")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "alora_invocation_tokens", "lora_arrow")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -46,6 +48,11 @@ class LoraLayer(AdapterLayer):
         self.lora_embedding_A = nn.ParameterDict()
         self.lora_embedding_B = nn.ParameterDict()
         self.lora_magnitude_vector = nn.ParameterDict()
+        self.lora_diag = nn.ParameterDict()  # KaSA's singular values (see kasa)
+        self.derived_factor_adapters: set[str] = set()  # KaSA / BD-LoRA adapters (see variants)
+        self.derived_factors = DerivedFactors()
+        self.tied_adapters: set[str] = set()  # tensors shared with a tied embedding's (see weight_tying)
+        self.lora_arrow = nn.ModuleDict()  # Arrow routers (see arrow)
         self._dora_factor: dict[str, torch.Tensor] = {}
         self._unmerged_weight: torch.Tensor | None = None  # set while a DoRA merge needs the bare base weight
 
@@ -57,7 +64,10 @@ class LoraLayer(AdapterLayer):
         return list(self.r)  # as has_adapter: read once per mixed-batch forward by the stacks
 
     def delete_adapter(self, adapter_name: str) -> None:
+        arrow.forget(self, adapter_name)
         super().delete_adapter(adapter_name)
+        variants.drop(self, adapter_name)
+        self.tied_adapters.discard(adapter_name)
         mixed.drop_stack(self)
 
     # ---- creation --------------------------------------------------------------------------
@@ -70,6 +80,8 @@ class LoraLayer(AdapterLayer):
                 f"peft-kernel-lora does not implement {', '.join(unsupported)} yet (module {module_name!r}); "
                 "leave these at their defaults."
             )
+        if config.arrow_config is not None and not isinstance(self, Linear):
+            return  # HF PEFT adds Arrow routers to linear layers only
         r = pattern_value(config.rank_pattern, module_name, config.r)
         alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
         if not isinstance(r, int) or r <= 0:
@@ -83,12 +95,15 @@ class LoraLayer(AdapterLayer):
         if invocation is not None:
             self.alora_invocation_tokens[adapter_name] = invocation
         self.create_adapter(adapter_name, r, config)
+        variants.create(self, adapter_name, r, config, module_name)
         weight = self.adapted_tensor()
         for p in self.adapter_parameters(adapter_name):
             p.data = p.data.to(device=weight.device, dtype=_adapter_dtype(weight))
         init.initialize(self, adapter_name, config.init_lora_weights, config.loftq_config)
+        variants.after_init(self, adapter_name)
         if config.use_dora:
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(dora.initial_magnitude(self, adapter_name))
+        arrow.update(self, adapter_name, config, routes=isinstance(self, Linear))
 
     @staticmethod
     def _scaling(alpha: float, r: int, use_rslora: bool) -> float:
@@ -145,6 +160,8 @@ class LoraLayer(AdapterLayer):
             if result is not None and self.training and not isinstance(dropout, nn.Identity):
                 result = None  # live dropout: DoRA rescales W·dropout(x), not the output so far (HF)
             x = dropout(x.to(next(iter(self.adapter_parameters(adapter_name))).dtype))
+        if adapter_name in self.lora_arrow:
+            return arrow.delta(self, x, adapter_name)
         if self.use_dora[adapter_name]:
             return dora.delta(self, x, adapter_name, None if result is None else self.without_bias(result))
         invocation = self.alora_invocation_tokens.get(adapter_name)
@@ -184,8 +201,12 @@ class LoraLayer(AdapterLayer):
 
     def merge_into_base(self, adapter_name: str, safe_merge: bool = False) -> None:
         replication.check_merge(self, adapter_name)
+        if adapter_name in self.tied_adapters:
+            return  # the tied embedding folds the shared delta into the shared weight
         if adapter_name in self.alora_invocation_tokens:
             alora.refuse_merge(adapter_name)
+        if adapter_name in self.lora_arrow:
+            arrow.refuse_merge(adapter_name)
         if not self.use_dora[adapter_name]:
             return super().merge_into_base(adapter_name, safe_merge)
         self._dora_factor[adapter_name] = dora.factor(self, adapter_name, self.unmerged_base_weight()).detach()
@@ -196,6 +217,8 @@ class LoraLayer(AdapterLayer):
             raise
 
     def unmerge_from_base(self, adapter_name: str) -> None:
+        if adapter_name in self.tied_adapters:
+            return
         if not self.use_dora[adapter_name]:
             return super().unmerge_from_base(adapter_name)
         with torch.no_grad():
@@ -215,10 +238,16 @@ class Linear(LoraLayer):
         self.lora_B[adapter_name] = nn.Linear(r, self.out_features, bias=config.lora_bias)
 
     def lora_weight(self, adapter_name: str) -> torch.Tensor:
+        if adapter_name in self.derived_factor_adapters:
+            a, b = variants.dense_factors(self, adapter_name)
+            return b @ a
         return self.lora_B[adapter_name].weight @ self.lora_A[adapter_name].weight
 
     def lora_product(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
-        return self.lora_B[adapter_name](self.lora_A[adapter_name](x)) * self.scaling[adapter_name]
+        after_a = self.lora_A[adapter_name](x)
+        if adapter_name in self.lora_diag:  # KaSA
+            after_a = after_a * self.lora_diag[adapter_name]
+        return self.lora_B[adapter_name](after_a) * self.scaling[adapter_name]
 
     def base_output_no_bias(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x, self.base_weight().to(x.dtype))
@@ -231,14 +260,17 @@ class Linear(LoraLayer):
     def low_rank_factors(self, adapter_name: str) -> LowRankFactors | None:
         """``(lora_A.weight [r, in], lora_B.weight [out, r], scaling)``; ``None`` for DoRA, for
         live dropout in training, and for adapters this layer does not hold."""
-        if self.use_dora.get(adapter_name, True) or adapter_name in self.alora_invocation_tokens:  # DoRA, aLoRA, not held
-            return None
         modules = self._modules  # read for every adapter on every mixed-batch forward: no Module.__getattr__
+        if self.use_dora.get(adapter_name, True) or adapter_name in self.alora_invocation_tokens \
+                or adapter_name in modules["lora_arrow"]._modules:  # DoRA, aLoRA, Arrow router, not held
+            return None
         if self.training and not isinstance(modules["lora_dropout"]._modules[adapter_name], nn.Identity):
             return None
         lin_a = modules["lora_A"]._modules.get(adapter_name)
         if lin_a is None:  # an adapter whose creation failed half-way holds a rank but no tensors
             return None
+        if adapter_name in self.derived_factor_adapters:
+            return (*variants.dense_factors(self, adapter_name), self.scaling[adapter_name])
         lin_b = modules["lora_B"]._modules[adapter_name]
         return lin_a._parameters["weight"], lin_b._parameters["weight"], self.scaling[adapter_name]
 
@@ -371,6 +403,8 @@ def make_layer(config: LoraConfig, adapter_name: str, base_layer: nn.Module, mod
     fan_in_fan_out = linear_fan_in_fan_out(config, base_layer)
     if fan_in_fan_out is not None:
         layer: LoraLayer = Linear(base_layer, fan_in_fan_out=fan_in_fan_out)
+    elif config.arrow_config is not None:
+        return None  # HF PEFT adds Arrow routers to linear layers only
     elif isinstance(base_layer, nn.Embedding):
         layer = Embedding(base_layer)
     elif isinstance(base_layer, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):

@@ -148,6 +148,9 @@ def convert_to_lora_with_errors(
     ``‖ΔW - BA‖_F / ‖ΔW‖_F`` (0 where the rank reaches the delta's true rank)."""
     _check_rank(rank)
     layers = [(name, m) for name, m in _adapter_layers(model) if m.has_adapter(adapter_name)]
+    if any(adapter_name in getattr(m, "lora_diag", {}) for _, m in layers):
+        raise TypeError("Some module types on this model do not support LoRA conversion: KaSA adapters (kasa_config) "
+                        "truncated the base weights, so no LoRA of the original base reproduces them (HF refuses them too).")
     unsupported = sorted({repr(type(m)) for _, m in layers if not supports_lora_conversion(m, adapter_name)})
     if unsupported:
         methods = sorted({str(getattr(m.peft_type, "value", m.peft_type)) for _, m in layers

@@ -47,6 +47,8 @@ class ParamWrapper(LoraLayer, ParameterLayer):
         refused = {"lora_dropout != 0": config.lora_dropout != 0, "use_dora=True": config.use_dora,
                    "lora_bias=True": config.lora_bias,
                    "alora_invocation_tokens": bool(config.alora_invocation_tokens),
+                   "kasa_config": config.kasa_config is not None, "use_bdlora": config.use_bdlora is not None,
+                   "arrow_config": config.arrow_config is not None,
                    f"init_lora_weights={config.init_lora_weights!r}": config.init_lora_weights not in SUPPORTED_INITS}
         for what, bad in refused.items():
             if bad:

@@ -16,7 +16,9 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
             config_class=LoraConfig,
             prefix="lora_",
             capabilities={"additive", "mergeable", "mixed_batch", "hotswap", "multi_adapter"},
+            call_keywords={"alora_offsets"},
             tuner_name="LoraModel",
+            tuner_mixin="peft_kernel_lora.tuner:LoraTuner",
             layer_factory="peft_kernel_lora.layers:make_layer",
             default_target_modules=DEFAULT_TARGET_MODULES,
             exports={"LoraLayer": "peft_kernel_lora.layers:LoraLayer",
@@ -28,8 +30,12 @@ def peft_kernel_register_methods(register: Callable[[MethodRecord], None]) -> No
                      "preprocess_corda": "peft_kernel_lora.corda:preprocess_corda",
                      "replace_lora_weights_loftq": "peft_kernel_lora.loftq:replace_lora_weights_loftq",
                      "EvaConfig": "peft_kernel_lora.eva_config:EvaConfig",
+                     "ArrowConfig": "peft_kernel_lora.arrow_config:ArrowConfig",
+                     "create_arrow_model": "peft_kernel_lora.arrow_model:create_arrow_model",
                      "initialize_lora_eva_weights": "peft_kernel_lora.eva:initialize_lora_eva_weights",
-                     "get_eva_state_dict": "peft_kernel_lora.eva:get_eva_state_dict"},
+                     "get_eva_state_dict": "peft_kernel_lora.eva:get_eva_state_dict",
+                     "KasaConfig": "peft_kernel_lora.kasa_config:KasaConfig",
+                     "BdLoraConfig": "peft_kernel_lora.bdlora_config:BdLoraConfig"},
         )
     )
 
@@ -93,14 +99,41 @@ def peft_kernel_map_state_dict(config: Any, state_dict: Any, direction: str) -> 
 
 
 @hookimpl
+def peft_kernel_release_config(config: Any, model: Any, remaining: Any) -> None:
+    """aLoRA: the model stops looking for invocation sequences when its last aLoRA adapter leaves."""
+    if not isinstance(config, LoraConfig) or not config.alora_invocation_tokens:
+        return
+    if not any(isinstance(c, LoraConfig) and c.alora_invocation_tokens for c in remaining):
+        from peft_kernel_lora.alora import uninstall
+
+        uninstall(model)
+
+
+@hookimpl
 def peft_kernel_prepare_config(config: Any, model: Any) -> None:
     """``layer_replication``: rebuild the layer stack before targets are matched; aLoRA: find the
-    invocation sequences once per forward of the model."""
+    invocation sequences once per forward of the model; KaSA: not mixed with other LoRA adapters;
+    ``ensure_weight_tying``: every tied layer named."""
     if isinstance(config, LoraConfig) and config.alora_invocation_tokens:
         from peft_kernel_lora.alora import install
 
         install(model)
+    if isinstance(config, LoraConfig):
+        from peft_kernel_lora.kasa import check_model
+        from peft_kernel_lora.weight_tying import prepare
+
+        check_model(model, config)
+        prepare(config, model)
     if isinstance(config, LoraConfig) and config.layer_replication:
         from peft_kernel_lora.replication import replicate
 
         replicate(model, config.layer_replication)
+
+
+@hookimpl
+def peft_kernel_adapter_injected(config: Any, model: Any, adapter_name: str) -> None:
+    """``ensure_weight_tying``: the adapters on tied layers share their tensors."""
+    if isinstance(config, LoraConfig) and config.ensure_weight_tying:
+        from peft_kernel_lora.weight_tying import tie
+
+        tie(model, adapter_name, config)

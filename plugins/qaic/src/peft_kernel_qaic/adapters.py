@@ -54,6 +54,7 @@ _UNSUPPORTED = {
     "alora_invocation_tokens": None,
     "target_parameters": None,
     "use_bdlora": None,
+    "kasa_config": None,  # KaSA truncates the base weights and puts lora_diag between A and B
 }
 
 

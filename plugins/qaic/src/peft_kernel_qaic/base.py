@@ -26,6 +26,7 @@ from peft_kernel_qaic.export import (
     write_side_files,
 )
 from peft_kernel_qaic.graph import check_architecture
+from peft_kernel_qaic.continuous import generate_continuous
 from peft_kernel_qaic.runtime import GenerationResult, ai100_session, generate_tokens, ort_session
 
 RUNTIMES = {"onnxruntime": "onnxruntime", "ort": "onnxruntime", "cpu": "onnxruntime", "ai100": "ai100", "ai_100": "ai100", "qaic": "ai100"}
@@ -52,8 +53,11 @@ class QaicCausalLMBase:
 
     _kind = "base"
 
-    def __init__(self, model: nn.Module) -> None:
+    def __init__(self, model: nn.Module, continuous_batching: bool = False) -> None:
+        if not isinstance(continuous_batching, bool):
+            raise ExportConfigError(f"continuous_batching must be True or False, got {continuous_batching!r}")
         self.model = model
+        self.continuous_batching = continuous_batching
         self.options = ExportOptions()
         self.onnx_path: Path | None = None
         self.qpc_path: Path | None = None
@@ -92,16 +96,29 @@ class QaicCausalLMBase:
         if self._model_fp is None:
             self._model_fp = model_fingerprint(self.model)
         adapter_fps, extra = self._hash_parts()
+        if self.continuous_batching:
+            extra = {**extra, "continuous_batching": True}
         return export_hash(self._model_fp, adapter_fps, self._kind, ExportOptions(), extra)
 
-    def _set_options(self, batch_size=None, prefill_seq_len=None, ctx_len=None, kv_precision=None) -> None:
+    def _set_options(self, batch_size=None, prefill_seq_len=None, ctx_len=None, kv_precision=None, full_batch_size=None) -> None:
+        if full_batch_size is not None and not self.continuous_batching:
+            raise ExportConfigError(
+                f"full_batch_size={full_batch_size!r} is for continuous batching; create the model with "
+                "from_pretrained(..., continuous_batching=True)"
+            )
         changes = {
             k: v
-            for k, v in dict(batch_size=batch_size, prefill_seq_len=prefill_seq_len, ctx_len=ctx_len, kv_precision=kv_precision).items()
+            for k, v in dict(batch_size=batch_size, prefill_seq_len=prefill_seq_len, ctx_len=ctx_len,
+                             kv_precision=kv_precision, full_batch_size=full_batch_size).items()
             if v is not None
         }
         if changes:
             self.options = attrs.evolve(self.options, **changes)
+        if self.continuous_batching and self.options.full_batch_size is None:
+            raise ExportConfigError(
+                "continuous_batching=True needs full_batch_size (the number of KV-cache slots): pass it to "
+                "export(), compile() or generate()"
+            )
 
     def export(
         self,
@@ -110,6 +127,7 @@ class QaicCausalLMBase:
         batch_size: int | None = None,
         prefill_seq_len: int | None = None,
         ctx_len: int | None = None,
+        full_batch_size: int | None = None,
         force: bool = False,
     ) -> str:
         """Export the ONNX graph (skipped when an identical export exists); returns its path.
@@ -120,9 +138,10 @@ class QaicCausalLMBase:
 
         The graph has symbolic ``batch_size`` / ``seq_len`` / ``ctx_len``; the static shapes the
         device runs go to ``specializations.json`` next to it (``batch_size``, ``prefill_seq_len``,
-        ``ctx_len``, remembered for ``compile`` and ``generate``).
+        ``ctx_len``, remembered for ``compile`` and ``generate``). A continuous-batching model needs
+        ``full_batch_size``: its KV cache has that many slots.
         """
-        self._set_options(batch_size, prefill_seq_len, ctx_len)
+        self._set_options(batch_size, prefill_seq_len, ctx_len, full_batch_size=full_batch_size)
         digest = self.export_hash()
         if export_dir is not None:
             self.export_dir = Path(export_dir)
@@ -157,6 +176,7 @@ class QaicCausalLMBase:
         batch_size: int | None = None,
         prefill_seq_len: int | None = None,
         ctx_len: int | None = None,
+        full_batch_size: int | None = None,
         num_cores: int = 16,
         num_devices: int = 1,
         mxfp6_matmul: bool = False,
@@ -168,13 +188,13 @@ class QaicCausalLMBase:
     ) -> tuple[list[str], Path]:
         """The ``qaic-exec`` command ``compile`` would run, and the QPC folder (exports if needed)."""
         kv = "mxint8" if mxint8_kv_cache else ("float16" if convert_to_fp16 else "float32")
-        self._set_options(batch_size, prefill_seq_len, ctx_len, kv)
+        self._set_options(batch_size, prefill_seq_len, ctx_len, kv, full_batch_size)
         onnx = Path(onnx_path) if onnx_path is not None else Path(self.export())
         meta = read_meta(onnx)
         o = self.options
         tag = f"qpc-bs{o.batch_size}-pl{o.prefill_seq_len}-cl{o.ctx_len}-c{num_cores}-d{num_devices}" + (
             "-mxfp6" if mxfp6_matmul else ""
-        ) + ("-mxint8kv" if mxint8_kv_cache else "")
+        ) + ("-mxint8kv" if mxint8_kv_cache else "") + (f"-fbs{o.full_batch_size}" if o.full_batch_size else "")
         folder = Path(compile_dir) if compile_dir is not None else onnx.parent / tag
         side = write_side_files(folder, meta, self.options)
         mdp = compiler.write_mdp_config(folder, num_devices, num_cores) if num_devices > 1 else None
@@ -241,6 +261,25 @@ class QaicCausalLMBase:
 
         return verify(self, tokenizer, prompts, prompt_to_adapter_mapping, generation_len, prompt_token_ids)
 
+    def _check_full_batch_size(self, full_batch_size: int | None) -> int | None:
+        """The slots ``generate`` uses; exports/compiles are never silently enlarged."""
+        if full_batch_size is None:
+            if self.continuous_batching:
+                self._set_options()  # raises when no full_batch_size was ever given
+            return None
+        if not isinstance(full_batch_size, int) or isinstance(full_batch_size, bool) or full_batch_size < 1:
+            raise ExportConfigError(f"full_batch_size must be a positive integer, got {full_batch_size!r}")
+        exported = self.options.full_batch_size if self.continuous_batching else None
+        if exported is None:
+            self._set_options(full_batch_size=full_batch_size)  # first use: export with it (or refuse a static model)
+        elif full_batch_size > exported:
+            raise ExportConfigError(
+                f"generate(full_batch_size={full_batch_size}) is larger than the full_batch_size={exported} the graph "
+                f"was exported/compiled with (its KV cache has {exported} slots); pass at most {exported}, or "
+                f"export/compile again with full_batch_size={full_batch_size}"
+            )
+        return full_batch_size
+
     def _tokenize(self, tokenizer: Any, prompts: Sequence[str]) -> list[list[int]]:
         if tokenizer is None:
             raise ValueError("text prompts need a tokenizer (or pass prompt_token_ids=[[...], ...])")
@@ -257,7 +296,9 @@ class QaicCausalLMBase:
         device_id: Sequence[int] | None,
         return_logits: bool,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        full_batch_size: int | None = None,
     ) -> GenerationResult:
+        slots = self._check_full_batch_size(full_batch_size)
         session, meta = self._session(runtime, device_id)
         ids = [list(p) for p in prompt_token_ids] if prompt_token_ids is not None else self._tokenize(tokenizer, prompts)
         eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else getattr(self.model.config, "eos_token_id", None)
@@ -266,18 +307,11 @@ class QaicCausalLMBase:
         pad = getattr(tokenizer, "pad_token_id", None) if tokenizer is not None else None
         if pad is None:
             pad = eos if eos is not None else 0
-        generated, logits, perf = generate_tokens(
-            session,
-            meta,
-            ids,
-            adapter_ids,
-            generation_len,
-            eos,
-            pad,
-            extra_feeds=self._extra_feeds(),
-            return_logits=return_logits,
-            options=attrs.asdict(self.options),
-        )
+        common = dict(extra_feeds=self._extra_feeds(), return_logits=return_logits, options=attrs.asdict(self.options))
+        if self.continuous_batching:
+            generated, logits, perf = generate_continuous(session, meta, ids, adapter_ids, generation_len, eos, pad, slots, **common)
+        else:
+            generated, logits, perf = generate_tokens(session, meta, ids, adapter_ids, generation_len, eos, pad, **common)
         texts = [tokenizer.decode(g, skip_special_tokens=True) for g in generated] if tokenizer is not None else []
         return GenerationResult(generated_ids=generated, generated_texts=texts, prompt_to_adapter_mapping=mapping_names, logits=logits, perf=perf)
 

@@ -32,7 +32,7 @@ from peft_kernel_qaic.errors import ExportConfigError
 META_NAME = "qaic_export.json"
 ONNX_NAME = "model.onnx"
 OPSET = 17
-FORMAT = 1  # bump when the graph layout changes
+FORMAT = 2  # bump when the graph layout changes
 
 
 @attrs.define
@@ -43,11 +43,15 @@ class ExportOptions:
     prefill_seq_len: int = 32
     ctx_len: int = 128
     kv_precision: str = "float16"
+    full_batch_size: int | None = None
+    """Continuous batching: the KV-cache slots (the decode batch); ``None`` for a static batch."""
 
     def __attrs_post_init__(self) -> None:
-        for field in ("batch_size", "prefill_seq_len", "ctx_len"):
+        for field in ("batch_size", "prefill_seq_len", "ctx_len", "full_batch_size"):
             value = getattr(self, field)
-            if not isinstance(value, int) or value < 1:
+            if value is None and field == "full_batch_size":
+                continue
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 raise ExportConfigError(f"{field} must be a positive integer, got {value!r}")
         if self.prefill_seq_len > self.ctx_len:
             raise ExportConfigError(
@@ -116,15 +120,22 @@ def read_meta(onnx_path: str | os.PathLike) -> dict[str, Any]:
 
 
 def specializations(options: ExportOptions) -> dict[str, Any]:
-    """QEfficient's format: one entry per static shape (prefill, then decode)."""
-    shapes = [options.prefill_seq_len]
+    """QEfficient's format: one entry per static shape (prefill, then decode).
+
+    With continuous batching (``full_batch_size`` set) every entry carries ``full_batch_size`` (the
+    KV-cache rows); prefill runs one prompt (batch 1), decode every slot (batch ``full_batch_size``).
+    """
+    fbs = options.full_batch_size
+    shapes = [(options.prefill_seq_len, 1 if fbs else options.batch_size)]
     if options.prefill_seq_len != 1:
-        shapes.append(1)
-    return {
-        "specializations": [
-            {"batch_size": str(options.batch_size), "seq_len": str(s), "ctx_len": str(options.ctx_len)} for s in shapes
-        ]
-    }
+        shapes.append((1, fbs or options.batch_size))
+    entries = []
+    for seq, batch in shapes:
+        entry = {"batch_size": str(batch), "seq_len": str(seq), "ctx_len": str(options.ctx_len)}
+        if fbs:
+            entry["full_batch_size"] = str(fbs)
+        entries.append(entry)
+    return {"specializations": entries}
 
 
 def custom_io_yaml(names: Iterable[str], precision: str) -> str:
@@ -180,13 +191,15 @@ def export_graph(
     os.replace(tmp, onnx_path)
     seconds = time.perf_counter() - start
     kv_inputs = [n for n in graph.input_names() if n.startswith("past_")]
+    cb = bool(getattr(graph, "continuous_batching", False))
     meta = {
         "hash": digest,
         "format": FORMAT,
         "inputs": graph.input_names(),
         "outputs": graph.output_names(),
         "kv_inputs": kv_inputs,
-        "kv_shape": list(graph.kv_shape(options.batch_size, options.ctx_len)),
+        "kv_shape": list(graph.kv_shape(options.full_batch_size if cb else options.batch_size, options.ctx_len)),
+        "continuous_batching": cb,
         "options": attrs.asdict(options),
         "export_seconds": round(seconds, 3),
         **meta_extra,
@@ -197,10 +210,19 @@ def export_graph(
 
 
 def example_inputs(graph: nn.Module, extra: tuple[torch.Tensor, ...] = (), lora_ids: bool = True) -> tuple[torch.Tensor, ...]:
-    """Tracing inputs with sizes unlike any real one (so no dimension is frozen by accident)."""
+    """Tracing inputs with sizes unlike any real one (so no dimension is frozen by accident).
+
+    A continuous-batching graph gets a cache of more rows than the batch and a ``batch_index``.
+    """
     batch, seq, ctx = 2, 3, 8
+    cb = getattr(graph, "continuous_batching", False)
     ids = torch.zeros(batch, seq, dtype=torch.long)
     pos = torch.arange(seq).repeat(batch, 1)
-    past = tuple(torch.zeros(graph.kv_shape(batch, ctx)) for _ in range(2 * graph.num_layers))
-    head = (ids, pos, torch.zeros(batch, 1, dtype=torch.long)) if lora_ids else (ids, pos)
+    rows = batch + 3 if cb else batch
+    past = tuple(torch.zeros(graph.kv_shape(rows, ctx)) for _ in range(2 * graph.num_layers))
+    head = (ids, pos)
+    if cb:
+        head += (torch.tensor([[3], [1]]),)
+    if lora_ids:
+        head += (torch.zeros(batch, 1, dtype=torch.long),)
     return head + past + tuple(extra)

@@ -8,8 +8,13 @@ never copies) and computes exactly what the transformers forward computes, in a 
   padding), ``lora_ids`` ``[batch, 1]``, and the KV cache ``past_key.<i>`` / ``past_value.<i>``
   ``[batch, num_kv_heads, ctx_len, head_dim]``;
 - outputs ``logits`` ``[batch, 1, vocab]`` (the last real token of each row) and the updated cache
-  ``past_key.<i>_RetainedState`` ...: each new key/value is written at its position (a one-hot
-  write mask, no data-dependent control flow), padding is never written;
+  ``past_key.<i>_RetainedState`` ...: each new key/value is scattered at its position
+  (``ScatterND``, QEfficient's ``CtxScatter`` pattern, see :mod:`peft_kernel_qaic.kv_cache`),
+  padding never changes the cache;
+- continuous batching (``continuous_batching=True``): a ``batch_index`` ``[batch, 1]`` input names
+  the cache row (slot) each input row writes and reads; the cache has ``full_batch_size`` rows, so
+  one prompt is prefilled into one slot (batch 1) while decode runs every slot (batch
+  ``full_batch_size``);
 - attention masks by position (``cache_index <= position``, and ``> position - window`` on
   sliding-window layers), so one graph serves prefill (``seq_len = prefill_seq_len``) and decode
   (``seq_len = 1``), and chunked prefill of long prompts;
@@ -32,6 +37,7 @@ from torch import nn
 
 from peft_kernel_qaic.adapters import decoder_layers
 from peft_kernel_qaic.errors import ExportConfigError
+from peft_kernel_qaic.kv_cache import write_indices, write_kv
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2", "qwen3")
 MASKED = -10000.0  # finite so fully-padded query rows stay finite, and fp16-safe on the device
@@ -74,7 +80,8 @@ class QaicCausalLM(nn.Module):
 
     ``lora_mode``: ``"stacked"`` (``lora_stacks`` buffers, ``lora_ids`` input), ``"inputs"``
     (``lora_modules`` names the modules whose ``A``/``B`` come as trailing forward arguments) or
-    ``"none"``.
+    ``"none"``. ``continuous_batching``: a ``batch_index`` input (after ``position_ids``) picks the
+    cache row of each input row.
     """
 
     def __init__(
@@ -83,12 +90,14 @@ class QaicCausalLM(nn.Module):
         lora_mode: str = "stacked",
         lora_stacks: Mapping[str, tuple[torch.Tensor, torch.Tensor]] | None = None,
         lora_modules: Sequence[str] = (),
+        continuous_batching: bool = False,
     ) -> None:
         super().__init__()
         check_architecture(model)
         self.hf = model
         self.config = model.config
         self.lora_mode = lora_mode
+        self.continuous_batching = continuous_batching
         self.layers_ = decoder_layers(model)
         self.windows = layer_windows(model.config)
         self.stack_index: dict[str, int] = {}
@@ -130,6 +139,11 @@ class QaicCausalLM(nn.Module):
     # ---- forward -----------------------------------------------------------------------
     def forward(self, input_ids: torch.Tensor, position_ids: torch.Tensor, *args: torch.Tensor):
         n = self.num_layers
+        batch, seq = input_ids.shape
+        if self.continuous_batching:
+            rows, args = args[0].reshape(-1), args[1:]
+        else:
+            rows = torch.arange(batch, device=input_ids.device)
         if self.lora_mode == "stacked":
             lora_ids, args = args[0], args[1:]
             ids = lora_ids.reshape(-1)
@@ -142,7 +156,6 @@ class QaicCausalLM(nn.Module):
             lora_inputs = {m: (flat[2 * j], flat[2 * j + 1]) for j, m in enumerate(self.input_modules)}
 
         hf_inner = self.hf.model
-        batch, seq = input_ids.shape
         h = hf_inner.embed_tokens(input_ids)
         cos, sin = hf_inner.rotary_emb(h, position_ids.clamp(min=0))
         cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)  # [B, 1, S, D]
@@ -150,9 +163,8 @@ class QaicCausalLM(nn.Module):
         ctx_len = past[0].shape[2]
         cache_index = torch.arange(ctx_len, device=input_ids.device).view(1, 1, ctx_len)
         pos = position_ids.unsqueeze(-1)  # [B, S, 1]
-        write = (pos == cache_index).to(h.dtype)  # [B, S, C] one-hot (all zero for padding)
-        written = (write.sum(dim=1) > 0).view(batch, 1, ctx_len, 1)  # [B, 1, C, 1]
-        write_t = write.transpose(1, 2).unsqueeze(1)  # [B, 1, C, S]
+        kv_index = write_indices(position_ids, rows, self.num_kv_heads, ctx_len)  # [B, KV, S, 3]
+        valid = (position_ids >= 0).view(batch, 1, seq, 1)
         causal = cache_index <= pos  # [B, S, C]
         masks = {}
         for w in set(self.windows):
@@ -179,9 +191,11 @@ class QaicCausalLM(nn.Module):
             k = k * cos + _rotate_half(k) * sin
 
             past_k, past_v = past[2 * i], past[2 * i + 1]
-            k_cache = torch.where(written, torch.matmul(write_t, k), past_k)  # [B, KV, C, D]
-            v_cache = torch.where(written, torch.matmul(write_t, v), past_v)
+            k_cache = write_kv(past_k, kv_index, k, valid)  # [rows, KV, C, D]
+            v_cache = write_kv(past_v, kv_index, v, valid)
             new_past += [k_cache, v_cache]
+            if self.continuous_batching:
+                k_cache, v_cache = k_cache[rows], v_cache[rows]  # [B, KV, C, D]
 
             k_all = k_cache.unsqueeze(2).expand(batch, self.num_kv_heads, groups, ctx_len, self.head_dim)
             v_all = v_cache.unsqueeze(2).expand(batch, self.num_kv_heads, groups, ctx_len, self.head_dim)
@@ -207,6 +221,8 @@ class QaicCausalLM(nn.Module):
     # ---- names the ONNX graph uses ----------------------------------------------------------
     def input_names(self) -> list[str]:
         names = ["input_ids", "position_ids"]
+        if self.continuous_batching:
+            names.append("batch_index")
         if self.lora_mode == "stacked":
             names.append("lora_ids")
         for i in range(self.num_layers):
@@ -229,8 +245,12 @@ class QaicCausalLM(nn.Module):
         }
         if self.lora_mode == "stacked":
             axes["lora_ids"] = {0: "batch_size"}
+        cache_rows = "batch_size"
+        if self.continuous_batching:
+            axes["batch_index"] = {0: "batch_size"}
+            cache_rows = "full_batch_size"
         for i in range(self.num_layers):
             for kind in ("key", "value"):
-                axes[f"past_{kind}.{i}"] = {0: "batch_size", 2: "ctx_len"}
-                axes[f"past_{kind}.{i}_RetainedState"] = {0: "batch_size", 2: "ctx_len"}
+                axes[f"past_{kind}.{i}"] = {0: cache_rows, 2: "ctx_len"}
+                axes[f"past_{kind}.{i}_RetainedState"] = {0: cache_rows, 2: "ctx_len"}
         return axes

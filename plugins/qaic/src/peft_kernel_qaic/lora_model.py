@@ -40,16 +40,21 @@ class QEffAutoLoraModelForCausalLM(QaicCausalLMBase):
     ``max_num_adapters`` fixes the number of adapter slots (besides ``"base"``); unused slots stay
     zero, and loading more adapters than that raises :class:`AdapterSlotError`. By default the
     graph has exactly as many slots as adapters are loaded at export time.
+
+    ``continuous_batching=True`` exports a graph with a ``batch_index`` input and a KV cache of
+    ``full_batch_size`` slots (given to ``export`` / ``compile`` / ``generate``): ``generate`` then
+    serves any number of prompts, prefilling each into a free slot, decoding all busy slots
+    together and refilling a slot as soon as its prompt finishes, every slot with its own adapter.
     """
 
     _kind = "lora"
 
-    def __init__(self, model: nn.Module, max_num_adapters: int | None = None) -> None:
+    def __init__(self, model: nn.Module, max_num_adapters: int | None = None, continuous_batching: bool = False) -> None:
         if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
             peft_model, model = model, model.get_base_model()
         else:
             peft_model = None
-        super().__init__(load_causal_lm(model))
+        super().__init__(load_causal_lm(model), continuous_batching=continuous_batching)
         if max_num_adapters is not None and (not isinstance(max_num_adapters, int) or max_num_adapters < 0):
             raise ValueError(f"max_num_adapters must be a non-negative integer, got {max_num_adapters!r}")
         self.max_num_adapters = max_num_adapters
@@ -59,9 +64,11 @@ class QEffAutoLoraModelForCausalLM(QaicCausalLMBase):
                 self._add(adapter_from_peft_model(peft_model, name))
 
     @classmethod
-    def from_pretrained(cls, pretrained_name_or_path: Any, max_num_adapters: int | None = None, **kwargs: Any):
+    def from_pretrained(cls, pretrained_name_or_path: Any, max_num_adapters: int | None = None,
+                        continuous_batching: bool = False, **kwargs: Any):
         """A base causal LM (local folder, Hub id, or an already built transformers model)."""
-        return cls(load_causal_lm(pretrained_name_or_path, **kwargs), max_num_adapters=max_num_adapters)
+        return cls(load_causal_lm(pretrained_name_or_path, **kwargs), max_num_adapters=max_num_adapters,
+                   continuous_batching=continuous_batching)
 
     # ---- adapters -------------------------------------------------------------------------
     @property
@@ -120,7 +127,7 @@ class QEffAutoLoraModelForCausalLM(QaicCausalLMBase):
 
     def _build_graph(self) -> QaicCausalLM:
         stacks = stack_adapters(self._slots(), supported_linears(self.model))
-        return QaicCausalLM(self.model, lora_mode="stacked", lora_stacks=stacks)
+        return QaicCausalLM(self.model, lora_mode="stacked", lora_stacks=stacks, continuous_batching=self.continuous_batching)
 
     def _hash_parts(self):
         return [a.fingerprint() if a is not None else None for a in self._slots()], {}
@@ -166,8 +173,12 @@ class QEffAutoLoraModelForCausalLM(QaicCausalLMBase):
         device_id: Sequence[int] | None = None,
         return_logits: bool = False,
         prompt_token_ids: Sequence[Sequence[int]] | None = None,
+        full_batch_size: int | None = None,
     ) -> GenerationResult:
         """Greedy generation for a mixed batch: ``prompt_to_adapter_mapping[i]`` serves ``prompts[i]``.
+
+        With ``continuous_batching=True``, ``full_batch_size`` (at most the exported/compiled one)
+        slots serve the prompts in turn; outputs are in prompt order either way.
 
         ``runtime="ai100"`` runs the compiled QPC on the card; ``runtime="onnxruntime"`` runs the
         same exported graph on CPU (exporting it first if needed). Returns a
@@ -177,5 +188,5 @@ class QEffAutoLoraModelForCausalLM(QaicCausalLMBase):
         adapter_ids, names = self.resolve_mapping(prompt_to_adapter_mapping, len(items))
         return self._run_generate(
             tokenizer, items if prompt_token_ids is None else None, adapter_ids, names, generation_len, runtime,
-            device_id, return_logits, prompt_token_ids=prompt_token_ids,
+            device_id, return_logits, prompt_token_ids=prompt_token_ids, full_batch_size=full_batch_size,
         )

@@ -6,7 +6,8 @@ the graph was specialised to: ``[batch_size, prefill_seq_len]`` for prefill chun
 ``position_ids = -1`` on padding), ``[batch_size, 1]`` for decode, ``lora_ids`` ``[batch_size, 1]``
 per row, and the ``*_RetainedState`` outputs are fed back as the next ``past_*`` inputs. Prompts
 beyond ``batch_size`` run in successive groups; a short last group is filled with dummy rows whose
-results are dropped. Greedy decoding; a row stops after it emits ``eos_token_id``.
+results are dropped. Greedy decoding; a row stops after it emits ``eos_token_id``. Continuous-batching
+graphs run the slot-refilling loop of :mod:`peft_kernel_qaic.continuous` instead.
 """
 
 from __future__ import annotations
@@ -90,6 +91,30 @@ def ai100_session(qpc_path: str | Path, device_ids: Sequence[int] | None = None)
     return run
 
 
+def check_lengths(prompts: Sequence[Sequence[int]], generation_len: int | None, ctx_len: int) -> int:
+    """Refuse empty or too long prompts; the number of tokens to generate (default: what fits)."""
+    for i, p in enumerate(prompts):
+        if not p:
+            raise PromptTooLongError(f"prompt {i} is empty after tokenization")
+        if len(p) > ctx_len:
+            raise PromptTooLongError(
+                f"prompt {i} has {len(p)} tokens but the graph was exported/compiled with ctx_len={ctx_len}; "
+                "shorten it or export with a larger ctx_len"
+            )
+    longest = max(len(p) for p in prompts)
+    room = ctx_len - longest + 1
+    if generation_len is None:
+        return room
+    if generation_len < 1:
+        raise ValueError(f"generation_len must be at least 1, got {generation_len}")
+    if generation_len > room:
+        raise PromptTooLongError(
+            f"the longest prompt has {longest} tokens, so at most {room} tokens can be generated within "
+            f"ctx_len={ctx_len}; got generation_len={generation_len}"
+        )
+    return generation_len
+
+
 def generate_tokens(
     session: Session,
     meta: Mapping[str, Any],
@@ -106,25 +131,7 @@ def generate_tokens(
     opts = dict(meta["options"]) | dict(options or {})
     batch_size, prefill_len, ctx_len = opts["batch_size"], opts["prefill_seq_len"], opts["ctx_len"]
     prompts = [list(p) for p in prompts]
-    for i, p in enumerate(prompts):
-        if not p:
-            raise PromptTooLongError(f"prompt {i} is empty after tokenization")
-        if len(p) > ctx_len:
-            raise PromptTooLongError(
-                f"prompt {i} has {len(p)} tokens but the graph was exported/compiled with ctx_len={ctx_len}; "
-                "shorten it or export with a larger ctx_len"
-            )
-    longest = max(len(p) for p in prompts)
-    room = ctx_len - longest + 1
-    if generation_len is None:
-        generation_len = room
-    elif generation_len < 1:
-        raise ValueError(f"generation_len must be at least 1, got {generation_len}")
-    elif generation_len > room:
-        raise PromptTooLongError(
-            f"the longest prompt has {longest} tokens, so at most {room} tokens can be generated within "
-            f"ctx_len={ctx_len}; got generation_len={generation_len}"
-        )
+    generation_len = check_lengths(prompts, generation_len, ctx_len)
     ids = list(adapter_ids) if adapter_ids is not None else [0] * len(prompts)
     kv_shape = list(meta["kv_shape"])
     kv_shape[0], kv_shape[2] = batch_size, ctx_len
