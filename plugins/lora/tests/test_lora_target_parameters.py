@@ -197,7 +197,7 @@ def test_bad_input_raises_like_hf(extra, error, match):
 
 
 @pytest.mark.parametrize("extra", [{"kasa_config": {}}, {"use_bdlora": {"target_modules_bd_a": ["down_proj"], "nblocks": 2}},
-                                   {"arrow_config": {"top_k": 1}}])
+                                   {"arrow_config": {"top_k": 1}}, {"velora_config": {}}, {"monteclora_config": {}}])
 def test_linear_layer_variants_are_refused_on_parameters(extra):
     with pytest.raises(ConfigError, match=f"does not work with {next(iter(extra))}"):
         pk.get_peft_model(make("mixtral"), pk.LoraConfig(**kwargs(**extra)))

@@ -14,20 +14,20 @@ from peft_kernel_lora.corda_config import check_lora_corda
 from peft_kernel_lora.eva_config import check_lora_eva
 from peft_kernel_lora.kasa_config import check_lora_kasa
 from peft_kernel_lora.loftq_config import check_lora_loftq
+from peft_kernel_lora.lora_ga_config import check_lora_ga
+from peft_kernel_lora.monteclora_config import check_lora_monteclora
 from peft_kernel_lora.refusals import explain
+from peft_kernel_lora.velora_config import check_lora_velora
 
-INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva", "orthogonal")
+INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva", "orthogonal", "lora_ga")
 """String values of ``init_lora_weights`` this plugin implements (plus ``pissa_niter_<n>``)."""
 
 # Fields HF PEFT has for features this plugin does not implement yet: any non-default value is
 # refused with a clear error when the adapter is injected (the config itself still loads, so
 # `peft-kernel inspect` can show it).
 UNSUPPORTED_FIELDS = {
-    "lora_ga_config": None,
     "megatron_config": None,
-    "monteclora_config": None,
     "use_qalora": False,
-    "velora_config": None,
 }
 
 
@@ -86,7 +86,7 @@ class LoraConfig(TargetedConfig):
                 f"LoraConfig.init_lora_weights={self.init_lora_weights!r} is not valid; use True, False, "
                 f"{', '.join(repr(c) for c in INIT_CHOICES)} or 'pissa_niter_<n>'"
             )
-        if self.lora_bias and self.init_lora_weights == "loftq":  # HF refuses every string init; LoftQ here
+        if self.lora_bias and self.init_lora_weights in ("loftq", "lora_ga"):  # HF refuses every string init; LoftQ here
             raise ConfigError("The argument lora_bias=True is only supported with init_lora_weights=True or False, "
                               f"got init_lora_weights={self.init_lora_weights} instead.")
         self.loftq_config = check_lora_loftq(self.init_lora_weights, self.loftq_config)
@@ -95,12 +95,16 @@ class LoraConfig(TargetedConfig):
         self.kasa_config = check_lora_kasa(self)
         self.use_bdlora = check_lora_bdlora(self)
         self.arrow_config = arrow_settings(self.arrow_config)
+        self.lora_ga_config = check_lora_ga(self.lora_ga_config)
+        self.velora_config = check_lora_velora(self.velora_config, self.use_dora, self.alora_invocation_tokens)
+        self.monteclora_config = check_lora_monteclora(self.monteclora_config, {
+            "use_dora": self.use_dora, "velora_config": self.velora_config, "alora_invocation_tokens": self.alora_invocation_tokens})
 
     def rewrites_base_weights(self) -> bool:
-        """PiSSA, OLoRA and CorDA move part of each targeted weight into the adapter; LoftQ replaces it
+        """PiSSA, OLoRA, CorDA and LoRA-GA move part of each targeted weight into the adapter; LoftQ replaces it
         by its quantised version."""
         init = self.init_lora_weights
-        return isinstance(init, str) and (init in ("pissa", "olora", "loftq", "corda") or init.startswith("pissa_niter_"))
+        return isinstance(init, str) and (init in ("pissa", "olora", "loftq", "corda", "lora_ga") or init.startswith("pissa_niter_"))
 
     def unsupported(self) -> list[str]:
         """Fields set to values this plugin cannot honour (checked when an adapter is injected)."""

@@ -17,14 +17,14 @@ decomposition is then dropped from the module. The conversion to plain LoRA on t
 from __future__ import annotations
 
 import dataclasses
-import os
 from typing import TYPE_CHECKING, Any, Callable, Optional
 
 import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from peft_kernel.plugin_api import UnsupportedFeatureError, pattern_value, standard_match
+from peft_kernel.plugin_api import UnsupportedFeatureError, pattern_value
+from peft_kernel_lora.calibration import linear_targets, linear_weight, load_tensors, save_tensors
 from peft_kernel_lora.corda_config import CordaConfig, corda_settings
 
 if TYPE_CHECKING:
@@ -50,26 +50,11 @@ class CordaError(ValueError):
 
 
 def _weight(module: nn.Module, name: str = "") -> torch.Tensor:
-    """A targeted layer's weight as [out, in]: ``nn.Linear``'s, transformers ``Conv1D``'s transposed."""
-    from transformers.pytorch_utils import Conv1D
-
-    if isinstance(module, Conv1D):
-        return module.weight.T
-    if isinstance(module, nn.Linear):
-        return module.weight
-    raise UnsupportedFeatureError(f"init_lora_weights='corda' supports nn.Linear and Conv1D layers only, "
-                                  f"not {type(module).__name__} {name!r}")
+    return linear_weight(module, name, "corda")
 
 
 def _targets(model: nn.Module, lora_config: LoraConfig) -> dict[str, nn.Module]:
-    targets = {}
-    for name, module in model.named_modules():
-        if name and standard_match(lora_config, name):
-            _weight(module, name)  # refuses what CorDA cannot decompose
-            targets[name] = module
-    if not targets:
-        raise CordaError("preprocess_corda: no module of the model matches the LoraConfig's targets")
-    return targets
+    return linear_targets(model, lora_config, "corda", CordaError, "preprocess_corda")
 
 
 @torch.no_grad()
@@ -125,16 +110,6 @@ def decompose(weight: torch.Tensor, covariance: torch.Tensor, rank: int, method:
                        V_WC=right[:, keep].contiguous())
 
 
-def _load(path: Optional[str]) -> Optional[dict[str, torch.Tensor]]:
-    return torch.load(path, map_location="cpu", weights_only=True) if path and os.path.exists(path) else None
-
-
-def _save(obj: dict[str, torch.Tensor], path: Optional[str]) -> None:
-    if path:
-        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-        torch.save(obj, path)
-
-
 @torch.no_grad()
 def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Optional[Callable[[], None]] = None,
                      hooked_model: Optional[nn.Module] = None) -> None:
@@ -147,7 +122,7 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Optio
     (``{"<module>": covariance}``) are loaded when they exist, else written."""
     settings = corda_settings(lora_config.corda_config)
     targets = _targets(model, lora_config)
-    cached = _load(settings.cache_file)
+    cached = load_tensors(settings.cache_file)
     if cached is not None:
         for name, module in targets.items():
             fields = {f: cached.get(f"{name}.eigens.{f}") for f in ("S_WC", "U_WC", "V_WC")}
@@ -155,12 +130,12 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Optio
                 raise CordaError(f"preprocess_corda: cache_file {settings.cache_file!r} has no decomposition for {name!r}")
             module.eigens = CordaEigens(**{f: v.to(module.weight.device) for f, v in fields.items()})
         return
-    covariances = _load(settings.covariance_file)
+    covariances = load_tensors(settings.covariance_file)
     if covariances is None:
         if run_model is None:
             raise CordaError("run_model must be specified when covariance file and cache file aren't built.")
         covariances = _collect_covariances(targets, hooked_model or model, run_model, settings)
-        _save({name: c.cpu() for name, c in covariances.items()}, settings.covariance_file)
+        save_tensors({name: c.cpu() for name, c in covariances.items()}, settings.covariance_file)
     bar = tqdm(targets.items(), desc="CorDA decomposition", disable=not settings.verbose, unit="layer")
     for name, module in bar:
         if name not in covariances:
@@ -173,7 +148,7 @@ def preprocess_corda(model: nn.Module, lora_config: LoraConfig, run_model: Optio
             module.covariance_matrix, module.corda_method, module.rank = covariance, settings.corda_method, rank
         elif hasattr(module, "sample_count"):
             del module.sample_count
-    _save({f"{name}.eigens.{f.name}": getattr(module.eigens, f.name).cpu()
+    save_tensors({f"{name}.eigens.{f.name}": getattr(module.eigens, f.name).cpu()
            for name, module in targets.items() for f in dataclasses.fields(CordaEigens)}, settings.cache_file)
 
 

@@ -1,6 +1,7 @@
 """LoRA initialisations: ``init_lora_weights`` = True, False, "gaussian", "pissa", "pissa_niter_<n>", "olora",
-"loftq" (in :mod:`peft_kernel_lora.loftq`), "corda" (in :mod:`peft_kernel_lora.corda`), "eva" (as True here;
-:mod:`peft_kernel_lora.eva` then sets A from data), "orthogonal" (in :mod:`peft_kernel_lora.orthogonal_init`).
+"loftq" (in :mod:`peft_kernel_lora.loftq`), "corda" (in :mod:`peft_kernel_lora.corda`), "lora_ga" (in
+:mod:`peft_kernel_lora.lora_ga`), "eva" (as True here; :mod:`peft_kernel_lora.eva` then sets A from data),
+"orthogonal" (in :mod:`peft_kernel_lora.orthogonal_init`).
 
 True/"gaussian" make B (or, for embeddings, A) zero so the adapter starts as the identity.
 PiSSA and OLoRA start from a decomposition of the base weight and subtract the part the adapter
@@ -19,8 +20,14 @@ if TYPE_CHECKING:
     from peft_kernel_lora.layers import LoraLayer
 
 
-def initialize(layer: LoraLayer, adapter_name: str, how: Union[bool, str], loftq_config: Any = None) -> None:
+def initialize(layer: LoraLayer, adapter_name: str, how: Union[bool, str], loftq_config: Any = None,
+               lora_ga_config: Any = None) -> None:
     if how is False:
+        return
+    if how == "lora_ga":
+        from peft_kernel_lora import lora_ga
+
+        lora_ga.initialize(layer, adapter_name, lora_ga_config)
         return
     if how == "loftq":
         from peft_kernel_lora import loftq

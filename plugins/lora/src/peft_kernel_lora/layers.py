@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
-from peft_kernel_lora import alora, arrow, dora, init, replication, tokens, variants
+from peft_kernel.plugin_api import AdapterLayer, BufferDict, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
+from peft_kernel_lora import alora, arrow, dora, init, monteclora, replication, tokens, variants, velora
 from peft_kernel_lora.config import LoraConfig
 from peft_kernel_lowrank import mixed
 from peft_kernel_lowrank.derived import DerivedFactors
@@ -31,8 +31,9 @@ class LoraLayer(AdapterLayer):
     """State and bookkeeping shared by every LoRA layer type."""
 
     adapter_layer_names = ("lora_A", "lora_B", "lora_embedding_A", "lora_embedding_B", "lora_magnitude_vector",
-                           "lora_diag")
-    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "alora_invocation_tokens", "lora_arrow")
+                           "lora_diag", "lora_velora_embed", "lora_monteclora_sampler")
+    other_param_names = ("r", "lora_alpha", "scaling", "lora_dropout", "use_dora", "alora_invocation_tokens",
+                         "lora_arrow", "lora_velora")
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -53,6 +54,9 @@ class LoraLayer(AdapterLayer):
         self.derived_factors = DerivedFactors()
         self.tied_adapters: set[str] = set()  # tensors shared with a tied embedding's (see weight_tying)
         self.lora_arrow = nn.ModuleDict()  # Arrow routers (see arrow)
+        self.lora_velora: dict[str, velora.VeloraState] = {}  # VeLoRA adapters (see velora)
+        self.lora_velora_embed = BufferDict()
+        self.lora_monteclora_sampler = nn.ModuleDict()  # MonteCLoRA adapters (see monteclora)
         self._dora_factor: dict[str, torch.Tensor] = {}
         self._unmerged_weight: torch.Tensor | None = None  # set while a DoRA merge needs the bare base weight
 
@@ -99,8 +103,12 @@ class LoraLayer(AdapterLayer):
         weight = self.adapted_tensor()
         for p in self.adapter_parameters(adapter_name):
             p.data = p.data.to(device=weight.device, dtype=_adapter_dtype(weight))
-        init.initialize(self, adapter_name, config.init_lora_weights, config.loftq_config)
+        init.initialize(self, adapter_name, config.init_lora_weights, config.loftq_config, config.lora_ga_config)
         variants.after_init(self, adapter_name)
+        if config.velora_config is not None:
+            velora.add(self, adapter_name, config.velora_config)
+        if config.monteclora_config is not None:
+            monteclora.add(self, adapter_name, config.monteclora_config)
         if config.use_dora:
             self.lora_magnitude_vector[adapter_name] = nn.Parameter(dora.initial_magnitude(self, adapter_name))
         arrow.update(self, adapter_name, config, routes=isinstance(self, Linear))
@@ -167,6 +175,10 @@ class LoraLayer(AdapterLayer):
         invocation = self.alora_invocation_tokens.get(adapter_name)
         if invocation is not None:
             return alora.mask(self.lora_product(x, adapter_name), invocation, rows)
+        if velora.active(self, adapter_name):
+            return velora.product(self, x, adapter_name)
+        if monteclora.training(self, adapter_name):
+            monteclora.refuse_training(adapter_name)
         return self.lora_product(x, adapter_name)
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -260,6 +272,10 @@ class Linear(LoraLayer):
     def low_rank_factors(self, adapter_name: str) -> LowRankFactors | None:
         """``(lora_A.weight [r, in], lora_B.weight [out, r], scaling)``; ``None`` for DoRA, for
         live dropout in training, and for adapters this layer does not hold."""
+        if self.lora_velora and velora.active(self, adapter_name):  # VeLoRA's own backward
+            return None
+        if self.training and adapter_name in self.lora_monteclora_sampler:  # refused in delta
+            return None
         modules = self._modules  # read for every adapter on every mixed-batch forward: no Module.__getattr__
         if self.use_dora.get(adapter_name, True) or adapter_name in self.alora_invocation_tokens \
                 or adapter_name in modules["lora_arrow"]._modules:  # DoRA, aLoRA, Arrow router, not held

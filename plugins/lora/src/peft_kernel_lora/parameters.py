@@ -23,6 +23,9 @@ SUPPORTED_INITS = (True, False, "gaussian")
 """``init_lora_weights`` values a parameter target takes: the others read or rewrite a layer's
 weight as one matrix (PiSSA, OLoRA, LoftQ, CorDA) or its inputs (EVA)."""
 
+LINEAR_VARIANTS = ("kasa_config", "use_bdlora", "arrow_config", "velora_config", "monteclora_config", "lora_ga_config")
+"""LoRA variants built for layers with a forward of their own (``None`` when off): refused here."""
+
 
 class ParamWrapper(LoraLayer, ParameterLayer):
     """LoRA on the parameter ``parameter_name`` of ``base_of(base_layer)`` (2-D or 3-D)."""
@@ -47,8 +50,7 @@ class ParamWrapper(LoraLayer, ParameterLayer):
         refused = {"lora_dropout != 0": config.lora_dropout != 0, "use_dora=True": config.use_dora,
                    "lora_bias=True": config.lora_bias,
                    "alora_invocation_tokens": bool(config.alora_invocation_tokens),
-                   "kasa_config": config.kasa_config is not None, "use_bdlora": config.use_bdlora is not None,
-                   "arrow_config": config.arrow_config is not None,
+                   **{field: getattr(config, field) is not None for field in LINEAR_VARIANTS},
                    f"init_lora_weights={config.init_lora_weights!r}": config.init_lora_weights not in SUPPORTED_INITS}
         for what, bad in refused.items():
             if bad:
