@@ -79,9 +79,11 @@ def adapter_tensors(root: nn.Module, adapter_name: str, prefix: str = "") -> dic
     for path, module in _walk(root, prefix):
         if isinstance(module, AdapterLayer):
             # a layer stacked under another (mixed models: ``lin.base_layer``) saves under the outer
-            # layer's path, so every adapter keeps its single-method on-disk keys
+            # layer's path, so every adapter keeps its single-method on-disk keys; nested parameter layers
+            # (several parameters of one module) keep their own paths, as in HF PEFT
             parent, _, last = path.rpartition(".")
-            layer_paths[path] = layer_paths[parent] if last == "base_layer" and parent in layer_paths else path
+            stacked = last == "base_layer" and parent in layer_paths and not module.parameter_name
+            layer_paths[path] = layer_paths[parent] if stacked else path
             path = layer_paths[path]
             for attr in module.adapter_layer_names:
                 container = getattr(module, attr)

@@ -134,6 +134,23 @@ class PeftKernelSpecs:
         """
 
     @hookspec(firstresult=True)
+    def peft_kernel_create_parameter_layer(
+        self, config: PeftConfig, adapter_name: str, base_layer: nn.Module, module_name: str, parameter_name: str,
+    ) -> AdapterLayer | None:
+        """Build the adapter layer for the parameter ``parameter_name`` of the module at ``module_name``
+        (a parameter target: the config's ``target_parameters`` named ``<module_name>.<parameter_name>``).
+
+        *First result.* ``base_layer`` is the module owning the parameter, or the adapter layer of
+        another of its parameters already built (several parameters of one module nest, the later
+        parameter outside); the parameter itself is ``getattr(base_of(base_layer), parameter_name)``.
+        Return a :class:`~peft_kernel.parameter_layer.ParameterLayer` subclass instance holding
+        ``base_layer`` and the parameters of ``adapter_name``, or ``None`` when the config is not
+        yours (the core then raises an error naming the parameter). A layer that already adapts the
+        parameter gets further adapters through its ``update_layer`` instead, with ``module_name``
+        set to ``<module_name>.<parameter_name>`` there and here alike for pattern lookups.
+        """
+
+    @hookspec(firstresult=True)
     def peft_kernel_create_shared_tensors(
         self, config: PeftConfig, adapter_name: str, targets: list[tuple[str, nn.Module]]
     ) -> dict[str, torch.Tensor] | None:

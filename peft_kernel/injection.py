@@ -13,6 +13,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from peft_kernel import parameter_targets
 from peft_kernel.containers import BufferDict
 from peft_kernel.errors import AdapterNameError, TargetNotFoundError
 from peft_kernel.layer import AdapterLayer, walk_modules
@@ -102,11 +103,13 @@ def inject(
         return registry.match_target(config, name, module, model)
 
     candidates = [(n, m) for n, m in candidate_modules(model) if not isinstance(m, ModulesToSaveWrapper)]
+    parameters = parameter_targets.match_parameters(config, model)
     if state_dict_keys is None:
         matched = [(name, module) for name, module in candidates if by_config(name, module)]
     else:
         wanted = {key.rsplit("." + record.prefix, 1)[0].removeprefix("_orig_mod.") for key in state_dict_keys
                   if "." + record.prefix in key}
+        wanted -= {path for path, _ in parameters}  # parameter targets come from the config (HF: from it only)
         matched = [(name, module) for name, module in candidates if name in wanted]
         _warn_state_dict_targets(
             {name for name, module in candidates if by_config(name, module)}, {name for name, _ in matched}
@@ -114,17 +117,27 @@ def inject(
     saved_whole = [name for name, _ in candidate_modules(model) if _matches(getattr(config, "modules_to_save", None) or (), name)]
     # modules_to_save take precedence (HF PEFT's rule): nothing inside a module saved whole gets an adapter
     matched = [(name, m) for name, m in matched if not any(name == w or name.startswith(w + ".") for w in saved_whole)]
-    if not matched:
-        raise no_match_error(config, model)
+    if not matched and not parameters:
+        raise parameter_targets.no_match_error(config, model) if parameter_targets.target_parameter_names(config) \
+            else no_match_error(config, model)
     compress_target_modules(config, model, [name for name, _ in matched])
     shared = registry.create_shared_tensors(config, adapter_name, matched)
     with guarding_base_weights() as guard:  # an initialisation that rewrites base weights is undone on failure
         guard.save(config, [module for _, module in matched])
-        new_layers = _build_layers(matched, config, adapter_name, record, registry, stack, shared)
-    for name, layer in new_layers.items():
+        param_layers, updated = parameter_targets.build_parameter_layers(
+            model, config, adapter_name, registry, record.peft_type, parameters, {name for name, _ in matched})
+        try:
+            new_layers = _build_layers(matched, config, adapter_name, record, registry, stack, shared)
+        except BaseException:
+            for layer in updated:
+                layer.delete_adapter(adapter_name)
+            raise
+    for name, layer in (*new_layers.items(), *param_layers.items()):
         _set_module(model, name, layer)
     for name, module in matched:
         match_base_dtype(_holder(new_layers.get(name, module), adapter_name), adapter_name)
+    for layer in parameter_targets.parameter_layers_of(model, adapter_name):
+        match_base_dtype(layer, adapter_name)
     wrap_modules_to_save(model, getattr(config, "modules_to_save", None), adapter_name)
     registry.adapter_injected(config, model, adapter_name)
     return [name for name, _ in matched]

@@ -79,6 +79,9 @@ class AdapterLayer(nn.Module):
     """Whether ``get_layer_status`` prefixes the name with the method (``lora.Linear``); HF PEFT's IA3
     layers show a bare ``Linear``."""
     peft_type: str = ""
+    parameter_name: str = ""
+    """The parameter of the base module this layer adapts when it is a parameter target
+    (:class:`~peft_kernel.parameter_layer.ParameterLayer`); ``""`` for a layer that wraps a forward."""
 
     def __init__(self, base_layer: nn.Module) -> None:
         super().__init__()
@@ -133,6 +136,10 @@ class AdapterLayer(nn.Module):
     @property
     def bias(self) -> torch.Tensor | None:
         return getattr(self.base_layer, "bias", None)
+
+    def adapted_tensor(self) -> torch.Tensor:
+        """The base tensor ``delta_weight`` applies to and merges fold into (``base_layer.weight``)."""
+        return self.base_layer.weight
 
     def __getattr__(self, name: str) -> Any:
         """Attributes the wrapped layer has (``in_features``, ``batch_first``...) read through, as
@@ -278,14 +285,14 @@ class AdapterLayer(nn.Module):
     # ---- merge ------------------------------------------------------------------------------
     def merge_into_base(self, adapter_name: str, safe_merge: bool = False) -> None:
         """Fold ``adapter_name`` into the base weights (additive default via ``delta_weight``)."""
-        _add_to(self.base_layer.weight, self.delta_weight(adapter_name), safe_merge, self, adapter_name)
+        _add_to(self.adapted_tensor(), self.delta_weight(adapter_name), safe_merge, self, adapter_name)
         bias = self.delta_bias(adapter_name)
         if bias is not None:
             _add_to(self.base_layer.bias, bias, safe_merge, self, adapter_name)
 
     def unmerge_from_base(self, adapter_name: str) -> None:
         """Take ``adapter_name`` back out of the base weights."""
-        _add_to(self.base_layer.weight, -self.delta_weight(adapter_name), False, self, adapter_name)
+        _add_to(self.adapted_tensor(), -self.delta_weight(adapter_name), False, self, adapter_name)
         bias = self.delta_bias(adapter_name)
         if bias is not None:
             _add_to(self.base_layer.bias, -bias, False, self, adapter_name)

@@ -66,6 +66,7 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
     from peft_kernel.injection import CONFIGS_ATTR, check_adapter_name, replace_with_base, wrap_modules_to_save
     from peft_kernel.layer import AdapterLayer, Fold, LowRankFactors, LowRankLayer, walk_modules
     from peft_kernel.modules_to_save import ModulesToSaveWrapper
+    from peft_kernel.parameter_layer import ParameterLayer
     from peft_kernel.routing import (
         BASE_ADAPTER,
         AdapterMix,
@@ -87,6 +88,7 @@ _HEAVY = {
     "LowRankFactors": "peft_kernel.layer",
     "LowRankLayer": "peft_kernel.layer",
     "walk_modules": "peft_kernel.layer",
+    "ParameterLayer": "peft_kernel.parameter_layer",
     "BASE_ADAPTER": "peft_kernel.routing",
     "Routing": "peft_kernel.routing",
     "current_routing": "peft_kernel.routing",
@@ -152,6 +154,7 @@ __all__ = [
     "MixedBatchError",
     "OMIT_DEFAULT",
     "ModulesToSaveWrapper",
+    "ParameterLayer",
     "PeftConfig",
     "PeftKernelError",
     "PeftType",

@@ -155,6 +155,13 @@ class Registry:
             layer = None if factory is None else factory(config, adapter_name, base_layer, module_name, **extra)
         return layer
 
+    def create_parameter_layer(self, config: PeftConfig, adapter_name: str, base_layer: nn.Module, module_name: str,
+                               parameter_name: str) -> AdapterLayer | None:
+        """The adapter layer on ``<module_name>.<parameter_name>`` (``peft_kernel_create_parameter_layer``)."""
+        kwargs = {"config": config, "adapter_name": adapter_name, "base_layer": base_layer, "module_name": module_name,
+                  "parameter_name": parameter_name}
+        return self.call_hook("peft_kernel_create_parameter_layer", kwargs)
+
     def create_shared_tensors(self, config: PeftConfig, adapter_name: str,
                               targets: list[tuple[str, nn.Module]]) -> dict[str, torch.Tensor]:
         """The new adapter's model-level tensors (``peft_kernel_create_shared_tensors``; empty when none)."""

@@ -144,6 +144,9 @@ def expand_target_modules(config: Any, model: nn.Module, record: MethodRecord) -
     targets = getattr(config, "target_modules", "<no field>")
     if targets == "<no field>":
         return
+    if targets is None and getattr(config, "target_parameters", None):
+        config.target_modules = set()  # HF PEFT: parameter targets alone, no model-type default modules
+        return
     if targets is None:
         model_type = getattr(getattr(model, "config", None), "model_type", None)
         table = record.default_target_modules

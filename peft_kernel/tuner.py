@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
+from peft_kernel import parameter_targets
 from peft_kernel.adapter_io import HOST_KEY_PREFIX, LoadResult, layer_state_dict, load_layer_state_dict
 from peft_kernel.call_scope import call_scope
 from peft_kernel.errors import AdapterNameError, UnknownMethodError
@@ -239,8 +240,11 @@ class AdapterModel(nn.Module):
                     f"this model holds {registry.method_for_config(first).peft_type} adapters; a "
                     f"{registry.method_for_config(peft_config).peft_type} adapter cannot join them in one model."
                 )
+        parameter_targets.check_same_parameters(peft_config, self.peft_config)
         targeted = inject(self.model, peft_config, adapter_name, registry, state_dict_keys=state_dict)
         self.targeted_module_names.extend(n for n in targeted if n not in self.targeted_module_names)
+        self.targeted_parameter_names.extend(n for n in parameter_targets.targeted_parameter_names(self.model, adapter_name)
+                                             if n not in self.targeted_parameter_names)
         self.peft_config[adapter_name] = peft_config
         if adapter_name in self._active:
             set_trainable(self.model, self._active, self.peft_config)

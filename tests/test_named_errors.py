@@ -139,8 +139,8 @@ def test_prompt_width_that_does_not_fit_the_embeddings():
 
 
 def test_unsupported_fields_raise_a_named_error():
-    with pytest.raises(UnsupportedFeatureError, match=r"does not implement target_parameters") as info:
-        get_peft_model(make_model("mlp"), LoraConfig(target_modules=["lin0"], target_parameters=["lin0.weight"]))
+    with pytest.raises(UnsupportedFeatureError, match=r"does not implement megatron_config") as info:
+        get_peft_model(make_model("mlp"), LoraConfig(target_modules=["lin0"], megatron_config={"tensor_model_parallel_size": 2}))
     assert isinstance(info.value, NotImplementedError)  # still what HF-minded code catches
 
 

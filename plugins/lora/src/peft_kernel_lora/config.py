@@ -27,7 +27,6 @@ INIT_CHOICES = ("gaussian", "pissa", "olora", "loftq", "corda", "eva", "orthogon
 # `peft-kernel inspect` can show it).
 UNSUPPORTED_FIELDS = {
     "megatron_config": None,
-    "target_parameters": None,
     "use_qalora": False,
 }
 
@@ -128,3 +127,4 @@ def check_alora(tokens: Any, task_type: Any, use_dora: bool) -> None:
                           "(HF PEFT refuses this variant combination too).")
     if tokens and str(getattr(task_type, "value", task_type)) != "CAUSAL_LM":
         warnings.warn("aLoRA is currently only supported for CAUSAL_LM task.", UserWarning, stacklevel=4)
+

@@ -21,9 +21,9 @@ from peft_kernel_lowrank import mixed
 from peft_kernel_lowrank.derived import DerivedFactors
 
 
-def _adapter_dtype(base_layer: nn.Module) -> torch.dtype:
+def _adapter_dtype(weight: torch.Tensor) -> torch.dtype:
     """Adapters train in float32 when the base is half precision (HF's autocast_adapter_dtype)."""
-    dtype = base_layer.weight.dtype
+    dtype = weight.dtype
     return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
 
 
@@ -100,9 +100,9 @@ class LoraLayer(AdapterLayer):
             self.alora_invocation_tokens[adapter_name] = invocation
         self.create_adapter(adapter_name, r, config)
         variants.create(self, adapter_name, r, config, module_name)
-        weight = self.base_layer.weight
+        weight = self.adapted_tensor()
         for p in self.adapter_parameters(adapter_name):
-            p.data = p.data.to(device=weight.device, dtype=_adapter_dtype(self.base_layer))
+            p.data = p.data.to(device=weight.device, dtype=_adapter_dtype(weight))
         init.initialize(self, adapter_name, config.init_lora_weights, config.loftq_config, config.lora_ga_config)
         variants.after_init(self, adapter_name)
         if config.velora_config is not None:

@@ -74,6 +74,17 @@ def peft_kernel_match_target(config: Any, module_name: str, module: Any, model: 
 
 
 @hookimpl
+def peft_kernel_create_parameter_layer(config: Any, adapter_name: str, base_layer: Any, module_name: str,
+                                       parameter_name: str) -> Any:
+    """``target_parameters``: LoRA on a raw parameter (see :mod:`peft_kernel_lora.parameters`)."""
+    if not isinstance(config, LoraConfig):
+        return None
+    from peft_kernel_lora.parameters import make_parameter_layer
+
+    return make_parameter_layer(config, adapter_name, base_layer, module_name, parameter_name)
+
+
+@hookimpl
 def peft_kernel_create_shared_tensors(config: Any, adapter_name: str, targets: Any) -> Any:
     if not isinstance(config, LoraConfig) or not config.trainable_token_indices:
         return None
