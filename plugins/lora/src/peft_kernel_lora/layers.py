@@ -17,7 +17,7 @@ from torch import nn
 from peft_kernel.plugin_api import AdapterLayer, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
 from peft_kernel_lora import alora, dora, init, replication, tokens
 from peft_kernel_lora.config import LoraConfig
-from peft_kernel_lowrank import mixed
+from peft_kernel_lowrank import compiled, mixed
 
 
 def _adapter_dtype(base_layer: nn.Module) -> torch.dtype:
@@ -266,6 +266,12 @@ class Linear(LoraLayer):
         if result is None:
             return super().mixed_forward(x, routing, *args, **kwargs)
         return result
+
+    def prepare_compiled(self, order: tuple[str, ...]) -> bool:
+        return compiled.prepare(self, order)  # torch.compile: see peft_kernel_lowrank.compiled
+
+    def compiled_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        return compiled.forward(self, x, *args, **kwargs)
 
 
 class Embedding(LoraLayer):
