@@ -243,6 +243,12 @@ class AdapterLayer(nn.Module):
             return self.base_layer(x, *args, **kwargs)
         return self.adapted_forward(x, active, *args, **kwargs)
 
+    def pad_rank(self, adapter_name: str, target_rank: int) -> bool:
+        """Zero-pad ``adapter_name``'s low-rank factors to ``target_rank`` in place, exactly (the
+        output does not change; ``prepare_model_for_compiled_hotswap``). ``False``: this layer
+        cannot. Raise ``ValueError`` where the adapter's rank is larger."""
+        return False
+
     # ---- torch.compile (see peft_kernel.compiled) -------------------------------------------
     def prepare_compiled(self, order: tuple[str, ...]) -> bool:
         """Runs eagerly before each compiled forward (``order``: the model's adapter names, by
