@@ -177,7 +177,13 @@ class PeftModel(nn.Module):
         serves = getattr(self._host, "serves_compiled", None)  # optional in the host protocol
         if serves is None or not serves(kwargs):
             return False
-        layers = list(self._adapter_layers())
+        from peft_kernel.layer import AdapterLayer, walk_modules
+        from peft_kernel.modules_to_save import ModulesToSaveWrapper
+
+        modules = [m for _, m in walk_modules(self.get_base_model(), stop=(AdapterLayer, ModulesToSaveWrapper))]
+        if any(isinstance(m, ModulesToSaveWrapper) for m in modules):  # routes rows through Python state
+            return False
+        layers = [m for m in modules if isinstance(m, AdapterLayer)]
         device = next((p.device for p in self.parameters()), torch.device("cpu"))
         return compiled.publish(layers, list(self.peft_config), adapter_names, self.active_adapters, device)
 

@@ -168,3 +168,17 @@ def test_layers_without_a_compiled_path_fall_back_to_eager():
     ids = _ids(4)
     got = _logits(torch.compile(ours, backend="eager"), ids)
     torch.testing.assert_close(got, _logits(hf, ids), atol=1e-5, rtol=0)
+
+
+def test_modules_to_save_rows_stay_routed_under_compile():
+    """``modules_to_save`` copies route rows through Python state: the eager paths serve them."""
+    base = make_model("llama")
+    ours = pk.get_peft_model(base, _config(pk, modules_to_save=["lm_head"]), adapter_name="x")
+    ours.add_adapter("y", _config(pk, modules_to_save=["lm_head"]))
+    with torch.no_grad():
+        ours.base_model.model.lm_head.modules_to_save["y"].weight.mul_(2)
+    ours.eval()
+    ids = _ids(5)
+    names = ["y", "x", "__base__", "y"]
+    got = _logits(torch.compile(ours, backend="eager"), ids, adapter_names=names)
+    torch.testing.assert_close(got, _logits(ours, ids, adapter_names=names), atol=1e-5, rtol=0)
