@@ -182,3 +182,19 @@ def test_modules_to_save_rows_stay_routed_under_compile():
     names = ["y", "x", "__base__", "y"]
     got = _logits(torch.compile(ours, backend="eager"), ids, adapter_names=names)
     torch.testing.assert_close(got, _logits(ours, ids, adapter_names=names), atol=1e-5, rtol=0)
+
+
+def test_lora_bias_under_compile():
+    base = make_model("llama")
+    ours = pk.get_peft_model(base, _config(pk, lora_bias=True), adapter_name="x")
+    ours.add_adapter("y", _config(pk, r=2, alpha=5, lora_bias=True))
+    with torch.no_grad():
+        for name, p in ours.named_parameters():
+            if "lora_B" in name and name.endswith("bias"):
+                p.normal_()
+    ours.eval()
+    compiled = torch.compile(ours, backend=CompileCounter())
+    ids = _ids(6)
+    for names in (["y", "x", "__base__", "y"], None):
+        kw = {} if names is None else {"adapter_names": names}
+        torch.testing.assert_close(_logits(compiled, ids, **kw), _logits(ours, ids, **kw), atol=1e-5, rtol=0)

@@ -52,18 +52,23 @@ def forward(layer: LowRankLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
         return result
     slots = stack.compiled_slots.index_select(0, rows)
     xa = x.to(stack.A.dtype)
-    if rows.shape[0] == 1:  # one adapter for every row
-        a = stack.A.index_select(0, slots)[0]
-        delta = F.linear(F.linear(xa, a), stack.Bt.index_select(0, slots)[0].t())
+    same = result.dtype == stack.A.dtype
+    if rows.shape[0] == 1:  # one adapter for every row: two GEMMs, the second accumulating
+        u = F.linear(xa, stack.A.index_select(0, slots)[0])
+        bt = stack.Bt.index_select(0, slots)[0]
+        out = result.reshape(-1, result.shape[-1])
+        out = torch.addmm(out, u.reshape(-1, u.shape[-1]), bt) if same else out + (u.reshape(-1, u.shape[-1]) @ bt).to(out.dtype)
         if stack.bias is not None:
-            delta = delta + stack.bias.index_select(0, slots)[0]
-        return result + delta.to(result.dtype)
+            out = out + stack.bias.index_select(0, slots).to(out.dtype)
+        return out.view(result.shape)
     batch = x.shape[0]
     if batch != rows.shape[0]:  # generate's beams / returned sequences: each row's name repeated
         slots = slots.repeat_interleave(batch // rows.shape[0])
     x3 = xa.reshape(batch, -1, x.shape[-1])
     u = torch.bmm(x3, stack.A.index_select(0, slots).transpose(1, 2))
-    delta = torch.bmm(u, stack.Bt.index_select(0, slots))
+    b_rows = stack.Bt.index_select(0, slots)
+    out = result.reshape(batch, -1, result.shape[-1])
+    out = torch.baddbmm(out, u, b_rows) if same else out + torch.bmm(u, b_rows).to(out.dtype)
     if stack.bias is not None:
-        delta = delta + stack.bias.index_select(0, slots).unsqueeze(1)
-    return result + delta.reshape(result.shape).to(result.dtype)
+        out = out + stack.bias.index_select(0, slots).unsqueeze(1).to(out.dtype)
+    return out.view(result.shape)
