@@ -60,8 +60,8 @@ def run(shape: Shape, rounds: int, backend: str, log: Callable[[str], None]) -> 
         reps = 1 if phase == "prefill" else 3
         with torch.inference_mode():
             started = time.perf_counter()
-            for fn in variants.values():  # compile (and warm) every variant before counting graphs
-                for _ in range(len(rotations)):
+            for fn in variants.values():  # compile (and warm) every variant before counting graphs; twice
+                for _ in range(2 * len(rotations)):  # each: a fresh cache holds normal tensors, later inference ones
                     fn()
             graphs = counters["stats"]["unique_graphs"]
             log(f"  {phase}: compiled and warmed in {time.perf_counter() - started:.0f} s")

@@ -32,13 +32,15 @@ if TYPE_CHECKING:
 class CompiledRouting:
     """The model-level adapter ids of the rows of the compiled forward in progress."""
 
-    __slots__ = ("rows", "order")
+    __slots__ = ("rows", "order", "ids")
 
     def __init__(self) -> None:
         self.rows: torch.Tensor | None = None
         """Long ``[batch]`` (mixed batch) or ``[1]`` (every row: the active adapter)."""
         self.order: tuple[str, ...] = ()
         """Adapter names by id; id ``len(order)`` is "no adapter"."""
+        self.ids: list[int] = []
+        """``rows`` as a list (a call with the same rows writes nothing)."""
 
 
 _published = CompiledRouting()
@@ -67,8 +69,9 @@ def publish(layers: Sequence[AdapterLayer], order: Sequence[str], adapter_names:
     rows = [ids.get(n, len(order)) for n in names]
     current = _published.rows
     if current is not None and current.shape[0] == len(rows) and current.device == torch.device(device):
-        current.copy_(torch.tensor(rows))  # same tensor: the graph's input keeps its identity
+        if rows != _published.ids:
+            current.copy_(torch.tensor(rows))  # same tensor: the graph's input keeps its identity
     else:
         _published.rows = torch.tensor(rows, dtype=torch.long, device=device)
-    _published.order = order
+    _published.order, _published.ids = order, rows
     return True

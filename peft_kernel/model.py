@@ -184,7 +184,8 @@ class PeftModel(nn.Module):
         if any(isinstance(m, ModulesToSaveWrapper) for m in modules):  # routes rows through Python state
             return False
         layers = [m for m in modules if isinstance(m, AdapterLayer)]
-        device = next((p.device for p in self.parameters()), torch.device("cpu"))
+        inputs = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        device = inputs[0].device if inputs else layers[0].weight.device if layers else torch.device("cpu")
         return compiled.publish(layers, list(self.peft_config), adapter_names, self.active_adapters, device)
 
     def _adapter_layers(self) -> Iterator[Any]:

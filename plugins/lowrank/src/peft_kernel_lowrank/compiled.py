@@ -31,6 +31,8 @@ def prepare(layer: LowRankLayer, order: tuple[str, ...]) -> bool:
         return not layer.adapter_names()  # a layer without adapters adds nothing: still compiled
     if len(stack.names) != len(stack.held) or stack.needs_grad():
         return False
+    if stack.compiled_order == order:
+        return True
     slots = [stack.slot.get(n, stack.zero) for n in order] + [stack.zero]
     current = stack.compiled_slots
     if current is not None and current.shape[0] == len(slots):
@@ -38,6 +40,7 @@ def prepare(layer: LowRankLayer, order: tuple[str, ...]) -> bool:
     else:
         with torch.inference_mode(False):
             stack.compiled_slots = torch.tensor(slots, dtype=torch.long, device=stack.A.device)
+    stack.compiled_order = order
     return True
 
 

@@ -102,7 +102,7 @@ class Stack:
     """The stacked, rank-padded factors of one layer's low-rank adapters."""
 
     __slots__ = ("held", "names", "slot", "A", "Bt", "bias", "r", "zero", "refs", "pins", "versions", "ptrs", "scalings",
-                 "compiled_slots")
+                 "compiled_slots", "compiled_order")
 
     def __init__(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> None:
         self.names = names = tuple(factors)
@@ -118,6 +118,7 @@ class Stack:
         has_bias = any(factors[n][3] is not None for n in names)
         self.bias = torch.zeros(size, out_features, device=device, dtype=dtype) if has_bias else None
         self.compiled_slots: torch.Tensor | None = None  # see peft_kernel_lowrank.compiled
+        self.compiled_order: tuple[str, ...] | None = None  # the model's adapter order compiled_slots maps
         self._fill(held, factors)
 
     def refill(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> bool:
@@ -142,6 +143,7 @@ class Stack:
 
     def _fill(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> None:
         self.held = held
+        self.compiled_order = None
         self.scalings = [factors[n][2] for n in self.names]
         with torch.no_grad():
             for i, n in enumerate(self.names):
