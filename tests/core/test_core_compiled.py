@@ -7,7 +7,8 @@ from __future__ import annotations
 import torch
 from core_toy import ToyConfig, make_stack, make_x
 
-from peft_kernel import compiled, get_peft_model
+from peft_kernel import get_peft_model
+from peft_kernel.compiled import compiled_rows, publish
 
 
 class _Ready:
@@ -22,16 +23,16 @@ class _Ready:
 
 def test_publish_maps_rows_to_model_level_ids_in_one_tensor() -> None:
     layer = _Ready()
-    assert compiled.publish([layer], ["x", "y"], ["y", "__base__", "x"], ["x"], "cpu")
-    rows = compiled.compiled_rows()
+    assert publish([layer], ["x", "y"], ["y", "__base__", "x"], ["x"], "cpu")
+    rows = compiled_rows()
     assert rows.tolist() == [1, 2, 0] and layer.orders == [("x", "y")]
-    assert compiled.publish([layer], ["x", "y"], ["x", "x", "y"], ["x"], "cpu")
-    assert compiled.compiled_rows() is rows and rows.tolist() == [0, 0, 1]  # rewritten in place
-    assert compiled.publish([layer], ["x", "y"], None, ["y"], "cpu")
-    assert compiled.compiled_rows().tolist() == [1]  # the active adapter, for every row
-    assert not compiled.publish([layer], ["x", "y"], None, ["x", "y"], "cpu")  # several active: eager
-    assert not compiled.publish([_Ready(False)], ["x"], ["x"], ["x"], "cpu")
-    assert compiled.compiled_rows() is None
+    assert publish([layer], ["x", "y"], ["x", "x", "y"], ["x"], "cpu")
+    assert compiled_rows() is rows and rows.tolist() == [0, 0, 1]  # rewritten in place
+    assert publish([layer], ["x", "y"], None, ["y"], "cpu")
+    assert compiled_rows().tolist() == [1]  # the active adapter, for every row
+    assert not publish([layer], ["x", "y"], None, ["x", "y"], "cpu")  # several active: eager
+    assert not publish([_Ready(False)], ["x"], ["x"], ["x"], "cpu")
+    assert compiled_rows() is None
 
 
 def test_methods_without_a_compiled_path_run_eagerly_under_compile() -> None:
