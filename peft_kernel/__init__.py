@@ -42,6 +42,7 @@ _LAZY = {
     "get_peft_model_state_dict": "peft_kernel.adapter_io",
     "set_peft_model_state_dict": "peft_kernel.adapter_io",
     "hotswap_adapter": "peft_kernel.adapter_io",
+    "prepare_model_for_compiled_hotswap": "peft_kernel.utils.hotswap",
     "check_if_peft_model": "peft_kernel.helpers",
     "rescale_adapter_scale": "peft_kernel.helpers",
     "get_peft_config": "peft_kernel.mapping",

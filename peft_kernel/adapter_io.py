@@ -408,6 +408,15 @@ def saved_config(model: nn.Module, config: PeftConfig) -> PeftConfig:
 
 
 # ---- hotswap --------------------------------------------------------------------------------------
+PADDED_RANK_ATTR = "_peft_kernel_hotswap_rank"
+"""Set on a model by ``prepare_model_for_compiled_hotswap`` (:mod:`peft_kernel.utils.hotswap`):
+:func:`hotswap_adapter` then zero-pads adapters of a lower rank into the loaded ones' tensors."""
+
+
+def _fits(new: torch.Tensor, target: torch.Tensor) -> bool:
+    return new.dim() == target.dim() and all(a <= b for a, b in zip(new.shape, target.shape))
+
+
 def hotswap_adapter(
     model: nn.Module,
     model_name_or_path: str | os.PathLike,
@@ -419,6 +428,7 @@ def hotswap_adapter(
     keeping modules (and compiled graphs). The new adapter must be of the same method and shapes
     (rank) and target the same modules. Values that are not tensors (LoRA's ``scaling``) are
     refreshed through the layer's ``hotswap_update``."""
+    model = getattr(model, "_orig_mod", model)  # torch.compile's wrapper: swap in the model it compiled
     hub = {k: kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only", "subfolder") if k in kwargs}
     config = PeftConfig.from_pretrained(model_name_or_path, **hub)
     if adapter_name not in model.peft_config:
@@ -441,12 +451,21 @@ def hotswap_adapter(
             f"hotswap needs the same target modules: keys only in the new adapter {unexpected[:5]}, "
             f"only in the loaded one {missing[:5]}."
         )
-    bad = [f"{k}: {tuple(weights[k].shape)} vs {tuple(t.shape)}" for k, t in targets.items() if weights[k].shape != t.shape]
+    padded_rank = model.__dict__.get(PADDED_RANK_ATTR)
+    padded = padded_rank is not None  # prepare_model_for_compiled_hotswap: lower ranks fit, zero-padded
+    bad = [f"{k}: {tuple(weights[k].shape)} vs {tuple(t.shape)}" for k, t in targets.items()
+           if weights[k].shape != t.shape and not (padded and _fits(weights[k], t))]
     if bad:
-        raise CheckpointError(f"hotswap needs equal shapes (same rank); differing: {bad[:5]}")
+        hint = (f" (at most the prepared rank {padded_rank})" if padded
+                else "; prepare_model_for_compiled_hotswap(model, target_rank=...) lets lower ranks in")
+        raise CheckpointError(f"hotswap needs equal shapes (same rank){hint}; differing: {bad[:5]}")
     with torch.no_grad():
         for key, tensor in targets.items():
-            tensor.copy_(weights[key].to(device=tensor.device, dtype=tensor.dtype))
+            new = weights[key].to(device=tensor.device, dtype=tensor.dtype)
+            if new.shape != tensor.shape:  # a lower rank into a padded adapter: the rest stays zero (exact)
+                tensor.zero_()
+                tensor = tensor[tuple(slice(0, n) for n in new.shape)]
+            tensor.copy_(new)
     tie_shared_tensors(model, adapter_name)
     for name, layer in adapter_layers(model):
         if layer.has_adapter(adapter_name):

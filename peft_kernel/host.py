@@ -30,7 +30,11 @@ class AdapterHost(Protocol):
 
     Optional: a host that sets ``takes_task_ids = True`` receives the task classes' ``task_ids``
     argument (one task per row) in :meth:`serve`'s keywords; the others never see it. The core's
-    tuner sets it from its method's ``task_ids`` capability and publishes the ids to the layers."""
+    tuner sets it from its method's ``task_ids`` capability and publishes the ids to the layers.
+
+    Optional: ``serves_compiled(kwargs) -> bool`` and ``serve_compiled(args, kwargs)``, the forward
+    Dynamo traces under ``torch.compile`` (see :mod:`peft_kernel.compiled`): no context variables,
+    the rows' adapters already published as a tensor."""
 
     @property
     def peft_config(self) -> dict[str, PeftConfig]:

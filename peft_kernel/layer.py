@@ -223,6 +223,10 @@ class AdapterLayer(nn.Module):
 
     # ---- forward ----------------------------------------------------------------------------
     def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if torch.compiler.is_compiling() and not self._disabled and not self.merged:
+            out = self.compiled_forward(x, *args, **kwargs)
+            if out is not None:
+                return out
         if self._disabled:
             if self.merged:
                 self.unmerge()
@@ -245,6 +249,25 @@ class AdapterLayer(nn.Module):
         if not active:
             return self.base_layer(x, *args, **kwargs)
         return self.adapted_forward(x, active, *args, **kwargs)
+
+    def pad_rank(self, adapter_name: str, target_rank: int) -> bool:
+        """Zero-pad ``adapter_name``'s low-rank factors to ``target_rank`` in place, exactly (the
+        output does not change; ``prepare_model_for_compiled_hotswap``). ``False``: this layer
+        cannot. Raise ``ValueError`` where the adapter's rank is larger."""
+        return False
+
+    # ---- torch.compile (see peft_kernel.compiled) -------------------------------------------
+    def prepare_compiled(self, order: tuple[str, ...]) -> bool:
+        """Runs eagerly before each compiled forward (``order``: the model's adapter names, by
+        id): refresh, in place, the tensors :meth:`compiled_forward` reads. ``False``: this layer
+        cannot serve the compiled path now, and the model's eager paths run instead."""
+        return False
+
+    def compiled_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        """The forward Dynamo traces: reads the rows' adapter ids
+        (:func:`peft_kernel.compiled.compiled_rows`) and tensors only, never adapter names, so that
+        switching adapters does not recompile. ``None``: the eager forward runs."""
+        return None
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus each active adapter's delta (additive methods)."""

@@ -31,6 +31,7 @@ from peft_kernel.config import PeftConfig
 from peft_kernel.enums import TaskType
 from peft_kernel.errors import AdapterNameError, MixedBatchError
 from peft_kernel.plugins import get_registry
+from peft_kernel import compiled
 from peft_kernel.routing import BASE_ADAPTER, routed
 from peft_kernel.adapter_io import save_adapter, set_peft_model_state_dict
 from peft_kernel.injection import cast_adapter_dtype
@@ -144,6 +145,11 @@ class PeftModel(nn.Module):
         if adapter_names is None:
             yield
             return
+        self._check_adapter_names(adapter_names, args, kwargs)
+        with routed(list(adapter_names)):
+            yield
+
+    def _check_adapter_names(self, adapter_names: Sequence[str], args: tuple, kwargs: dict) -> None:
         if self.training:
             raise MixedBatchError("adapter_names (mixed batches) are for inference: call model.eval() first.")
         if isinstance(adapter_names, str) or not all(isinstance(n, str) for n in adapter_names):
@@ -161,8 +167,26 @@ class PeftModel(nn.Module):
             )
         if any(layer.merged for layer in self._adapter_layers()):
             raise MixedBatchError("adapter_names cannot be used while adapters are merged; call unmerge_adapter() first.")
-        with routed(list(adapter_names)):
-            yield
+
+    @torch.compiler.disable
+    def _publish_compiled(self, adapter_names: Sequence[str] | None, args: tuple, kwargs: dict) -> bool:
+        """While Dynamo traces: publish the rows' adapters as a tensor (see :mod:`peft_kernel.compiled`);
+        runs eagerly before the graph on every call. ``False``: the eager paths run instead."""
+        if adapter_names is not None:
+            self._check_adapter_names(adapter_names, args, kwargs)
+        serves = getattr(self._host, "serves_compiled", None)  # optional in the host protocol
+        if serves is None or not serves(kwargs):
+            return False
+        from peft_kernel.layer import AdapterLayer, walk_modules
+        from peft_kernel.modules_to_save import ModulesToSaveWrapper
+
+        modules = [m for _, m in walk_modules(self.get_base_model(), stop=(AdapterLayer, ModulesToSaveWrapper))]
+        if any(isinstance(m, ModulesToSaveWrapper) for m in modules):  # routes rows through Python state
+            return False
+        layers = [m for m in modules if isinstance(m, AdapterLayer)]
+        inputs = [v for v in (*args, *kwargs.values()) if isinstance(v, torch.Tensor)]
+        device = inputs[0].device if inputs else layers[0].weight.device if layers else torch.device("cpu")
+        return compiled.publish(layers, list(self.peft_config), adapter_names, self.active_adapters, device)
 
     def _adapter_layers(self) -> Iterator[Any]:
         from peft_kernel.layer import adapter_layers
@@ -175,6 +199,8 @@ class PeftModel(nn.Module):
 
     def _serve(self, args: tuple, kwargs: dict) -> Any:
         adapter_names = kwargs.pop("adapter_names", None)
+        if torch.compiler.is_compiling() and self._publish_compiled(adapter_names, args, kwargs):
+            return self._host.serve_compiled(args, kwargs)
         with self._routing(adapter_names, args, kwargs):
             return self._host.serve(args, kwargs, adapter_names)
 

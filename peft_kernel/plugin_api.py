@@ -62,6 +62,7 @@ if TYPE_CHECKING:  # pragma: no cover - the lazy names, for type checkers
         resolve_file,
     )
     from peft_kernel.call_scope import CallScope, current_call
+    from peft_kernel.compiled import compiled_rows
     from peft_kernel.containers import BufferDict
     from peft_kernel.injection import CONFIGS_ATTR, check_adapter_name, replace_with_base, wrap_modules_to_save
     from peft_kernel.layer import AdapterLayer, Fold, LowRankFactors, LowRankLayer, walk_modules
@@ -83,6 +84,7 @@ _HEAVY = {
     "BufferDict": "peft_kernel.containers",
     "CallScope": "peft_kernel.call_scope",
     "current_call": "peft_kernel.call_scope",
+    "compiled_rows": "peft_kernel.compiled",
     "AdapterLayer": "peft_kernel.layer",
     "Fold": "peft_kernel.layer",
     "LowRankFactors": "peft_kernel.layer",
@@ -173,6 +175,7 @@ __all__ = [
     "check_range",
     "cli_main",
     "compile_pattern",
+    "compiled_rows",
     "current_adapter_mix",
     "current_routing",
     "current_task_ids",

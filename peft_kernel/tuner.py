@@ -169,6 +169,19 @@ class AdapterModel(nn.Module):
         with self._tasks(kwargs), call_scope("forward", args, kwargs, self.call_keywords):
             return self.model(*args, **kwargs)
 
+    def serves_compiled(self, kwargs: dict) -> bool:
+        """Whether :meth:`serve_compiled` can run this call: nothing to publish to the layers
+        (no ``task_ids``, none of the method's ``call_keywords``)."""
+        if self.takes_task_ids and kwargs.get("task_ids") is not None:
+            return False
+        return not any(k in kwargs for k in self.call_keywords)
+
+    def serve_compiled(self, args: tuple, kwargs: dict) -> Any:
+        """The forward Dynamo traces (see :mod:`peft_kernel.compiled`): no context variables."""
+        if self.takes_task_ids:
+            kwargs.pop("task_ids", None)
+        return self.model(*args, **kwargs)
+
     def serve_generate(self, args: tuple, kwargs: dict, adapter_names: Any) -> Any:
         with self._tasks(kwargs), call_scope("generate", args, kwargs, self.call_keywords):
             return self.model.generate(*args, **kwargs)

@@ -17,7 +17,7 @@ from torch import nn
 from peft_kernel.plugin_api import AdapterLayer, BufferDict, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
 from peft_kernel_lora import alora, arrow, dora, init, monteclora, replication, tokens, variants, velora
 from peft_kernel_lora.config import LoraConfig
-from peft_kernel_lowrank import mixed
+from peft_kernel_lowrank import compiled, mixed
 from peft_kernel_lowrank.derived import DerivedFactors
 
 
@@ -120,7 +120,8 @@ class LoraLayer(AdapterLayer):
     def hotswap_update(self, adapter_name: str, config: Any, module_name: str = "") -> None:
         alpha = pattern_value(config.alpha_pattern, module_name, config.lora_alpha)
         self.lora_alpha[adapter_name] = alpha
-        self.scaling[adapter_name] = self._scaling(alpha, self.r[adapter_name], config.use_rslora)
+        r = pattern_value(config.rank_pattern, module_name, config.r)  # a lower rank, zero-padded (prepared)
+        self.scaling[adapter_name] = self._scaling(alpha, r, config.use_rslora)
         alora.hotswap(self, adapter_name, config, module_name, isinstance(self, Linear))
 
     def create_adapter(self, adapter_name: str, r: int, config: LoraConfig) -> None:
@@ -314,6 +315,32 @@ class Linear(LoraLayer):
         if result is None:
             return super().mixed_forward(x, routing, *args, **kwargs)
         return result
+
+    def pad_rank(self, adapter_name: str, target_rank: int) -> bool:
+        """Zero-pad ``lora_A`` / ``lora_B`` to ``target_rank`` (``prepare_model_for_compiled_hotswap``);
+        ``r`` and ``scaling`` keep the adapter's own values, as in HF PEFT."""
+        lin_a, lin_b = self.lora_A[adapter_name], self.lora_B[adapter_name]
+        rank = lin_a.weight.shape[0]
+        if rank > target_rank:
+            raise ValueError(f"Trying to pad the adapter to the target rank {target_rank}, but the original rank is "
+                             f"larger ({rank}). This is not possible.")
+        if rank < target_rank:
+            with torch.no_grad():
+                a = lin_a.weight.new_zeros(target_rank, lin_a.weight.shape[1])
+                b = lin_b.weight.new_zeros(lin_b.weight.shape[0], target_rank)
+                a[:rank] = lin_a.weight
+                b[:, :rank] = lin_b.weight
+            lin_a.weight = nn.Parameter(a, requires_grad=lin_a.weight.requires_grad)
+            lin_b.weight = nn.Parameter(b, requires_grad=lin_b.weight.requires_grad)
+            lin_a.out_features = lin_b.in_features = target_rank
+        mixed.drop_stack(self)
+        return True
+
+    def prepare_compiled(self, order: tuple[str, ...]) -> bool:
+        return compiled.prepare(self, order)  # torch.compile: see peft_kernel_lowrank.compiled
+
+    def compiled_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        return compiled.forward(self, x, *args, **kwargs)
 
 
 class Embedding(LoraLayer):

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from peft_kernel_lowrank import mixed
+from peft_kernel_lowrank import compiled, mixed
 
 
 class LowRankForwards:
@@ -56,3 +56,11 @@ class LowRankForwards:
         if result is None:
             result = super().mixed_forward(x, routing, *args, **kwargs)
         return result
+
+    def prepare_compiled(self, order: tuple[str, ...]) -> bool:
+        """Refresh the stack a compiled forward reads (:mod:`peft_kernel_lowrank.compiled`)."""
+        return compiled.prepare(self, order)
+
+    def compiled_forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor | None:
+        """Each row's adapter gathered from the stack: what Dynamo traces (no Python-side state)."""
+        return compiled.forward(self, x, *args, **kwargs)

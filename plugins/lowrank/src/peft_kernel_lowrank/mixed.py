@@ -101,10 +101,10 @@ _Parts = tuple[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"]
 class Stack:
     """The stacked, rank-padded factors of one layer's low-rank adapters."""
 
-    __slots__ = ("held", "names", "slot", "A", "Bt", "bias", "r", "zero", "refs", "pins", "versions", "ptrs", "scalings")
+    __slots__ = ("held", "names", "slot", "A", "Bt", "bias", "r", "zero", "refs", "pins", "versions", "ptrs", "scalings",
+                 "compiled_slots", "compiled_order")
 
     def __init__(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> None:
-        self.held = held
         self.names = names = tuple(factors)
         self.slot = {n: i for i, n in enumerate(names)}
         self.zero = len(names)
@@ -117,9 +117,36 @@ class Stack:
         self.Bt = torch.zeros(size, self.r, out_features, device=device, dtype=dtype)
         has_bias = any(factors[n][3] is not None for n in names)
         self.bias = torch.zeros(size, out_features, device=device, dtype=dtype) if has_bias else None
-        self.scalings = [factors[n][2] for n in names]
+        self.compiled_slots: torch.Tensor | None = None  # see peft_kernel_lowrank.compiled
+        self.compiled_order: tuple[str, ...] | None = None  # the model's adapter order compiled_slots maps
+        self._fill(held, factors)
+
+    def refill(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> bool:
+        """Rewrite the stack in place (its tensors keep their identity, so compiled graphs that read
+        them stay valid) when the adapters and shapes are the same; ``False`` if they are not."""
+        if tuple(factors) != self.names:
+            return False
+        parts = [t for a, b, _, bias in factors.values() for t in (a, b, bias) if t is not None]
+        if any(t.dtype != self.A.dtype or t.device != self.A.device for t in parts):
+            return False
+        if (max(a.shape[0] for a, *_ in factors.values()) != self.r
+                or any(a.shape[1] != self.A.shape[2] or b.shape[0] != self.Bt.shape[2] for a, b, *_ in factors.values())
+                or any(bias is not None for *_, bias in factors.values()) != (self.bias is not None)):
+            return False
         with torch.no_grad():
-            for i, n in enumerate(names):
+            self.A.zero_()
+            self.Bt.zero_()
+            if self.bias is not None:
+                self.bias.zero_()
+        self._fill(held, factors)
+        return True
+
+    def _fill(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> None:
+        self.held = held
+        self.compiled_order = None
+        self.scalings = [factors[n][2] for n in self.names]
+        with torch.no_grad():
+            for i, n in enumerate(self.names):
                 a, b, s, bias = factors[n]
                 r = a.shape[0]
                 self.A[i, :r].copy_(a)
@@ -195,6 +222,8 @@ def get_stack(layer: LowRankLayer) -> Stack | None:
     if len({t.dtype for t in parts}) != 1 or len({t.device for t in parts}) != 1:
         return None
     with torch.inference_mode(False):  # normal tensors: autograd may use the stack after inference mode
+        if stack is not None and stack.refill(held, factors):
+            return stack
         stack = Stack(held, factors)
     layer.__dict__["_low_rank_stack"] = stack  # a plain attribute: not a buffer, not in the state dict
     return stack
