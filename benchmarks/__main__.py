@@ -119,7 +119,7 @@ def bench_shape(shape: Shape, mixes: list[int], phases: list[str], rounds: int, 
             names = scenario_names(n, shape.rows)
             variants = {"hf": call(hf, adapter_names=names), "ours": call(ours, adapter_names=names)}
             if strategies:
-                for s in ("bmm", "concat", "grouped", "loop"):
+                for s in ("bmm", "concat", "slots", "grouped", "loop"):
                     variants[f"ours[{s}]"] = _with_strategy(mixed, s, call(ours, adapter_names=names))
             cases.append((f"mixed-{n}", variants))
         all_variants: dict[str, Callable[[], Any]] = {"base": call(base)}
@@ -248,11 +248,11 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{p['base']:.1f} / {p['hf']:.1f} / {p['ours']:.1f} |")
     strat = [r for r in results["rows"] if any(k.startswith("ours[") for k in r)]
     if strat:
-        lines += ["", "| shape | phase | case | " + " | ".join(f"ours[{s}] / base" for s in ("bmm", "concat", "grouped", "loop")) + " |",
-                  "|---|---|---|" + "---:|" * 4]
+        lines += ["", "| shape | phase | case | " + " | ".join(f"ours[{s}] / base" for s in ("bmm", "concat", "slots", "grouped", "loop")) + " |",
+                  "|---|---|---|" + "---:|" * 5]
         for r in strat:
             lines.append(f"| {r['shape']} | {r['phase']} | {r['case']} | "
-                         + " | ".join(f"{r[f'ours[{s}]_vs_base']:.2f}x" for s in ("bmm", "concat", "grouped", "loop")) + " |")
+                         + " | ".join(f"{r[f'ours[{s}]_vs_base']:.2f}x" for s in ("bmm", "concat", "slots", "grouped", "loop")) + " |")
     load = results.get("loading")
     if load:
         lines += ["", "| adapter load | 1st-5th ms | 96th-100th ms | growth |", "|---|---:|---:|---:|"]

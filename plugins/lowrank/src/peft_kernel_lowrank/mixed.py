@@ -47,7 +47,7 @@ from torch import nn
 if TYPE_CHECKING:
     from peft_kernel.plugin_api import LowRankFactors, LowRankLayer, Routing
 
-STRATEGIES = ("auto", "bmm", "concat", "grouped", "loop")
+STRATEGIES = ("auto", "bmm", "concat", "slots", "grouped", "loop")
 strategy: str = os.environ.get("PEFT_KERNEL_LORA_MIXED", "auto")
 """Which mixed-batch kernel to use: ``auto`` (chosen per shape) or one of :data:`STRATEGIES`."""
 
@@ -229,8 +229,34 @@ class Plan:
             counts[s] += 1
         self.counts = counts
         self.zero = zero
+        self._groups(per_row, order, device)
         self._offs: dict[int, torch.Tensor] = {}
         self._masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def _groups(self, per_row: list[int], order: list[tuple[int, int]], device: torch.device) -> None:
+        """The ``slots`` kernel's layout: the rows of each used adapter side by side, ``width`` rows
+        per adapter (short groups padded with row 0, whose results are dropped)."""
+        used, counts = self.used, self.counts
+        self.width = width = max((counts[s] for s in used), default=0)
+        self.balanced = all(counts[s] == width for s in used)
+        self.in_place = self.all_in and self.balanced and per_row == sorted(per_row)  # rows already grouped
+        rows, valid = [], []
+        start = 0
+        for s in used:
+            group = [i for _, i in order[start:start + counts[s]]]
+            start += counts[s]
+            valid += range(len(rows), len(rows) + len(group))
+            rows += group + [0] * (width - len(group))
+        self.gather = torch.tensor(rows, device=device, dtype=torch.long)
+        self.valid = None if self.balanced else torch.tensor(valid, device=device, dtype=torch.long)
+        step = used[1] - used[0] if len(used) > 1 else 1
+        self.used_slice = (slice(used[0], used[-1] + 1, step)
+                           if used and step > 0 and used == list(range(used[0], used[-1] + 1, step)) else None)
+        self.used_index = torch.tensor(used, device=device, dtype=torch.long)
+
+    def take(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The used adapters' entries of a stacked tensor: a view where they are evenly spaced."""
+        return stacked[self.used_slice] if self.used_slice is not None else stacked.index_select(0, self.used_index)
 
     def offs(self, tokens: int) -> torch.Tensor:
         if tokens not in self._offs:
@@ -269,6 +295,8 @@ def choose(plan: Plan, stack: Stack, tokens: int) -> str:
         return "single"
     if plan.n_in * tokens <= CONCAT_MAX_TOKENS and stack.zero * stack.r <= CONCAT_MAX_RANK:
         return "concat"
+    if plan.in_place or tokens * plan.width * len(plan.used) <= stack.r * plan.n_in:
+        return "slots"  # moving the rows' inputs and outputs costs less than gathering each row's factors
     return "bmm"
 
 
@@ -349,6 +377,32 @@ def _concat(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, tok
     return _add_bias(stack, plan, result3).view(result.shape)
 
 
+def _slots(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Rows grouped by adapter, one ``bmm`` per factor over the used adapters (each adapter's
+    factors read once, not copied per row); the rows' inputs are gathered and their outputs
+    scattered back unless the batch is already grouped."""
+    k, width = len(plan.used), plan.width
+    d_in, d_out = x.shape[-1], result.shape[-1]
+    x3 = x.reshape(plan.batch, tokens, d_in).to(stack.A.dtype)
+    xs = x3 if plan.in_place else x3.index_select(0, plan.gather)
+    u = torch.bmm(xs.reshape(k, width * tokens, d_in), plan.take(stack.A).transpose(1, 2))  # [k, width * tokens, r]
+    b_used = plan.take(stack.Bt)  # [k, r, out]
+    result3 = result.view(plan.batch, tokens, d_out)
+    inplace = can_add_inplace(result3) and result3.dtype == b_used.dtype
+    if plan.in_place and inplace:
+        result3.view(k, width * tokens, d_out).baddbmm_(u, b_used)
+    else:
+        d = torch.bmm(u, b_used).view(k * width, tokens, d_out).to(result3.dtype)
+        if plan.in_place:
+            result3 = result3 + d
+        else:
+            rows = plan.gather
+            if plan.valid is not None:
+                d, rows = d.index_select(0, plan.valid), rows.index_select(0, plan.valid)
+            result3 = result3.index_add_(0, rows, d) if inplace else result3.index_add(0, rows, d)
+    return _add_bias(stack, plan, result3).view(result.shape)
+
+
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -378,4 +432,4 @@ def _grouped(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, to
     return _add_bias(stack, plan, result3).view(result.shape)
 
 
-_KERNELS = {"bmm": _bmm, "concat": _concat, "grouped": _grouped}
+_KERNELS = {"bmm": _bmm, "concat": _concat, "grouped": _grouped, "slots": _slots}
