@@ -104,3 +104,26 @@ def test_slots_after_dtype_moves(monkeypatch):
     x = ids(4, 3)
     got = logits(ours, x, adapter_names=names)
     torch.testing.assert_close(got, loop_rows(ours, x, names, monkeypatch), atol=0.1, rtol=0.05)
+
+
+def test_base_layer_hooks_still_run_on_the_fast_paths(monkeypatch):
+    """The fast paths call a plain ``nn.Linear`` base as ``F.linear``; a hooked one is called."""
+    hf, ours = build({f"n{i}": dict(r=4, lora_alpha=8, target_modules=ALL) for i in range(2)})
+    x = ids(2, 3)
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    calls = []
+    handle = layer.base_layer.register_forward_hook(lambda m, i, o: calls.append(1) or o * 2)
+    try:
+        hooked_single = logits(ours, x)
+        hooked_mixed = logits(ours, x, adapter_names=["n0", "n1"])
+    finally:
+        handle.remove()
+    assert len(calls) == 2
+    hf_layer = hf.base_model.model.model.layers[0].self_attn.q_proj
+    handle = hf_layer.base_layer.register_forward_hook(lambda m, i, o: o * 2)
+    try:
+        torch.testing.assert_close(hooked_single, logits(hf, x), atol=ATOL, rtol=0)
+        torch.testing.assert_close(hooked_mixed, logits(hf, x, adapter_names=["n0", "n1"]), atol=ATOL, rtol=0)
+    finally:
+        handle.remove()
+    torch.testing.assert_close(logits(ours, x), logits(hf, x), atol=ATOL, rtol=0)

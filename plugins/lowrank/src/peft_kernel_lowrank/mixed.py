@@ -71,6 +71,23 @@ def low_rank_bias(layer: nn.Module, name: str) -> torch.Tensor | None:
     return None if get is None else get(layer, name)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs any hook (its own or a global one)."""
+    hooks = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+
+
+def base_output(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``base(x)``; a plain ``nn.Linear`` without hooks runs as ``F.linear`` directly (the same
+    kernel without ``Module.__call__``'s dispatch: the hot path of a decode step)."""
+    if type(base) is nn.Linear and not _hooked(base):
+        params = base._parameters
+        return F.linear(x, params["weight"], params["bias"])
+    return base(x)
+
+
 def add_single(layer: LowRankLayer, result: torch.Tensor, x: torch.Tensor, name: str,
                factors: LowRankFactors | None = None) -> torch.Tensor:
     """``result + scale * B(A(x)) (+ scale * bias)`` for one adapter whose
@@ -80,17 +97,16 @@ def add_single(layer: LowRankLayer, result: torch.Tensor, x: torch.Tensor, name:
     bias = low_rank_bias(layer, name)
     if x.dtype != a.dtype:
         x = x.to(a.dtype)
-    u = F.linear(x, a)
     # fused in place for full precision; half-precision adapters (autocast_adapter_dtype=False) take
     # HF PEFT's separate roundings (B·u, then ·scaling, then +) so the output equals HF's bit for bit
     if result.dtype == b.dtype and result.dtype not in (torch.float16, torch.bfloat16) and can_add_inplace(result):
-        out2d = result.view(-1, result.shape[-1])
-        out2d.addmm_(u.reshape(-1, u.shape[-1]), b.t(), alpha=scale)
+        u = F.linear(x.reshape(-1, x.shape[-1]), a)
+        result.view(-1, result.shape[-1]).addmm_(u, b.t(), alpha=scale)
         if bias is not None:
             result.add_(bias, alpha=scale)
         return result
     # float32 adapters on a half-precision base: add in float32, round once (HF PEFT's result)
-    return (result + F.linear(u, b, bias) * scale).to(result.dtype)
+    return (result + F.linear(F.linear(x, a), b, bias) * scale).to(result.dtype)
 
 
 # ---- stacks -----------------------------------------------------------------------------------
@@ -314,7 +330,7 @@ def mixed_forward(layer: LowRankLayer, x: torch.Tensor, routing: Routing, *args:
     batch = x.shape[0]
     routing._repeat(batch)  # the core's check: a clear error when rows and names disagree
     plan = _plan(routing, stack.names, batch, x.device)
-    result = layer.base_layer(x)
+    result = base_output(layer.base_layer, x)
     if plan.used:
         tokens = x.numel() // (batch * x.shape[-1]) if batch else 0
         how = choose(plan, stack, tokens)
