@@ -117,7 +117,7 @@ _Parts = tuple[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"]
 class Stack:
     """The stacked, rank-padded factors of one layer's low-rank adapters."""
 
-    __slots__ = ("held", "names", "slot", "A", "Bt", "bias", "r", "zero", "refs", "pins", "versions", "ptrs", "scalings")
+    __slots__ = ("held", "names", "slot", "A", "Bt", "bias", "r", "zero", "refs", "pins", "signature")
 
     def __init__(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> None:
         self.held = held
@@ -133,7 +133,6 @@ class Stack:
         self.Bt = torch.zeros(size, self.r, out_features, device=device, dtype=dtype)
         has_bias = any(factors[n][3] is not None for n in names)
         self.bias = torch.zeros(size, out_features, device=device, dtype=dtype) if has_bias else None
-        self.scalings = [factors[n][2] for n in names]
         with torch.no_grad():
             for i, n in enumerate(names):
                 a, b, s, bias = factors[n]
@@ -147,23 +146,14 @@ class Stack:
         # back (``p.data = new``, ``.to()``) cannot be freed and its address handed to the new one,
         # which would make ``data_ptr`` look unchanged
         self.pins = [t.detach() for t in self.refs]
-        self.versions = [t._version for t in self.refs]
-        self.ptrs = [t.data_ptr() for t in self.refs]
+        self.signature = _signature(factors)
 
     def fresh(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> bool:
         """True while no adapter of the layer was added, removed, rescaled, replaced, moved or
         written to. ``factors`` are the layer's current ones: ``load_state_dict(assign=True)``
-        puts new ``Parameter`` objects in place of the stacked ones."""
-        if held != self.held or tuple(factors) != self.names:
-            return False
-        current = _stacked_tensors(factors)
-        return (
-            len(current) == len(self.refs)
-            and all(t is ref for t, ref in zip(current, self.refs))
-            and [t._version for t in current] == self.versions
-            and [t.data_ptr() for t in current] == self.ptrs
-            and [factors[n][2] for n in self.names] == self.scalings
-        )
+        puts new ``Parameter`` objects in place of the stacked ones (the stacked ones are held in
+        ``refs``, so their ``id`` cannot be reused)."""
+        return held == self.held and tuple(factors) == self.names and _signature(factors) == self.signature
 
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.refs)
@@ -178,6 +168,19 @@ def _stacked_tensors(factors: dict[str, _Parts]) -> list[torch.Tensor]:
         if bias is not None:
             tensors.append(bias)
     return tensors
+
+
+def _signature(factors: dict[str, _Parts]) -> list[float]:
+    """Each stacked tensor's identity, ``_version`` and ``data_ptr``, and each scale, flat: one
+    list comparison tells whether anything changed."""
+    out: list[float] = []
+    for a, b, scale, bias in factors.values():
+        out += (id(a), a._version, a.data_ptr(), id(b), b._version, b.data_ptr(), scale)
+        if bias is not None:
+            out += (id(bias), bias._version, bias.data_ptr())
+        else:
+            out.append(-1)
+    return out
 
 
 def stack_factors(layer: LowRankLayer, held: tuple[str, ...]) -> dict[str, _Parts]:
