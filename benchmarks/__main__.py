@@ -5,7 +5,9 @@ process with ``time.thread_time`` (CPU time of this thread) and ``torch.set_num_
 variants interleaved round by round, medians reported. Scenarios: one adapter, adapters disabled,
 mixed batches of 2 / 16 / 64 adapters (16 rows: mixed-64 holds 64 adapters of which 16 are used);
 prefill (``prompt`` tokens per row) and decode (one token per row on a KV cache of ``prompt``).
-Then the time to load the 1st..100th adapter, and memory. Writes JSON and a PNG chart.
+Shapes: the headline (hidden 512, 4 layers, r 16), a sweep of ranks and widths, and a scaling pair
+(hidden 2048, 2 layers, r 8 and r 64). Then the time to load the 1st..100th adapter, and memory.
+Writes JSON and a PNG chart.
 """
 
 from __future__ import annotations
@@ -119,7 +121,7 @@ def bench_shape(shape: Shape, mixes: list[int], phases: list[str], rounds: int, 
             names = scenario_names(n, shape.rows)
             variants = {"hf": call(hf, adapter_names=names), "ours": call(ours, adapter_names=names)}
             if strategies:
-                for s in ("bmm", "concat", "grouped", "loop"):
+                for s in ("bmm", "concat", "slots", "grouped", "loop"):
                     variants[f"ours[{s}]"] = _with_strategy(mixed, s, call(ours, adapter_names=names))
             cases.append((f"mixed-{n}", variants))
         all_variants: dict[str, Callable[[], Any]] = {"base": call(base)}
@@ -248,11 +250,11 @@ def markdown(results: dict[str, Any]) -> str:
                      f"{p['base']:.1f} / {p['hf']:.1f} / {p['ours']:.1f} |")
     strat = [r for r in results["rows"] if any(k.startswith("ours[") for k in r)]
     if strat:
-        lines += ["", "| shape | phase | case | " + " | ".join(f"ours[{s}] / base" for s in ("bmm", "concat", "grouped", "loop")) + " |",
-                  "|---|---|---|" + "---:|" * 4]
+        lines += ["", "| shape | phase | case | " + " | ".join(f"ours[{s}] / base" for s in ("bmm", "concat", "slots", "grouped", "loop")) + " |",
+                  "|---|---|---|" + "---:|" * 5]
         for r in strat:
             lines.append(f"| {r['shape']} | {r['phase']} | {r['case']} | "
-                         + " | ".join(f"{r[f'ours[{s}]_vs_base']:.2f}x" for s in ("bmm", "concat", "grouped", "loop")) + " |")
+                         + " | ".join(f"{r[f'ours[{s}]_vs_base']:.2f}x" for s in ("bmm", "concat", "slots", "grouped", "loop")) + " |")
     load = results.get("loading")
     if load:
         lines += ["", "| adapter load | 1st-5th ms | 96th-100th ms | growth |", "|---|---:|---:|---:|"]
@@ -267,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-results", help="folder for results.json / results.png / results.md")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per shape (median taken)")
     parser.add_argument("--strategies", action="store_true", help="also time each mixed-batch kernel at the headline shape")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["headline", "sweep", "loading"], help="parts to leave out")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["headline", "sweep", "scaling", "loading"], help="parts to leave out")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -286,6 +288,9 @@ def main(argv: list[str] | None = None) -> int:
         if "sweep" not in args.skip:
             for shape in (Shape(rank=8, prompt=32), Shape(rank=64, prompt=32), Shape(hidden=1024, prompt=16)):
                 plan.append((shape, [16], ["prefill", "decode"], max(3, rounds - 2), 3, False))
+        if "scaling" not in args.skip:  # a wider model, low and high rank: how the overheads scale
+            for rank in (8, 64):
+                plan.append((Shape(hidden=2048, layers=2, rank=rank, prompt=16), [16], ["prefill", "decode"], 3, 3, False))
         load_shape, load_count = headline, 100
     results: dict[str, Any] = {
         "headline": headline.label(),

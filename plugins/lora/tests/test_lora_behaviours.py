@@ -87,7 +87,7 @@ def _assign_state_dict(model: nn.Module) -> None:
 REPLACEMENTS = {"data": _replace_data, "assign": _assign_state_dict}
 
 
-@pytest.mark.parametrize("kernel", ["bmm", "concat", "grouped"])
+@pytest.mark.parametrize("kernel", ["bmm", "concat", "slots", "grouped"])
 @pytest.mark.parametrize("replace", sorted(REPLACEMENTS))
 def test_mixed_stacks_follow_replaced_storage(kernel, replace, monkeypatch):
     monkeypatch.setattr(mixed, "strategy", kernel)
@@ -127,7 +127,7 @@ def test_mixed_stacks_survive_storage_address_reuse(monkeypatch):
     torch.testing.assert_close(run(ours, {**inputs, "adapter_names": rows}), want, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["bmm", "concat", "grouped"])
+@pytest.mark.parametrize("kernel", ["bmm", "concat", "slots", "grouped"])
 def test_mixed_stacks_follow_dtype_changes(kernel, monkeypatch):
     """``.to(float64)`` replaces every storage: the stacks must be rebuilt in float64 (a stale
     float32 stack would still give float32-accurate rows, so the tolerance is float64's)."""
@@ -345,7 +345,7 @@ def _train_layers(model: nn.Module) -> None:
     model.base_model.model.train()
 
 
-@pytest.mark.parametrize("kernel", ["auto", "bmm", "concat", "grouped"])
+@pytest.mark.parametrize("kernel", ["auto", "bmm", "concat", "slots", "grouped"])
 @pytest.mark.parametrize("frozen", ["requires_grad-false", "no_grad"])
 def test_fast_mixed_path_with_dropout_equals_generic_path(kernel, frozen, monkeypatch):
     _, _, ours = lora_pair("mlp", DROPOUT)

@@ -19,7 +19,7 @@ import peft_kernel as pk  # noqa: E402
 from peft_kernel_lowrank import mixed  # noqa: E402
 
 ATOL = 1e-4
-STRATEGIES = ["auto", "bmm", "concat", "grouped", "loop"]
+STRATEGIES = ["auto", "bmm", "concat", "slots", "grouped", "loop"]
 ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 # name -> LoraConfig kwargs (shared by HF and ours); ranks, alphas, targets, rsLoRA and bias differ
@@ -75,7 +75,7 @@ def strategy(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) ->
     return request.param
 
 
-@pytest.fixture(params=["bmm", "concat", "grouped"])
+@pytest.fixture(params=["bmm", "concat", "slots", "grouped"])
 def kernel(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
     """The stacked kernels only (``auto`` picks among them; ``loop`` is the reference)."""
     monkeypatch.setattr(mixed, "strategy", request.param)

@@ -298,7 +298,7 @@ class Linear(LoraLayer):
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         if not x.is_floating_point():
             return super().adapted_forward(x, adapters, *args, **kwargs)
-        result = self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs) if args or kwargs else mixed.base_output(self.base_layer, x)
         dtype = result.dtype
         for name in adapters:
             factors = self.low_rank_factors(name)
@@ -306,7 +306,7 @@ class Linear(LoraLayer):
                 result = result + self.delta(x, name, result)
             else:
                 result = mixed.add_single(self, result, x, name, factors)
-        return result.to(dtype)
+        return result if result.dtype == dtype else result.to(dtype)
 
     def mixed_forward(self, x: torch.Tensor, routing: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
         if self.alora_invocation_tokens and any(n in self.alora_invocation_tokens for n in routing.unique):

@@ -28,7 +28,7 @@ class LowRankForwards:
         half-precision model) each delta is computed in the adapter's dtype and rounded as
         :attr:`round_delta_to_base` says, as HF PEFT does; otherwise the fused kernel adds it in
         place. Adapters without factors right now take the layer's own ``delta``."""
-        result = self.base_layer(x, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs) if args or kwargs else mixed.base_output(self.base_layer, x)
         dtype = result.dtype
         for name in adapters:
             factors = self.low_rank_factors(name)

@@ -47,7 +47,7 @@ from torch import nn
 if TYPE_CHECKING:
     from peft_kernel.plugin_api import LowRankFactors, LowRankLayer, Routing
 
-STRATEGIES = ("auto", "bmm", "concat", "grouped", "loop")
+STRATEGIES = ("auto", "bmm", "concat", "slots", "grouped", "loop")
 strategy: str = os.environ.get("PEFT_KERNEL_LORA_MIXED", "auto")
 """Which mixed-batch kernel to use: ``auto`` (chosen per shape) or one of :data:`STRATEGIES`."""
 
@@ -71,6 +71,23 @@ def low_rank_bias(layer: nn.Module, name: str) -> torch.Tensor | None:
     return None if get is None else get(layer, name)
 
 
+def _hooked(module: nn.Module) -> bool:
+    """Whether calling ``module`` runs any hook (its own or a global one)."""
+    hooks = nn.modules.module
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or hooks._global_forward_hooks or hooks._global_forward_pre_hooks
+                or hooks._global_backward_hooks or hooks._global_backward_pre_hooks)
+
+
+def base_output(base: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """``base(x)``; a plain ``nn.Linear`` without hooks runs as ``F.linear`` directly (the same
+    kernel without ``Module.__call__``'s dispatch: the hot path of a decode step)."""
+    if type(base) is nn.Linear and not _hooked(base):
+        params = base._parameters
+        return F.linear(x, params["weight"], params["bias"])
+    return base(x)
+
+
 def add_single(layer: LowRankLayer, result: torch.Tensor, x: torch.Tensor, name: str,
                factors: LowRankFactors | None = None) -> torch.Tensor:
     """``result + scale * B(A(x)) (+ scale * bias)`` for one adapter whose
@@ -80,17 +97,16 @@ def add_single(layer: LowRankLayer, result: torch.Tensor, x: torch.Tensor, name:
     bias = low_rank_bias(layer, name)
     if x.dtype != a.dtype:
         x = x.to(a.dtype)
-    u = F.linear(x, a)
     # fused in place for full precision; half-precision adapters (autocast_adapter_dtype=False) take
     # HF PEFT's separate roundings (B·u, then ·scaling, then +) so the output equals HF's bit for bit
     if result.dtype == b.dtype and result.dtype not in (torch.float16, torch.bfloat16) and can_add_inplace(result):
-        out2d = result.view(-1, result.shape[-1])
-        out2d.addmm_(u.reshape(-1, u.shape[-1]), b.t(), alpha=scale)
+        u = F.linear(x.reshape(-1, x.shape[-1]), a)
+        result.view(-1, result.shape[-1]).addmm_(u, b.t(), alpha=scale)
         if bias is not None:
             result.add_(bias, alpha=scale)
         return result
     # float32 adapters on a half-precision base: add in float32, round once (HF PEFT's result)
-    return (result + F.linear(u, b, bias) * scale).to(result.dtype)
+    return (result + F.linear(F.linear(x, a), b, bias) * scale).to(result.dtype)
 
 
 # ---- stacks -----------------------------------------------------------------------------------
@@ -101,7 +117,7 @@ _Parts = tuple[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"]
 class Stack:
     """The stacked, rank-padded factors of one layer's low-rank adapters."""
 
-    __slots__ = ("held", "names", "slot", "A", "Bt", "bias", "r", "zero", "refs", "pins", "versions", "ptrs", "scalings",
+    __slots__ = ("held", "names", "slot", "A", "Bt", "bias", "r", "zero", "refs", "pins", "signature",
                  "compiled_slots", "compiled_order")
 
     def __init__(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> None:
@@ -144,7 +160,6 @@ class Stack:
     def _fill(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> None:
         self.held = held
         self.compiled_order = None
-        self.scalings = [factors[n][2] for n in self.names]
         with torch.no_grad():
             for i, n in enumerate(self.names):
                 a, b, s, bias = factors[n]
@@ -158,23 +173,14 @@ class Stack:
         # back (``p.data = new``, ``.to()``) cannot be freed and its address handed to the new one,
         # which would make ``data_ptr`` look unchanged
         self.pins = [t.detach() for t in self.refs]
-        self.versions = [t._version for t in self.refs]
-        self.ptrs = [t.data_ptr() for t in self.refs]
+        self.signature = _signature(factors)
 
     def fresh(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> bool:
         """True while no adapter of the layer was added, removed, rescaled, replaced, moved or
         written to. ``factors`` are the layer's current ones: ``load_state_dict(assign=True)``
-        puts new ``Parameter`` objects in place of the stacked ones."""
-        if held != self.held or tuple(factors) != self.names:
-            return False
-        current = _stacked_tensors(factors)
-        return (
-            len(current) == len(self.refs)
-            and all(t is ref for t, ref in zip(current, self.refs))
-            and [t._version for t in current] == self.versions
-            and [t.data_ptr() for t in current] == self.ptrs
-            and [factors[n][2] for n in self.names] == self.scalings
-        )
+        puts new ``Parameter`` objects in place of the stacked ones (the stacked ones are held in
+        ``refs``, so their ``id`` cannot be reused)."""
+        return held == self.held and tuple(factors) == self.names and _signature(factors) == self.signature
 
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.refs)
@@ -189,6 +195,19 @@ def _stacked_tensors(factors: dict[str, _Parts]) -> list[torch.Tensor]:
         if bias is not None:
             tensors.append(bias)
     return tensors
+
+
+def _signature(factors: dict[str, _Parts]) -> list[float]:
+    """Each stacked tensor's identity, ``_version`` and ``data_ptr``, and each scale, flat: one
+    list comparison tells whether anything changed."""
+    out: list[float] = []
+    for a, b, scale, bias in factors.values():
+        out += (id(a), a._version, a.data_ptr(), id(b), b._version, b.data_ptr(), scale)
+        if bias is not None:
+            out += (id(bias), bias._version, bias.data_ptr())
+        else:
+            out.append(-1)
+    return out
 
 
 def stack_factors(layer: LowRankLayer, held: tuple[str, ...]) -> dict[str, _Parts]:
@@ -258,8 +277,34 @@ class Plan:
             counts[s] += 1
         self.counts = counts
         self.zero = zero
+        self._groups(per_row, order, device)
         self._offs: dict[int, torch.Tensor] = {}
         self._masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+
+    def _groups(self, per_row: list[int], order: list[tuple[int, int]], device: torch.device) -> None:
+        """The ``slots`` kernel's layout: the rows of each used adapter side by side, ``width`` rows
+        per adapter (short groups padded with row 0, whose results are dropped)."""
+        used, counts = self.used, self.counts
+        self.width = width = max((counts[s] for s in used), default=0)
+        self.balanced = all(counts[s] == width for s in used)
+        self.in_place = self.all_in and self.balanced and per_row == sorted(per_row)  # rows already grouped
+        rows, valid = [], []
+        start = 0
+        for s in used:
+            group = [i for _, i in order[start:start + counts[s]]]
+            start += counts[s]
+            valid += range(len(rows), len(rows) + len(group))
+            rows += group + [0] * (width - len(group))
+        self.gather = torch.tensor(rows, device=device, dtype=torch.long)
+        self.valid = None if self.balanced else torch.tensor(valid, device=device, dtype=torch.long)
+        step = used[1] - used[0] if len(used) > 1 else 1
+        self.used_slice = (slice(used[0], used[-1] + 1, step)
+                           if used and step > 0 and used == list(range(used[0], used[-1] + 1, step)) else None)
+        self.used_index = torch.tensor(used, device=device, dtype=torch.long)
+
+    def take(self, stacked: torch.Tensor) -> torch.Tensor:
+        """The used adapters' entries of a stacked tensor: a view where they are evenly spaced."""
+        return stacked[self.used_slice] if self.used_slice is not None else stacked.index_select(0, self.used_index)
 
     def offs(self, tokens: int) -> torch.Tensor:
         if tokens not in self._offs:
@@ -298,6 +343,8 @@ def choose(plan: Plan, stack: Stack, tokens: int) -> str:
         return "single"
     if plan.n_in * tokens <= CONCAT_MAX_TOKENS and stack.zero * stack.r <= CONCAT_MAX_RANK:
         return "concat"
+    if plan.in_place or tokens * plan.width * len(plan.used) <= stack.r * plan.n_in:
+        return "slots"  # moving the rows' inputs and outputs costs less than gathering each row's factors
     return "bmm"
 
 
@@ -315,7 +362,7 @@ def mixed_forward(layer: LowRankLayer, x: torch.Tensor, routing: Routing, *args:
     batch = x.shape[0]
     routing._repeat(batch)  # the core's check: a clear error when rows and names disagree
     plan = _plan(routing, stack.names, batch, x.device)
-    result = layer.base_layer(x)
+    result = base_output(layer.base_layer, x)
     if plan.used:
         tokens = x.numel() // (batch * x.shape[-1]) if batch else 0
         how = choose(plan, stack, tokens)
@@ -378,6 +425,32 @@ def _concat(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, tok
     return _add_bias(stack, plan, result3).view(result.shape)
 
 
+def _slots(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, tokens: int) -> torch.Tensor:
+    """Rows grouped by adapter, one ``bmm`` per factor over the used adapters (each adapter's
+    factors read once, not copied per row); the rows' inputs are gathered and their outputs
+    scattered back unless the batch is already grouped."""
+    k, width = len(plan.used), plan.width
+    d_in, d_out = x.shape[-1], result.shape[-1]
+    x3 = x.reshape(plan.batch, tokens, d_in).to(stack.A.dtype)
+    xs = x3 if plan.in_place else x3.index_select(0, plan.gather)
+    u = torch.bmm(xs.reshape(k, width * tokens, d_in), plan.take(stack.A).transpose(1, 2))  # [k, width * tokens, r]
+    b_used = plan.take(stack.Bt)  # [k, r, out]
+    result3 = result.view(plan.batch, tokens, d_out)
+    inplace = can_add_inplace(result3) and result3.dtype == b_used.dtype
+    if plan.in_place and inplace:
+        result3.view(k, width * tokens, d_out).baddbmm_(u, b_used)
+    else:
+        d = torch.bmm(u, b_used).view(k * width, tokens, d_out).to(result3.dtype)
+        if plan.in_place:
+            result3 = result3 + d
+        else:
+            rows = plan.gather
+            if plan.valid is not None:
+                d, rows = d.index_select(0, plan.valid), rows.index_select(0, plan.valid)
+            result3 = result3.index_add_(0, rows, d) if inplace else result3.index_add(0, rows, d)
+    return _add_bias(stack, plan, result3).view(result.shape)
+
+
 _GROUPED_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
@@ -407,4 +480,4 @@ def _grouped(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, to
     return _add_bias(stack, plan, result3).view(result.shape)
 
 
-_KERNELS = {"bmm": _bmm, "concat": _concat, "grouped": _grouped}
+_KERNELS = {"bmm": _bmm, "concat": _concat, "grouped": _grouped, "slots": _slots}
