@@ -4,8 +4,7 @@ a sparse matrix), computed once and reused across forwards while the adapter is 
 Fresh means: the same tensors in the layer's ``adapter_layer_names`` / ``other_param_names``
 containers for that adapter, not written in place, not moved (see :class:`DerivedFactors`), and
 equal non-tensor settings (a ``scaling`` changed by ``rescale_adapter_scale``, a block size). Any
-other input of ``compute`` (the base weight, say) is not watched: cache only what depends on the
-adapter alone.
+other input of ``compute`` (the base weight, say) must be passed as ``extra`` to be watched.
 """
 
 from __future__ import annotations
@@ -44,10 +43,12 @@ class AdapterCache:
         self._derived = DerivedFactors()
         self._settings: dict[str, tuple[Any, ...]] = {}
 
-    def get(self, layer: nn.Module, adapter_name: str, compute: Callable[[], T]) -> T:
-        """``compute()``, reused while ``adapter_name`` is unchanged in ``layer`` (always fresh
-        under autograd when one of its tensors requires grad)."""
+    def get(self, layer: nn.Module, adapter_name: str, compute: Callable[[], T],
+            extra: tuple[torch.Tensor, ...] = ()) -> T:
+        """``compute()``, reused while ``adapter_name`` is unchanged in ``layer`` and the ``extra``
+        tensors are unchanged (always fresh under autograd when one of them requires grad)."""
         tensors, settings = adapter_state(layer, adapter_name)
+        tensors += extra
         if self._settings.get(adapter_name) != settings:
             self._derived.drop(adapter_name)
             self._settings[adapter_name] = settings
