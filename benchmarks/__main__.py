@@ -269,7 +269,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default="bench-results", help="folder for results.json / results.png / results.md")
     parser.add_argument("--rounds", type=int, default=None, help="interleaved rounds per shape (median taken)")
     parser.add_argument("--strategies", action="store_true", help="also time each mixed-batch kernel at the headline shape")
-    parser.add_argument("--skip", nargs="*", default=[], choices=["headline", "sweep", "scaling", "loading"], help="parts to leave out")
+    parser.add_argument("--methods", action="store_true", help="also every method's mixed-4 batch vs HF single (benchmarks/methods.py)")
+    parser.add_argument("--skip", nargs="*", default=[], choices=["headline", "sweep", "scaling", "loading", "methods"],
+                        help="parts to leave out (--quick runs the methods part at a tiny shape)")
     args = parser.parse_args(argv)
 
     torch.set_num_threads(1)
@@ -310,9 +312,19 @@ def main(argv: list[str] | None = None) -> int:
     if "loading" not in args.skip:
         log("adapter loading")
         results["loading"] = bench_loading(load_shape, load_count, log)
+    if (args.methods or args.quick) and "methods" not in args.skip:
+        from benchmarks import methods
+
+        shape, phases, rounds, reps = methods.plan(args.quick, args.rounds)
+        log(f"methods at {shape.label()}: ours mixed-{methods.MIX} vs HF single")
+        results["methods"] = methods.bench_methods(shape, phases, rounds, reps, log)
     results["seconds"] = time.perf_counter() - started
     (out / "results.json").write_text(json.dumps(results, indent=1))
     table = markdown(results)
+    if "methods" in results:
+        from benchmarks import methods
+
+        table += "\n\n" + methods.markdown(results["methods"])
     (out / "results.md").write_text(table + "\n")
     drew = chart(results, out / "results.png")
     log("\n" + table)

@@ -108,7 +108,7 @@ def test_a_saved_base_too_small_for_the_layers_is_refused_by_name(tmp_path):
         PeftModel.from_pretrained(make_model("llama"), tmp_path, config=randlora(target_modules=["k_proj", "up_proj"]))
 
 
-def test_mixed_batch_uses_the_stacked_kernels_and_rows_equal_single_runs(monkeypatch):
+def test_mixed_batch_rows_equal_single_runs_without_the_per_group_fallback(monkeypatch):
     model = get_peft_model(make_model("llama"), randlora(), adapter_name="a")
     model.add_adapter("b", randlora())
     model.add_adapter("c", randlora(target_modules=["k_proj"]))
@@ -126,7 +126,8 @@ def test_mixed_batch_uses_the_stacked_kernels_and_rows_equal_single_runs(monkeyp
     out = run(model, adapter_names=names)
     for row, name in enumerate(names):
         torch.testing.assert_close(out[row], singles[name][row], rtol=0, atol=1e-5)
-    assert all(isinstance(layer.__dict__.get("_low_rank_stack"), mixed.Stack) for layer in layers(model).values())
+    # RandLora's rank reaches the smaller side: dense delta W per adapter, no rank-padded stack
+    assert not any(isinstance(layer.__dict__.get("_low_rank_stack"), mixed.Stack) for layer in layers(model).values())
 
 
 def test_merge_and_unload_keeps_the_output():

@@ -202,3 +202,27 @@ def test_half_precision_base_matches_hf_bit_for_bit(tmp_path, dtype, autocast):
     ours = PeftModel.from_pretrained(make_model("llama").to(dtype), tmp_path, autocast_adapter_dtype=autocast)
     expected = run(hf)
     assert expected.isfinite().all() and torch.equal(run(ours), expected)
+
+
+def test_mixed_batch_under_inference_mode_then_after_an_in_place_write():
+    """The folded factors are normal tensors even when first built under ``torch.inference_mode``
+    (the stacks check their ``_version``), and an in-place write to a lambda refreshes them."""
+    model = get_peft_model(make_model("llama"), vera(), adapter_name="a")
+    model.add_adapter("b", vera())
+    for seed, name in enumerate("ab"):
+        perturb(model, name, seed)
+    model.eval()
+    names = ["b", "a", "__base__", "a"]
+    for step in range(2):
+        with torch.inference_mode():  # first: the factors are folded under inference_mode
+            out = model(**make_inputs("llama"), adapter_names=names).logits
+        singles = {}
+        for name in "ab":
+            model.set_adapter(name)
+            singles[name] = run(model)
+        with model.disable_adapter():
+            singles["__base__"] = run(model)
+        for row, name in enumerate(names):
+            torch.testing.assert_close(out[row], singles[name][row], rtol=0, atol=1e-5)
+        if step == 0:
+            perturb(model, "b", seed=7)

@@ -17,12 +17,14 @@ wider of the two dtypes.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import torch
 from torch import nn
 
-from peft_kernel.plugin_api import AdapterLayer, ConfigError, pattern_value
+from peft_kernel.plugin_api import AdapterLayer, ConfigError, Routing, pattern_value
 from peft_kernel_c3a.config import C3AConfig
+from peft_kernel_lowrank.adapter_cache import AdapterCache
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -58,6 +60,7 @@ class C3ALinear(AdapterLayer):
         self.out_features = base_layer.out_features
         self.c3a_kernel = nn.ParameterDict()
         self.block_size: dict[str, int] = {}
+        self._spectra = AdapterCache()
 
     def update_layer(self, adapter_name: str, config: C3AConfig, module_name: str = "") -> None:
         pattern = pattern_value(config.block_size_pattern, module_name, None)
@@ -81,11 +84,43 @@ class C3ALinear(AdapterLayer):
         kernel = self.c3a_kernel[adapter_name]
         blocks_out, blocks_in, size = kernel.shape
         dtype = _compute_dtype(x.dtype, kernel.dtype)
-        spectrum = torch.fft.rfft(kernel.to(dtype), dim=-1).conj()  # [blocks_out, blocks_in, size//2+1]
+        spectrum = self.spectrum(adapter_name, dtype)  # [blocks_out, blocks_in, size//2+1]
         signal = torch.fft.rfft(x.to(dtype).unflatten(-1, (blocks_in, size)), dim=-1)  # [..., blocks_in, f]
         mixed = torch.einsum("...if,oif->...of", signal, spectrum)
         out = torch.fft.irfft(mixed, n=size, dim=-1).flatten(-2) / self.in_features
         return out.to(torch.promote_types(x.dtype, kernel.dtype))
+
+    def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row with its own adapter: the input's FFT and the output's inverse FFT run once
+        over the whole batch, only the per-block spectral products run per adapter group
+        (adapters of different block sizes take the generic per-group path)."""
+        groups = {n: rows for n, rows in routing.groups(x.shape[0], x.device).items() if self.has_adapter(n)}
+        kernels = [self.c3a_kernel[n] for n in groups]
+        if not kernels or len({k.shape for k in kernels}) > 1:
+            return super().mixed_forward(x, routing, *args, **kwargs)
+        result = self.base_layer(x, *args, **kwargs)
+        blocks_out, blocks_in, size = kernels[0].shape
+        dtype = _compute_dtype(x.dtype, *(k.dtype for k in kernels))
+        signal = torch.fft.rfft(x.to(dtype).unflatten(-1, (blocks_in, size)), dim=-1)  # [B, ..., blocks_in, f]
+        mixed = signal.new_zeros(*signal.shape[:-2], blocks_out, signal.shape[-1])
+        for name, rows in groups.items():
+            part = torch.einsum("...if,oif->...of", signal.index_select(0, rows), self.spectrum(name, dtype))
+            mixed.index_copy_(0, rows, part)
+        out = torch.fft.irfft(mixed, n=size, dim=-1).flatten(-2) / self.in_features
+        return result + out.to(result.dtype)
+
+    def spectrum(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
+        """``conj(rfft(kernel))`` in ``dtype``; in the kernel's own compute dtype (the usual case)
+        computed once and reused across forwards while the kernel is unchanged."""
+        kernel = self.c3a_kernel[adapter_name]
+        compute = lambda: torch.fft.rfft(kernel.to(dtype), dim=-1).conj()  # noqa: E731
+        if dtype != _compute_dtype(kernel.dtype):
+            return compute()
+        return self._spectra.get(self, adapter_name, compute)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._spectra.drop(adapter_name)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         kernel = self.c3a_kernel[adapter_name]

@@ -18,6 +18,8 @@ from typing import TYPE_CHECKING
 
 import torch
 
+from peft_kernel_lowrank.adapter_cache import AdapterCache
+
 if TYPE_CHECKING:
     from peft_kernel_lora.layers import LoraLayer
 
@@ -44,10 +46,20 @@ def initial_magnitude(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
     return norm.clone()
 
 
+def current_norm(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
+    """:func:`weight_norm` on the base weight as it is now, detached; computed once and reused
+    across forwards while the adapter's tensors, its scaling and the base weight are unchanged
+    (an in-place write, a new tensor, a move or a merge into the base recomputes it)."""
+    cache = layer.__dict__.setdefault("_dora_norms", AdapterCache())
+    return cache.get(layer, adapter_name, lambda: weight_norm(layer, adapter_name).detach(),
+                     extra=(layer.base_layer.weight,))
+
+
 def factor(layer: LoraLayer, adapter_name: str, base: torch.Tensor | None = None) -> torch.Tensor:
     """``m / ||W + s·BA||`` per output channel (shape [out]), norm detached (``base`` as in
-    :func:`weight_norm`)."""
-    return layer.lora_magnitude_vector[adapter_name].flatten() / weight_norm(layer, adapter_name, base).detach()
+    :func:`weight_norm`; the base weight as it is now by default, its norm cached)."""
+    norm = current_norm(layer, adapter_name) if base is None else weight_norm(layer, adapter_name, base).detach()
+    return layer.lora_magnitude_vector[adapter_name].flatten() / norm
 
 
 def delta(layer: LoraLayer, x: torch.Tensor, adapter_name: str, rescaled: torch.Tensor | None = None) -> torch.Tensor:

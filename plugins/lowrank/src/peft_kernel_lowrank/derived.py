@@ -46,6 +46,11 @@ class DerivedFactors:
         """How many adapters have a cached value."""
         return len(self._entries)
 
+    def keep(self, adapter_names: list[str]) -> None:
+        """Forget every adapter not in ``adapter_names`` (deleted adapters)."""
+        for name in [n for n in self._entries if n not in adapter_names]:
+            del self._entries[name]
+
     def drop(self, adapter_name: str) -> None:
         """Forget ``adapter_name`` (deleted adapters)."""
         self._entries.pop(adapter_name, None)

@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from peft_kernel_lowrank import compiled, mixed
+from peft_kernel_lowrank.dense_mixed import dense_mixed_forward
 
 
 class LowRankForwards:
@@ -52,7 +53,9 @@ class LowRankForwards:
         if len(groups) == 1:
             (name,) = groups
             return self.adapted_forward(x, [name] if self.has_adapter(name) else [], *args, **kwargs)
-        result = mixed.mixed_forward(self, x, routing, *args, **kwargs)
+        result = dense_mixed_forward(self, x, routing, *args, **kwargs)  # factors bigger than delta W
+        if result is None:
+            result = mixed.mixed_forward(self, x, routing, *args, **kwargs)
         if result is None:
             result = super().mixed_forward(x, routing, *args, **kwargs)
         return result

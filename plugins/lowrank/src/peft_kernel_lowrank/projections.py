@@ -25,6 +25,7 @@ from peft_kernel.plugin_api import (
     walk_modules,
 )
 from peft_kernel_lowrank import mixed
+from peft_kernel_lowrank.derived import DerivedFactors
 from peft_kernel_lowrank.forwards import LowRankForwards
 
 
@@ -145,7 +146,7 @@ class ProjectionLayer(LowRankForwards, AdapterLayer):
             raise TypeError(f"{type(self).__name__} wraps nn.Linear or Conv1D, got {type(base_layer).__name__}")
         self.out_features, self.in_features = features
         self.projection_settings: dict[str, dict[str, Any]] = {}
-        self._folded: dict[str, tuple[tuple[torch.Tensor, ...], list[Any], tuple[torch.Tensor, torch.Tensor]]] = {}
+        self._folded = DerivedFactors()
 
     # ---- what a method supplies ---------------------------------------------------------------
     def fold_inputs(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
@@ -169,7 +170,7 @@ class ProjectionLayer(LowRankForwards, AdapterLayer):
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self.projection_settings.pop(adapter_name, None)
-        self._folded.pop(adapter_name, None)
+        self._folded.drop(adapter_name)
         mixed.drop_stack(self)
 
     def _dropout(self, adapter_name: str) -> nn.Module:
@@ -179,17 +180,8 @@ class ProjectionLayer(LowRankForwards, AdapterLayer):
     def folded(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`fold`, cached without autograd until one of its inputs changes, so the same
         tensor objects come back (the stacked kernels' freshness check relies on it)."""
-        tensors = self.fold_inputs(adapter_name)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in tensors):
-            return self.fold(adapter_name)
-        # the tensors themselves are kept, so a replaced one is never taken for the old one at a reused address
-        state = [(t._version, t.data_ptr(), t.dtype, t.device) for t in tensors]
-        cached = self._folded.get(adapter_name)
-        if cached is None or cached[1] != state or any(t is not c for t, c in zip(tensors, cached[0])):
-            with torch.no_grad():
-                cached = (tensors, state, self.fold(adapter_name))
-            self._folded[adapter_name] = cached
-        return cached[2]
+        # DerivedFactors: normal tensors even under inference_mode (the stacks check their _version)
+        return self._folded.get(adapter_name, tuple(self.fold_inputs(adapter_name)), lambda: self.fold(adapter_name))
 
     def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b = self.folded(adapter_name)

@@ -11,9 +11,9 @@ An OFT adapter multiplies the base weight by a block-diagonal rotation ``R``:
 
 Several active adapters apply in order (``x R_a R_b`` for Linear, as HF PEFT); merging folds them
 in the matching order so merged and unmerged outputs agree (HF PEFT's merge does not for several
-adapters). Mixed batches rotate each row with its own adapter: one gather of per-row blocks when
-the layer's adapters share a block size, otherwise one rotation per adapter group; the base
-layer still runs once over the whole batch (Conv2d: one convolution per adapter group).
+adapters). Mixed batches rotate each adapter's group of rows with its blocks (computed once and
+reused across forwards outside training); the base layer still runs once over the whole batch
+(Conv2d: one convolution per adapter group).
 """
 
 from __future__ import annotations
@@ -140,7 +140,7 @@ class Conv2d(OFTLayer):
         weight = self.base_layer.weight
         w = weight.to(self.rotation_dtype())
         for name in reversed(adapters):  # patches rotated by R_a then R_b == kernel W R_b^T R_a^T
-            w = self.fold(w, self.blocks(name))
+            w = self.fold(w, self.current_blocks(name))
         return w.to(weight.dtype)
 
     def _conv(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

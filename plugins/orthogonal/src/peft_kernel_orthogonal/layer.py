@@ -7,8 +7,8 @@ method implements :meth:`RotationLayer.blocks` (its parameterisation), :meth:`bl
 Linear); this base gives it:
 
 * feature rotation for plain forwards (:meth:`rotate`) and mixed batches (:meth:`rotate_rows`:
-  one gather of per-row blocks when the layer's adapters share a block size, otherwise one
-  rotation per adapter group);
+  one block product per adapter group), with each adapter's blocks computed once and reused
+  across forwards outside training (:meth:`current_blocks`);
 * the multiplicative merge ``W <- fold(W, R)`` for each adapter, in the order that makes merged
   equal unmerged (last-first for right-multiplied weights, :attr:`merge_reversed`), and its exact
   inverse on unmerge: the blocks' true inverse, computed in float64 (a Neumann-series rotation is
@@ -21,7 +21,8 @@ import torch
 from torch import nn
 
 from peft_kernel.plugin_api import AdapterLayer, Fold, Routing
-from peft_kernel_orthogonal.rotation import apply_blocks, apply_row_blocks
+from peft_kernel_lowrank.adapter_cache import AdapterCache
+from peft_kernel_orthogonal.rotation import apply_blocks
 
 
 def adapter_dtype(base_layer: nn.Module) -> torch.dtype:
@@ -59,32 +60,39 @@ class RotationLayer(AdapterLayer):
         return adapter_dtype(self.base_layer)
 
     # ---- rotating features ------------------------------------------------------------------
+    def current_blocks(self, adapter_name: str) -> torch.Tensor:
+        """:meth:`blocks` for a forward; outside training (no module dropout) computed once and
+        reused while the adapter is unchanged (in-place writes, new tensors, moves rebuild them)."""
+        if self.training:
+            return self.blocks(adapter_name)
+        cache = self.__dict__.setdefault("_rotation_cache", AdapterCache())
+        return cache.get(self, adapter_name, lambda: self.blocks(adapter_name))
+
     def rotate(self, t: torch.Tensor, adapters: list[str]) -> torch.Tensor:
         """``t[..., in_features]`` rotated by each adapter in turn."""
         h = t.to(self.rotation_dtype())
         for name in adapters:
-            blocks = self.blocks(name)
+            blocks = self.current_blocks(name)
             h = apply_blocks(h.to(blocks.dtype), blocks)
         return h.to(t.dtype)
 
     def rotate_rows(self, t: torch.Tensor, routing: Routing) -> torch.Tensor:
         """``t[B, ..., in_features]`` with each row rotated by its own adapter (identity for
-        ``"__base__"`` rows and adapters this layer does not hold)."""
-        order = tuple(self.adapter_names())
-        if not order:
-            return t
+        ``"__base__"`` rows and adapters this layer does not hold): each adapter's rows in one
+        block product with its (cached) blocks, written back in place."""
         h = t.to(self.rotation_dtype())
-        if len({self.block_size(a) for a in order}) == 1:
-            stacked = torch.stack([self.blocks(a).to(h.dtype) for a in order])  # [n, r, b, b]
-            eye = torch.eye(stacked.shape[-1], device=stacked.device, dtype=stacked.dtype)
-            stacked = torch.cat([stacked, eye.expand_as(stacked[:1])])
-            slots = routing.slots(t.shape[0], t.device, order) % stacked.shape[0]
-            return apply_row_blocks(h, stacked.index_select(0, slots)).to(t.dtype)
-        out = h.clone()
+        out = None
         for name, rows in routing.groups(t.shape[0], t.device).items():
-            if name in order:
-                out.index_copy_(0, rows, apply_blocks(h.index_select(0, rows), self.blocks(name)))
-        return out.to(t.dtype)
+            if self.has_adapter(name):
+                out = h.clone() if out is None else out
+                blocks = self.current_blocks(name)
+                out.index_copy_(0, rows, apply_blocks(h.index_select(0, rows), blocks.to(h.dtype)))
+        return t if out is None else out.to(t.dtype)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        if "_rotation_cache" in self.__dict__:
+            self.__dict__["_rotation_cache"].drop(adapter_name)
 
     # ---- the multiplicative merge -----------------------------------------------------------
     def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None, fold: Fold | None = None) -> None:

@@ -64,6 +64,7 @@ class RandLoraLinear(ProjectionLayer):
     adapter_layer_names = ("randlora_lambda", "randlora_gamma", "randlora_A", "randlora_B")
     shared_tensor_names = ("randlora_A", "randlora_B")
     other_param_names = ("randlora_dropout", "scaling")
+    dense_mixed_batches = True  # rank k reaches the smaller side: see peft_kernel_lowrank.dense_mixed
     dropout_name = "randlora_dropout"
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
