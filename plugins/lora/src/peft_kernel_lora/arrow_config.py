@@ -7,6 +7,7 @@ from typing import Any, Optional
 import attrs
 
 from peft_kernel.plugin_api import ConfigError
+from peft_kernel_lora.sub_config import sub_config
 
 
 def _names(field: str, value: Any) -> Optional[list[str]]:
@@ -53,12 +54,6 @@ class ArrowConfig:
 
 def arrow_settings(value: Any) -> Optional[ArrowConfig]:
     """``LoraConfig.arrow_config`` (``None``, a dict as saved, or an :class:`ArrowConfig`) checked."""
-    if value is None or isinstance(value, ArrowConfig):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"LoraConfig.arrow_config must be an ArrowConfig or a dict, got {type(value).__name__}")
-    known = [f.name for f in attrs.fields(ArrowConfig)]
-    unknown = sorted(set(value) - set(known))
-    if unknown:
-        raise ConfigError(f"LoraConfig.arrow_config has unknown keys {unknown}; ArrowConfig has {', '.join(known)}")
-    return ArrowConfig(**value)
+    if value is None:
+        return None
+    return sub_config(value, ArrowConfig, "arrow_config")

@@ -7,6 +7,7 @@ from typing import Any, Optional
 import attrs
 
 from peft_kernel.plugin_api import ConfigError
+from peft_kernel_lora.sub_config import sub_config
 
 
 @attrs.define(kw_only=True)
@@ -38,15 +39,7 @@ class BdLoraConfig:
 
 def bdlora_settings(value: Any) -> BdLoraConfig:
     """``LoraConfig.use_bdlora`` (a dict, as saved, or a :class:`BdLoraConfig`) checked."""
-    if isinstance(value, BdLoraConfig):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"LoraConfig.use_bdlora must be a BdLoraConfig, a dict, or None, got {value!r}")
-    fields = [f.name for f in attrs.fields(BdLoraConfig)]
-    unknown = sorted(set(value) - set(fields))
-    if unknown:
-        raise ConfigError(f"LoraConfig.use_bdlora has unknown keys {unknown}; BdLoraConfig has {', '.join(fields)}")
-    return BdLoraConfig(**value)
+    return sub_config(value, BdLoraConfig, "use_bdlora")
 
 
 def check_lora_bdlora(config: Any) -> dict | None:

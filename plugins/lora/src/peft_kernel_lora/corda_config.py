@@ -8,6 +8,7 @@ from typing import Any, Literal, Optional
 import attrs
 
 from peft_kernel.plugin_api import ConfigError
+from peft_kernel_lora.sub_config import sub_config
 
 CORDA_METHODS = ("ipm", "kpm")
 """``ipm``: the adapter takes the largest context-oriented components (instruction-previewed mode);
@@ -46,15 +47,7 @@ def corda_settings(value: Any) -> CordaConfig:
     """``LoraConfig.corda_config`` (``None``, a dict, as saved, or a :class:`CordaConfig`) checked."""
     if value is None:
         return CordaConfig()
-    if isinstance(value, CordaConfig):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"LoraConfig.corda_config must be a CordaConfig or a dict, got {type(value).__name__}")
-    unknown = sorted(set(value) - {f.name for f in attrs.fields(CordaConfig)})
-    if unknown:
-        raise ConfigError(f"LoraConfig.corda_config has unknown keys {unknown}; CordaConfig has "
-                          f"{', '.join(f.name for f in attrs.fields(CordaConfig))}")
-    return CordaConfig(**value)
+    return sub_config(value, CordaConfig, "corda_config")
 
 
 def check_lora_corda(init_lora_weights: Any, corda_config: Any) -> Optional[dict]:

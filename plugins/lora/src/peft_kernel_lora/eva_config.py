@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 
 from peft_kernel.plugin_api import ConfigError
+from peft_kernel_lora.sub_config import sub_config
 
 
 @attrs.define(kw_only=True)
@@ -36,15 +37,7 @@ class EvaConfig:
 
 def eva_settings(value: Any) -> EvaConfig:
     """``LoraConfig.eva_config`` (a dict, as saved, or an :class:`EvaConfig`) checked."""
-    if isinstance(value, EvaConfig):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"LoraConfig.eva_config must be an EvaConfig or a dict, got {type(value).__name__}")
-    unknown = sorted(set(value) - {f.name for f in attrs.fields(EvaConfig)})
-    if unknown:
-        raise ConfigError(f"LoraConfig.eva_config has unknown keys {unknown}; EvaConfig has "
-                          f"{', '.join(f.name for f in attrs.fields(EvaConfig))}")
-    return EvaConfig(**value)
+    return sub_config(value, EvaConfig, "eva_config")
 
 
 def check_lora_eva(init_lora_weights: Any, eva_config: Any) -> dict | None:

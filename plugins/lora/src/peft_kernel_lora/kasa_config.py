@@ -7,6 +7,7 @@ from typing import Any
 import attrs
 
 from peft_kernel.plugin_api import ConfigError
+from peft_kernel_lora.sub_config import sub_config
 
 
 @attrs.define(kw_only=True)
@@ -31,15 +32,7 @@ class KasaConfig:
 
 def kasa_settings(value: Any) -> KasaConfig:
     """``LoraConfig.kasa_config`` (a dict, as saved, or a :class:`KasaConfig`) checked."""
-    if isinstance(value, KasaConfig):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"LoraConfig.kasa_config must be a KasaConfig, a dict, or None, got {type(value).__name__}")
-    fields = [f.name for f in attrs.fields(KasaConfig)]
-    unknown = sorted(set(value) - set(fields))
-    if unknown:
-        raise ConfigError(f"LoraConfig.kasa_config has unknown keys {unknown}; KasaConfig has {', '.join(fields)}")
-    return KasaConfig(**value)
+    return sub_config(value, KasaConfig, "kasa_config")
 
 
 def check_lora_kasa(config: Any) -> dict | None:

@@ -8,6 +8,7 @@ from typing import Any
 import attrs
 
 from peft_kernel.plugin_api import ConfigError
+from peft_kernel_lora.sub_config import sub_config
 
 LOFTQ_BITS = (4, 8)
 """Bit widths HF PEFT 0.21 quantises LoftQ base weights to (``nf4`` and ``int8``)."""
@@ -37,14 +38,7 @@ class LoftQConfig:
 
 def loftq_settings(value: Any) -> LoftQConfig:
     """``LoraConfig.loftq_config`` (a dict, as saved, or a :class:`LoftQConfig`) checked."""
-    if isinstance(value, LoftQConfig):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"LoraConfig.loftq_config must be a LoftQConfig or a dict, got {type(value).__name__}")
-    unknown = sorted(set(value) - {f.name for f in attrs.fields(LoftQConfig)})
-    if unknown:
-        raise ConfigError(f"LoraConfig.loftq_config has unknown keys {unknown}; LoftQConfig has loftq_bits, loftq_iter")
-    return LoftQConfig(**value)
+    return sub_config(value, LoftQConfig, "loftq_config")
 
 
 def check_lora_loftq(init_lora_weights: Any, loftq_config: Any) -> dict:

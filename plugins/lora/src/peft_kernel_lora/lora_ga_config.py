@@ -7,6 +7,7 @@ from typing import Any, Optional
 import attrs
 
 from peft_kernel.plugin_api import ConfigError
+from peft_kernel_lora.sub_config import sub_config
 
 DIRECTIONS = ("ArBr", "A2rBr", "ArB2r", "random")
 """Which of the gradient's first ``2r`` singular directions go to A and which to B: ``ArBr``
@@ -52,15 +53,7 @@ def lora_ga_settings(value: Any) -> LoraGAConfig:
     is HF's ValueError."""
     if value is None:
         raise ValueError(MISSING)
-    if isinstance(value, LoraGAConfig):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"LoraConfig.lora_ga_config must be a LoraGAConfig or a dict, got {type(value).__name__}")
-    unknown = sorted(set(value) - {f.name for f in attrs.fields(LoraGAConfig)})
-    if unknown:
-        raise ConfigError(f"LoraConfig.lora_ga_config has unknown keys {unknown}; LoraGAConfig has "
-                          f"{', '.join(f.name for f in attrs.fields(LoraGAConfig))}")
-    return LoraGAConfig(**value)
+    return sub_config(value, LoraGAConfig, "lora_ga_config")
 
 
 def check_lora_ga(lora_ga_config: Any) -> Optional[dict]:

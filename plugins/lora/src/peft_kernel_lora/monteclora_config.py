@@ -8,6 +8,7 @@ from typing import Any, Optional
 import attrs
 
 from peft_kernel.plugin_api import ConfigError
+from peft_kernel_lora.sub_config import sub_config
 
 
 def _number(value: Any) -> bool:
@@ -49,15 +50,7 @@ class MontecloraConfig:
 
 def monteclora_settings(value: Any) -> MontecloraConfig:
     """``LoraConfig.monteclora_config`` (a dict, as saved, or a :class:`MontecloraConfig`) checked."""
-    if isinstance(value, MontecloraConfig):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"LoraConfig.monteclora_config must be a MontecloraConfig or a dict, got {type(value).__name__}")
-    unknown = sorted(set(value) - {f.name for f in attrs.fields(MontecloraConfig)})
-    if unknown:
-        raise ConfigError(f"LoraConfig.monteclora_config has unknown keys {unknown}; MontecloraConfig has "
-                          f"{', '.join(f.name for f in attrs.fields(MontecloraConfig))}")
-    return MontecloraConfig(**value)
+    return sub_config(value, MontecloraConfig, "monteclora_config")
 
 
 def check_lora_monteclora(monteclora_config: Any, others: dict[str, Any]) -> Optional[dict]:

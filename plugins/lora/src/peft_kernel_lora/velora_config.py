@@ -7,6 +7,7 @@ from typing import Any, Optional
 import attrs
 
 from peft_kernel.plugin_api import ConfigError
+from peft_kernel_lora.sub_config import sub_config
 
 INIT_TYPES = ("batch_average_once", "batch_average", "random")
 """How the projection vector is set: from the mean (over tokens and groups) of the training
@@ -37,15 +38,7 @@ class VeloraConfig:
 
 def velora_settings(value: Any) -> VeloraConfig:
     """``LoraConfig.velora_config`` (a dict, as saved, or a :class:`VeloraConfig`) checked."""
-    if isinstance(value, VeloraConfig):
-        return value
-    if not isinstance(value, dict):
-        raise ConfigError(f"LoraConfig.velora_config must be a VeloraConfig or a dict, got {type(value).__name__}")
-    unknown = sorted(set(value) - {f.name for f in attrs.fields(VeloraConfig)})
-    if unknown:
-        raise ConfigError(f"LoraConfig.velora_config has unknown keys {unknown}; VeloraConfig has "
-                          f"{', '.join(f.name for f in attrs.fields(VeloraConfig))}")
-    return VeloraConfig(**value)
+    return sub_config(value, VeloraConfig, "velora_config")
 
 
 def check_lora_velora(velora_config: Any, use_dora: bool, alora_invocation_tokens: Any) -> Optional[dict]:
