@@ -46,3 +46,17 @@ def test_norm_is_computed_once_and_again_after_a_base_write_or_a_scaling_change(
     fresh = get_peft_model(make_model("llama"), dora_config())
     fresh.load_state_dict(model.state_dict())
     torch.testing.assert_close(run(fresh.eval(), inputs), written, rtol=0, atol=1e-6)
+
+
+def test_deleting_an_adapter_drops_its_cached_norm():
+    model = get_peft_model(make_model("llama"), dora_config(), adapter_name="a")
+    model.add_adapter("b", dora_config())
+    model.eval()
+    inputs = make_inputs("llama")
+    for name in ("a", "b"):
+        model.set_adapter(name)
+        run(model, inputs)
+    q_proj = model.base_model.model.model.layers[0].self_attn.q_proj
+    assert len(q_proj.__dict__["_dora_norms"]._derived) == 2
+    model.delete_adapter("b")
+    assert len(q_proj.__dict__["_dora_norms"]._derived) == 1

@@ -55,6 +55,13 @@ def current_norm(layer: LoraLayer, adapter_name: str) -> torch.Tensor:
                      extra=(layer.base_layer.weight,))
 
 
+def forget(layer: LoraLayer, adapter_name: str) -> None:
+    """Drop ``adapter_name``'s cached norm (the adapter was deleted)."""
+    cache = layer.__dict__.get("_dora_norms")
+    if cache is not None:
+        cache.drop(adapter_name)
+
+
 def factor(layer: LoraLayer, adapter_name: str, base: torch.Tensor | None = None) -> torch.Tensor:
     """``m / ||W + s·BA||`` per output channel (shape [out]), norm detached (``base`` as in
     :func:`weight_norm`; the base weight as it is now by default, its norm cached)."""

@@ -69,6 +69,7 @@ class LoraLayer(AdapterLayer):
 
     def delete_adapter(self, adapter_name: str) -> None:
         arrow.forget(self, adapter_name)
+        dora.forget(self, adapter_name)
         super().delete_adapter(adapter_name)
         variants.drop(self, adapter_name)
         self.tied_adapters.discard(adapter_name)
