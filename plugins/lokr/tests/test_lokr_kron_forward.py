@@ -43,18 +43,7 @@ def _two_adapters(**other):
 
 
 def _check_rows(model, names):
-    inputs = make_inputs("mlp")
-    with torch.no_grad():
-        mixed = output_tensor(model(**inputs, adapter_names=names))
-        for row, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    single = output_tensor(model(**inputs))
-            else:
-                model.set_adapter(name)
-                single = output_tensor(model(**inputs))
-            assert (mixed[row] - single[row]).abs().max() <= 1e-5, f"row {row} ({name})"
-    return mixed
+    return lt.check_mixed_rows(model, make_inputs("mlp"), names)
 
 
 def test_mixed_batch_runs_on_the_stack_and_follows_changes():

@@ -143,6 +143,22 @@ def check_identity_at_init(config: Any, kind: str) -> None:
         assert torch.equal(out, base)
 
 
+def check_mixed_rows(model: Any, inputs: dict[str, Any], names: list[str]) -> torch.Tensor:
+    """The mixed-batch output of ``model`` (in eval mode) for ``adapter_names=names``, after checking
+    that every row equals that row of a run with its adapter alone (``"__base__"``: adapters off)."""
+    with torch.no_grad():
+        mixed = output_tensor(model(**inputs, adapter_names=names))
+        for row, name in enumerate(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    single = output_tensor(model(**inputs))
+            else:
+                model.set_adapter(name)
+                single = output_tensor(model(**inputs))
+            assert (mixed[row] - single[row]).abs().max().item() <= 1e-5, f"row {row} ({name})"
+    return mixed
+
+
 def check_mixed_batch_three_adapters(config_factory: Any, kind: str) -> None:
     """``adapter_names`` over three adapters (one unused) and the base: every row matches its
     single-adapter run; in training mode the core refuses mixed batches with a clear error."""
@@ -157,16 +173,7 @@ def check_mixed_batch_three_adapters(config_factory: Any, kind: str) -> None:
     model.eval()
     inputs = make_inputs(kind)
     names = ["two", "one", "__base__", "two"]
-    with torch.no_grad():
-        mixed = output_tensor(model(**inputs, adapter_names=names))
-        for row, name in enumerate(names):
-            if name == "__base__":
-                with model.disable_adapter():
-                    single = output_tensor(model(**inputs))
-            else:
-                model.set_adapter(name)
-                single = output_tensor(model(**inputs))
-            assert (mixed[row] - single[row]).abs().max().item() <= 1e-5, f"row {row} ({name})"
+    check_mixed_rows(model, inputs, names)
     model.train()
     with pytest.raises(MixedBatchError, match="eval"):
         model(**inputs, adapter_names=names)

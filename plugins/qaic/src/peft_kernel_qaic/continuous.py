@@ -22,7 +22,7 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-from peft_kernel_qaic.runtime import Session, check_lengths
+from peft_kernel_qaic.runtime import Session, prepare_run
 
 
 def generate_continuous(
@@ -39,14 +39,10 @@ def generate_continuous(
     options: Mapping[str, int] | None = None,
 ) -> tuple[list[list[int]], list[np.ndarray] | None, dict[str, float]]:
     """Greedy generation for token-id prompts on a continuous-batching graph described by ``meta``."""
-    opts = dict(meta["options"]) | dict(options or {})
-    fbs, prefill_len, ctx_len = opts["full_batch_size"], opts["prefill_seq_len"], opts["ctx_len"]
-    prompts = [list(p) for p in prompts]
-    generation_len = check_lengths(prompts, generation_len, ctx_len)
-    ids = list(adapter_ids) if adapter_ids is not None else [0] * len(prompts)
+    opts, prompts, generation_len, ids, kv_shape = prepare_run(meta, options, prompts, adapter_ids, generation_len,
+                                                               "full_batch_size")
+    fbs, prefill_len = opts["full_batch_size"], opts["prefill_seq_len"]
     extra = dict(extra_feeds or {})
-    kv_shape = list(meta["kv_shape"])
-    kv_shape[0], kv_shape[2] = fbs, ctx_len
     # a device session keeps the cache itself (retained state); stale rows of a finished prompt are
     # harmless: a new prompt rewrites every position it can attend to before attending to it
     past = {} if getattr(session, "retains_state", False) else {n: np.zeros(kv_shape, np.float32) for n in meta["kv_inputs"]}

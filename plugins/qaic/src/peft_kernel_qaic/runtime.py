@@ -115,6 +115,21 @@ def check_lengths(prompts: Sequence[Sequence[int]], generation_len: int | None, 
     return generation_len
 
 
+def prepare_run(meta: Mapping[str, Any], options: Mapping[str, int] | None, prompts: Sequence[Sequence[int]],
+                adapter_ids: Sequence[int] | None, generation_len: int | None,
+                batch_key: str) -> tuple[dict[str, Any], list[list[int]], int, list[int], list[int]]:
+    """What both generation loops start from: the export's options (``options`` override them), the
+    prompts as lists, the checked ``generation_len``, one adapter id per prompt (``0``: base) and the
+    KV-cache shape for a batch of ``opts[batch_key]`` rows."""
+    opts = dict(meta["options"]) | dict(options or {})
+    prompts = [list(p) for p in prompts]
+    generation_len = check_lengths(prompts, generation_len, opts["ctx_len"])
+    ids = list(adapter_ids) if adapter_ids is not None else [0] * len(prompts)
+    kv_shape = list(meta["kv_shape"])
+    kv_shape[0], kv_shape[2] = opts[batch_key], opts["ctx_len"]
+    return opts, prompts, generation_len, ids, kv_shape
+
+
 def generate_tokens(
     session: Session,
     meta: Mapping[str, Any],
@@ -128,13 +143,8 @@ def generate_tokens(
     options: Mapping[str, int] | None = None,
 ) -> tuple[list[list[int]], list[np.ndarray] | None, dict[str, float]]:
     """Greedy generation for token-id prompts on the static graph described by ``meta``."""
-    opts = dict(meta["options"]) | dict(options or {})
-    batch_size, prefill_len, ctx_len = opts["batch_size"], opts["prefill_seq_len"], opts["ctx_len"]
-    prompts = [list(p) for p in prompts]
-    generation_len = check_lengths(prompts, generation_len, ctx_len)
-    ids = list(adapter_ids) if adapter_ids is not None else [0] * len(prompts)
-    kv_shape = list(meta["kv_shape"])
-    kv_shape[0], kv_shape[2] = batch_size, ctx_len
+    opts, prompts, generation_len, ids, kv_shape = prepare_run(meta, options, prompts, adapter_ids, generation_len, "batch_size")
+    batch_size, prefill_len = opts["batch_size"], opts["prefill_seq_len"]
     results: list[list[int]] = []
     logits_out: list[np.ndarray] = []
     perf = {"prefill_s": 0.0, "decode_s": 0.0, "decode_steps": 0, "generated_tokens": 0}
