@@ -17,7 +17,7 @@ from torch import nn
 from peft_kernel.plugin_api import AdapterLayer, BufferDict, LowRankFactors, UnsupportedFeatureError, linear_fan_in_fan_out, pattern_value
 from peft_kernel_lora import alora, arrow, dora, init, monteclora, replication, tokens, variants, velora
 from peft_kernel_lora.config import LoraConfig
-from peft_kernel_lowrank import compiled, mixed
+from peft_kernel_lowrank import compiled, mixed, single
 from peft_kernel_lowrank.derived import DerivedFactors
 
 
@@ -246,6 +246,13 @@ class Linear(LoraLayer):
         super().__init__(base_layer, fan_in_fan_out)
         out_features, in_features = self.base_weight().shape
         self.in_features, self.out_features = in_features, out_features
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if not args and not kwargs:  # inference with the active adapters: see peft_kernel_lowrank.single
+            out = single.inference_forward(self, x)
+            if out is not None:
+                return out
+        return super().forward(x, *args, **kwargs)
 
     def create_adapter(self, adapter_name: str, r: int, config: LoraConfig) -> None:
         self.lora_A[adapter_name] = nn.Linear(self.in_features, r, bias=False)

@@ -12,7 +12,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from peft_kernel_lowrank import compiled, mixed
+from peft_kernel_lowrank import compiled, mixed, single
 from peft_kernel_lowrank.dense_mixed import dense_mixed_forward
 
 
@@ -23,6 +23,15 @@ class LowRankForwards:
     """On a base of another dtype (float32 adapters on a half-precision model): ``True`` rounds each
     delta to the base dtype before adding it (HF PEFT's DeLoRA, OSF); ``False`` adds it in the
     adapter's dtype and rounds the sum once (HF PEFT's ``result +=``: AdaLoRA)."""
+
+    def forward(self, x: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """:func:`peft_kernel_lowrank.single.inference_forward` where it applies (a layer that
+        overrides :meth:`adapted_forward` keeps its own), else the core's forward."""
+        if not args and not kwargs and type(self).adapted_forward is LowRankForwards.adapted_forward:
+            out = single.inference_forward(self, x)
+            if out is not None:
+                return out
+        return super().forward(x, *args, **kwargs)  # type: ignore[misc]
 
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
         """Base output plus each adapter in turn. On a base of another dtype (float32 adapters on a
