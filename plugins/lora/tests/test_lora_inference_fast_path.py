@@ -158,3 +158,26 @@ def test_lowrank_family_layer_and_overrides(taken):
     with torch.no_grad():
         vblora(x)
     assert len(taken) == 2
+
+
+@pytest.mark.parametrize("options", [{}, {"lora_bias": True}])
+def test_large_batches_fold_the_adapters_into_a_temporary_weight(taken, monkeypatch, options):
+    """Prefill-sized inputs take ``W + scale * B @ A`` (one GEMM): equal to the unfolded path and
+    HF within float32 error, with several active adapters too; the layers' weights are untouched."""
+    folds = []
+    real = single._folded
+    monkeypatch.setattr(single, "_folded", lambda *args: folds.append(1) or real(*args))
+    hf, ours = _models(**options)
+    weight = ours.base_model.model.lin0.base_layer.weight.detach().clone()
+    x = torch.randn(4, 16, 12)  # 64 tokens: past FOLD_RATIO for 12 -> 20 and 20 -> 12
+    with torch.no_grad():
+        for adapters in ("default", ["default", "other"]):
+            hf.base_model.set_adapter(adapters)
+            ours.base_model.set_adapter(adapters)
+            out = ours(x)
+            assert (out - _general(ours, x)).abs().max() <= 1e-5
+            assert (out - hf(x)).abs().max() <= 1e-5
+        small = ours(x[:1, :2])  # 2 tokens: the thin GEMMs, bit-equal to the general path
+        assert torch.equal(small, _general(ours, x[:1, :2]))
+    assert len(folds) == 4 and len(taken) == 6
+    assert torch.equal(ours.base_model.model.lin0.base_layer.weight, weight)

@@ -12,6 +12,13 @@ then runs its general forward — whenever that branch would not be the one take
 extra arguments, a base that is not a hook-free ``nn.Linear``, half precision, mismatched dtypes,
 or an adapter whose ``low_rank_factors`` are ``None`` (DoRA, aLoRA, dropout in training...).
 Nothing is cached: every call reads the layer's live tensors, so no state can go stale.
+
+Per shape: on a large batch (prefill) the two thin GEMMs cost ``tokens * r * (in + out)``
+multiply-adds at a poor rate, while folding the adapters into a temporary weight
+(``W + scale * B @ A``, freed after the call) costs ``in * out * r`` once and leaves one GEMM of the
+base's size. :data:`FOLD_RATIO` is where folding starts to pay (measured on one AVX2 core: at 2x the
+break-even token count it is about even, at 4x it saves a third of the adapter's cost). Folding
+changes the rounding (within float32 error of the unfolded sum, as HF PEFT's merged weights do).
 """
 
 from __future__ import annotations
@@ -26,6 +33,11 @@ from peft_kernel_lowrank import mixed
 _FULL = (torch.float32, torch.float64)
 _hooks = nn.modules.module
 _Linear = nn.Linear
+
+FOLD_RATIO = 2.5
+"""Fold when ``tokens * (in + out) >= FOLD_RATIO * in * out`` (see the module docstring)..."""
+FOLD_MAX_ELEMENTS = 1 << 24
+"""...and the weight has at most this many elements (the temporary weight is one more copy of it)."""
 _grad_enabled = torch.is_grad_enabled
 _compiling = torch.compiler.is_compiling
 
@@ -55,9 +67,12 @@ def inference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if a.dtype is not dtype or b.dtype is not dtype:
             return None
         terms.append((a, b, scale, None if bias_of is None else bias_of(layer, name)))
-    result = F.linear(x, weight, params["bias"])
     if not terms:
-        return result
+        return F.linear(x, weight, params["bias"])
+    d_out, d_in = weight.shape
+    if x.numel() * (d_in + d_out) >= FOLD_RATIO * d_in * d_out * d_in and d_in * d_out <= FOLD_MAX_ELEMENTS:
+        return F.linear(x, *_folded(weight, params["bias"], terms))
+    result = F.linear(x, weight, params["bias"])
     if not result.is_contiguous():  # the general path's out-of-place branch, for the same roundings
         for name, (a, b, scale, _) in zip(layer._active_adapters, terms):
             result = mixed.add_single(layer, result, x, name, (a, b, scale))
@@ -69,3 +84,14 @@ def inference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         if bias is not None:
             result.add_(bias, alpha=scale)
     return result
+
+
+def _folded(weight: torch.Tensor, bias: torch.Tensor | None,
+            terms: list[tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """``(W + sum scale * B @ A, bias + sum scale * lora bias)``, new tensors."""
+    folded = weight
+    for a, b, scale, lora_bias in terms:
+        folded = torch.addmm(folded, b, a, alpha=scale) if folded is weight else folded.addmm_(b, a, alpha=scale)
+        if lora_bias is not None:
+            bias = lora_bias * scale if bias is None else bias + lora_bias * scale
+    return folded, bias
