@@ -316,3 +316,27 @@ def test_plan_and_stack_are_built_once_per_forward(models, monkeypatch):
     layers = [layer for _, layer in adapter_layers(ours)]
     distinct = {tuple(mixed.stack_factors(layer, tuple(layer.adapter_names()))) for layer in layers}
     assert len(plans) == len(distinct) < len(layers)
+
+
+def test_low_rank_parts_equal_the_per_adapter_lookups():
+    """LoRA's batched ``low_rank_parts`` (read by every mixed-batch forward) returns the same tensors as
+    ``low_rank_factors`` + ``low_rank_bias`` one adapter at a time, for plain, biased, rsLoRA, DoRA and
+    aLoRA adapters, in eval and in training with and without dropout."""
+    adapters = {**ADAPTERS, "dora": dict(r=4, lora_alpha=8, target_modules=ALL, use_dora=True),
+                "drop": dict(r=4, lora_alpha=8, target_modules=ALL, lora_dropout=0.1),
+                "alora": dict(r=4, lora_alpha=8, target_modules=ALL, alora_invocation_tokens=[3, 4])}
+    _, ours = build(adapters)
+    layers = [m for m in ours.modules() if hasattr(type(m), "low_rank_parts")]
+    assert layers
+    for training in (False, True):
+        ours.train(training)
+        for layer in layers:
+            names = (*layer.adapter_names(), "missing")
+            parts = layer.low_rank_parts(names)
+            expected = {n: (*f, layer.low_rank_bias(n)) for n in names
+                        if layer.has_adapter(n) and (f := layer.low_rank_factors(n)) is not None}
+            assert list(parts) == list(expected)
+            for n, got in parts.items():
+                assert all(g is e for g, e in zip(got, expected[n]) if isinstance(e, torch.Tensor) or e is None)
+                assert got[2] == expected[n][2]
+            assert "dora" not in parts and "alora" not in parts and ("drop" in parts) != training

@@ -299,6 +299,24 @@ class Linear(LoraLayer):
         lin_b = modules["lora_B"]._modules[adapter_name]
         return lin_a._parameters["weight"], lin_b._parameters["weight"], self.scaling[adapter_name]
 
+    def low_rank_parts(self, names: tuple[str, ...]) -> dict[str, tuple[torch.Tensor, torch.Tensor, float, torch.Tensor | None]]:
+        """``{name: (A, B, scale, bias)}`` for the adapters among ``names`` whose
+        ``low_rank_factors`` are not ``None``: what ``peft_kernel_lowrank.mixed`` stacks, with the
+        layer-wide checks done once (this runs on every mixed-batch forward, for every adapter)."""
+        if self.lora_velora or self.training or self.derived_factor_adapters:
+            return {n: (*f, self.low_rank_bias(n)) for n in names if (f := self.low_rank_factors(n)) is not None}
+        modules = self._modules
+        a_modules, b_modules, routers = modules["lora_A"]._modules, modules["lora_B"]._modules, modules["lora_arrow"]._modules
+        use_dora, invocations, scaling = self.use_dora, self.alora_invocation_tokens, self.scaling
+        out = {}
+        for n in names:
+            lin_a = a_modules.get(n)
+            if lin_a is None or use_dora.get(n, True) or n in invocations or n in routers:
+                continue
+            b_params = b_modules[n]._parameters
+            out[n] = (lin_a._parameters["weight"], b_params["weight"], scaling[n], b_params["bias"])
+        return out
+
     def low_rank_bias(self, adapter_name: str) -> torch.Tensor | None:
         """``lora_B``'s bias (``lora_bias=True``), added as ``scaling * bias``."""
         return self._modules["lora_B"]._modules[adapter_name]._parameters["bias"]

@@ -212,7 +212,12 @@ def _signature(factors: dict[str, _Parts]) -> list[float]:
 
 def stack_factors(layer: LowRankLayer, held: tuple[str, ...]) -> dict[str, _Parts]:
     """The adapters that go into the stack, with their factors: those whose ``low_rank_factors``
-    are not ``None`` (DoRA, live dropout... take the generic path)."""
+    are not ``None`` (DoRA, live dropout... take the generic path). A layer may answer for all of
+    them at once with an optional ``low_rank_parts(names)`` returning this same dict (read on every
+    mixed-batch forward, so a layer can do its layer-wide checks once instead of per adapter)."""
+    many = getattr(type(layer), "low_rank_parts", None)
+    if many is not None:
+        return many(layer, held)
     out = {}
     for n in held:
         factors = layer.low_rank_factors(n)
