@@ -174,9 +174,20 @@ class AdapterLayer(nn.Module):
     def set_adapter(self, adapter_names: str | list[str]) -> None:
         """Make ``adapter_names`` active (and trainable); the others inactive and frozen."""
         names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
-        wanted = set(names)
-        for attr in self.adapter_layer_names:  # one pass over the containers (cheap with many adapters)
-            for name, item in getattr(self, attr).items():
+        self._set_trainable(set(names))
+        self._active_adapters = [n for n in names if self.has_adapter(n)]
+
+    def freeze_adapters(self) -> None:
+        """Every adapter of this layer frozen (``requires_grad=False``); which are active is unchanged."""
+        self._set_trainable(set())
+
+    def _set_trainable(self, wanted: set[str]) -> None:
+        """The adapters in ``wanted`` trainable, the others frozen: one pass over the containers,
+        read from ``_modules`` (no ``Module.__getattr__``), cheap with many adapters and layers."""
+        modules = self._modules
+        for attr in self.adapter_layer_names:
+            container = modules[attr] if attr in modules else getattr(self, attr)
+            for name, item in container.items():
                 flag = name in wanted
                 if isinstance(item, torch.Tensor):  # a parameter, or a buffer (frozen: never made trainable)
                     params: Iterable[Any] = [item] if isinstance(item, nn.Parameter) else []
@@ -187,7 +198,6 @@ class AdapterLayer(nn.Module):
                 for p in params:
                     if p.requires_grad != flag:
                         p.requires_grad_(flag)
-        self._active_adapters = [n for n in names if self.has_adapter(n)]
 
     def train(self, mode: bool = True) -> AdapterLayer:
         """``nn.Module.train``, faster with many adapters: the per-adapter leaf modules (plain

@@ -333,9 +333,7 @@ class AdapterModel(nn.Module):
         for module in self._adapter_modules():  # HF PEFT also freezes every adapter while disabled
             module.enable_adapters(False)
             if isinstance(module, AdapterLayer):
-                for name in module.adapter_names():
-                    for param in module.adapter_parameters(name):
-                        param.requires_grad_(False)
+                module.freeze_adapters()
             else:
                 module.modules_to_save.requires_grad_(False)
 

@@ -72,6 +72,18 @@ def test_layer_and_model_status_match_hf(kind, targets):
         assert _status(pk.get_model_status(ours)) == _status(peft.get_model_status(hf))
 
 
+@pytest.mark.parametrize("kind, targets", [("mlp", ["lin0", "lin1"]), ("llama", ["q_proj", "v_proj"])])
+def test_disable_adapter_context_freezes_and_restores_as_hf(kind, targets):
+    """Inside ``disable_adapter()`` every adapter (and modules_to_save copy) is frozen; after it the
+    active ones are trainable again, inactive ones stay frozen: HF's flags, tensor by tensor."""
+    extra = {"modules_to_save": ["lin2"]} if kind == "mlp" else {}
+    hf, ours = pair(kind, ("a", "b"), target_modules=targets, **extra)
+    assert grads(ours) == grads(hf)
+    with hf.disable_adapter(), ours.disable_adapter():
+        assert grads(ours) == grads(hf) and not any(grads(ours).values())
+    assert grads(ours) == grads(hf) and any(grads(ours).values())
+
+
 def test_status_of_a_plain_model_with_injected_adapters_matches_hf():
     hf = peft.inject_adapter_in_model(peft.LoraConfig(target_modules=["lin0"]), make_model("mlp"))
     ours = pk.inject_adapter_in_model(pk.LoraConfig(target_modules=["lin0"]), make_model("mlp"))
