@@ -13,18 +13,29 @@ One trainable block per adapter, in one of three shapes (``init_weights``):
 
 Dropout (``miss_dropout``) applies to the (zero-padded) input of the balance and mini updates; Bat
 ignores it (as HF PEFT does).
+
+Mixed batches (``adapter_names``) sum the input's shards once for every row and run one block
+product per adapter group on its rows (sorted by adapter once per forward); Bat adapters apply their
+cached ``delta W`` (:class:`~peft_kernel_lowrank.adapter_cache.AdapterCache`, rebuilt when the
+block or the base weight changes), which a single Bat adapter's forward reuses too.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.plugin_api import AdapterLayer, ConfigError
+from peft_kernel_lowrank.adapter_cache import AdapterCache
+from peft_kernel_lowrank.grouped import sorted_rows
+from peft_kernel_lowrank.mixed import base_output
 from peft_kernel_miss.config import MissConfig
+
+if TYPE_CHECKING:
+    from peft_kernel.plugin_api import Routing
 
 
 class MissLinear(AdapterLayer):
@@ -39,6 +50,7 @@ class MissLinear(AdapterLayer):
         self.miss_r: dict[str, int] = {}
         self.miss_mini_r: dict[str, int] = {}
         self.miss_mode: dict[str, str] = {}
+        self._bat_deltas = AdapterCache()
 
     def update_layer(self, adapter_name: str, config: MissConfig, module_name: str = "") -> None:
         out_features, in_features = self.base_layer.weight.shape
@@ -67,14 +79,64 @@ class MissLinear(AdapterLayer):
     def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         block = self.miss_block[adapter_name]
         if self.miss_mode[adapter_name] == "bat":
-            return F.linear(x.to(block.dtype), self._bat_delta(self.base_layer.weight, adapter_name))
-        r = self.miss_r[adapter_name]
-        padded = F.pad(x.to(block.dtype), (0, -x.shape[-1] % r))  # padded before dropout, as HF draws its mask
-        shards = self.miss_dropout[adapter_name](padded).unflatten(-1, (-1, r)).sum(-2)
+            return F.linear(x.to(block.dtype), self.cached_delta_weight(adapter_name))
+        return self._block_product(_shard_sums(x, block.dtype, self.miss_r[adapter_name],
+                                               self.miss_dropout[adapter_name]), adapter_name)
+
+    def _block_product(self, shards: torch.Tensor, adapter_name: str) -> torch.Tensor:
+        """The balance / mini update from the input's shard sums: ``shards @ block``, tiled along the
+        outputs for mini."""
+        block = self.miss_block[adapter_name]
         out = shards @ block
         if self.miss_mode[adapter_name] == "mini":
             out = out.tile(self.base_layer.weight.shape[0] // block.shape[1])
         return out
+
+    def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """Each row with its own adapter, vectorised: the rows are sorted by adapter once, the
+        balance / mini adapters' shard sums computed once for all of them, then one block product
+        (or, for Bat, one product with the cached ``delta W``) per adapter group into one buffer that
+        is added back in one scatter. The core's per-group path runs under autograd through the
+        blocks, with live dropout, mixed ranks or extra arguments."""
+        rows = None if args or kwargs or not x.is_floating_point() else sorted_rows(
+            routing, self.adapter_names(), x.shape[0], x.device)
+        if rows is None or not self._vectorisable(rows.names):
+            return super().mixed_forward(x, routing, *args, **kwargs)
+        result = base_output(self.base_layer, x)
+        names = rows.names
+        dtype = self.miss_block[names[0]].dtype
+        xs = rows.gather(x).to(dtype)
+        balance = [n for n in names if self.miss_mode[n] != "bat"]
+        shards = _shard_sums(xs, dtype, self.miss_r[balance[0]]) if balance else None
+        delta = xs.new_empty(*xs.shape[:-1], result.shape[-1])
+        for name, start, end in rows.spans:
+            if self.miss_mode[name] == "bat":
+                delta[start:end] = F.linear(xs[start:end], self.cached_delta_weight(name))
+            else:
+                delta[start:end] = self._block_product(shards[start:end], name)
+        return rows.add_to(result, delta)
+
+    def _vectorisable(self, names: tuple[str, ...]) -> bool:
+        """Whether :meth:`mixed_forward`'s shared path computes these adapters' rows as their own
+        forwards do: one block dtype, one ``r`` among the balance / mini adapters, no live dropout,
+        no autograd through the blocks."""
+        blocks = [self.miss_block[n] for n in names]
+        if len({b.dtype for b in blocks}) > 1 or (torch.is_grad_enabled() and any(b.requires_grad for b in blocks)):
+            return False
+        balance = [n for n in names if self.miss_mode[n] != "bat"]
+        if len({self.miss_r[n] for n in balance}) > 1:
+            return False
+        return not any(self.training and isinstance(self.miss_dropout[n], nn.Dropout) for n in balance)
+
+    def cached_delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """A Bat adapter's ``delta W`` on the current base weight, computed once and reused while the
+        block and the base weight are unchanged (afresh under autograd through either)."""
+        return self._bat_deltas.get(self, adapter_name, lambda: self._bat_delta(self.base_layer.weight, adapter_name),
+                                    extra=(self.base_layer.weight,))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._bat_deltas.drop(adapter_name)
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         """The change to the current ``base_layer.weight`` (for Bat it depends on that weight)."""
@@ -106,7 +168,8 @@ class MissLinear(AdapterLayer):
         weight = self.base_layer.weight
         for name in adapters:
             if self.miss_mode[name] == "bat":
-                weight = weight + self._bat_delta(weight, name)
+                delta = self.cached_delta_weight(name) if weight is self.base_layer.weight else None
+                weight = weight + (self._bat_delta(weight, name) if delta is None else delta)
             else:
                 weight = weight + self.delta_weight(name)
         bias = self.base_layer.bias
@@ -126,6 +189,15 @@ class MissLinear(AdapterLayer):
         original = torch.linalg.solve(eye + block.unsqueeze(1), blocks, left=False)  # X (I + b) = W' - b
         with torch.no_grad():
             weight.copy_(_join(original, *weight.shape).to(weight.dtype))
+
+
+def _shard_sums(x: torch.Tensor, dtype: torch.dtype, r: int, dropout: nn.Module | None = None) -> torch.Tensor:
+    """``x`` in ``dtype``, zero-padded to a multiple of ``r`` (before dropout, as HF draws its mask),
+    summed over its ``r``-wide shards: ``[..., r]``."""
+    padded = F.pad(x.to(dtype), (0, -x.shape[-1] % r))
+    if dropout is not None:
+        padded = dropout(padded)
+    return padded.unflatten(-1, (-1, r)).sum(-2)
 
 
 def _split(weight: torch.Tensor, r: int) -> torch.Tensor:
