@@ -36,6 +36,9 @@ from peft_kernel_miss.config import MissConfig
 
 if TYPE_CHECKING:
     from peft_kernel.plugin_api import Routing
+    from peft_kernel_lowrank.grouped import SortedRows
+
+    _MixedPlan = tuple[SortedRows, int, torch.dtype, list[tuple[int, int, str, torch.Tensor]]]
 
 
 class MissLinear(AdapterLayer):
@@ -98,35 +101,45 @@ class MissLinear(AdapterLayer):
         (or, for Bat, one product with the cached ``delta W``) per adapter group into one buffer that
         is added back in one scatter. The core's per-group path runs under autograd through the
         blocks, with live dropout, mixed ranks or extra arguments."""
-        rows = None if args or kwargs or not x.is_floating_point() else sorted_rows(
-            routing, self.adapter_names(), x.shape[0], x.device)
-        if rows is None or not self._vectorisable(rows.names):
+        plan = None if args or kwargs or not x.is_floating_point() else routing.memo(
+            ("peft_kernel_miss.mixed", id(self), x.shape[0], x.device),
+            lambda: self._mixed_plan(routing, x.shape[0], x.device))
+        if plan is None:
             return super().mixed_forward(x, routing, *args, **kwargs)
+        rows, r, dtype, products = plan
         result = base_output(self.base_layer, x)
-        names = rows.names
-        dtype = self.miss_block[names[0]].dtype
         xs = rows.gather(x).to(dtype)
-        balance = [n for n in names if self.miss_mode[n] != "bat"]
-        shards = _shard_sums(xs, dtype, self.miss_r[balance[0]]) if balance else None
+        shards = _shard_sums(xs, dtype, r) if r else None
         delta = xs.new_empty(*xs.shape[:-1], result.shape[-1])
-        for name, start, end in rows.spans:
-            if self.miss_mode[name] == "bat":
-                delta[start:end] = F.linear(xs[start:end], self.cached_delta_weight(name))
+        for start, end, mode, weight in products:
+            if mode == "bat":
+                delta[start:end] = F.linear(xs[start:end], weight)
+            elif mode == "mini":  # the [..., mini_r] product repeated along the outputs (``tile``)
+                delta[start:end].unflatten(-1, (-1, weight.shape[1])).copy_((shards[start:end] @ weight).unsqueeze(-2))
             else:
-                delta[start:end] = self._block_product(shards[start:end], name)
+                torch.matmul(shards[start:end], weight, out=delta[start:end])
         return rows.add_to(result, delta)
 
-    def _vectorisable(self, names: tuple[str, ...]) -> bool:
-        """Whether :meth:`mixed_forward`'s shared path computes these adapters' rows as their own
-        forwards do: one block dtype, one ``r`` among the balance / mini adapters, no live dropout,
-        no autograd through the blocks."""
-        blocks = [self.miss_block[n] for n in names]
+    def _mixed_plan(self, routing: Routing, batch: int, device: torch.device) -> _MixedPlan | None:
+        """What :meth:`mixed_forward`'s shared path needs, built once per forward (weights and modes
+        cannot change inside one): the sorted rows, the balance / mini ``r``, the blocks' dtype and
+        per adapter group ``(start, end, mode, block or Bat's delta W)``. ``None`` where that path
+        would not compute the rows as their own forwards do: blocks of several dtypes, several ``r``
+        among the balance / mini adapters, live dropout, autograd through the blocks."""
+        rows = sorted_rows(routing, self.adapter_names(), batch, device)
+        if rows is None:
+            return None
+        blocks = [self.miss_block[n] for n in rows.names]
         if len({b.dtype for b in blocks}) > 1 or (torch.is_grad_enabled() and any(b.requires_grad for b in blocks)):
-            return False
-        balance = [n for n in names if self.miss_mode[n] != "bat"]
-        if len({self.miss_r[n] for n in balance}) > 1:
-            return False
-        return not any(self.training and isinstance(self.miss_dropout[n], nn.Dropout) for n in balance)
+            return None
+        balance = [n for n in rows.names if self.miss_mode[n] != "bat"]
+        if len({self.miss_r[n] for n in balance}) > 1 or any(
+                self.training and isinstance(self.miss_dropout[n], nn.Dropout) for n in balance):
+            return None
+        products = [(start, end, self.miss_mode[n],
+                     self.cached_delta_weight(n) if self.miss_mode[n] == "bat" else self.miss_block[n])
+                    for n, start, end in rows.spans]
+        return rows, self.miss_r[balance[0]] if balance else 0, blocks[0].dtype, products
 
     def cached_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """A Bat adapter's ``delta W`` on the current base weight, computed once and reused while the
@@ -194,7 +207,9 @@ class MissLinear(AdapterLayer):
 def _shard_sums(x: torch.Tensor, dtype: torch.dtype, r: int, dropout: nn.Module | None = None) -> torch.Tensor:
     """``x`` in ``dtype``, zero-padded to a multiple of ``r`` (before dropout, as HF draws its mask),
     summed over its ``r``-wide shards: ``[..., r]``."""
-    padded = F.pad(x.to(dtype), (0, -x.shape[-1] % r))
+    padded = x.to(dtype)
+    if x.shape[-1] % r:
+        padded = F.pad(padded, (0, -x.shape[-1] % r))
     if dropout is not None:
         padded = dropout(padded)
     return padded.unflatten(-1, (-1, r)).sum(-2)
