@@ -8,10 +8,8 @@ low part's initial factors ``U0``, ``S0``, ``V0`` kept as buffers), an adapter c
     ``A = [V_low; V0]`` (``[2r, in]``), ``B = [U_low diag(S_low), -U0 diag(S0)]`` (``[out, 2r]``),
 
 exactly HF PEFT's forward. So OSF is a low-rank layer (``low_rank_factors``): fused single-adapter
-forward, stacked mixed batches, merge ``W += B A`` and unmerge ``W -= B A`` (HF PEFT refuses to
-unmerge). In a mixed batch the adapters of one preserved rank share ``V0`` (the same SVD of the same
-weight): ``x V0^T`` runs once for every row, and each adapter group runs only its own ``x V_low^T``
-and the product with its ``B`` (each row's update is HF's ``(x A^T) B^T`` with the same factors). The buffers are not saved: loading an adapter rebuilds them by an SVD of the base weight,
+forward, merge ``W += B A`` and unmerge ``W -= B A`` (HF PEFT refuses to unmerge). Mixed batches
+read the initial part the adapters share once (:mod:`peft_kernel_osf.mixed`), else stack the factors. The buffers are not saved: loading an adapter rebuilds them by an SVD of the base weight,
 as HF PEFT does. Gradients of ``U_low`` / ``V_low`` are projected orthogonally to the preserved
 subspace by a ``Tensor.register_hook`` on the tensor each forward uses (HF PEFT hooks the parameter
 itself; hooking the forward's alias survives ``copy.deepcopy`` and parameter replacement too).
@@ -31,15 +29,12 @@ from peft_kernel.plugin_api import AdapterLayer, BufferDict, LowRankFactors, Uns
 from peft_kernel_lowrank import mixed
 from peft_kernel_lowrank.derived import DerivedFactors
 from peft_kernel_lowrank.forwards import LowRankForwards
-from peft_kernel_lowrank.grouped import sorted_rows
+from peft_kernel_osf import mixed as osf_mixed
 from peft_kernel_osf.config import OSFConfig
 from peft_kernel_osf.svd import decompose, preserved_rank, project_u, project_v
 
 if TYPE_CHECKING:
     from peft_kernel.plugin_api import Routing
-    from peft_kernel_lowrank.grouped import SortedRows
-
-    _MixedPlan = tuple[SortedRows, torch.Tensor, list[tuple[int, int, torch.Tensor, torch.Tensor]]]
 
 
 class OSFLinear(LowRankForwards, AdapterLayer):
@@ -118,56 +113,11 @@ class OSFLinear(LowRankForwards, AdapterLayer):
             a, b = self._folded.get(adapter_name, sources, lambda: self._fold(adapter_name, project=False))
         return a, b, 1.0
 
-    # ---- mixed batches: the shared V0 shrink once -----------------------------------------------
     def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Rows sorted by adapter once; ``x V0^T`` once for all of them (their adapters share
-        ``V0``); per adapter group ``u = [x V_low^T, x V0^T]`` and ``u B^T`` into one buffer, added
-        back in one scatter. Adapters with different ``V0`` (other preserved ranks), autograd through
-        the adapters or extra arguments take :class:`LowRankForwards`' paths."""
-        plan = None if args or kwargs or not x.is_floating_point() else routing.memo(
-            ("peft_kernel_osf.mixed", id(self), x.shape[0], x.device),
-            lambda: self._mixed_plan(routing, x.shape[0], x.device))
-        if plan is None:
-            return super().mixed_forward(x, routing, *args, **kwargs)
-        rows, v0, groups = plan
-        xs = rows.gather(x).to(v0.dtype)
-        shared = F.linear(xs, v0)
-        delta = xs.new_zeros(*xs.shape[:-1], self.out_features) if len(groups) < len(rows.spans) else \
-            xs.new_empty(*xs.shape[:-1], self.out_features)
-        for start, end, v_low, b in groups:
-            delta[start:end] = F.linear(torch.cat([F.linear(xs[start:end], v_low), shared[start:end]], dim=-1), b)
-        return rows.add_to(mixed.base_output(self.base_layer, x), delta)
-
-    def _mixed_plan(self, routing: Routing, batch: int, device: torch.device) -> _MixedPlan | None:
-        """What :meth:`mixed_forward`'s shared path needs, built once per forward: the sorted rows,
-        the shared ``V0`` (in the factors' dtype) and per adapter group with a trainable part
-        ``(start, end, V_low, B)`` (``A = [V_low; V0]``); ``None`` where the path does not apply (a
-        single group, adapters that do not share ``V0``, factors of several dtypes, autograd
-        through the adapters: their gradients are projected in :meth:`_fold`'s path)."""
-        rows = sorted_rows(routing, self.adapter_names(), batch, device)
-        if rows is None or (len(rows.names) == 1 and rows.identity):
-            return None
-        trained = [n for n in rows.names if self.osf_svd_params[n]["S_low"].shape[0]]
-        if not trained or (torch.is_grad_enabled() and any(t.requires_grad for n in trained for t in self._sources(n))):
-            return None
-        factors = {n: self.low_rank_factors(n) for n in trained}
-        v0 = self._shared_v0(trained)
-        if v0 is None or len({f[0].dtype for f in factors.values()}) > 1:
-            return None
-        r0 = v0.shape[0]
-        groups = [(start, end, factors[n][0][:-r0], factors[n][1]) for n, start, end in rows.spans if n in factors]
-        return rows, factors[trained[0]][0][-r0:], groups
-
-    def _shared_v0(self, names: list[str]) -> torch.Tensor | None:
-        """The ``V0`` buffer all of ``names`` hold (equal values), else ``None``; the comparison is
-        remembered while the buffers are the same, unwritten tensors."""
-        v0s = [self._osf_V_low_init[n] for n in names]
-        key = [(id(t), t._version, t.data_ptr()) for t in v0s]
-        seen = self.__dict__.get("_osf_shared_v0")
-        if seen is None or seen[0] != key:
-            same = all(t.shape == v0s[0].shape and torch.equal(t, v0s[0]) for t in v0s[1:])
-            seen = self.__dict__["_osf_shared_v0"] = (key, v0s, v0s[0] if same else None)  # v0s: ids stay taken
-        return seen[2]
+        """The shared initial part read once (:mod:`peft_kernel_osf.mixed`); where that does not
+        apply, :class:`LowRankForwards`' paths."""
+        out = None if args or kwargs else osf_mixed.forward(self, x, routing)
+        return super().mixed_forward(x, routing, *args, **kwargs) if out is None else out
 
     def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b, _ = self.low_rank_factors(adapter_name)
