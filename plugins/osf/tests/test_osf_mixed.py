@@ -1,7 +1,7 @@
-"""OSF mixed batches through :mod:`peft_kernel_osf.mixed` (the shared ``x V0^T`` once, one product
-per adapter group): rows equal HF PEFT's single-adapter runs within 1e-5, also with random factors
-whose outputs reach the hundreds (where a dense ``delta W`` rounds 9e-5 away), after in-place writes,
-delete / add, and under autograd (which takes the projected-gradient path)."""
+"""OSF mixed batches (the stacked low-rank kernels over HF's folded factors): rows equal HF PEFT's
+single-adapter runs within 1e-5, also with random factors whose outputs reach the hundreds (where a
+dense ``delta W`` rounds 9e-5 away and per-group GEMMs of one row 7.6e-6 away), after in-place
+writes, delete / add, and under autograd (which takes the projected-gradient path)."""
 
 import pytest
 import torch
@@ -9,9 +9,7 @@ import torch
 from peft_kernel import get_peft_model
 from peft_kernel_testing import check_mixed_batch_against_hf, make_inputs, make_model, perturb, run
 from peft_kernel_testing.freshness import check_cached_adapters_stay_fresh
-from peft_kernel_lowrank import mixed
 from peft_kernel_osf import OSFConfig
-from peft_kernel_osf.layers import OSFLinear
 
 peft = pytest.importorskip("peft")
 
@@ -19,25 +17,14 @@ ALL = ["lin0", "lin1", "lin2"]
 LLAMA = ["q_proj", "v_proj", "down_proj"]
 
 
-def _refuse_other_paths(monkeypatch):
-    """The per-adapter delta (core loop) and the stacked kernels must not run."""
-    def refuse(*args, **kwargs):
-        raise AssertionError("the mixed batch left the shared-V0 path")
-
-    monkeypatch.setattr(OSFLinear, "delta", refuse)
-    monkeypatch.setattr(mixed, "mixed_forward", refuse)
-
-
 @pytest.mark.parametrize("names", [("b", "__base__", "a", "b"), ("a", "a", "b", "b")])
-def test_rows_equal_hf_after_in_place_writes(names, monkeypatch):
-    _refuse_other_paths(monkeypatch)
+def test_rows_equal_hf_after_in_place_writes(names):
     check_cached_adapters_stay_fresh("llama", lambda: OSFConfig(target_modules=LLAMA, effective_rank=0.25), names=names)
 
 
-def test_large_random_factors_equal_hf_single_runs(monkeypatch):
-    """Random standard-normal factors (outputs up to ~150): HF's own float32 rounding is ~5e-5 from
+def test_large_random_factors_equal_hf_single_runs():
+    """Random standard-normal factors (outputs up to ~100): HF's own float32 rounding is 2.5e-5 from
     a float64 run here, so only HF's order of operations stays within 1e-5 of it."""
-    _refuse_other_paths(monkeypatch)
     check_mixed_batch_against_hf("mlp", lambda: peft.OSFConfig(target_modules=["lin0", "lin1"], effective_rank=3,
                                                                init_weights=False))
 

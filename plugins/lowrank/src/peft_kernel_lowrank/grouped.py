@@ -1,8 +1,7 @@
 """Rows of a mixed batch sorted by adapter, for layers that run one product per adapter group.
 
 A layer whose per-adapter update is cheap to apply to a contiguous slice of rows (MiSS's block
-product on shared shard sums, OSF's per-adapter factors next to a shared shrink) sorts the rows it
-adapts once (:meth:`SortedRows.gather`), computes every group's update into one buffer in that
+product on shard sums computed once for the whole batch) sorts the rows it adapts once (:meth:`SortedRows.gather`), computes every group's update into one buffer in that
 order, and adds the buffer back with one ``index_add_`` (:meth:`SortedRows.add_to`): no per-row
 loop, no per-group gather or scatter. The sort order is built once per forward and shared by every
 layer that holds the same adapters (memoised on the forward's ``Routing``); when the rows already

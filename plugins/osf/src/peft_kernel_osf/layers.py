@@ -8,8 +8,8 @@ low part's initial factors ``U0``, ``S0``, ``V0`` kept as buffers), an adapter c
     ``A = [V_low; V0]`` (``[2r, in]``), ``B = [U_low diag(S_low), -U0 diag(S0)]`` (``[out, 2r]``),
 
 exactly HF PEFT's forward. So OSF is a low-rank layer (``low_rank_factors``): fused single-adapter
-forward, merge ``W += B A`` and unmerge ``W -= B A`` (HF PEFT refuses to unmerge). Mixed batches
-read the initial part the adapters share once (:mod:`peft_kernel_osf.mixed`), else stack the factors. The buffers are not saved: loading an adapter rebuilds them by an SVD of the base weight,
+forward, stacked mixed batches, merge ``W += B A`` and unmerge ``W -= B A`` (HF PEFT refuses to
+unmerge). The buffers are not saved: loading an adapter rebuilds them by an SVD of the base weight,
 as HF PEFT does. Gradients of ``U_low`` / ``V_low`` are projected orthogonally to the preserved
 subspace by a ``Tensor.register_hook`` on the tensor each forward uses (HF PEFT hooks the parameter
 itself; hooking the forward's alias survives ``copy.deepcopy`` and parameter replacement too).
@@ -19,7 +19,7 @@ Imported on first use only (it imports torch).
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,12 +29,8 @@ from peft_kernel.plugin_api import AdapterLayer, BufferDict, LowRankFactors, Uns
 from peft_kernel_lowrank import mixed
 from peft_kernel_lowrank.derived import DerivedFactors
 from peft_kernel_lowrank.forwards import LowRankForwards
-from peft_kernel_osf import mixed as osf_mixed
 from peft_kernel_osf.config import OSFConfig
 from peft_kernel_osf.svd import decompose, preserved_rank, project_u, project_v
-
-if TYPE_CHECKING:
-    from peft_kernel.plugin_api import Routing
 
 
 class OSFLinear(LowRankForwards, AdapterLayer):
@@ -112,12 +108,6 @@ class OSFLinear(LowRankForwards, AdapterLayer):
         else:
             a, b = self._folded.get(adapter_name, sources, lambda: self._fold(adapter_name, project=False))
         return a, b, 1.0
-
-    def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """The shared initial part read once (:mod:`peft_kernel_osf.mixed`); where that does not
-        apply, :class:`LowRankForwards`' paths."""
-        out = None if args or kwargs else osf_mixed.forward(self, x, routing)
-        return super().mixed_forward(x, routing, *args, **kwargs) if out is None else out
 
     def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         a, b, _ = self.low_rank_factors(adapter_name)
