@@ -24,15 +24,18 @@ class SortedRows:
     """The rows of one forward whose adapter is in ``names``, grouped by adapter."""
 
     def __init__(self, routing: Routing, names: tuple[str, ...], batch: int, device: torch.device) -> None:
-        groups = routing.groups(batch, device)
+        repeat = routing._repeat(batch)  # the core's check: a clear error when rows and names disagree
+        by_name: dict[str, list[int]] = {name: [] for name in names}
+        for i, name in enumerate(routing.names):
+            if name in by_name:
+                by_name[name] += range(i * repeat, (i + 1) * repeat)
         self.names = names
         self.spans: list[tuple[str, int, int]] = []
         """``(adapter, start, end)``: the adapter's rows are ``[start, end)`` of the sorted rows."""
         rows: list[int] = []
         for name in names:
-            indices = groups[name].tolist()
-            self.spans.append((name, len(rows), len(rows) + len(indices)))
-            rows += indices
+            self.spans.append((name, len(rows), len(rows) + len(by_name[name])))
+            rows += by_name[name]
         self.identity = rows == list(range(batch))
         self.perm = torch.tensor(rows, device=device, dtype=torch.long)
 

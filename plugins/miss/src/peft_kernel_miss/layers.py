@@ -129,17 +129,21 @@ class MissLinear(AdapterLayer):
         rows = sorted_rows(routing, self.adapter_names(), batch, device)
         if rows is None:
             return None
-        blocks = [self.miss_block[n] for n in rows.names]
-        if len({b.dtype for b in blocks}) > 1 or (torch.is_grad_enabled() and any(b.requires_grad for b in blocks)):
+        grad = torch.is_grad_enabled()
+        products, ranks, dtypes = [], set(), set()
+        for name, start, end in rows.spans:
+            block, mode = self.miss_block[name], self.miss_mode[name]
+            if grad and block.requires_grad:
+                return None
+            dtypes.add(block.dtype)
+            if mode != "bat":
+                ranks.add(self.miss_r[name])
+                if self.training and isinstance(self.miss_dropout[name], nn.Dropout):
+                    return None
+            products.append((start, end, mode, self.cached_delta_weight(name) if mode == "bat" else block))
+        if len(dtypes) > 1 or len(ranks) > 1:
             return None
-        balance = [n for n in rows.names if self.miss_mode[n] != "bat"]
-        if len({self.miss_r[n] for n in balance}) > 1 or any(
-                self.training and isinstance(self.miss_dropout[n], nn.Dropout) for n in balance):
-            return None
-        products = [(start, end, self.miss_mode[n],
-                     self.cached_delta_weight(n) if self.miss_mode[n] == "bat" else self.miss_block[n])
-                    for n, start, end in rows.spans]
-        return rows, self.miss_r[balance[0]] if balance else 0, blocks[0].dtype, products
+        return rows, ranks.pop() if ranks else 0, dtypes.pop(), products
 
     def cached_delta_weight(self, adapter_name: str) -> torch.Tensor:
         """A Bat adapter's ``delta W`` on the current base weight, computed once and reused while the
