@@ -102,7 +102,7 @@ def test_delete_and_add_back_under_the_same_name():
         torch.testing.assert_close(mixed[row], singles[name][row], atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("names", [["b", "a", "__base__", "b"], ["a", "b", "b", "a"]])  # the second: one bmm
+@pytest.mark.parametrize("names", [["b", "a", "__base__", "b"], ["a", "b", "b", "a"]])
 @pytest.mark.parametrize("mode", ["balance", "mini"])
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_rounds_as_the_per_group_path(dtype, mode, names, monkeypatch):

@@ -38,7 +38,7 @@ if TYPE_CHECKING:
     from peft_kernel.plugin_api import Routing
     from peft_kernel_lowrank.grouped import SortedRows
 
-    _MixedPlan = tuple[SortedRows, int, torch.dtype, "list[tuple[int, int, str, torch.Tensor]] | torch.Tensor"]
+    _MixedPlan = tuple[SortedRows, int, torch.dtype, list[tuple[int, int, str, torch.Tensor]]]
 
 
 class MissLinear(AdapterLayer):
@@ -111,9 +111,6 @@ class MissLinear(AdapterLayer):
         xs = rows.gather(x).to(dtype)
         shards = _shard_sums(xs, dtype, r) if r else None
         delta = xs.new_empty(*xs.shape[:-1], result.shape[-1])
-        if isinstance(products, torch.Tensor):  # balance adapters on equal groups: one bmm over the stacked blocks
-            torch.bmm(shards.view(products.shape[0], -1, r), products, out=delta.view(products.shape[0], -1, delta.shape[-1]))
-            return rows.add_to(result, delta)
         for start, end, mode, weight in products:
             if mode == "bat":
                 delta[start:end] = F.linear(xs[start:end], weight)
@@ -146,9 +143,6 @@ class MissLinear(AdapterLayer):
             products.append((start, end, mode, self.cached_delta_weight(name) if mode == "bat" else block))
         if len(dtypes) > 1 or len(ranks) > 1:
             return None
-        if all(mode == "balance" for _, _, mode, _ in products) and len({end - start for start, end, _, _ in products}) == 1:
-            with torch.no_grad():
-                products = torch.stack([block for *_, block in products])  # [adapters, r, out]
         return rows, ranks.pop() if ranks else 0, dtypes.pop(), products
 
     def cached_delta_weight(self, adapter_name: str) -> torch.Tensor:
