@@ -62,7 +62,8 @@ class SharedClass(NamedTuple):
 
     names: tuple[str, ...]
     projections: tuple[torch.Tensor, ...]
-    """The first adapter's :meth:`SharedProjectionLayer.shared_projections` (equal for all)."""
+    """The first adapter's :meth:`SharedProjectionLayer.shared_projections` (equal for all), in
+    the stacks' dtype, contiguous."""
     stacks: tuple[torch.Tensor, ...] | None
     """Each :meth:`SharedProjectionLayer.shared_vectors` tensor stacked ``[len(names) + 1, ...]``,
     the last slot zeros; ``None`` when the adapters' tensors differ in dtype, device or shape."""
@@ -84,11 +85,11 @@ class SharedProjectionLayer(Protocol):
         """The tensors :meth:`shared_projections` slices (watched for writes and moves)."""
 
     def shared_vectors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
-        """The adapter's own tensors, stacked per slot (zeros: no update), made from
-        ``fold_inputs(adapter_name)`` and ``scale(adapter_name)`` only."""
+        """The adapter's own tensors, stacked per slot (zeros: no update), made from its tensors in
+        ``adapter_layer_names`` and ``scale(adapter_name)`` only."""
 
-    def fold_inputs(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
-        """Every tensor the adapter's update reads (watched for writes and moves)."""
+    adapter_layer_names: tuple[str, ...]
+    """The containers of the adapter's tensors (watched for writes and moves)."""
 
     def scale(self, adapter_name: str) -> float:
         """The adapter's scalar setting (watched)."""
@@ -131,7 +132,7 @@ def projection_classes(layer: SharedProjectionLayer, names: tuple[str, ...]
 
 class SharedState:
     """A layer's classes with their stacks (one instance per layer). Freshness is one check over
-    every tensor the adapters' folds read (``fold_inputs``) and their scales; the classes alone are
+    every tensor of the adapters (:func:`adapter_tensors`) and their scales; the classes alone are
     cached on the projection buffers, so autograd, which rebuilds the stacks each forward, does not
     compare projections again."""
 
@@ -148,17 +149,27 @@ class SharedState:
             self._plan.drop("plan")
             self._classes.drop("classes")
             self._settings = settings
-        sources = tuple(t for n in held for t in layer.fold_inputs(n))
-        return self._plan.get("plan", sources, lambda: self._build(layer, held))
+        return self._plan.get("plan", adapter_tensors(layer, held), lambda: self._build(layer, held))
 
     def _build(self, layer: Any, held: tuple[str, ...]) -> dict[str, SharedClass]:
         sources = tuple(t for n in held for t in layer.shared_sources(n))
         classes = self._classes.get("classes", sources, lambda: projection_classes(layer, held))
         out = {}
         for names, projections in classes:
-            entry = SharedClass(names, projections, _stack(layer, names))
+            stacks = _stack(layer, names)
+            if stacks is not None:  # in the stacks' dtype, contiguous: ready for the kernels
+                projections = tuple(p.to(stacks[0].dtype).contiguous() for p in projections)
+            entry = SharedClass(names, projections, stacks)
             out.update(dict.fromkeys(names, entry))
         return out
+
+
+def adapter_tensors(layer: Any, names: tuple[str, ...]) -> tuple[torch.Tensor, ...]:
+    """Every tensor of ``names`` in the layer's ``adapter_layer_names`` containers (``ParameterDict``
+    / ``BufferDict``), read from the containers' own dicts: this runs once per layer and forward."""
+    modules = layer._modules
+    stores = [modules[c]._parameters or modules[c]._buffers for c in layer.adapter_layer_names]
+    return tuple(store[n] for n in names for store in stores)
 
 
 def _stack(layer: Any, names: tuple[str, ...]) -> tuple[torch.Tensor, ...] | None:

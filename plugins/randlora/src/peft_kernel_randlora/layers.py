@@ -138,7 +138,7 @@ class RandLoraLinear(ProjectionLayer):
         once for every token. With the smaller side as output (``m = out``) the same in reverse:
         ``w = scale * lambda * (x @ B)`` for every token, ``g[j] = w[j] @ gamma`` per adapter
         group, ``sum_j A[j] * g[j]``."""
-        a, b = (p.to(x.dtype) for p in projections)
+        a, b = projections
         lam_rows = stacks[0].index_select(0, rows.slots)  # [tokens, k]
         gamma = stacks[1]
         tokens, (r, m), k = x.shape[0], a.shape, b.shape[1]

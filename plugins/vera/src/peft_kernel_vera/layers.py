@@ -86,16 +86,19 @@ class VeraLinear(ProjectionLayer):
         return (leading(self.vera_A[adapter_name], (r, self.in_features), "vera_A", self._module_name),
                 leading(self.vera_B[adapter_name], (self.out_features, r), "vera_B", self._module_name))
 
-    def shared_vectors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.vera_lambda_d[adapter_name], self.vera_lambda_b[adapter_name]
+    def shared_vectors(self, adapter_name: str) -> tuple[torch.Tensor]:
+        """``[lambda_d, lambda_b]`` end to end (one gather per forward serves both)."""
+        return (torch.cat([self.vera_lambda_d[adapter_name], self.vera_lambda_b[adapter_name]]),)
 
     def shared_mixed_add(self, result: torch.Tensor, x: torch.Tensor, projections: tuple[torch.Tensor, ...],
                          stacks: tuple[torch.Tensor, ...], rows: Rows) -> torch.Tensor:
         """``lambda_b[row] * B(lambda_d[row] * A(x))``: the two projection GEMMs once for every
-        token, each token's vectors gathered from the stacks, in HF PEFT's order of operations."""
-        a, b = (p.to(x.dtype) for p in projections)
-        lambda_d, lambda_b = (stack.index_select(0, rows.slots) for stack in stacks)
-        u = F.linear(x, a).mul_(lambda_d) if not torch.is_grad_enabled() else F.linear(x, a) * lambda_d
+        token, each token's vectors gathered from the stack, in HF PEFT's order of operations."""
+        a, b = projections
+        vectors = stacks[0].index_select(0, rows.slots)
+        lambda_d, lambda_b = vectors[:, : a.shape[0]], vectors[:, a.shape[0]:]
+        u = F.linear(x, a)
+        u = u.mul_(lambda_d) if not torch.is_grad_enabled() else u * lambda_d
         v = F.linear(u, b)
         if can_add_inplace(result):
             return result.addcmul_(v, lambda_b)

@@ -1,0 +1,148 @@
+"""Mixed batches through the shared projections (peft_kernel_lowrank.shared_mixed): ``vera_A`` /
+``vera_B`` once for every row, each row's ``lambda_d`` / ``lambda_b`` gathered; adapters with other
+projections in a pass of their own; fresh after writes, deletes and adds; gradients equal HF's."""
+
+import pytest
+import torch
+from peft_kernel_testing import check_mixed_batch_against_hf, make_inputs, make_model
+from peft_kernel_testing.freshness import check_cached_adapters_stay_fresh
+from peft_kernel_testing.mixed_gradients import check_mixed_gradients_against_hf
+
+from peft_kernel import get_peft_model
+from peft_kernel.plugin_api import AdapterLayer
+from peft_kernel_lowrank import dense_mixed, mixed, shared_mixed
+from peft_kernel_vera import VeraConfig
+from peft_kernel_vera.layers import VeraLinear
+
+TARGETS = ["q_proj", "k_proj", "down_proj"]
+
+
+def vera(**kwargs):
+    return VeraConfig(**{"r": 4, "target_modules": TARGETS, "init_weights": False, **kwargs})
+
+
+def layers(model):
+    return {n: m for n, m in model.named_modules() if isinstance(m, VeraLinear)}
+
+
+def perturb(model, adapter, seed):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for layer in layers(model).values():
+            for container in (layer.vera_lambda_b, layer.vera_lambda_d):
+                if adapter in container:
+                    container[adapter].add_(torch.randn(container[adapter].shape, generator=g))
+
+
+def run(model, **kwargs):
+    with torch.no_grad():
+        return model(**make_inputs("llama"), **kwargs).logits
+
+
+def singles(model, names):
+    out = {}
+    for name in set(names) - {"__base__"}:
+        model.set_adapter(name)
+        out[name] = run(model)
+    with model.disable_adapter():
+        out["__base__"] = run(model)
+    return out
+
+
+def check_rows(model, names):
+    expected = singles(model, names)
+    out = run(model, adapter_names=names)
+    for row, name in enumerate(names):
+        torch.testing.assert_close(out[row], expected[name][row], rtol=0, atol=1e-5)
+
+
+@pytest.fixture
+def only_shared(monkeypatch):
+    """Fail on every other mixed path; count the shared kernel's calls."""
+    calls = []
+    kernel = VeraLinear.shared_mixed_add
+    monkeypatch.setattr(VeraLinear, "shared_mixed_add", lambda *a: calls.append(1) or kernel(*a))
+    for module, name in ((mixed, "mixed_forward"), (dense_mixed, "dense_mixed_forward"), (AdapterLayer, "mixed_forward")):
+        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("another mixed path ran"))
+    return calls
+
+
+def three_adapters():
+    model = get_peft_model(make_model("llama"), vera(), adapter_name="a")
+    model.add_adapter("b", vera())
+    model.add_adapter("c", vera(target_modules=["q_proj"]))  # drawn for 16 -> 16 layers: other projections
+    for seed, name in enumerate("abc"):
+        perturb(model, name, seed)
+    return model.eval()
+
+
+def test_rows_equal_single_runs_one_pass_per_projection_class(only_shared):
+    model = three_adapters()
+    names = ["b", "__base__", "a", "c"]
+    for _ in range(2):  # the second forward reuses the cached classes and stacks
+        check_rows(model, names)
+    q = next(layer for n, layer in layers(model).items() if n.endswith("q_proj"))
+    with torch.no_grad():  # with autograd on and a trainable adapter the stacks are built afresh
+        plan = shared_mixed.state_of(q).plan(q)
+    assert plan["a"] is plan["b"] and plan["c"] is not plan["a"]  # c's projections differ: its own class
+    assert plan["a"].stacks[0].shape == (3, 4 + 16)  # a, b and the zeros slot; lambda_d then lambda_b
+    calls = len(only_shared)
+    run(model, adapter_names=names)
+    assert len(only_shared) - calls == 4 * 2  # per decoder layer, q_proj: two classes; k_proj, down_proj: one
+    with torch.no_grad():
+        assert plan is shared_mixed.state_of(q).plan(q)  # unchanged adapters: the same cached stacks
+
+
+def test_delete_then_add_adapter(only_shared):
+    model = three_adapters()
+    model.delete_adapter("b")
+    check_rows(model, ["a", "__base__", "c", "a"])
+    model.add_adapter("d", vera())
+    perturb(model, "d", 5)
+    check_rows(model, ["d", "a", "c", "__base__"])
+    assert only_shared
+
+
+def test_in_place_writes_refresh_the_stacks_against_hf():
+    check_cached_adapters_stay_fresh("llama", vera)
+
+
+@pytest.mark.parametrize("save_projection", [True, False])
+def test_hf_adapters_in_one_mixed_batch(only_shared, save_projection):
+    peft = pytest.importorskip("peft")
+    check_mixed_batch_against_hf("llama", lambda: peft.VeraConfig(r=4, target_modules=TARGETS,
+                                                                  save_projection=save_projection, init_weights=False))
+    assert only_shared
+
+
+def test_gradients_through_a_mixed_batch_equal_hfs(only_shared):
+    peft = pytest.importorskip("peft")
+    check_mixed_gradients_against_hf("llama", lambda: peft.VeraConfig(r=4, target_modules=TARGETS, init_weights=False))
+    assert only_shared
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_keeps_the_other_paths(monkeypatch, dtype):
+    monkeypatch.setattr(VeraLinear, "shared_mixed_add", lambda *a: pytest.fail("the shared path ran in half precision"))
+    model = get_peft_model(make_model("llama").to(dtype), vera(), adapter_name="a")
+    model.add_adapter("b", vera())
+    for seed, name in enumerate("ab"):
+        perturb(model, name, seed)
+    model.eval()
+    names = ["b", "__base__", "a", "b"]
+    expected = singles(model, names)
+    out = run(model, adapter_names=names)
+    for row, name in enumerate(names):
+        # the stacked / grouped paths round differently from a single run (as before the shared path)
+        torch.testing.assert_close(out[row], expected[name][row], rtol=0, atol=4e-3 if dtype == torch.bfloat16 else 5e-4)
+
+
+def test_live_dropout_takes_the_other_paths(monkeypatch):
+    model = get_peft_model(make_model("llama"), vera(vera_dropout=0.5), adapter_name="a")
+    model.add_adapter("b", vera(vera_dropout=0.5))
+    model.eval()
+    for layer in layers(model).values():
+        layer.train()  # a layer left in training in a model in eval mode
+    assert not layer.shared_ready("a")
+    monkeypatch.setattr(VeraLinear, "shared_mixed_add", lambda *a: pytest.fail("the shared path ran with dropout"))
+    model(**make_inputs("llama"), adapter_names=["a", "b", "a", "b"])
