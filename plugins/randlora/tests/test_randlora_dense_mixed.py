@@ -1,5 +1,7 @@
 """RandLora's factors hold more numbers than delta W (its rank reaches the smaller side), so mixed
-batches outside training use each adapter's dense delta W, cached while the adapter is unchanged."""
+batches longer than ``SHARED_MAX_TOKENS`` (prefill; shorter ones share the bases:
+test_randlora_shared_mixed.py) outside training use each adapter's dense delta W, cached while the
+adapter is unchanged."""
 
 import pytest
 
@@ -7,6 +9,7 @@ from peft_kernel import RandLoraConfig, get_peft_model
 from peft_kernel_testing import make_inputs, make_model, perturb, run
 from peft_kernel_testing.freshness import check_cached_adapters_stay_fresh
 from peft_kernel_lowrank import mixed
+from peft_kernel_randlora import layers as randlora_layers
 from peft_kernel_randlora.layers import RandLoraLinear
 
 pytest.importorskip("peft")
@@ -16,11 +19,19 @@ def config():
     return RandLoraConfig(r=4, randlora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False)
 
 
-def test_mixed_and_single_runs_equal_hf_after_in_place_writes():
+@pytest.fixture
+def prefill(monkeypatch):
+    monkeypatch.setattr(randlora_layers, "SHARED_MAX_TOKENS", 0)  # every batch counts as long
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_mixed_and_single_runs_equal_hf_after_in_place_writes(monkeypatch, long):
+    if long:
+        monkeypatch.setattr(randlora_layers, "SHARED_MAX_TOKENS", 0)
     check_cached_adapters_stay_fresh("llama", config)
 
 
-def test_mixed_batches_take_the_dense_path_not_the_stacks(monkeypatch):
+def test_mixed_batches_take_the_dense_path_not_the_stacks(monkeypatch, prefill):
     model = get_peft_model(make_model("llama"), config(), adapter_name="a")
     model.add_adapter("b", config())
     perturb(model, 0)

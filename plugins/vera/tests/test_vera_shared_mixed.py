@@ -6,11 +6,10 @@ import pytest
 import torch
 from peft_kernel_testing import check_mixed_batch_against_hf, make_inputs, make_model
 from peft_kernel_testing.freshness import check_cached_adapters_stay_fresh
-from peft_kernel_testing.mixed_gradients import check_mixed_gradients_against_hf
+from peft_kernel_testing.mixed_checks import check_mixed_gradients_against_hf, check_rows, only_path
 
 from peft_kernel import get_peft_model
-from peft_kernel.plugin_api import AdapterLayer
-from peft_kernel_lowrank import dense_mixed, mixed, shared_mixed
+from peft_kernel_lowrank import shared_mixed
 from peft_kernel_vera import VeraConfig
 from peft_kernel_vera.layers import VeraLinear
 
@@ -39,32 +38,13 @@ def run(model, **kwargs):
         return model(**make_inputs("llama"), **kwargs).logits
 
 
-def singles(model, names):
-    out = {}
-    for name in set(names) - {"__base__"}:
-        model.set_adapter(name)
-        out[name] = run(model)
-    with model.disable_adapter():
-        out["__base__"] = run(model)
-    return out
-
-
-def check_rows(model, names):
-    expected = singles(model, names)
-    out = run(model, adapter_names=names)
-    for row, name in enumerate(names):
-        torch.testing.assert_close(out[row], expected[name][row], rtol=0, atol=1e-5)
-
-
 @pytest.fixture
 def only_shared(monkeypatch):
-    """Fail on every other mixed path; count the shared kernel's calls."""
-    calls = []
-    kernel = VeraLinear.shared_mixed_add
-    monkeypatch.setattr(VeraLinear, "shared_mixed_add", lambda *a: calls.append(1) or kernel(*a))
-    for module, name in ((mixed, "mixed_forward"), (dense_mixed, "dense_mixed_forward"), (AdapterLayer, "mixed_forward")):
-        monkeypatch.setattr(module, name, lambda *a, **k: pytest.fail("another mixed path ran"))
-    return calls
+    return only_path(monkeypatch, VeraLinear, "shared_mixed_add")
+
+
+def check(model, names, atol=1e-5):
+    check_rows(model, make_inputs("llama"), names, atol)
 
 
 def three_adapters():
@@ -80,7 +60,7 @@ def test_rows_equal_single_runs_one_pass_per_projection_class(only_shared):
     model = three_adapters()
     names = ["b", "__base__", "a", "c"]
     for _ in range(2):  # the second forward reuses the cached classes and stacks
-        check_rows(model, names)
+        check(model, names)
     q = next(layer for n, layer in layers(model).items() if n.endswith("q_proj"))
     with torch.no_grad():  # with autograd on and a trainable adapter the stacks are built afresh
         plan = shared_mixed.state_of(q).plan(q)
@@ -96,10 +76,10 @@ def test_rows_equal_single_runs_one_pass_per_projection_class(only_shared):
 def test_delete_then_add_adapter(only_shared):
     model = three_adapters()
     model.delete_adapter("b")
-    check_rows(model, ["a", "__base__", "c", "a"])
+    check(model, ["a", "__base__", "c", "a"])
     model.add_adapter("d", vera())
     perturb(model, "d", 5)
-    check_rows(model, ["d", "a", "c", "__base__"])
+    check(model, ["d", "a", "c", "__base__"])
     assert only_shared
 
 
@@ -129,12 +109,8 @@ def test_half_precision_keeps_the_other_paths(monkeypatch, dtype):
     for seed, name in enumerate("ab"):
         perturb(model, name, seed)
     model.eval()
-    names = ["b", "__base__", "a", "b"]
-    expected = singles(model, names)
-    out = run(model, adapter_names=names)
-    for row, name in enumerate(names):
-        # the stacked / grouped paths round differently from a single run (as before the shared path)
-        torch.testing.assert_close(out[row], expected[name][row], rtol=0, atol=4e-3 if dtype == torch.bfloat16 else 5e-4)
+    # the stacked / grouped paths round differently from a single run (as before the shared path)
+    check(model, ["b", "__base__", "a", "b"], atol=4e-3 if dtype == torch.bfloat16 else 5e-4)
 
 
 def test_live_dropout_takes_the_other_paths(monkeypatch):

@@ -9,10 +9,49 @@ from __future__ import annotations
 import tempfile
 from typing import Any, Callable, Sequence
 
+import pytest
 import torch
 
 from peft_kernel_testing.hf_oracle import hf_oracle, hf_peft, perturb
 from peft_kernel_testing.models import make_inputs, make_model, output_tensor
+
+
+def only_path(monkeypatch: Any, layer_type: type, kernel: str) -> list[int]:
+    """Make every mixed path but ``layer_type.<kernel>`` fail the test (the stacked, dense and
+    grouped ones); the returned list grows by one per call of ``kernel``."""
+    from peft_kernel.plugin_api import AdapterLayer
+    from peft_kernel_lowrank import dense_mixed, mixed
+
+    calls: list[int] = []
+    wrapped = getattr(layer_type, kernel)
+    monkeypatch.setattr(layer_type, kernel, lambda *a, **k: calls.append(1) or wrapped(*a, **k))
+    for module, name in ((mixed, "mixed_forward"), (dense_mixed, "dense_mixed_forward"), (AdapterLayer, "mixed_forward")):
+        monkeypatch.setattr(module, name, lambda *a, _name=name, **k: pytest.fail(f"another mixed path ran: {_name}"))
+    return calls
+
+
+def single_runs(model: Any, inputs: dict[str, Any], names: Sequence[str]) -> dict[str, torch.Tensor]:
+    """``{adapter: output with it alone}`` for every name (``"__base__"``: adapters off)."""
+    out = {}
+    with torch.no_grad():
+        for name in dict.fromkeys(names):
+            if name == "__base__":
+                with model.disable_adapter():
+                    out[name] = output_tensor(model(**inputs))
+            else:
+                model.set_adapter(name)
+                out[name] = output_tensor(model(**inputs))
+    return out
+
+
+def check_rows(model: Any, inputs: dict[str, Any], names: Sequence[str], atol: float = 1e-5) -> None:
+    """Every row of the mixed batch equals that row of a run with its adapter alone (within ``atol``)."""
+    expected = single_runs(model, inputs, names)
+    with torch.no_grad():
+        mixed = output_tensor(model(**inputs, adapter_names=list(names)))
+    for row, name in enumerate(names):
+        diff = float((mixed[row] - expected[name][row]).abs().max())
+        assert diff <= atol, f"mixed row {row} ({name}) vs its single run: {diff:.2e}"
 
 
 def _loss(out: torch.Tensor, rows: Sequence[int]) -> torch.Tensor:
