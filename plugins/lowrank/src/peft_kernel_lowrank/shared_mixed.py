@@ -67,6 +67,8 @@ class SharedClass(NamedTuple):
     stacks: tuple[torch.Tensor, ...] | None
     """Each :meth:`SharedProjectionLayer.shared_vectors` tensor stacked ``[len(names) + 1, ...]``,
     the last slot zeros; ``None`` when the adapters' tensors differ in dtype, device or shape."""
+    dtype: torch.dtype | None
+    """The stacks' one dtype (``None``: no stacks, or stacks of several dtypes)."""
 
 
 class SharedProjectionLayer(Protocol):
@@ -157,9 +159,11 @@ class SharedState:
         out = {}
         for names, projections in classes:
             stacks = _stack(layer, names)
-            if stacks is not None:  # in the stacks' dtype, contiguous: ready for the kernels
-                projections = tuple(p.to(stacks[0].dtype).contiguous() for p in projections)
-            entry = SharedClass(names, projections, stacks)
+            dtypes = {t.dtype for t in stacks or ()}
+            dtype = dtypes.pop() if len(dtypes) == 1 else None
+            if dtype is not None:  # in the stacks' dtype, contiguous: ready for the kernels
+                projections = tuple(p.to(dtype).contiguous() for p in projections)
+            entry = SharedClass(names, projections, stacks, dtype)
             out.update(dict.fromkeys(names, entry))
         return out
 
@@ -201,26 +205,26 @@ def shared_mixed_forward(layer: Any, x: torch.Tensor, routing: Routing, *args: A
     layer's other paths must run: extra arguments, an input that is not full precision, one
     adapter for the whole batch, an adapter not ready (live dropout in training, another dtype),
     adapters whose tensors cannot be stacked, or a batch the layer finds better served otherwise."""
-    if args or kwargs or x.dim() < 2 or x.dtype not in FULL_PRECISION or not x.shape[0]:
+    if args or kwargs or x.dtype not in FULL_PRECISION or x.dim() < 2 or not x.shape[0]:
         return None
-    batch = x.shape[0]
-    groups = routing.groups(batch, x.device)
+    batch, d_in, device = x.shape[0], x.shape[-1], x.device
+    groups = routing.groups(batch, device)
     held = layer.projection_settings
     used = [n for n in groups if n in held]
     if len(groups) == 1 or not used or (layer.training and not all(layer.shared_ready(n) for n in used)):
         return None
-    tokens = x.numel() // (batch * x.shape[-1])
+    tokens = x.numel() // (batch * d_in)
     if not layer.shared_worthwhile(batch * tokens, len(used)):
         return None
     plan = routing.memo(("peft_kernel_lowrank.shared_plan", id(layer)), lambda: state_of(layer).plan(layer))
-    classes = tuple(dict.fromkeys(plan[n] for n in used))
-    if any(c.stacks is None or any(t.dtype != x.dtype for t in c.stacks) for c in classes):
+    classes = {id(plan[n]): plan[n] for n in used}.values()  # by identity: hashing one hashes its tensors
+    if any(c.dtype != x.dtype for c in classes):
         return None
     result = base_output(layer.base_layer, x)
-    x2 = x.reshape(-1, x.shape[-1])
+    x2 = x.reshape(-1, d_in)
     out = result.reshape(-1, result.shape[-1])
     for entry in classes:
-        rows = routing.memo(("peft_kernel_lowrank.shared_rows", entry.names, batch, tokens, x.device),
-                            lambda names=entry.names: Rows(routing, names, batch, tokens, x.device))
+        rows = routing.memo(("peft_kernel_lowrank.shared_rows", entry.names, batch, tokens, device),
+                            lambda names=entry.names: Rows(routing, names, batch, tokens, device))
         out = layer.shared_mixed_add(out, x2, entry.projections, entry.stacks, rows)
-    return out.reshape(result.shape)
+    return result if out.data_ptr() == result.data_ptr() else out.reshape(result.shape)  # in place, or a new sum

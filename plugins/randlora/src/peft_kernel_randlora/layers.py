@@ -26,7 +26,7 @@ from peft_kernel_lowrank.projections import (
 from peft_kernel_lowrank.shared_mixed import Rows
 from peft_kernel_randlora.config import RandLoraConfig
 
-SHARED_MAX_TOKENS = 128
+SHARED_MAX_TOKENS = 32
 """Mixed batches of at most this many tokens (decode) run the shared bases once for every row
 (:meth:`RandLoraLinear.shared_mixed_add`); longer ones (prefill) each adapter group's cached dense
 ``delta W``: the shared path's ``gamma`` contraction costs about one more ``m x m`` product per
