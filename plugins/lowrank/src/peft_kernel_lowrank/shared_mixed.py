@@ -4,7 +4,8 @@ RandLora's ``lambda`` / ``gamma`` around its bases.
 
 Adapters made with the same projections (same seed, rank and largest layer: HF PEFT's rule for
 these methods) form one *class*. For a class, the projection GEMMs run once over every row of the
-batch, and each row applies its own adapter's tensors, gathered from a per-layer *stack* of them
+batch, and each row applies its own adapter's tensors (the same for all of the row's tokens),
+gathered from a per-layer *stack* of them
 (slot ``len(names)`` holds zeros: rows whose adapter is elsewhere or ``"__base__"`` add exact
 zeros). That costs about one adapter's forward whatever the number of adapters in the batch.
 Adapters whose projections differ (another set of target modules, a loaded checkpoint's own
@@ -34,26 +35,23 @@ FULL_PRECISION = (torch.float32, torch.float64)
 
 
 class Rows:
-    """Where a class's adapters sit in a batch flattened to ``[tokens, features]`` (built once per
-    forward and class, shared by every layer)."""
+    """Where a class's adapters sit in a batch (built once per forward and class, shared by every layer)."""
 
-    def __init__(self, routing: Routing, names: tuple[str, ...], batch: int, tokens: int, device: torch.device) -> None:
-        repeat = routing._repeat(batch) * tokens
+    def __init__(self, routing: Routing, names: tuple[str, ...], batch: int, device: torch.device) -> None:
+        repeat = routing._repeat(batch)
         slot = {n: i for i, n in enumerate(names)}
         zero = len(names)
-        self._routing, self._names, self._batch, self._tokens, self._device = routing, names, batch, tokens, device
+        self._routing, self._names, self._batch, self._device = routing, names, batch, device
         self.slots = torch.tensor([slot.get(n, zero) for n in routing.names for _ in range(repeat)], device=device)
-        """``[tokens]``: each token's slot in the class's stacks (the zeros slot where it has none)."""
+        """``[batch]``: each row's slot in the class's stacks (the zeros slot where it has none)."""
         self._groups: tuple[tuple[int, torch.Tensor], ...] | None = None
 
     @property
     def groups(self) -> tuple[tuple[int, torch.Tensor], ...]:
-        """``(slot, token indices)`` for each adapter of the class the batch uses."""
+        """``(slot, row indices)`` for each adapter of the class the batch uses."""
         if self._groups is None:
             rows = self._routing.groups(self._batch, self._device)
-            steps = torch.arange(self._tokens, device=self._device)
-            self._groups = tuple((i, (rows[n].unsqueeze(1) * self._tokens + steps).reshape(-1))
-                                 for i, n in enumerate(self._names) if n in rows)
+            self._groups = tuple((i, rows[n]) for i, n in enumerate(self._names) if n in rows)
         return self._groups
 
 
@@ -101,7 +99,7 @@ class SharedProjectionLayer(Protocol):
 
     def shared_mixed_add(self, result: torch.Tensor, x: torch.Tensor, projections: tuple[torch.Tensor, ...],
                          stacks: tuple[torch.Tensor, ...], rows: Rows) -> torch.Tensor:
-        """``result [tokens, out]`` plus each token's update for ``x [tokens, in]``."""
+        """``result [batch, tokens, out]`` plus each row's update for ``x [batch, tokens, in]``."""
 
 
 def _same(a: tuple[torch.Tensor, ...], b: tuple[torch.Tensor, ...]) -> bool:
@@ -221,10 +219,10 @@ def shared_mixed_forward(layer: Any, x: torch.Tensor, routing: Routing, *args: A
     if any(c.dtype != x.dtype for c in classes):
         return None
     result = base_output(layer.base_layer, x)
-    x2 = x.reshape(-1, d_in)
-    out = result.reshape(-1, result.shape[-1])
+    x3 = x.reshape(batch, tokens, d_in)
+    out = result.reshape(batch, tokens, result.shape[-1])
     for entry in classes:
-        rows = routing.memo(("peft_kernel_lowrank.shared_rows", entry.names, batch, tokens, device),
-                            lambda names=entry.names: Rows(routing, names, batch, tokens, device))
-        out = layer.shared_mixed_add(out, x2, entry.projections, entry.stacks, rows)
+        rows = routing.memo(("peft_kernel_lowrank.shared_rows", entry.names, batch, device),
+                            lambda names=entry.names: Rows(routing, names, batch, device))
+        out = layer.shared_mixed_add(out, x3, entry.projections, entry.stacks, rows)
     return result if out.data_ptr() == result.data_ptr() else out.reshape(result.shape)  # in place, or a new sum

@@ -134,29 +134,30 @@ class RandLoraLinear(ProjectionLayer):
         """Row ``j * n + i`` of the folded ``A'`` is ``lambda[j, i] * A[j] * gamma[i]``, so with the
         layer's smaller side as its input (``m = in``) a token's update is
         ``B @ (scale * lambda * u)`` with ``u[j, i] = gamma[i] . (A[j] * x)``: ``A[j] * x`` for every
-        token at once, ``u`` by one ``[tokens, r, m] @ gamma.T`` product per adapter group, ``B``
+        token at once, ``u`` by one ``[rows, tokens, r, m] @ gamma.T`` product per adapter group, ``B``
         once for every token. With the smaller side as output (``m = out``) the same in reverse:
         ``w = scale * lambda * (x @ B)`` for every token, ``g[j] = w[j] @ gamma`` per adapter
         group, ``sum_j A[j] * g[j]``."""
         a, b = projections
-        lam_rows = stacks[0].index_select(0, rows.slots)  # [tokens, k]
+        lam_rows = stacks[0].index_select(0, rows.slots).unsqueeze(1)  # [batch, 1, k]
         gamma = stacks[1]
-        tokens, (r, m), k = x.shape[0], a.shape, b.shape[1]
+        (batch, tokens, _), (r, m), k = x.shape, a.shape, b.shape[1]
         n = k // r
         if self.out_features >= self.in_features:
-            xa = x.unsqueeze(1) * a  # [tokens, r, m]
-            u = x.new_zeros(tokens, r, n)
+            xa = x.unsqueeze(2) * a  # [batch, tokens, r, m]
+            u = x.new_zeros(batch, tokens, r, n)
             for slot, index in rows.groups:
-                u = u.index_copy(0, index, xa.index_select(0, index) @ gamma[slot].T)
-            w = u.view(tokens, k) * lam_rows
+                u.index_copy_(0, index, xa.index_select(0, index) @ gamma[slot].T)
+            w = u.view(batch, tokens, k) * lam_rows
             if can_add_inplace(result):
-                return result.addmm_(w, b.T)
+                result.view(batch * tokens, -1).addmm_(w.view(batch * tokens, k), b.T)
+                return result
             return result + w @ b.T
-        w = ((x @ b) * lam_rows).view(tokens, r, n)
-        g = x.new_zeros(tokens, r, m)
+        w = ((x @ b) * lam_rows).view(batch, tokens, r, n)
+        g = x.new_zeros(batch, tokens, r, m)
         for slot, index in rows.groups:
-            g = g.index_copy(0, index, w.index_select(0, index) @ gamma[slot])
-        delta = (g * a).sum(1)
+            g.index_copy_(0, index, w.index_select(0, index) @ gamma[slot])
+        delta = (g * a).sum(2)
         if can_add_inplace(result):
             return result.add_(delta)
         return result + delta

@@ -93,10 +93,10 @@ class VeraLinear(ProjectionLayer):
     def shared_mixed_add(self, result: torch.Tensor, x: torch.Tensor, projections: tuple[torch.Tensor, ...],
                          stacks: tuple[torch.Tensor, ...], rows: Rows) -> torch.Tensor:
         """``lambda_b[row] * B(lambda_d[row] * A(x))``: the two projection GEMMs once for every
-        token, each token's vectors gathered from the stack, in HF PEFT's order of operations."""
+        token, each row's vectors gathered from the stack, in HF PEFT's order of operations."""
         a, b = projections
-        vectors = stacks[0].index_select(0, rows.slots)
-        lambda_d, lambda_b = vectors[:, : a.shape[0]], vectors[:, a.shape[0]:]
+        vectors = stacks[0].index_select(0, rows.slots).unsqueeze(1)  # [batch, 1, r + out]
+        lambda_d, lambda_b = vectors[..., : a.shape[0]], vectors[..., a.shape[0]:]
         u = F.linear(x, a)
         u = u.mul_(lambda_d) if not torch.is_grad_enabled() else u * lambda_d
         v = F.linear(u, b)
