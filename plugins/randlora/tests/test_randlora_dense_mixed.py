@@ -1,5 +1,5 @@
 """RandLora's factors hold more numbers than delta W (its rank reaches the smaller side), so mixed
-batches longer than ``SHARED_MAX_TOKENS`` (prefill; shorter ones share the bases:
+batches longer than ``RandLoraLinear.shared_max_tokens`` (prefill; shorter ones share the bases:
 test_randlora_shared_mixed.py) outside training use each adapter's dense delta W, cached while the
 adapter is unchanged."""
 
@@ -9,7 +9,6 @@ from peft_kernel import RandLoraConfig, get_peft_model
 from peft_kernel_testing import make_inputs, make_model, perturb, run
 from peft_kernel_testing.freshness import check_cached_adapters_stay_fresh
 from peft_kernel_lowrank import mixed
-from peft_kernel_randlora import layers as randlora_layers
 from peft_kernel_randlora.layers import RandLoraLinear
 
 pytest.importorskip("peft")
@@ -21,13 +20,13 @@ def config():
 
 @pytest.fixture
 def prefill(monkeypatch):
-    monkeypatch.setattr(randlora_layers, "SHARED_MAX_TOKENS", 0)  # every batch counts as long
+    monkeypatch.setattr(RandLoraLinear, "shared_max_tokens", 0)  # every batch counts as long
 
 
 @pytest.mark.parametrize("long", [False, True])
 def test_mixed_and_single_runs_equal_hf_after_in_place_writes(monkeypatch, long):
     if long:
-        monkeypatch.setattr(randlora_layers, "SHARED_MAX_TOKENS", 0)
+        monkeypatch.setattr(RandLoraLinear, "shared_max_tokens", 0)
     check_cached_adapters_stay_fresh("llama", config)
 
 

@@ -111,9 +111,7 @@ def test_float64_rank_near_the_layer_size(only_shared):
 
 
 def test_long_batches_take_the_dense_path(monkeypatch):
-    """Prefill-sized batches (more tokens than SHARED_MAX_TOKENS) use each adapter's cached dense delta W."""
-    from peft_kernel_randlora import layers as randlora_layers
-
-    monkeypatch.setattr(randlora_layers, "SHARED_MAX_TOKENS", 8)  # the tiny inputs have 4 rows of 6 tokens
+    """Prefill-sized batches (more tokens than RandLoraLinear.shared_max_tokens) use each adapter's cached dense delta W."""
+    monkeypatch.setattr(RandLoraLinear, "shared_max_tokens", 8)  # the tiny inputs have 4 rows of 6 tokens
     monkeypatch.setattr(RandLoraLinear, "shared_mixed_add", lambda *a: pytest.fail("the shared path ran"))
     check_rows(three_adapters(), make_inputs("llama"), ["b", "__base__", "a", "c"])

@@ -140,6 +140,9 @@ class ProjectionLayer(LowRankForwards, AdapterLayer):
     (:func:`check_same_settings`)."""
 
     dropout_name: str = ""
+    shared_max_tokens: int = 2**62
+    """Mixed batches of at most this many tokens share the projections
+    (:mod:`peft_kernel_lowrank.shared_mixed`); a method lowers it where its other paths measured faster."""
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -177,11 +180,6 @@ class ProjectionLayer(LowRankForwards, AdapterLayer):
         """``result [tokens, out]`` plus each token's update for ``x [tokens, in]``: ``projections``
         once for all tokens, ``stacks`` (:meth:`shared_vectors` per slot) gathered per token."""
         raise NotImplementedError
-
-    def shared_worthwhile(self, tokens: int, adapters: int) -> bool:
-        """Whether the shared path serves a mixed batch of ``tokens`` tokens over ``adapters``
-        adapters better than the stacked or dense paths (always, unless a method says otherwise)."""
-        return True
 
     def adapter_dtype(self) -> torch.dtype:
         """The dtype new trainable tensors get: the base weight's when it is a float, else float32."""

@@ -94,8 +94,9 @@ class SharedProjectionLayer(Protocol):
     def scale(self, adapter_name: str) -> float:
         """The adapter's scalar setting (watched)."""
 
-    def shared_worthwhile(self, tokens: int, adapters: int) -> bool:
-        """Whether the shared path beats the layer's other mixed paths for this batch."""
+    shared_max_tokens: int
+    """The most tokens (rows times tokens per row) a batch may have for the shared path; longer
+    ones (prefill) take the layer's other mixed paths, where those measured faster."""
 
     def shared_mixed_add(self, result: torch.Tensor, x: torch.Tensor, projections: tuple[torch.Tensor, ...],
                          stacks: tuple[torch.Tensor, ...], rows: Rows) -> torch.Tensor:
@@ -202,7 +203,7 @@ def shared_mixed_forward(layer: Any, x: torch.Tensor, routing: Routing, *args: A
     """The mixed-batch output of ``layer`` through the shared projections, or ``None`` where the
     layer's other paths must run: extra arguments, an input that is not full precision, one
     adapter for the whole batch, an adapter not ready (live dropout in training, another dtype),
-    adapters whose tensors cannot be stacked, or a batch the layer finds better served otherwise."""
+    adapters whose tensors cannot be stacked, or more tokens than ``layer.shared_max_tokens``."""
     if args or kwargs or x.dtype not in FULL_PRECISION or x.dim() < 2 or not x.shape[0]:
         return None
     batch, d_in, device = x.shape[0], x.shape[-1], x.device
@@ -212,7 +213,7 @@ def shared_mixed_forward(layer: Any, x: torch.Tensor, routing: Routing, *args: A
     if len(groups) == 1 or not used or (layer.training and not all(layer.shared_ready(n) for n in used)):
         return None
     tokens = x.numel() // (batch * d_in)
-    if not layer.shared_worthwhile(batch * tokens, len(used)):
+    if batch * tokens > layer.shared_max_tokens:
         return None
     plan = routing.memo(("peft_kernel_lowrank.shared_plan", id(layer)), lambda: state_of(layer).plan(layer))
     classes = {id(plan[n]): plan[n] for n in used}.values()  # by identity: hashing one hashes its tensors

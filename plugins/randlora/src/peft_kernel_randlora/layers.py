@@ -26,12 +26,6 @@ from peft_kernel_lowrank.projections import (
 from peft_kernel_lowrank.shared_mixed import Rows
 from peft_kernel_randlora.config import RandLoraConfig
 
-SHARED_MAX_TOKENS = 32
-"""Mixed batches of at most this many tokens (decode) run the shared bases once for every row
-(:meth:`RandLoraLinear.shared_mixed_add`); longer ones (prefill) each adapter group's cached dense
-``delta W``: the shared path's ``gamma`` contraction costs about one more ``m x m`` product per
-token, the dense path one ``delta W`` read per adapter."""
-
 SETTINGS = ("r", "projection_prng_key", "save_projection", "sparse", "very_sparse")
 """Config fields every RandLora adapter of one model must share (HF PEFT requires the first three
 and silently gives later adapters the first one's bases, whatever their ``sparse``: refused here)."""
@@ -73,6 +67,10 @@ class RandLoraLinear(ProjectionLayer):
     shared_tensor_names = ("randlora_A", "randlora_B")
     other_param_names = ("randlora_dropout", "scaling")
     dense_mixed_batches = True  # rank k reaches the smaller side: see peft_kernel_lowrank.dense_mixed
+    shared_max_tokens = 32
+    """Longer mixed batches (prefill) use each adapter group's cached dense ``delta W``: the shared
+    path's ``gamma`` contraction costs about one more ``m x m`` product per token, the dense path
+    one ``delta W`` read per adapter (measured crossover between 16 and 64 tokens at hidden 512)."""
     dropout_name = "randlora_dropout"
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
@@ -125,9 +123,6 @@ class RandLoraLinear(ProjectionLayer):
         """``(scale * lambda`` flattened ``[k]`` (entry ``j * n + i``), ``gamma [n, m])``."""
         lam = self.randlora_lambda[adapter_name]
         return lam.reshape(-1) * self.scaling[adapter_name], self.randlora_gamma[adapter_name]
-
-    def shared_worthwhile(self, tokens: int, adapters: int) -> bool:
-        return tokens <= SHARED_MAX_TOKENS
 
     def shared_mixed_add(self, result: torch.Tensor, x: torch.Tensor, projections: tuple[torch.Tensor, ...],
                          stacks: tuple[torch.Tensor, ...], rows: Rows) -> torch.Tensor:

@@ -38,6 +38,10 @@ class VeraLinear(ProjectionLayer):
     shared_tensor_names = ("vera_A", "vera_B")
     other_param_names = ("vera_dropout",)
     dropout_name = "vera_dropout"
+    shared_max_tokens = 256
+    """Longer mixed batches (prefill) take the stacked kernels: the shared path's ``lambda_b``
+    product is one more pass over the ``[tokens, out]`` output (measured crossover near 256 tokens
+    at hidden 512)."""
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer, fan_in_fan_out)
