@@ -9,7 +9,7 @@ from peft_kernel_testing.freshness import check_cached_adapters_stay_fresh
 from peft_kernel_testing.mixed_checks import check_mixed_gradients_against_hf, check_rows, only_path
 
 from peft_kernel import get_peft_model
-from peft_kernel_lowrank import shared_mixed
+from peft_kernel_lowrank import mixed, shared_mixed
 from peft_kernel_vera import VeraConfig
 from peft_kernel_vera.layers import VeraLinear
 
@@ -122,3 +122,14 @@ def test_live_dropout_takes_the_other_paths(monkeypatch):
     assert not layer.shared_ready("a")
     monkeypatch.setattr(VeraLinear, "shared_mixed_add", lambda *a: pytest.fail("the shared path ran with dropout"))
     model(**make_inputs("llama"), adapter_names=["a", "b", "a", "b"])
+
+
+def test_long_batches_take_the_stacked_kernels(monkeypatch):
+    """Prefill-sized batches (more tokens than VeraLinear.shared_max_tokens) use the rank-padded stacks."""
+    monkeypatch.setattr(VeraLinear, "shared_max_tokens", 8)  # the tiny inputs have 4 rows of 6 tokens
+    monkeypatch.setattr(VeraLinear, "shared_mixed_add", lambda *a: pytest.fail("the shared path ran"))
+    calls = []
+    stacked = mixed.mixed_forward
+    monkeypatch.setattr(mixed, "mixed_forward", lambda *a, **k: calls.append(1) or stacked(*a, **k))
+    check(three_adapters(), ["b", "__base__", "a", "c"])
+    assert calls
