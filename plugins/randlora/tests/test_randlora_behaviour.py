@@ -1,7 +1,7 @@
 """RandLora specifics: HF's bit-identical bases (dense, sparse, very sparse), HF's on-disk layout
 (bases at the model and again per layer), the update against the paper's sum written out by hand,
-the settings every adapter of a model shares, a too-small saved base, mixed batches through the
-stacked low-rank kernels, bad configs."""
+the settings every adapter of a model shares, a too-small saved base, mixed batches (no stacked
+low-rank kernels; more in test_randlora_shared_mixed.py / test_randlora_dense_mixed.py), bad configs."""
 
 import pytest
 import torch

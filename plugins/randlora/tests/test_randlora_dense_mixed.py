@@ -1,5 +1,7 @@
 """RandLora's factors hold more numbers than delta W (its rank reaches the smaller side), so mixed
-batches outside training use each adapter's dense delta W, cached while the adapter is unchanged."""
+batches longer than ``RandLoraLinear.shared_max_tokens`` (prefill; shorter ones share the bases:
+test_randlora_shared_mixed.py) outside training use each adapter's dense delta W, cached while the
+adapter is unchanged."""
 
 import pytest
 
@@ -16,11 +18,19 @@ def config():
     return RandLoraConfig(r=4, randlora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_weights=False)
 
 
-def test_mixed_and_single_runs_equal_hf_after_in_place_writes():
+@pytest.fixture
+def prefill(monkeypatch):
+    monkeypatch.setattr(RandLoraLinear, "shared_max_tokens", 0)  # every batch counts as long
+
+
+@pytest.mark.parametrize("long", [False, True])
+def test_mixed_and_single_runs_equal_hf_after_in_place_writes(monkeypatch, long):
+    if long:
+        monkeypatch.setattr(RandLoraLinear, "shared_max_tokens", 0)
     check_cached_adapters_stay_fresh("llama", config)
 
 
-def test_mixed_batches_take_the_dense_path_not_the_stacks(monkeypatch):
+def test_mixed_batches_take_the_dense_path_not_the_stacks(monkeypatch, prefill):
     model = get_peft_model(make_model("llama"), config(), adapter_name="a")
     model.add_adapter("b", config())
     perturb(model, 0)

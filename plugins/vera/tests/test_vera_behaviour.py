@@ -1,6 +1,6 @@
 """VeRA specifics: the shared projections (HF's bit-identical draws, one tensor per adapter, saved
 once or rebuilt), the settings every adapter of a model shares, a too-small saved projection,
-mixed batches through the stacked low-rank kernels, merging, bad configs."""
+merging, bad configs (mixed batches: test_vera_shared_mixed.py)."""
 
 import pytest
 import torch
@@ -9,8 +9,7 @@ from peft_kernel_testing.models import make_inputs, make_model
 from safetensors.torch import load_file
 
 from peft_kernel import PeftModel, get_peft_model
-from peft_kernel.plugin_api import AdapterLayer, CheckpointError, ConfigError, UnsupportedFeatureError
-from peft_kernel_lowrank import mixed
+from peft_kernel.plugin_api import CheckpointError, ConfigError, UnsupportedFeatureError
 from peft_kernel_vera import VeraConfig
 from peft_kernel_vera.layers import VeraLinear
 
@@ -107,35 +106,6 @@ def test_slicing_refuses_a_projection_smaller_than_the_layer():
     with pytest.raises(ConfigError, match=r"shared projection vera_B has shape \(8, 4\), too small"):
         layer.update_layer("x", vera(), "model.layers.0.self_attn.q_proj",
                            shared={"vera_A": torch.zeros(4, 32), "vera_B": torch.zeros(8, 4)})
-
-
-def test_mixed_batch_uses_the_stacked_kernels_and_rows_equal_single_runs(monkeypatch):
-    model = get_peft_model(make_model("llama"), vera(), adapter_name="a")
-    model.add_adapter("b", vera())
-    model.add_adapter("c", vera(target_modules=["q_proj"]))
-    for seed, name in enumerate("abc"):
-        perturb(model, name, seed)
-    model.eval()
-    singles = {}
-    for name in "abc":
-        model.set_adapter(name)
-        singles[name] = run(model)
-    with model.disable_adapter():
-        singles["__base__"] = run(model)
-    calls = []
-    for kernel in ("bmm", "concat"):
-        monkeypatch.setitem(mixed._KERNELS, kernel, lambda *a, _k=mixed._KERNELS[kernel]: calls.append(1) or _k(*a))
-    monkeypatch.setattr(AdapterLayer, "mixed_forward",
-                        lambda *a, **k: pytest.fail("the per-group fallback ran"))
-    names = ["b", "__base__", "a", "c"]
-    for _ in range(2):  # the second forward reuses the cached stacks
-        out = run(model, adapter_names=names)
-        for row, name in enumerate(names):
-            torch.testing.assert_close(out[row], singles[name][row], rtol=0, atol=1e-5)
-    assert calls
-    stacks = {id(layer.__dict__["_low_rank_stack"]) for layer in layers(model)}
-    run(model, adapter_names=names)
-    assert stacks == {id(layer.__dict__["_low_rank_stack"]) for layer in layers(model)}
 
 
 def test_merge_and_safe_merge():

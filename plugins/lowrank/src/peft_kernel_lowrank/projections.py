@@ -27,6 +27,7 @@ from peft_kernel.plugin_api import (
 from peft_kernel_lowrank import mixed
 from peft_kernel_lowrank.derived import DerivedFactors
 from peft_kernel_lowrank.forwards import LowRankForwards
+from peft_kernel_lowrank.shared_mixed import Rows, drop_state, shared_mixed_forward
 
 
 # ---- generation -------------------------------------------------------------------------------
@@ -132,11 +133,16 @@ class ProjectionLayer(LowRankForwards, AdapterLayer):
 
     A subclass names its dropout container in ``dropout_name`` and implements :meth:`fold_inputs`
     (the adapter's tensors the factors are made from), :meth:`fold` (``(A' [k, in], B' [out, k])``
-    from them) and, where a scalar follows the product, :meth:`scale`. Per adapter,
+    from them) and, where a scalar follows the product, :meth:`scale`; for mixed batches that run
+    the shared projections once for every row (:mod:`peft_kernel_lowrank.shared_mixed`),
+    :meth:`shared_projections`, :meth:`shared_vectors` and :meth:`shared_mixed_add`. Per adapter,
     ``projection_settings`` records the config fields every adapter of the model must share
     (:func:`check_same_settings`)."""
 
     dropout_name: str = ""
+    shared_max_tokens: int = 2**62
+    """Mixed batches of at most this many tokens share the projections
+    (:mod:`peft_kernel_lowrank.shared_mixed`); a method lowers it where its other paths measured faster."""
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer)
@@ -161,6 +167,20 @@ class ProjectionLayer(LowRankForwards, AdapterLayer):
         """The scalar applied after the factors (1.0 unless the method has one)."""
         return 1.0
 
+    def shared_projections(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        """The layer's slices of the adapter's shared projections, as :meth:`shared_mixed_add` takes them."""
+        raise NotImplementedError
+
+    def shared_vectors(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        """The adapter's own tensors as :meth:`shared_mixed_add` takes them stacked (zeros: no update)."""
+        raise NotImplementedError
+
+    def shared_mixed_add(self, result: torch.Tensor, x: torch.Tensor, projections: tuple[torch.Tensor, ...],
+                         stacks: tuple[torch.Tensor, ...], rows: Rows) -> torch.Tensor:
+        """``result [tokens, out]`` plus each token's update for ``x [tokens, in]``: ``projections``
+        once for all tokens, ``stacks`` (:meth:`shared_vectors` per slot) gathered per token."""
+        raise NotImplementedError
+
     def adapter_dtype(self) -> torch.dtype:
         """The dtype new trainable tensors get: the base weight's when it is a float, else float32."""
         weight = base_of(self).weight
@@ -172,6 +192,7 @@ class ProjectionLayer(LowRankForwards, AdapterLayer):
         self.projection_settings.pop(adapter_name, None)
         self._folded.drop(adapter_name)
         mixed.drop_stack(self)
+        drop_state(self)
 
     def _dropout(self, adapter_name: str) -> nn.Module:
         return getattr(self, self.dropout_name)[adapter_name]
@@ -192,6 +213,20 @@ class ProjectionLayer(LowRankForwards, AdapterLayer):
         a, b = self.folded(adapter_name)
         weight = (b @ a) * self.scale(adapter_name)
         return weight.T if self.fan_in_fan_out else weight
+
+    def shared_sources(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
+        """The adapter's shared projection buffers (``shared_tensor_names``)."""
+        return tuple(getattr(self, name)[adapter_name] for name in self.shared_tensor_names)
+
+    def shared_ready(self, adapter_name: str) -> bool:
+        """Whether ``adapter_name`` may take the shared mixed path in training: no live dropout."""
+        return isinstance(self._dropout(adapter_name), nn.Identity)
+
+    def mixed_forward(self, x: torch.Tensor, routing: Any, *args: Any, **kwargs: Any) -> torch.Tensor:
+        """The shared projections once for every row where the batch's adapters share them
+        (:mod:`peft_kernel_lowrank.shared_mixed`); otherwise the dense, stacked or grouped paths."""
+        result = shared_mixed_forward(self, x, routing, *args, **kwargs)
+        return super().mixed_forward(x, routing, *args, **kwargs) if result is None else result
 
     def low_rank_factors(self, adapter_name: str) -> LowRankFactors | None:
         """``(A', B', scale)``; ``None`` for adapters this layer does not hold and for live dropout

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from peft_kernel.plugin_api import BufferDict, linear_fan_in_fan_out
+from peft_kernel_lowrank.mixed import can_add_inplace
 from peft_kernel_lowrank.projections import (
     ProjectionLayer,
     largest_features,
@@ -22,6 +23,7 @@ from peft_kernel_lowrank.projections import (
     ternary,
     unit_std,
 )
+from peft_kernel_lowrank.shared_mixed import Rows
 from peft_kernel_randlora.config import RandLoraConfig
 
 SETTINGS = ("r", "projection_prng_key", "save_projection", "sparse", "very_sparse")
@@ -65,6 +67,10 @@ class RandLoraLinear(ProjectionLayer):
     shared_tensor_names = ("randlora_A", "randlora_B")
     other_param_names = ("randlora_dropout", "scaling")
     dense_mixed_batches = True  # rank k reaches the smaller side: see peft_kernel_lowrank.dense_mixed
+    shared_max_tokens = 32
+    """Longer mixed batches (prefill) use each adapter group's cached dense ``delta W``: the shared
+    path's ``gamma`` contraction costs about one more ``m x m`` product per token, the dense path
+    one ``delta W`` read per adapter (measured crossover between 16 and 64 tokens at hidden 512)."""
     dropout_name = "randlora_dropout"
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
@@ -107,6 +113,49 @@ class RandLoraLinear(ProjectionLayer):
 
     def scale(self, adapter_name: str) -> float:
         return self.scaling[adapter_name]
+
+    def shared_projections(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A [r, m], B [M, k])`` (:meth:`_slices`)."""
+        r, n = self.randlora_lambda[adapter_name].shape
+        return self._slices(self.randlora_A[adapter_name], self.randlora_B[adapter_name], r, n)
+
+    def shared_vectors(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(scale * lambda`` flattened ``[k]`` (entry ``j * n + i``), ``gamma [n, m])``."""
+        lam = self.randlora_lambda[adapter_name]
+        return lam.reshape(-1) * self.scaling[adapter_name], self.randlora_gamma[adapter_name]
+
+    def shared_mixed_add(self, result: torch.Tensor, x: torch.Tensor, projections: tuple[torch.Tensor, ...],
+                         stacks: tuple[torch.Tensor, ...], rows: Rows) -> torch.Tensor:
+        """Row ``j * n + i`` of the folded ``A'`` is ``lambda[j, i] * A[j] * gamma[i]``, so with the
+        layer's smaller side as its input (``m = in``) a token's update is
+        ``B @ (scale * lambda * u)`` with ``u[j, i] = gamma[i] . (A[j] * x)``: ``A[j] * x`` for every
+        token at once, ``u`` by one ``[rows, tokens, r, m] @ gamma.T`` product per adapter group, ``B``
+        once for every token. With the smaller side as output (``m = out``) the same in reverse:
+        ``w = scale * lambda * (x @ B)`` for every token, ``g[j] = w[j] @ gamma`` per adapter
+        group, ``sum_j A[j] * g[j]``."""
+        a, b = projections
+        lam_rows = stacks[0].index_select(0, rows.slots).unsqueeze(1)  # [batch, 1, k]
+        gamma = stacks[1]
+        (batch, tokens, _), (r, m), k = x.shape, a.shape, b.shape[1]
+        n = k // r
+        if self.out_features >= self.in_features:
+            xa = x.unsqueeze(2) * a  # [batch, tokens, r, m]
+            u = x.new_zeros(batch, tokens, r, n)
+            for slot, index in rows.groups:
+                u.index_copy_(0, index, xa.index_select(0, index) @ gamma[slot].T)
+            w = u.view(batch, tokens, k) * lam_rows
+            if can_add_inplace(result):
+                result.view(batch * tokens, -1).addmm_(w.view(batch * tokens, k), b.T)
+                return result
+            return result + w @ b.T
+        w = ((x @ b) * lam_rows).view(batch, tokens, r, n)
+        g = x.new_zeros(batch, tokens, r, m)
+        for slot, index in rows.groups:
+            g.index_copy_(0, index, w.index_select(0, index) @ gamma[slot])
+        delta = (g * a).sum(2)
+        if can_add_inplace(result):
+            return result.add_(delta)
+        return result + delta
 
     def fold_inputs(self, adapter_name: str) -> tuple[torch.Tensor, ...]:
         return (self.randlora_lambda[adapter_name], self.randlora_gamma[adapter_name],

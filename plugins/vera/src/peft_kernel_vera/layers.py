@@ -11,7 +11,9 @@ import torch.nn.functional as F
 from torch import nn
 
 from peft_kernel.plugin_api import BufferDict, linear_fan_in_fan_out
+from peft_kernel_lowrank.mixed import can_add_inplace
 from peft_kernel_lowrank.projections import ProjectionLayer, kaiming_uniform, largest_features, leading, seeded_generator
+from peft_kernel_lowrank.shared_mixed import Rows
 from peft_kernel_vera.config import VeraConfig
 
 SETTINGS = ("r", "projection_prng_key", "save_projection")
@@ -36,6 +38,10 @@ class VeraLinear(ProjectionLayer):
     shared_tensor_names = ("vera_A", "vera_B")
     other_param_names = ("vera_dropout",)
     dropout_name = "vera_dropout"
+    shared_max_tokens = 256
+    """Longer mixed batches (prefill) take the stacked kernels: the shared path's ``lambda_b``
+    product is one more pass over the ``[tokens, out]`` output (measured crossover near 256 tokens
+    at hidden 512)."""
 
     def __init__(self, base_layer: nn.Module, fan_in_fan_out: bool = False) -> None:
         super().__init__(base_layer, fan_in_fan_out)
@@ -77,6 +83,30 @@ class VeraLinear(ProjectionLayer):
         b = leading(vera_b, (self.out_features, r), "vera_B", self._module_name).to(lambda_b.dtype)
         x = self.vera_dropout[adapter_name](x.to(lambda_d.dtype))
         return lambda_b * F.linear(lambda_d * F.linear(x, a), b)
+
+    def shared_projections(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(A[:r, :in], B[:out, :r])``."""
+        r = self.vera_lambda_d[adapter_name].shape[0]
+        return (leading(self.vera_A[adapter_name], (r, self.in_features), "vera_A", self._module_name),
+                leading(self.vera_B[adapter_name], (self.out_features, r), "vera_B", self._module_name))
+
+    def shared_vectors(self, adapter_name: str) -> tuple[torch.Tensor]:
+        """``[lambda_d, lambda_b]`` end to end (one gather per forward serves both)."""
+        return (torch.cat([self.vera_lambda_d[adapter_name], self.vera_lambda_b[adapter_name]]),)
+
+    def shared_mixed_add(self, result: torch.Tensor, x: torch.Tensor, projections: tuple[torch.Tensor, ...],
+                         stacks: tuple[torch.Tensor, ...], rows: Rows) -> torch.Tensor:
+        """``lambda_b[row] * B(lambda_d[row] * A(x))``: the two projection GEMMs once for every
+        token, each row's vectors gathered from the stack, in HF PEFT's order of operations."""
+        a, b = projections
+        vectors = stacks[0].index_select(0, rows.slots).unsqueeze(1)  # [batch, 1, r + out]
+        lambda_d, lambda_b = vectors[..., : a.shape[0]], vectors[..., a.shape[0]:]
+        u = F.linear(x, a)
+        u = u.mul_(lambda_d) if not torch.is_grad_enabled() else u * lambda_d
+        v = F.linear(u, b)
+        if can_add_inplace(result):
+            return result.addcmul_(v, lambda_b)
+        return result + v * lambda_b
 
     def fold(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
         """``(diag(lambda_d) A[:r, :in], diag(lambda_b) B[:out, :r])``."""
