@@ -203,27 +203,15 @@ class Stack:
         # behind our back (``p.data = new``, ``.to()``) cannot be freed and its address handed to the
         # new one, which would make ``data_ptr`` look unchanged
         self.pins = [t.detach() for t, v in zip(refs, views) if not v]
-        self.signature = self._signature(refs)
-
-    def _signature(self, tensors: list[torch.Tensor]) -> list[float]:
-        """Each stacked tensor's identity, ``data_ptr`` and, for a copied one, ``_version`` (an
-        adopted tensor still at its slot's address *is* the slot: writes to it need no refresh)."""
-        out: list[float] = []
-        for t, view in zip(tensors, self.views):
-            out += (id(t), t.data_ptr(), 0 if view else t._version)
-        return out
+        self.signature = _signature(factors)
 
     def fresh(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> bool:
-        """True while no adapter of the layer was added, removed, rescaled, replaced, moved or (for
-        a copied tensor) written to. ``factors`` are the layer's current ones:
-        ``load_state_dict(assign=True)`` puts new ``Parameter`` objects in place of the stacked ones
-        (the stacked ones are held in ``refs``, so their ``id`` cannot be reused)."""
-        if held != self.held or tuple(factors) != self.names:
-            return False
-        tensors = _stacked_tensors(factors)
-        if len(tensors) != len(self.views) or [float(f[2]) for f in factors.values()] != self.scales:
-            return False
-        return self._signature(tensors) == self.signature
+        """True while no adapter of the layer was added, removed, rescaled, replaced, moved or
+        written to. ``factors`` are the layer's current ones: ``load_state_dict(assign=True)`` puts
+        new ``Parameter`` objects in place of the stacked ones (the stacked ones are held in
+        ``refs``, so their ``id`` cannot be reused). A write to an adopted tensor already is a write
+        to the stack: the refill it triggers finds every adopted tensor in its slot and copies nothing."""
+        return held == self.held and tuple(factors) == self.names and _signature(factors) == self.signature
 
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.refs)
@@ -264,15 +252,17 @@ def _place(t: torch.Tensor, view: torch.Tensor, padding: torch.Tensor | None, ad
     return False
 
 
-def _stacked_tensors(factors: dict[str, _Parts]) -> list[torch.Tensor]:
-    """The layer's current tensors behind a stack, in a fixed order."""
-    tensors = []
-    for a, b, _, bias in factors.values():
-        tensors.append(a)
-        tensors.append(b)
+def _signature(factors: dict[str, _Parts]) -> list[float]:
+    """Each stacked tensor's identity, ``_version`` and ``data_ptr``, and each scale, flat: one
+    list comparison tells whether anything changed."""
+    out: list[float] = []
+    for a, b, scale, bias in factors.values():
+        out += (id(a), a._version, a.data_ptr(), id(b), b._version, b.data_ptr(), scale)
         if bias is not None:
-            tensors.append(bias)
-    return tensors
+            out += (id(bias), bias._version, bias.data_ptr())
+        else:
+            out.append(-1)
+    return out
 
 
 def stack_factors(layer: LowRankLayer, held: tuple[str, ...]) -> dict[str, _Parts]:
