@@ -344,3 +344,31 @@ def test_alora_is_unaffected():
     got = logits(ours, x, adapter_names=["al", "a"])
     torch.testing.assert_close(got, single_rows(ours, x, ["al", "a"]), atol=ATOL, rtol=0)
     assert not any(v for n, v in adopted(ours).items() if ".al." in n)
+
+
+def test_compiled_path_reads_the_adopted_stacks_without_recompiling():
+    """Under ``torch.compile`` the graph reads the stacks the parameters live in: an in-place write
+    to a parameter (an optimizer step, a load) is seen by the next compiled call, with no recompile."""
+    from torch._dynamo.testing import CompileCounter
+
+    torch._dynamo.reset()
+    try:
+        hf, ours = build({k: ADAPTERS[k] for k in ("a", "b", "d")})
+        counter = CompileCounter()
+        compiled = torch.compile(ours, backend=counter)
+        names = ["a", "d", "__base__", "b"]
+        x = ids(4, seed=8)
+        torch.testing.assert_close(logits(compiled, x, adapter_names=names), logits(hf, x, adapter_names=names),
+                                   atol=ATOL, rtol=0)
+        assert all(adopted(ours).values())
+        frames = counter.frame_count
+        with torch.no_grad():
+            for model in (hf, ours):
+                for n, p in model.named_parameters():
+                    if ".d." in n:
+                        p.mul_(-1.5)
+        torch.testing.assert_close(logits(compiled, x, adapter_names=names), logits(hf, x, adapter_names=names),
+                                   atol=ATOL, rtol=0)
+        assert counter.frame_count == frames and all(adopted(ours).values())
+    finally:
+        torch._dynamo.reset()

@@ -195,7 +195,7 @@ class Stack:
                 for t, view, padding in slots:
                     refs.append(t)
                     views.append(_place(t, view, padding, unique and (id(t) in movable or _owns_storage(t))))
-        self.scales = [float(factors[n][2]) for n in self.names]
+        self.scales = tuple(float(factors[n][2]) for n in self.names)
         self.scale = self.scales[0] if len(set(self.scales)) == 1 else None
         self.refs = refs
         self.views = views
@@ -380,9 +380,9 @@ class Plan:
             self._offs[tokens] = torch.tensor(ends, device=self.device, dtype=torch.int32)
         return self._offs[tokens]
 
-    def mask(self, r: int, scales: list[float], dtype: torch.dtype) -> torch.Tensor:
+    def mask(self, r: int, scales: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
         """``[batch, zero * r]``: the row's adapter's scale on its own adapter block, 0 elsewhere."""
-        key = (r, tuple(scales), dtype)
+        key = (r, scales, dtype)
         if key not in self._masks:
             mask = torch.zeros(self.batch, self.zero, r, dtype=dtype)
             for row, s in enumerate(self.slots_list):
@@ -391,10 +391,10 @@ class Plan:
             self._masks[key] = mask.view(self.batch, self.zero * r).to(self.device)
         return self._masks[key]
 
-    def scales(self, kind: str, scales: list[float], dtype: torch.dtype, tokens: int = 1) -> torch.Tensor:
+    def scales(self, kind: str, scales: tuple[float, ...], dtype: torch.dtype, tokens: int = 1) -> torch.Tensor:
         """Per-slot scales laid out for a kernel: ``rows`` ``[batch, 1, 1]`` (0 for rows without an
         adapter), ``used`` ``[used, 1, 1]``, ``sorted`` ``[rows with an adapter * tokens, 1]``."""
-        key = (kind, tuple(scales), dtype, tokens)
+        key = (kind, scales, dtype, tokens)
         if key not in self._scales:
             if kind == "rows":
                 values = [0.0 if s == self.zero else scales[s] for s in self.slots_list]
