@@ -117,9 +117,10 @@ _Parts = tuple[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"]
 
 
 def _owns_storage(t: torch.Tensor) -> bool:
-    """Whether ``t`` is a ``Parameter`` whose storage is exactly itself, in any dense layout (no view
-    of a larger block; a transposed copy of an adopted ``B`` counts): such a tensor may move into a stack."""
-    return (isinstance(t, nn.Parameter) and not t.is_inference() and t.storage_offset() == 0 and 0 not in t.stride()
+    """Whether ``t`` is a plain ``Parameter`` (no subclass with storage of its own kind) whose storage
+    is exactly itself, in any dense layout (no view of a larger block; a transposed copy of an adopted
+    ``B`` counts): such a tensor may move into a stack."""
+    return (type(t) is nn.Parameter and not t.is_inference() and t.storage_offset() == 0 and 0 not in t.stride()
             and t.untyped_storage().nbytes() == t.numel() * t.element_size())
 
 
