@@ -13,7 +13,9 @@ from torch.utils._pytree import tree_leaves
 
 
 def resident_bytes(model: nn.Module) -> int:
-    """Parameters and buffers (shared tensors once), plus any cached LoRA stacks."""
+    """Parameters and buffers, plus the low-rank stacks, each storage once: a stack is the storage
+    of the adapters it adopted (their parameters are views of it), so only its rank padding and the
+    tensors it had to copy (derived factors) add to the parameters' bytes."""
     seen: dict[int, int] = {}
     for t in [*model.parameters(), *model.buffers()]:
         seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()

@@ -26,7 +26,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from peft_kernel.checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, atomic_save_tensors, load_adapter_weights
+from peft_kernel.checkpoint import PICKLE_WEIGHTS_NAME, WEIGHTS_NAME, atomic_save_tensors, load_adapter_weights, own_storage
 from peft_kernel.config import PeftConfig
 from peft_kernel.errors import CheckpointError
 from peft_kernel.layer import AdapterLayer, adapter_layers, walk_modules
@@ -221,7 +221,10 @@ def get_peft_model_state_dict(
         model = getattr(model, "_orig_mod", model)
     tensors = adapter_state_dict(model, adapter_name, state_dict, save_embedding_layers)
     config = _configs(model).get(adapter_name)
-    return tensors if config is None else _to_disk(config, tensors)
+    tensors = tensors if config is None else _to_disk(config, tensors)
+    # views into a larger block (a method's stacked storage) are copied: each returned tensor holds
+    # its own values only, as the model's own parameters would
+    return {k: own_storage(v) for k, v in tensors.items()}
 
 
 def _to_disk(config: PeftConfig, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

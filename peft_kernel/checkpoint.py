@@ -72,12 +72,26 @@ def atomic_save_tensors(path: Path, tensors: dict[str, torch.Tensor], safe_seria
     import torch
     from safetensors.torch import save_file
 
-    clean = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    clean = {k: own_storage(v.detach()).cpu() for k, v in tensors.items()}
     if safe_serialization:
         clean = _untie(clean)
         _atomic_write(Path(path), lambda tmp: save_file(clean, tmp, metadata={"format": "pt"}))
     else:
         _atomic_write(Path(path), lambda tmp: torch.save(clean, tmp))
+
+
+def own_storage(tensor: torch.Tensor) -> torch.Tensor:
+    """``tensor`` if it is contiguous and its storage holds nothing else, else a contiguous copy.
+
+    A view into a larger storage (a slice of a bigger tensor: a method that keeps several adapters'
+    weights in one block) would make ``torch.save`` write the whole block, and a file or state dict
+    holding it would alias the model's other tensors; a copy holds exactly its own values."""
+    import torch
+
+    if tensor.is_contiguous() and tensor.storage_offset() == 0 and \
+            tensor.untyped_storage().nbytes() == tensor.numel() * tensor.element_size():
+        return tensor
+    return tensor.clone(memory_format=torch.contiguous_format)
 
 
 def _untie(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

@@ -275,4 +275,6 @@ def test_mixed_batch_under_inference_mode():
     inputs = make_inputs("mlp")
     with torch.inference_mode():
         got = model(**inputs, adapter_names=["a", "b", "a", "b"])
-    torch.testing.assert_close(got, run(model, inputs, adapter_names=["a", "b", "a", "b"]), rtol=0, atol=0)
+    # not bit-equal: the first mixed batch moves delora_B into the layer's stack (a transposed view),
+    # and the folded A is then recomputed from it with B's norms summed in another order (~1e-7)
+    torch.testing.assert_close(got, run(model, inputs, adapter_names=["a", "b", "a", "b"]), rtol=0, atol=1e-6)

@@ -291,9 +291,9 @@ def test_plan_and_stack_are_built_once_per_forward(models, monkeypatch):
     built = []
     original = mixed.Stack.__init__
 
-    def counting(self, held, factors):
+    def counting(self, held, factors, *args):
         built.append(tuple(factors))
-        original(self, held, factors)
+        original(self, held, factors, *args)
 
     monkeypatch.setattr(mixed.Stack, "__init__", counting)
     monkeypatch.setattr(mixed, "strategy", "bmm")

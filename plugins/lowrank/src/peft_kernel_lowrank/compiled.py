@@ -3,10 +3,11 @@
 Before each compiled forward, :func:`prepare` refreshes the layer's stack of
 :mod:`peft_kernel_lowrank.mixed` eagerly and in place (a hotswap or ``rescale`` rewrites its values,
 the tensors keep their identity) and maps the model's adapter ids onto the stack's slots
-(``compiled_slots``, ``[adapters + 1]``, in place too). :func:`forward` — what Dynamo traces —
-reads only the rows' adapter ids and these tensors: ``A``, ``scale * B.T`` and the bias of each
-row's slot are gathered (``index_select``), so the routing, the active adapter and the scalings are
-values in tensors, never guards.
+and scales (``compiled_slots`` and ``compiled_scales``, ``[adapters + 1]``, in place too; an adapter
+the layer does not hold reads slot 0 with scale 0). :func:`forward` — what Dynamo traces — reads
+only the rows' adapter ids and these tensors: ``A``, ``B.T``, the scale and the bias of each row's
+slot are gathered (``index_select``), so the routing, the active adapter and the scalings are values
+in tensors, never guards.
 """
 
 from __future__ import annotations
@@ -33,13 +34,16 @@ def prepare(layer: LowRankLayer, order: tuple[str, ...]) -> bool:
         return False
     if stack.compiled_order == order:
         return True
-    slots = [stack.slot.get(n, stack.zero) for n in order] + [stack.zero]
+    slots = [stack.slot.get(n, 0) for n in order] + [0]
+    scales = [stack.scales[stack.slot[n]] if n in stack.slot else 0.0 for n in order] + [0.0]
     current = stack.compiled_slots
     if current is not None and current.shape[0] == len(slots):
         current.copy_(torch.tensor(slots))
+        stack.compiled_scales.copy_(torch.tensor(scales))
     else:
         with torch.inference_mode(False):
             stack.compiled_slots = torch.tensor(slots, dtype=torch.long, device=stack.A.device)
+            stack.compiled_scales = torch.tensor(scales, dtype=stack.A.dtype, device=stack.A.device)
     stack.compiled_order = order
     return True
 
@@ -54,24 +58,26 @@ def forward(layer: LowRankLayer, x: torch.Tensor, *args: Any, **kwargs: Any) -> 
     if stack is None:
         return result
     slots = stack.compiled_slots.index_select(0, rows)
+    scales = stack.compiled_scales.index_select(0, rows)
     xa = x.to(stack.A.dtype)
     same = result.dtype == stack.A.dtype
     if rows.shape[0] == 1:  # one adapter for every row: two GEMMs, the second accumulating
-        u = F.linear(xa, stack.A.index_select(0, slots)[0])
+        u = F.linear(xa, stack.A.index_select(0, slots)[0]) * scales
         bt = stack.Bt.index_select(0, slots)[0]
         out = result.reshape(-1, result.shape[-1])
         out = torch.addmm(out, u.reshape(-1, u.shape[-1]), bt) if same else out + (u.reshape(-1, u.shape[-1]) @ bt).to(out.dtype)
         if stack.bias is not None:
-            out = out + stack.bias.index_select(0, slots).to(out.dtype)
+            out = out + (stack.bias.index_select(0, slots) * scales.unsqueeze(1)).to(out.dtype)
         return out.view(result.shape)
     batch = x.shape[0]
     if batch != rows.shape[0]:  # generate's beams / returned sequences: each row's name repeated
         slots = slots.repeat_interleave(batch // rows.shape[0])
+        scales = scales.repeat_interleave(batch // rows.shape[0])
     x3 = xa.reshape(batch, -1, x.shape[-1])
-    u = torch.bmm(x3, stack.A.index_select(0, slots).transpose(1, 2))
+    u = torch.bmm(x3, stack.A.index_select(0, slots).transpose(1, 2)) * scales.view(-1, 1, 1)
     b_rows = stack.Bt.index_select(0, slots)
     out = result.reshape(batch, -1, result.shape[-1])
     out = torch.baddbmm(out, u, b_rows) if same else out + torch.bmm(u, b_rows).to(out.dtype)
     if stack.bias is not None:
-        out = out + stack.bias.index_select(0, slots).unsqueeze(1).to(out.dtype)
+        out = out + (stack.bias.index_select(0, slots) * scales.unsqueeze(1)).unsqueeze(1).to(out.dtype)
     return out.view(result.shape)

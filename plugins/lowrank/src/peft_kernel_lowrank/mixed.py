@@ -6,11 +6,13 @@ DeLoRA, RandLora next. Nothing here reads a method's attribute names.
 
 Mixed batch (``adapter_names=[...]``, one adapter per row). Every adapter of a layer whose factors
 are not ``None`` is kept in a *stack*, rank-padded with zeros (padding adds exact zeros, so
-results do not change):
+results do not change); the stack is the adapters' storage where it can be (see :class:`Stack`):
 
-- ``A``  ``[S, r_max, in]``   — the ``A`` factors, slot ``S - 1`` all zeros (rows with no adapter)
-- ``Bt`` ``[S, r_max, out]``  — ``scale * B.T``
-- ``bias`` ``[S, out]``       — ``scale * bias`` when any adapter has a bias
+- ``A``  ``[S, r_max, in]``   — the ``A`` factors
+- ``Bt`` ``[S, r_max, out]``  — ``B.T`` (the scales, one per slot, are applied by the kernels)
+- ``bias`` ``[S, out]``       — the biases, when any adapter has one
+
+Rows with no adapter in the layer read slot 0 with a scale of 0.
 
 The stack is rebuilt only when an adapter changed (see :func:`get_stack`); freshness is checked
 once per forward per layer (memoised on the forward's :class:`~peft_kernel.routing.Routing`), never per
@@ -114,31 +116,55 @@ _Parts = tuple[torch.Tensor, torch.Tensor, float, "torch.Tensor | None"]
 """``(A, B, scale, bias)`` of one adapter."""
 
 
+def _owns_storage(t: torch.Tensor) -> bool:
+    """Whether ``t`` is a plain ``Parameter`` (no subclass with storage of its own kind) whose storage
+    is exactly itself, in any dense layout (no view of a larger block; a transposed copy of an adopted
+    ``B`` counts): such a tensor may move into a stack."""
+    return (type(t) is nn.Parameter and not t.is_inference() and t.storage_offset() == 0 and 0 not in t.stride()
+            and t.untyped_storage().nbytes() == t.numel() * t.element_size())
+
+
 class Stack:
-    """The stacked, rank-padded factors of one layer's low-rank adapters."""
+    """The stacked, rank-padded factors of one layer's low-rank adapters.
 
-    __slots__ = ("held", "names", "slot", "A", "Bt", "bias", "r", "zero", "refs", "pins", "signature",
-                 "compiled_slots", "compiled_order")
+    The stack *is* the adapters' storage where it can be (*adoption*): an adapter's ``A`` parameter
+    becomes the view ``A[i, :r]``, its ``B`` the view ``Bt[i, :r].T`` (each adapter's block is one
+    contiguous run of memory whatever its rank), its bias ``bias[i]``, so nothing is held twice and
+    a write to a parameter (optimizer step, ``copy_`` from a load or hotswap) is a write to the stack.
+    Scales are not folded into ``Bt``: kernels apply them per slot. Tensors that are not parameters
+    owning their whole storage (factors derived from other tensors, views, parameters another stack
+    holds already) are copied in instead, as before, and followed through their ``_version``.
+    """
 
-    def __init__(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> None:
+    __slots__ = ("held", "names", "slot", "A", "Bt", "bias", "r", "zero", "scales", "scale", "refs", "views",
+                 "pins", "signature", "compiled_slots", "compiled_scales", "compiled_order")
+
+    def __init__(self, held: tuple[str, ...], factors: dict[str, _Parts], movable: frozenset[int] = frozenset()) -> None:
+        """``movable``: ids of tensors adopted by the stack this one replaces (adopted here too)."""
         self.names = names = tuple(factors)
         self.slot = {n: i for i, n in enumerate(names)}
-        self.zero = len(names)
+        self.zero = len(names)  # the slot number meaning "no adapter here" (no tensor behind it)
         first = factors[names[0]][0]
         device, dtype = first.device, first.dtype
         self.r = max(factors[n][0].shape[0] for n in names)
         in_features, out_features = first.shape[1], factors[names[0]][1].shape[0]
-        size = len(names) + 1
+        size = len(names)
         self.A = torch.zeros(size, self.r, in_features, device=device, dtype=dtype)
         self.Bt = torch.zeros(size, self.r, out_features, device=device, dtype=dtype)
         has_bias = any(factors[n][3] is not None for n in names)
         self.bias = torch.zeros(size, out_features, device=device, dtype=dtype) if has_bias else None
         self.compiled_slots: torch.Tensor | None = None  # see peft_kernel_lowrank.compiled
+        self.compiled_scales: torch.Tensor | None = None
         self.compiled_order: tuple[str, ...] | None = None  # the model's adapter order compiled_slots maps
-        self._fill(held, factors)
+        self._fill(held, factors, movable)
+
+    def __deepcopy__(self, memo: dict) -> None:
+        """A deep-copied layer gets no stack (its parameters are copied on their own, not as views;
+        the copy builds its own stack on its first mixed batch)."""
+        return None
 
     def refill(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> bool:
-        """Rewrite the stack in place (its tensors keep their identity, so compiled graphs that read
+        """Update the stack in place (its tensors keep their identity, so compiled graphs that read
         them stay valid) when the adapters and shapes are the same; ``False`` if they are not."""
         if tuple(factors) != self.names:
             return False
@@ -149,52 +175,82 @@ class Stack:
                 or any(a.shape[1] != self.A.shape[2] or b.shape[0] != self.Bt.shape[2] for a, b, *_ in factors.values())
                 or any(bias is not None for *_, bias in factors.values()) != (self.bias is not None)):
             return False
-        with torch.no_grad():
-            self.A.zero_()
-            self.Bt.zero_()
-            if self.bias is not None:
-                self.bias.zero_()
         self._fill(held, factors)
         return True
 
-    def _fill(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> None:
+    def _fill(self, held: tuple[str, ...], factors: dict[str, _Parts], movable: frozenset[int] = frozenset()) -> None:
+        """Bring every slot up to date: a tensor that is already this stack's view is left alone,
+        any other is copied in (its rank padding zeroed) and adopted where it may be."""
         self.held = held
         self.compiled_order = None
+        refs, views = [], []
+        ids = [id(t) for a, b, _, bias in factors.values() for t in (a, b, bias) if t is not None]
+        unique = len(set(ids)) == len(ids)  # one tensor in two roles is never adopted
         with torch.no_grad():
             for i, n in enumerate(self.names):
-                a, b, s, bias = factors[n]
+                a, b, _, bias = factors[n]
                 r = a.shape[0]
-                self.A[i, :r].copy_(a)
-                self.Bt[i, :r].copy_(b.t() * s)
+                slots = [(a, self.A[i, :r], self.A[i, r:]), (b, self.Bt[i, :r].t(), self.Bt[i, r:])]
                 if bias is not None:
-                    self.bias[i].copy_(bias * s)
-        self.refs = _stacked_tensors(factors)
-        # aliases of the stacked tensors' storages, kept alive so that a storage replaced behind our
-        # back (``p.data = new``, ``.to()``) cannot be freed and its address handed to the new one,
-        # which would make ``data_ptr`` look unchanged
-        self.pins = [t.detach() for t in self.refs]
+                    slots.append((bias, self.bias[i], None))
+                for t, view, padding in slots:
+                    refs.append(t)
+                    views.append(_place(t, view, padding, unique and (id(t) in movable or _owns_storage(t))))
+        self.scales = tuple(float(factors[n][2]) for n in self.names)
+        self.scale = self.scales[0] if len(set(self.scales)) == 1 else None
+        self.refs = refs
+        self.views = views
+        # aliases of the copied (not adopted) tensors' storages, kept alive so that a storage replaced
+        # behind our back (``p.data = new``, ``.to()``) cannot be freed and its address handed to the
+        # new one, which would make ``data_ptr`` look unchanged
+        self.pins = [t.detach() for t, v in zip(refs, views) if not v]
         self.signature = _signature(factors)
 
     def fresh(self, held: tuple[str, ...], factors: dict[str, _Parts]) -> bool:
         """True while no adapter of the layer was added, removed, rescaled, replaced, moved or
-        written to. ``factors`` are the layer's current ones: ``load_state_dict(assign=True)``
-        puts new ``Parameter`` objects in place of the stacked ones (the stacked ones are held in
-        ``refs``, so their ``id`` cannot be reused)."""
+        written to. ``factors`` are the layer's current ones: ``load_state_dict(assign=True)`` puts
+        new ``Parameter`` objects in place of the stacked ones (the stacked ones are held in
+        ``refs``, so their ``id`` cannot be reused). A write to an adopted tensor already is a write
+        to the stack: the refill it triggers finds every adopted tensor in its slot and copies nothing."""
         return held == self.held and tuple(factors) == self.names and _signature(factors) == self.signature
 
     def needs_grad(self) -> bool:
         return torch.is_grad_enabled() and any(t.requires_grad for t in self.refs)
 
+    def adopted(self) -> frozenset[int]:
+        """Ids of the tensors that are views of this stack now."""
+        storages = self._storages()
+        return frozenset(id(t) for t, view in zip(self.refs, self.views)
+                         if view and t.untyped_storage().data_ptr() in storages)
 
-def _stacked_tensors(factors: dict[str, _Parts]) -> list[torch.Tensor]:
-    """The layer's current tensors behind a stack, in a fixed order."""
-    tensors = []
-    for a, b, _, bias in factors.values():
-        tensors.append(a)
-        tensors.append(b)
-        if bias is not None:
-            tensors.append(bias)
-    return tensors
+    def _storages(self) -> set[int]:
+        tensors = (self.A, self.Bt) if self.bias is None else (self.A, self.Bt, self.bias)
+        return {t.untyped_storage().data_ptr() for t in tensors}
+
+    def release(self) -> None:
+        """Give every adopted tensor still viewing this stack a storage of its own again (the stack is
+        being forgotten: an adapter deleted, a layer's adapters re-shaped), so the stack's memory is
+        freed with it."""
+        adopted = self.adopted()
+        with torch.no_grad():
+            for t in self.refs:
+                if id(t) in adopted:
+                    t.data = t.data.clone(memory_format=torch.contiguous_format)
+        self.views = [False] * len(self.refs)
+
+
+def _place(t: torch.Tensor, view: torch.Tensor, padding: torch.Tensor | None, adopt: bool) -> bool:
+    """Put ``t`` into its slot ``view`` of a stack (``padding``: the slot's rank padding, zeroed);
+    ``True`` when ``t`` is (now) that view itself."""
+    if t.data_ptr() == view.data_ptr() and t.shape == view.shape and t.stride() == view.stride():
+        return True  # already the slot
+    view.copy_(t)
+    if padding is not None:
+        padding.zero_()
+    if adopt:
+        t.data = view
+        return True
+    return False
 
 
 def _signature(factors: dict[str, _Parts]) -> list[float]:
@@ -230,11 +286,13 @@ def get_stack(layer: LowRankLayer) -> Stack | None:
     """The layer's current stack, rebuilt if any adapter changed since it was built.
 
     Freshness: the adapters the layer holds and which of them are low-rank right now, each
-    tensor's identity (``load_state_dict(assign=True)`` swaps in new ``Parameter`` objects),
-    ``_version`` (bumped by every in-place write: optimizer steps, ``copy_`` from
-    ``load_adapter`` / ``hotswap_adapter``) and ``data_ptr`` (``.to()``, ``.data =``; the old
-    storages are pinned so their addresses cannot be reused), and the scales
-    (``rescale_adapter_scale``, ``hotswap_adapter``)."""
+    tensor's identity (``load_state_dict(assign=True)`` swaps in new ``Parameter`` objects) and
+    ``data_ptr`` (``.to()``, ``.data =``: an adopted tensor moved out of the stack; the old storages
+    of copied tensors are pinned so their addresses cannot be reused), a copied tensor's
+    ``_version`` (bumped by every in-place write: optimizer steps, ``copy_`` from ``load_adapter`` /
+    ``hotswap_adapter``; an adopted tensor's writes land in the stack itself), and the scales
+    (``rescale_adapter_scale``, ``hotswap_adapter``). A replaced stack is released: its adopted
+    tensors move into the new one, any left (adapters not stacked now) get their own storage back."""
     held = tuple(layer.adapter_names())
     factors = stack_factors(layer, held)
     stack = layer.__dict__.get("_low_rank_stack")
@@ -244,18 +302,24 @@ def get_stack(layer: LowRankLayer) -> Stack | None:
         return None
     parts = [t for a, b, _, bias in factors.values() for t in (a, b, bias) if t is not None]
     if len({t.dtype for t in parts}) != 1 or len({t.device for t in parts}) != 1:
+        drop_stack(layer)  # adapters of several dtypes (one moved): no stack, and none kept alive
         return None
     with torch.inference_mode(False):  # normal tensors: autograd may use the stack after inference mode
         if stack is not None and stack.refill(held, factors):
             return stack
-        stack = Stack(held, factors)
-    layer.__dict__["_low_rank_stack"] = stack  # a plain attribute: not a buffer, not in the state dict
-    return stack
+        new = Stack(held, factors, stack.adopted() if stack is not None else frozenset())
+        if stack is not None:
+            stack.release()
+    layer.__dict__["_low_rank_stack"] = new  # a plain attribute: not a buffer, not in the state dict
+    return new
 
 
 def drop_stack(layer: nn.Module) -> None:
-    """Forget a layer's stack (it is rebuilt on the next mixed batch)."""
-    layer.__dict__.pop("_low_rank_stack", None)
+    """Forget a layer's stack (it is rebuilt on the next mixed batch); tensors it held get their
+    own storage back, so a deleted adapter's memory is freed with the stack."""
+    stack = layer.__dict__.pop("_low_rank_stack", None)
+    if stack is not None:
+        stack.release()
 
 
 # ---- per-forward routing metadata ---------------------------------------------------------------
@@ -270,7 +334,8 @@ class Plan:
         self.batch = batch
         self.device = device
         self.slots_list = per_row
-        self.slots = torch.tensor(per_row, device=device, dtype=torch.long)
+        # rows without an adapter read slot 0 (there is no zero slot), multiplied by a scale of 0
+        self.slots = torch.tensor([0 if s == zero else s for s in per_row], device=device, dtype=torch.long)
         used = sorted({s for s in per_row if s != zero})
         self.used = used
         self.all_in = zero not in per_row
@@ -284,7 +349,8 @@ class Plan:
         self.zero = zero
         self._groups(per_row, order, device)
         self._offs: dict[int, torch.Tensor] = {}
-        self._masks: dict[tuple[int, torch.dtype], torch.Tensor] = {}
+        self._masks: dict[tuple, torch.Tensor] = {}
+        self._scales: dict[tuple, torch.Tensor] = {}
 
     def _groups(self, per_row: list[int], order: list[tuple[int, int]], device: torch.device) -> None:
         """The ``slots`` kernel's layout: the rows of each used adapter side by side, ``width`` rows
@@ -320,16 +386,31 @@ class Plan:
             self._offs[tokens] = torch.tensor(ends, device=self.device, dtype=torch.int32)
         return self._offs[tokens]
 
-    def mask(self, r: int, dtype: torch.dtype) -> torch.Tensor:
-        """``[batch, zero * r]``: 1 on each row's own adapter block."""
-        key = (r, dtype)
+    def mask(self, r: int, scales: tuple[float, ...], dtype: torch.dtype) -> torch.Tensor:
+        """``[batch, zero * r]``: the row's adapter's scale on its own adapter block, 0 elsewhere."""
+        key = (r, scales, dtype)
         if key not in self._masks:
             mask = torch.zeros(self.batch, self.zero, r, dtype=dtype)
             for row, s in enumerate(self.slots_list):
                 if s != self.zero:
-                    mask[row, s] = 1
+                    mask[row, s] = scales[s]
             self._masks[key] = mask.view(self.batch, self.zero * r).to(self.device)
         return self._masks[key]
+
+    def scales(self, kind: str, scales: tuple[float, ...], dtype: torch.dtype, tokens: int = 1) -> torch.Tensor:
+        """Per-slot scales laid out for a kernel: ``rows`` ``[batch, 1, 1]`` (0 for rows without an
+        adapter), ``used`` ``[used, 1, 1]``, ``sorted`` ``[rows with an adapter * tokens, 1]``."""
+        key = (kind, scales, dtype, tokens)
+        if key not in self._scales:
+            if kind == "rows":
+                values = [0.0 if s == self.zero else scales[s] for s in self.slots_list]
+            elif kind == "used":
+                values = [scales[s] for s in self.used]
+            else:
+                values = [scales[s] for s in self.used for _ in range(self.counts[s] * tokens)]
+            shape = (-1, 1) if kind == "sorted" else (-1, 1, 1)
+            self._scales[key] = torch.tensor(values, dtype=dtype).view(shape).to(self.device)
+        return self._scales[key]
 
 
 def _plan(routing: Routing, names: tuple[str, ...], batch: int, device: torch.device) -> Plan:
@@ -399,7 +480,17 @@ def _accumulate(result3: torch.Tensor, delta3: torch.Tensor) -> torch.Tensor:
 def _add_bias(stack: Stack, plan: Plan, result3: torch.Tensor) -> torch.Tensor:
     if stack.bias is None:
         return result3
-    return _accumulate(result3, stack.bias.index_select(0, plan.slots).unsqueeze(1))
+    rows = stack.bias.index_select(0, plan.slots).unsqueeze(1)  # [batch, 1, out]
+    return _accumulate(result3, rows * plan.scales("rows", stack.scales, rows.dtype))
+
+
+def _row_alpha(stack: Stack, plan: Plan, u: torch.Tensor) -> float:
+    """Scale ``u`` (``[batch, tokens, r]``, this kernel's own) by each row's scale where they differ
+    or some rows have no adapter here; else return the one scale, for the accumulating GEMM."""
+    if stack.scale is not None and plan.all_in:
+        return stack.scale
+    u.mul_(plan.scales("rows", stack.scales, u.dtype))
+    return 1.0
 
 
 def _bmm(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, tokens: int) -> torch.Tensor:
@@ -407,12 +498,13 @@ def _bmm(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, tokens
     x3 = x.reshape(batch, tokens, x.shape[-1]).to(stack.A.dtype)
     a_rows = stack.A.index_select(0, plan.slots)  # [batch, r, in]
     u = torch.bmm(x3, a_rows.transpose(1, 2))  # [batch, tokens, r]
+    alpha = _row_alpha(stack, plan, u)
     b_rows = stack.Bt.index_select(0, plan.slots)  # [batch, r, out]
     result3 = result.view(batch, tokens, result.shape[-1])
     if can_add_inplace(result3) and result3.dtype == b_rows.dtype:
-        result3.baddbmm_(u, b_rows)
+        result3.baddbmm_(u, b_rows, alpha=alpha)
     else:
-        result3 = result3 + torch.bmm(u, b_rows).to(result3.dtype)
+        result3 = result3 + (torch.bmm(u, b_rows) * alpha).to(result3.dtype)
     return _add_bias(stack, plan, result3).view(result.shape)
 
 
@@ -420,7 +512,7 @@ def _concat(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, tok
     batch, n, r = plan.batch, stack.zero, stack.r
     x3 = x.reshape(batch, tokens, x.shape[-1]).to(stack.A.dtype)
     u = F.linear(x3, stack.A[:n].reshape(n * r, x.shape[-1]))  # [batch, tokens, n * r]
-    u.mul_(plan.mask(r, u.dtype).unsqueeze(1))
+    u.mul_(plan.mask(r, stack.scales, u.dtype).unsqueeze(1))
     b_all = stack.Bt[:n].reshape(n * r, -1)
     result3 = result.view(batch, tokens, result.shape[-1])
     if can_add_inplace(result3) and result3.dtype == b_all.dtype:
@@ -439,13 +531,18 @@ def _slots(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, toke
     x3 = x.reshape(plan.batch, tokens, d_in).to(stack.A.dtype)
     xs = x3 if plan.in_place else x3.index_select(0, plan.gather)
     u = torch.bmm(xs.reshape(k, width * tokens, d_in), plan.take(stack.A).transpose(1, 2))  # [k, width * tokens, r]
+    alpha = stack.scale
+    if alpha is None:
+        u.mul_(plan.scales("used", stack.scales, u.dtype))
+        alpha = 1.0
     b_used = plan.take(stack.Bt)  # [k, r, out]
     result3 = result.view(plan.batch, tokens, d_out)
     inplace = can_add_inplace(result3) and result3.dtype == b_used.dtype
     if plan.in_place and inplace:
-        result3.view(k, width * tokens, d_out).baddbmm_(u, b_used)
+        result3.view(k, width * tokens, d_out).baddbmm_(u, b_used, alpha=alpha)
     else:
-        d = torch.bmm(u, b_used).view(k * width, tokens, d_out).to(result3.dtype)
+        d = torch.bmm(u, b_used)
+        d = (d if alpha == 1.0 else d * alpha).view(k * width, tokens, d_out).to(result3.dtype)
         if plan.in_place:
             result3 = result3 + d
         else:
@@ -476,6 +573,7 @@ def _grouped(stack: Stack, plan: Plan, result: torch.Tensor, x: torch.Tensor, to
     xs = x3.index_select(0, plan.perm).reshape(plan.n_in * tokens, d_in)
     offs = plan.offs(tokens)
     u = torch._grouped_mm(xs, stack.A[:n].transpose(1, 2), offs=offs)
+    u = u * (stack.scale if stack.scale is not None else plan.scales("sorted", stack.scales, u.dtype, tokens))
     d = torch._grouped_mm(u, stack.Bt[:n], offs=offs).view(plan.n_in, tokens, d_out)
     result3 = result.view(batch, tokens, d_out)
     if can_add_inplace(result3) and result3.dtype == d.dtype:
