@@ -9,6 +9,7 @@ import torch
 from peft_kernel import get_peft_model
 from peft_kernel_testing import check_mixed_batch_against_hf, make_inputs, make_model, perturb, run
 from peft_kernel_testing.freshness import check_cached_adapters_stay_fresh
+from peft_kernel_testing.mixed_checks import check_rows, single_runs
 from peft_kernel_osf import OSFConfig
 
 peft = pytest.importorskip("peft")
@@ -40,16 +41,8 @@ def test_three_adapters_unsorted_rows_and_a_zero_rank_adapter():
         perturb(model, seed)
     model.eval()
     inputs = make_inputs("mlp", batch=6)
-    names = ["b", "frozen", "a", "__base__", "b", "a"]
-    singles = {}
-    for name in ("a", "b", "frozen"):
-        model.set_adapter(name)
-        singles[name] = run(model, inputs)
-    with model.disable_adapter():
-        singles["__base__"] = run(model, inputs)
-    got = run(model, inputs, adapter_names=names)
-    for row, name in enumerate(names):
-        torch.testing.assert_close(got[row], singles[name][row], atol=1e-5, rtol=0)
+    check_rows(model, inputs, ["b", "frozen", "a", "__base__", "b", "a"])
+    singles = single_runs(model, inputs, ["frozen", "__base__"])
     torch.testing.assert_close(singles["frozen"], singles["__base__"], atol=1e-6, rtol=0)
 
 
@@ -68,13 +61,7 @@ def test_delete_and_add_back_under_the_same_name():
     model.set_adapter("b")
     perturb(model, 5)
     model.eval()
-    singles = {}
-    for name in ("a", "b"):
-        model.set_adapter(name)
-        singles[name] = run(model, inputs)
-    got = run(model, inputs, adapter_names=names)
-    for row, name in enumerate(names):
-        torch.testing.assert_close(got[row], singles[name][row], atol=1e-5, rtol=0)
+    check_rows(model, inputs, names)
 
 
 def test_gradients_through_a_mixed_batch_equal_per_group_runs():
