@@ -91,21 +91,20 @@ class C3ALinear(AdapterLayer):
 
     def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
         """Each row with its own adapter, vectorised over adapters: the rows are placed per
-        adapter in a zero-padded batch and one FFT, one ``bmm`` against the stacked spectra and one
+        adapter in a padded batch and one FFT, one ``bmm`` against the stacked spectra and one
         inverse FFT serve them all (:func:`spectral.apply_padded`). Adapters of different block
         sizes, and groups too unbalanced to pad, take the generic per-group path."""
         groups = {n: rows for n, rows in routing.groups(x.shape[0], x.device).items() if self.has_adapter(n)}
         kernels = [self.c3a_kernel[n] for n in groups]
         if not kernels or len({k.shape for k in kernels}) > 1:
             return super().mixed_forward(x, routing, *args, **kwargs)
-        names = tuple(groups)
-        pad = routing.memo(("c3a.padding", x.shape[0], x.device, names),
+        pad = routing.memo(("c3a.padding", x.shape[0], x.device, tuple(groups)),
                            lambda: spectral.padding(list(groups.values()), x.shape[0]))
         if pad is None:
             return super().mixed_forward(x, routing, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        dtype = _compute_dtype(x.dtype, *(k.dtype for k in kernels))
-        delta = spectral.apply_padded(x, self.stacked_spectra(names, dtype), kernels[0].shape[-1], pad).to(result.dtype)
+        delta = spectral.apply_padded(x, self.stacked_spectra(kernels, x.dtype), kernels[0].shape[-1], pad)
+        delta = delta.to(result.dtype)
         if result.requires_grad:
             return result + delta if pad.every_row else result.index_add(0, pad.rows, delta)
         return result.add_(delta) if pad.every_row else result.index_add_(0, pad.rows, delta)
@@ -119,11 +118,16 @@ class C3ALinear(AdapterLayer):
             return compute()
         return self._spectra.get(self, adapter_name, compute)
 
-    def stacked_spectra(self, names: tuple[str, ...], dtype: torch.dtype) -> torch.Tensor:
-        """``[frequencies, adapters, blocks_in, blocks_out]``: the spectra of ``names``, stacked
-        once and reused while the batch uses the same adapters, unchanged."""
-        spectra = tuple(self.spectrum(n, dtype) for n in names)
-        return self._stack.get("stack", spectra, lambda: torch.stack(spectra, dim=1))
+    def stacked_spectra(self, kernels: list[torch.Tensor], input_dtype: torch.dtype) -> torch.Tensor:
+        """``[frequencies, adapters, blocks_in, blocks_out]``: the spectra of ``kernels`` (one
+        block size) in the compute dtype of them and the input, in one transform of the stacked
+        kernels; in the kernels' own compute dtype (the usual case) reused across forwards while
+        the batch uses the same kernels, unchanged."""
+        dtype = _compute_dtype(input_dtype, *(k.dtype for k in kernels))
+        compute = lambda: spectral.spectrum(torch.stack(kernels), self.in_features, dtype)  # noqa: E731
+        if dtype != _compute_dtype(*(k.dtype for k in kernels)):
+            return compute()
+        return self._stack.get("stack", tuple(kernels), compute)
 
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
