@@ -97,7 +97,8 @@ class RoadLayer(AdapterLayer):
         """``[len(order) + 1, 2, out]``: each adapter's ``c`` and ``s`` stacked, adapters of another
         ``group_size`` and the last row the identity (``c = 1, s = 0``); reused while the batch uses
         the same, unchanged adapters."""
-        sources = tuple(t for name in order for t in (self.road_theta[name], self.road_alpha[name]))
+        theta, alpha = (self._modules[n]._parameters for n in self.adapter_layer_names)  # no Module.__getattr__
+        sources = tuple(t for name in order for t in (theta[name], alpha[name]))
 
         def build() -> torch.Tensor:
             identity = torch.ones(2, self.out_features, dtype=sources[1].dtype, device=sources[1].device)
