@@ -9,9 +9,9 @@ so each output block is a sum over input blocks of circular cross-correlations,
 ``y_o = sum_i ifft(conj(fft(k_oi)) * fft(x_i)) / in_features``, computed with real FFTs in
 ``O(b log b)`` per block pair instead of ``O(b^2)`` (:mod:`peft_kernel_c3a.spectral`). It is
 additive: the core derives forward, several active adapters and merging from ``delta`` and
-``delta_weight``; mixed batches run vectorised over adapters (:meth:`C3ALinear.mixed_forward`). Half-precision inputs and kernels are transformed in float32 (torch's
-half-precision FFTs run on CUDA only, for power-of-two sizes only) and the delta returned in the
-wider of the two dtypes.
+``delta_weight``; mixed batches run vectorised over adapters (:meth:`C3ALinear.mixed_forward`).
+Half-precision inputs and kernels are transformed in float32 (torch's half-precision FFTs run on
+CUDA only, for power-of-two sizes only) and the delta returned in the wider of the two dtypes.
 """
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 Every tensor here keeps the frequency axis first and contiguous, so the per-frequency products
 ``[rows, blocks_in] @ [blocks_in, blocks_out]`` run as one ``bmm`` over frequencies (a product
 whose operands stride the frequency axis innermost falls back to a slow per-matrix loop on CPU).
-A mixed batch places each adapter's rows in its own equal-width segment of a zero-padded batch
+A mixed batch places each adapter's rows in its own equal-width segment of a padded batch
 (:class:`Padding`), so one ``bmm`` over (frequency, adapter) serves every adapter at once.
 """
 
