@@ -1,6 +1,6 @@
 """C3A's vectorised mixed batches (``peft_kernel_c3a.spectral.apply_padded``): rows padded per adapter,
 one FFT / ``bmm`` / inverse FFT for every adapter. Every row equals its single-adapter run and HF
-peft's; unbalanced groups, base rows, prompts and decode steps, new and deleted adapters, gradients,
+peft's; unbalanced groups, base rows, prompts, decode steps and generate, new and deleted adapters, gradients,
 half precision and float64."""
 
 import pytest
@@ -157,3 +157,10 @@ def test_padding_layout():
     assert pad.fill.tolist() == [1, 4, 4, 0, 0, 0, 2, 3, 5]
     assert pad.rows.tolist() == [0, 1, 2, 3, 4, 5] and pad.positions.tolist() == [3, 0, 6, 7, 1, 8]
     assert spectral.padding([torch.tensor([0, 1, 2, 3, 4]), torch.tensor([5]), torch.tensor([6])], batch=7) is None
+
+
+def test_generate_with_a_mixed_batch_matches_greedy_decoding():
+    from peft_kernel_testing.generation import check_generate_matches_greedy
+
+    ids = make_inputs("llama", batch=3)["input_ids"]
+    check_generate_matches_greedy(llama(), ids, max_new_tokens=3, adapter_names=["two", "__base__", "six"])
