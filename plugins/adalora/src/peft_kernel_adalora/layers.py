@@ -122,14 +122,20 @@ class SVDLinear(LowRankForwards, SVDLayer):
     # ---- the low-rank protocol and the fast forwards (see peft_kernel_lowrank) ----------------
     def low_rank_factors(self, adapter_name: str) -> LowRankFactors | None:
         """``(A * E, B, scaling / (ranknum + 1e-5))``. Without autograd the folded ``A * E`` is the
-        same tensor until ``A`` or ``E`` changes (a masking step writes ``E`` in place). ``None``
-        for live dropout in training and for adapters this layer does not hold."""
+        same tensor until ``A`` or ``E`` changes (a masking step writes ``E`` in place), cached with
+        ``ranknum`` read once (one freshness check per call: the stacked kernels call this for every
+        adapter on every mixed-batch forward). ``None`` for live dropout in training and for adapters
+        this layer does not hold."""
         if adapter_name not in self.r:
             return None
-        if self.training and not isinstance(self.lora_dropout[adapter_name], nn.Identity):
+        modules = self._modules  # no Module.__getattr__ on this per-forward path
+        if self.training and not isinstance(modules["lora_dropout"]._modules[adapter_name], nn.Identity):
             return None
-        a, b, e = self.lora_A[adapter_name], self.lora_B[adapter_name], self.lora_E[adapter_name]
-        return self._folded.get(adapter_name, (a, e), lambda: a * e), b, self.scale(adapter_name)
+        a, b, e, ranknum = (modules[n]._parameters[adapter_name] for n in ("lora_A", "lora_B", "lora_E", "ranknum"))
+        if torch.is_grad_enabled() and (a.requires_grad or e.requires_grad):
+            return a * e, b, self.scale(adapter_name)
+        folded, rank = self._folded.get(adapter_name, (a, e, ranknum), lambda: (a * e, float(ranknum)))
+        return folded, b, self.scaling[adapter_name] / (rank + EPS)
 
 
 class SVDConv2d(SVDLayer):

@@ -7,11 +7,11 @@ is a block matrix of circulant blocks, scaled by ``1/in_features``::
 
 so each output block is a sum over input blocks of circular cross-correlations,
 ``y_o = sum_i ifft(conj(fft(k_oi)) * fft(x_i)) / in_features``, computed with real FFTs in
-``O(b log b)`` per block pair instead of ``O(b^2)``. It is additive: the core derives forward,
-several active adapters, mixed batches (one ``delta`` per adapter group of rows) and merging from
-``delta`` and ``delta_weight``. Half-precision inputs and kernels are transformed in float32 (torch's
-half-precision FFTs run on CUDA only, for power-of-two sizes only) and the delta returned in the
-wider of the two dtypes.
+``O(b log b)`` per block pair instead of ``O(b^2)`` (:mod:`peft_kernel_c3a.spectral`). It is
+additive: the core derives forward, several active adapters and merging from ``delta`` and
+``delta_weight``; mixed batches run vectorised over adapters (:meth:`C3ALinear.mixed_forward`).
+Half-precision inputs and kernels are transformed in float32 (torch's half-precision FFTs run on
+CUDA only, for power-of-two sizes only) and the delta returned in the wider of the two dtypes.
 """
 
 from __future__ import annotations
@@ -23,8 +23,10 @@ import torch
 from torch import nn
 
 from peft_kernel.plugin_api import AdapterLayer, ConfigError, Routing, pattern_value
+from peft_kernel_c3a import spectral
 from peft_kernel_c3a.config import C3AConfig
 from peft_kernel_lowrank.adapter_cache import AdapterCache
+from peft_kernel_lowrank.derived import DerivedFactors
 
 
 def _compute_dtype(*dtypes: torch.dtype) -> torch.dtype:
@@ -61,6 +63,7 @@ class C3ALinear(AdapterLayer):
         self.c3a_kernel = nn.ParameterDict()
         self.block_size: dict[str, int] = {}
         self._spectra = AdapterCache()
+        self._stack = DerivedFactors()
 
     def update_layer(self, adapter_name: str, config: C3AConfig, module_name: str = "") -> None:
         pattern = pattern_value(config.block_size_pattern, module_name, None)
@@ -82,45 +85,54 @@ class C3ALinear(AdapterLayer):
 
     def delta(self, x: torch.Tensor, adapter_name: str) -> torch.Tensor:
         kernel = self.c3a_kernel[adapter_name]
-        blocks_out, blocks_in, size = kernel.shape
         dtype = _compute_dtype(x.dtype, kernel.dtype)
-        spectrum = self.spectrum(adapter_name, dtype)  # [blocks_out, blocks_in, size//2+1]
-        signal = torch.fft.rfft(x.to(dtype).unflatten(-1, (blocks_in, size)), dim=-1)  # [..., blocks_in, f]
-        mixed = torch.einsum("...if,oif->...of", signal, spectrum)
-        out = torch.fft.irfft(mixed, n=size, dim=-1).flatten(-2) / self.in_features
-        return out.to(torch.promote_types(x.dtype, kernel.dtype))
+        out = spectral.apply(x.reshape(-1, self.in_features).to(dtype), self.spectrum(adapter_name, dtype), kernel.shape[-1])
+        return out.reshape(*x.shape[:-1], self.out_features).to(torch.promote_types(x.dtype, kernel.dtype))
 
     def mixed_forward(self, x: torch.Tensor, routing: Routing, *args: Any, **kwargs: Any) -> torch.Tensor:
-        """Each row with its own adapter: the input's FFT and the output's inverse FFT run once
-        over the whole batch, only the per-block spectral products run per adapter group
-        (adapters of different block sizes take the generic per-group path)."""
+        """Each row with its own adapter, vectorised over adapters: the rows are placed per
+        adapter in a padded batch and one FFT, one ``bmm`` against the stacked spectra and one
+        inverse FFT serve them all (:func:`spectral.apply_padded`). Adapters of different block
+        sizes, and groups too unbalanced to pad, take the generic per-group path."""
         groups = {n: rows for n, rows in routing.groups(x.shape[0], x.device).items() if self.has_adapter(n)}
         kernels = [self.c3a_kernel[n] for n in groups]
         if not kernels or len({k.shape for k in kernels}) > 1:
             return super().mixed_forward(x, routing, *args, **kwargs)
+        pad = routing.memo(("c3a.padding", x.shape[0], x.device, tuple(groups)),
+                           lambda: spectral.padding(list(groups.values()), x.shape[0]))
+        if pad is None:
+            return super().mixed_forward(x, routing, *args, **kwargs)
         result = self.base_layer(x, *args, **kwargs)
-        blocks_out, blocks_in, size = kernels[0].shape
-        dtype = _compute_dtype(x.dtype, *(k.dtype for k in kernels))
-        signal = torch.fft.rfft(x.to(dtype).unflatten(-1, (blocks_in, size)), dim=-1)  # [B, ..., blocks_in, f]
-        mixed = signal.new_zeros(*signal.shape[:-2], blocks_out, signal.shape[-1])
-        for name, rows in groups.items():
-            part = torch.einsum("...if,oif->...of", signal.index_select(0, rows), self.spectrum(name, dtype))
-            mixed.index_copy_(0, rows, part)
-        out = torch.fft.irfft(mixed, n=size, dim=-1).flatten(-2) / self.in_features
-        return result + out.to(result.dtype)
+        delta = spectral.apply_padded(x, self.stacked_spectra(kernels, x.dtype), kernels[0].shape[-1], pad)
+        delta = delta.to(result.dtype)
+        if result.requires_grad:
+            return result + delta if pad.every_row else result.index_add(0, pad.rows, delta)
+        return result.add_(delta) if pad.every_row else result.index_add_(0, pad.rows, delta)
 
     def spectrum(self, adapter_name: str, dtype: torch.dtype) -> torch.Tensor:
-        """``conj(rfft(kernel))`` in ``dtype``; in the kernel's own compute dtype (the usual case)
-        computed once and reused across forwards while the kernel is unchanged."""
+        """The adapter's :func:`spectral.spectrum` in ``dtype``; in the kernel's own compute dtype
+        (the usual case) computed once and reused across forwards while the kernel is unchanged."""
         kernel = self.c3a_kernel[adapter_name]
-        compute = lambda: torch.fft.rfft(kernel.to(dtype), dim=-1).conj()  # noqa: E731
+        compute = lambda: spectral.spectrum(kernel, self.in_features, dtype)  # noqa: E731
         if dtype != _compute_dtype(kernel.dtype):
             return compute()
         return self._spectra.get(self, adapter_name, compute)
 
+    def stacked_spectra(self, kernels: list[torch.Tensor], input_dtype: torch.dtype) -> torch.Tensor:
+        """``[frequencies, adapters, blocks_in, blocks_out]``: the spectra of ``kernels`` (one
+        block size) in the compute dtype of them and the input, in one transform of the stacked
+        kernels; in the kernels' own compute dtype (the usual case) reused across forwards while
+        the batch uses the same kernels, unchanged."""
+        dtype = _compute_dtype(input_dtype, *(k.dtype for k in kernels))
+        compute = lambda: spectral.spectrum(torch.stack(kernels), self.in_features, dtype)  # noqa: E731
+        if dtype != _compute_dtype(*(k.dtype for k in kernels)):
+            return compute()
+        return self._stack.get("stack", tuple(kernels), compute)
+
     def delete_adapter(self, adapter_name: str) -> None:
         super().delete_adapter(adapter_name)
         self._spectra.drop(adapter_name)
+        self._stack.drop("stack")
 
     def delta_weight(self, adapter_name: str) -> torch.Tensor:
         kernel = self.c3a_kernel[adapter_name]

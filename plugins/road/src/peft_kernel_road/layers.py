@@ -1,8 +1,10 @@
 """The RoAd layer: the base output rotated and scaled pairwise, ``y -> R y`` (not additive).
 
-Several active adapters apply one after another (activation order). A mixed batch runs the base
-layer once and gathers each row's ``(c, s)`` from a table stacked over the adapters present (plus an
-identity row for ``__base__``): one elementwise pass per distinct ``group_size``, no loop over rows.
+Several active adapters apply one after another (activation order). An adapter's ``(c, s)`` is
+computed once and reused while its parameters are unchanged. A mixed batch runs the base layer once
+and gathers each row's ``(c, s)`` from a table stacked over the adapters present (plus an identity
+row for ``__base__``), also kept while its adapters are unchanged: one elementwise pass per distinct
+``group_size``, no loop over rows.
 Merging rewrites ``W <- R W`` and ``b <- R b``; unmerging applies the exact inverse of ``R``.
 Imported on first use only (it imports torch).
 """
@@ -17,6 +19,8 @@ from torch import nn
 from peft_kernel.plugin_api import AdapterLayer, ConfigError, Routing
 from peft_kernel_road.config import VARIANTS, RoadConfig
 from peft_kernel_road.rotation import coefficients, inverse, rotate
+from peft_kernel_lowrank.adapter_cache import AdapterCache
+from peft_kernel_lowrank.derived import DerivedFactors
 
 
 class RoadLayer(AdapterLayer):
@@ -31,6 +35,8 @@ class RoadLayer(AdapterLayer):
         self.road_theta, self.road_alpha = nn.ParameterDict(), nn.ParameterDict()
         self.variant: dict[str, str] = {}
         self.group_size: dict[str, int] = {}
+        self._coefficients = AdapterCache()
+        self._tables = DerivedFactors()
 
     def update_layer(self, adapter_name: str, config: RoadConfig, module_name: str = "") -> None:
         if self.out_features % config.group_size:
@@ -49,9 +55,16 @@ class RoadLayer(AdapterLayer):
         self.group_size[adapter_name] = config.group_size
 
     def coefficients(self, adapter_name: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Per-output-feature ``(c, s)`` of ``adapter_name`` (see :mod:`peft_kernel_road.rotation`)."""
-        return coefficients(self.variant[adapter_name], self.road_theta[adapter_name], self.road_alpha[adapter_name],
-                            self.out_features, self.group_size[adapter_name])
+        """Per-output-feature ``(c, s)`` of ``adapter_name`` (see :mod:`peft_kernel_road.rotation`),
+        reused across forwards while the adapter's parameters are unchanged."""
+        return self._coefficients.get(self, adapter_name, lambda: coefficients(
+            self.variant[adapter_name], self.road_theta[adapter_name], self.road_alpha[adapter_name],
+            self.out_features, self.group_size[adapter_name]))
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        super().delete_adapter(adapter_name)
+        self._coefficients.drop(adapter_name)
+        self._tables.keep([])
 
     # ---- forward ----------------------------------------------------------------------------
     def adapted_forward(self, x: torch.Tensor, adapters: list[str], *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -67,28 +80,34 @@ class RoadLayer(AdapterLayer):
         order = tuple(name for name in routing.unique if self.has_adapter(name))
         if not order:
             return result
-        slots = routing.slots(result.shape[0], result.device, order)
-        rows = torch.where(slots < 0, len(order), slots)  # rows without an adapter here: the identity row
+        rows = routing.memo(("road.rows", result.shape[0], result.device, order),
+                            lambda: _table_rows(routing.slots(result.shape[0], result.device, order), len(order)))
         shape = (result.shape[0],) + (1,) * (result.dim() - 2) + (self.out_features,)
         sizes = list(dict.fromkeys(self.group_size[name] for name in order))
-        if len(sizes) == 1:
-            c, s = (table[rows].view(shape) for table in self._stacked(order, sizes[0], result.device))
-            return rotate(result, c, s, sizes[0]).to(result.dtype)
         out = result  # adapters of several group sizes: each size adds its own rows' change
         for group_size in sizes:
-            c, s = (table[rows].view(shape) for table in self._stacked(order, group_size, result.device))
+            picked = self._table(order, group_size).to(result.device).index_select(0, rows)  # [batch, 2, out]
+            c, s = picked[:, 0].view(shape), picked[:, 1].view(shape)
+            if len(sizes) == 1:
+                return rotate(result, c, s, group_size).to(result.dtype)
             out = out + rotate(result, c - 1, s, group_size)
         return out.to(result.dtype)
 
-    def _stacked(self, order: tuple[str, ...], group_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-        """``[len(order) + 1, out]`` tables of ``c`` and ``s`` of the adapters in ``order``; adapters
-        of another ``group_size`` and the last row are the identity (``c = 1, s = 0``)."""
-        reference = self.road_alpha[order[0]]
-        identity = torch.ones(self.out_features, device=reference.device, dtype=reference.dtype)
-        pairs = [self.coefficients(name) if self.group_size[name] == group_size else (identity, identity * 0)
-                 for name in order]
-        pairs.append((identity, identity * 0))
-        return torch.stack([c for c, _ in pairs]).to(device), torch.stack([s for _, s in pairs]).to(device)
+    def _table(self, order: tuple[str, ...], group_size: int) -> torch.Tensor:
+        """``[len(order) + 1, 2, out]``: each adapter's ``c`` and ``s`` stacked, adapters of another
+        ``group_size`` and the last row the identity (``c = 1, s = 0``); reused while the batch uses
+        the same, unchanged adapters."""
+        theta, alpha = (self._modules[n]._parameters for n in self.adapter_layer_names)  # no Module.__getattr__
+        sources = tuple(t for name in order for t in (theta[name], alpha[name]))
+
+        def build() -> torch.Tensor:
+            identity = torch.ones(2, self.out_features, dtype=sources[1].dtype, device=sources[1].device)
+            identity[1] = 0
+            rows = [torch.stack(self.coefficients(name)) if self.group_size[name] == group_size else identity
+                    for name in order]
+            return torch.stack([*rows, identity])
+
+        return self._tables.get(str(group_size), sources, build)
 
     # ---- merge ------------------------------------------------------------------------------
     def merge_into_base(self, adapter_name: str, safe_merge: bool = False) -> None:
@@ -116,6 +135,12 @@ class RoadLayer(AdapterLayer):
             weight.copy_(new_weight.to(weight.dtype))
             if new_bias is not None:
                 bias.copy_(new_bias.to(bias.dtype))
+
+
+def _table_rows(slots: torch.Tensor, adapters: int) -> torch.Tensor:
+    """Each row's entry in a table of ``adapters`` rows plus the identity: rows without an adapter
+    here (slot ``-1``) read the identity."""
+    return torch.where(slots < 0, adapters, slots)
 
 
 def make_layer(config: RoadConfig, adapter_name: str, base_layer: nn.Module, module_name: str) -> RoadLayer | None:
