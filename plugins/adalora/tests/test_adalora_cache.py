@@ -12,6 +12,7 @@ import torch
 from peft_kernel import AdaLoraConfig, get_peft_model
 from peft_kernel_testing import make_inputs, make_model
 from peft_kernel_testing.hf_oracle import run
+from peft_kernel_testing.mixed_checks import check_mixed_gradients_equal_single_runs
 
 KW = dict(target_modules=["lin0", "lin1"], init_r=4, total_step=10, init_lora_weights=False)
 NAMES = ["two", "__base__", "one", "two"]
@@ -57,24 +58,4 @@ def test_mixed_and_single_runs_follow_in_place_writes_to_e_and_ranknum():
 
 
 def test_gradients_through_a_mixed_batch_equal_single_adapter_runs():
-    model = _model()
-    inputs = make_inputs("mlp")
-    params = [p for n, p in model.named_parameters() if "lora_" in n]
-
-    def grads(loss):
-        return [torch.zeros_like(p) if g is None else g for p, g in
-                zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
-
-    for p in params:
-        p.requires_grad_(True)
-    mixed = grads(model(**inputs, adapter_names=NAMES).pow(2).sum())
-    expected = [torch.zeros_like(p) for p in params]
-    for name in ("one", "two"):
-        model.set_adapter(name)
-        for p in params:
-            p.requires_grad_(True)
-        rows = [i for i, n in enumerate(NAMES) if n == name]
-        for total, g in zip(expected, grads(model(**inputs)[rows].pow(2).sum())):
-            total += g
-    for got, want in zip(mixed, expected):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    check_mixed_gradients_equal_single_runs(_model(), make_inputs("mlp"), NAMES, "lora_")

@@ -4,7 +4,6 @@ adapter is deleted and added again, and recomputed under autograd (gradients thr
 equal those of single-adapter runs)."""
 
 import pytest
-import torch
 
 import peft_kernel_road.layers as road_layers
 from peft_kernel import get_peft_model
@@ -12,6 +11,7 @@ from peft_kernel_testing import run
 from peft_kernel_testing.freshness import check_cached_adapters_stay_fresh
 from peft_kernel_testing.hf_oracle import perturb
 from peft_kernel_testing.models import make_inputs, make_model
+from peft_kernel_testing.mixed_checks import check_mixed_gradients_equal_single_runs
 from peft_kernel_road import RoadConfig
 
 pytest.importorskip("peft")
@@ -68,25 +68,4 @@ def test_a_deleted_and_re_added_adapter_is_seen_by_the_mixed_table():
 
 
 def test_gradients_through_a_mixed_batch_equal_single_adapter_runs():
-    model = _model()
-    inputs = make_inputs("llama")
-    names = ["two", "one", "__base__", "two"]
-    params = [p for n, p in model.named_parameters() if "road_" in n]
-
-    def grads(loss):
-        return [torch.zeros_like(p) if g is None else g for p, g in
-                zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
-
-    for p in params:
-        p.requires_grad_(True)
-    mixed = grads(model(**inputs, adapter_names=names).logits.pow(2).sum())
-    expected = [torch.zeros_like(p) for p in params]
-    for name in ("one", "two"):
-        model.set_adapter(name)
-        for p in params:
-            p.requires_grad_(True)
-        rows = [i for i, n in enumerate(names) if n == name]
-        for total, g in zip(expected, grads(model(**inputs).logits[rows].pow(2).sum())):
-            total += g
-    for got, want in zip(mixed, expected):
-        torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    check_mixed_gradients_equal_single_runs(_model(), make_inputs("llama"), ["two", "one", "__base__", "two"], "road_")

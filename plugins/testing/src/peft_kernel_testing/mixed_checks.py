@@ -93,3 +93,28 @@ def check_mixed_gradients_against_hf(kind: str, hf_config: Callable[[], Any],
     for key, grad in expected.items():
         diff = float((got[key] - grad).abs().max()) / max(float(grad.abs().max()), 1.0)
         assert diff <= tolerance, f"{key}: gradient differs from HF's by {diff:.2e} (relative)"
+
+
+def check_mixed_gradients_equal_single_runs(model: Any, inputs: dict[str, Any], names: Sequence[str], marker: str,
+                                            atol: float = 1e-5) -> None:
+    """Autograd through one mixed batch (eval mode) gives every adapter tensor (parameters whose name
+    holds ``marker``) the gradient that single-adapter runs on its own rows give (summed over adapters)."""
+    params = [p for n, p in model.named_parameters() if marker in n]
+
+    def grads(loss: torch.Tensor) -> list[torch.Tensor]:
+        return [torch.zeros_like(p) if g is None else g
+                for p, g in zip(params, torch.autograd.grad(loss, params, allow_unused=True))]
+
+    for p in params:
+        p.requires_grad_(True)
+    mixed = grads(output_tensor(model(**inputs, adapter_names=list(names))).pow(2).sum())
+    expected = [torch.zeros_like(p) for p in params]
+    for name in dict.fromkeys(n for n in names if n != "__base__"):
+        model.set_adapter(name)
+        for p in params:
+            p.requires_grad_(True)
+        rows = [i for i, n in enumerate(names) if n == name]
+        for total, g in zip(expected, grads(output_tensor(model(**inputs))[rows].pow(2).sum())):
+            total += g
+    for got, want in zip(mixed, expected):
+        torch.testing.assert_close(got, want, atol=atol, rtol=atol)
