@@ -33,13 +33,13 @@ from peft_kernel_lowrank import mixed
 _FULL = (torch.float32, torch.float64)
 _hooks = nn.modules.module
 _Linear = nn.Linear
+_grad_enabled = torch.is_grad_enabled
+_compiling = torch.compiler.is_compiling
 
 FOLD_RATIO = 2.5
 """Fold when ``tokens * (in + out) >= FOLD_RATIO * in * out`` (see the module docstring)..."""
 FOLD_MAX_ELEMENTS = 1 << 24
 """...and the weight has at most this many elements (the temporary weight is one more copy of it)."""
-_grad_enabled = torch.is_grad_enabled
-_compiling = torch.compiler.is_compiling
 
 
 def inference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
