@@ -13,7 +13,8 @@ from safetensors.torch import load_file
 import peft_kernel as pk
 from peft_kernel.plugin_api import UnsupportedFeatureError
 from peft_kernel_lora.corda import CordaError
-from peft_kernel_testing.hf_oracle import max_abs_diff, perturb, run
+from peft_kernel_testing.conversion import train_and_save_converted
+from peft_kernel_testing.hf_oracle import max_abs_diff, run
 from peft_kernel_testing.models import make_inputs, make_model
 
 peft = pytest.importorskip("peft")
@@ -101,22 +102,9 @@ def test_cache_and_covariance_files_are_read_both_ways(writer, reader, kind, tmp
         assert max_abs_diff(mine[key], value) <= TOL, key
 
 
-def corda_run(lib: str, folder):
-    """Initialise, save the initial adapter, train (perturb), save converted to plain LoRA."""
-    model, _ = build(lib)
-    model.peft_config["default"].init_lora_weights = True
-    model.save_pretrained(folder / f"{lib}-init")
-    model.peft_config["default"].init_lora_weights = "corda"
-    perturb(model, 3)
-    trained = run(model.eval(), make_inputs("llama"))
-    model.save_pretrained(folder / f"{lib}-plain")
-    model.save_pretrained(folder / f"{lib}-lora", path_initial_model_for_weight_conversion=str(folder / f"{lib}-init"))
-    return trained
-
-
 def test_saved_adapters_cross_load_and_convert_to_lora_like_hf(tmp_path):
     x = make_inputs("llama")
-    trained = {lib: corda_run(lib, tmp_path) for lib in LIBS}
+    trained = {lib: train_and_save_converted(build(lib)[0], tmp_path, lib, "llama", save_plain=True) for lib in LIBS}
     assert max_abs_diff(trained["ours"], trained["hf"]) <= TOL
     ours, hf = load_file(tmp_path / "ours-lora/adapter_model.safetensors"), load_file(tmp_path / "hf-lora/adapter_model.safetensors")
     assert sorted(ours) == sorted(hf) and all(max_abs_diff(ours[k], hf[k]) <= TOL for k in hf)

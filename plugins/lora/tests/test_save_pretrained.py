@@ -15,6 +15,7 @@ from safetensors.torch import load_file
 
 import peft_kernel as pk
 from peft_kernel import hookimpl
+from peft_kernel_testing.conversion import train_and_save_converted
 from peft_kernel_testing.hf_oracle import max_abs_diff, perturb, run
 from peft_kernel_testing.models import make_inputs, make_model
 
@@ -71,18 +72,9 @@ CONVERSIONS = {
 
 
 def pissa_run(lib, folder, label: str, **kwargs):
-    """Initialise, save the initial adapter (``init_lora_weights=True`` in its config, as HF's docs
-    do), train (perturb), save converted; returns the trained model's output."""
+    """A PiSSA / OLoRA adapter on the toy mlp through HF's conversion recipe; the trained output."""
     config = lib.LoraConfig(**{"r": 4, "lora_alpha": 8, "target_modules": ["lin0", "lin1"], **kwargs})
-    model = lib.get_peft_model(make_model("mlp"), config)
-    init = model.peft_config["default"].init_lora_weights
-    model.peft_config["default"].init_lora_weights = True
-    model.save_pretrained(folder / f"{label}-init")
-    model.peft_config["default"].init_lora_weights = init
-    perturb(model, 3)
-    trained = run(model.eval(), make_inputs("mlp"))
-    model.save_pretrained(folder / f"{label}-lora", path_initial_model_for_weight_conversion=str(folder / f"{label}-init"))
-    return trained
+    return train_and_save_converted(lib.get_peft_model(make_model("mlp"), config), folder, label, "mlp")
 
 
 @pytest.mark.parametrize("kwargs", list(CONVERSIONS.values()), ids=list(CONVERSIONS))
