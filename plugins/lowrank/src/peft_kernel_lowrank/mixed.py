@@ -102,13 +102,19 @@ def add_single(layer: LowRankLayer, result: torch.Tensor, x: torch.Tensor, name:
     # fused in place for full precision; half-precision adapters (autocast_adapter_dtype=False) take
     # HF PEFT's separate roundings (B·u, then ·scaling, then +) so the output equals HF's bit for bit
     if result.dtype == b.dtype and result.dtype not in (torch.float16, torch.bfloat16) and can_add_inplace(result):
-        u = F.linear(x.reshape(-1, x.shape[-1]), a)
-        result.view(-1, result.shape[-1]).addmm_(u, b.t(), alpha=scale)
-        if bias is not None:
-            result.add_(bias, alpha=scale)
-        return result
+        return add_fused(result, x, a, b, scale, bias)
     # float32 adapters on a half-precision base: add in float32, round once (HF PEFT's result)
     return (result + F.linear(F.linear(x, a), b, bias) * scale).to(result.dtype)
+
+
+def add_fused(result: torch.Tensor, x: torch.Tensor, a: torch.Tensor, b: torch.Tensor, scale: float,
+              bias: torch.Tensor | None) -> torch.Tensor:
+    """``result += scale * (x·Aᵀ)·Bᵀ (+ scale * bias)`` in place: one shrink GEMM and one ``addmm_``
+    (``result`` contiguous, autograd off, every tensor of one dtype)."""
+    result.view(-1, result.shape[-1]).addmm_(F.linear(x.reshape(-1, x.shape[-1]), a), b.t(), alpha=scale)
+    if bias is not None:
+        result.add_(bias, alpha=scale)
+    return result
 
 
 # ---- stacks -----------------------------------------------------------------------------------

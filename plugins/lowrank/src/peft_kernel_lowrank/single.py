@@ -58,7 +58,6 @@ def inference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
     if weight.dtype is not dtype or dtype not in _FULL:
         return None
     terms = []
-    bias_of = getattr(type(layer), "low_rank_bias", None)
     for name in layer._active_adapters:
         factors = layer.low_rank_factors(name) if layer.has_adapter(name) else None
         if factors is None:
@@ -66,23 +65,17 @@ def inference_forward(layer: nn.Module, x: torch.Tensor) -> torch.Tensor | None:
         a, b, scale = factors
         if a.dtype is not dtype or b.dtype is not dtype:
             return None
-        terms.append((a, b, scale, None if bias_of is None else bias_of(layer, name)))
+        terms.append((a, b, scale, mixed.low_rank_bias(layer, name)))
     if not terms:
         return F.linear(x, weight, params["bias"])
     d_out, d_in = weight.shape
     if x.numel() * (d_in + d_out) >= FOLD_RATIO * d_in * d_out * d_in and d_in * d_out <= FOLD_MAX_ELEMENTS:
         return F.linear(x, *_folded(weight, params["bias"], terms))
     result = F.linear(x, weight, params["bias"])
-    if not result.is_contiguous():  # the general path's out-of-place branch, for the same roundings
-        for name, (a, b, scale, _) in zip(layer._active_adapters, terms):
-            result = mixed.add_single(layer, result, x, name, (a, b, scale))
-        return result
-    flat_x = x.reshape(-1, x.shape[-1])
-    flat = result.view(-1, result.shape[-1])
+    if not result.is_contiguous():  # not seen from F.linear; the general path's out-of-place branch handles it
+        return None
     for a, b, scale, bias in terms:
-        flat.addmm_(F.linear(flat_x, a), b.t(), alpha=scale)
-        if bias is not None:
-            result.add_(bias, alpha=scale)
+        result = mixed.add_fused(result, x, a, b, scale, bias)
     return result
 
 
