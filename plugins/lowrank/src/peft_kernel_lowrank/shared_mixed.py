@@ -38,11 +38,9 @@ class Rows:
     """Where a class's adapters sit in a batch (built once per forward and class, shared by every layer)."""
 
     def __init__(self, routing: Routing, names: tuple[str, ...], batch: int, device: torch.device) -> None:
-        repeat = routing._repeat(batch)
-        slot = {n: i for i, n in enumerate(names)}
-        zero = len(names)
         self._routing, self._names, self._batch, self._device = routing, names, batch, device
-        self.slots = torch.tensor([slot.get(n, zero) for n in routing.names for _ in range(repeat)], device=device)
+        slots = routing.slots(batch, device, names)  # -1 where the row's adapter is not in the class
+        self.slots = slots.masked_fill(slots < 0, len(names))
         """``[batch]``: each row's slot in the class's stacks (the zeros slot where it has none)."""
         self._groups: tuple[tuple[int, torch.Tensor], ...] | None = None
 
